@@ -1,0 +1,133 @@
+"""A bundle on disk: ``manifest.json``, ``tokenizer.json``, ``onnx/<precision>/<component>.onnx``, engines.
+
+The manifest is the commit point. A bundle is complete for a precision exactly when its manifest lists
+that precision; files it does not list are ignored. Writers build everything under a temporary name and
+rename the manifest into place last, so an interrupted export never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BundleError, InputError
+from .schedule import SchedulerConfig
+from .spec import ComponentSpec, TensorSpec
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see old or new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class ComponentFile:
+    spec: ComponentSpec
+    onnx: Path
+    data: Path | None
+    sha256: str
+    bytes: int  # onnx + data
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int
+    min_size: int
+    max_size: int
+
+
+class Bundle:
+    """A read-only view of a bundle folder, checked on open."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise BundleError(f"bundle {self.root} does not exist (run `sdturbo export MODEL --out {self.root}`)")
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise BundleError(f"bundle {self.root} has no {MANIFEST}: it is incomplete or not a bundle; export it again")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path} is corrupt ({e}); export the bundle again") from e
+        version = self.manifest.get("schema_version") if isinstance(self.manifest, dict) else None
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"{path} has schema_version {version!r}; this sdturbo reads schema_version {SCHEMA_VERSION} "
+                f"(export the bundle again with this version)"
+            )
+        try:
+            self._parse()
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{path} is malformed: missing or bad field {e}") from e
+
+    def _parse(self) -> None:
+        m = self.manifest
+        self.model_id: str = m["model"]["id"]
+        self.config_hash: str = m["model"]["config_hash"]
+        self.scheduler = SchedulerConfig.from_dict(m["scheduler"])
+        self.vae_scale_factor: int = int(m["vae"]["scale_factor"])
+        self.latent_channels: int = int(m["vae"]["latent_channels"])
+        tok = m["tokenizer"]
+        self.tokenizer_file = self.root / tok["file"]
+        self.max_length, self.pad_id, self.pad_token = int(tok["max_length"]), int(tok["pad_id"]), tok["pad_token"]
+        lim = m["limits"]
+        self.limits = Limits(int(lim["max_batch"]), int(lim["min_size"]), int(lim["max_size"]))
+        self.components: dict[str, dict[str, ComponentFile]] = {}
+        for precision, comps in m["components"].items():
+            self.components[precision] = {
+                name: ComponentFile(
+                    spec=ComponentSpec(name, tuple(TensorSpec.from_json(t) for t in c["inputs"]),
+                                       tuple(TensorSpec.from_json(t) for t in c["outputs"])),
+                    onnx=self.root / c["onnx"], data=self.root / c["data"] if c.get("data") else None,
+                    sha256=c["sha256"], bytes=int(c["bytes"]),
+                )
+                for name, c in comps.items()
+            }
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return tuple(self.components)
+
+    def component(self, precision: str, name: str) -> ComponentFile:
+        """A component's files, checked to be present and of the recorded size."""
+        if precision not in self.components:
+            raise BundleError(f"bundle {self.root} has no {precision} ONNX (it has: {', '.join(self.precisions)}); "
+                              f"export it with --precision {precision}")
+        comp = self.components[precision].get(name)
+        if comp is None:
+            raise BundleError(f"bundle {self.root} has no {name} for {precision}")
+        files = [comp.onnx] + ([comp.data] if comp.data else [])
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise BundleError(f"bundle {self.root} is missing {', '.join(missing)}; export it again")
+        size = sum(f.stat().st_size for f in files)
+        if size != comp.bytes:
+            raise BundleError(f"{comp.onnx} is {size} bytes but the manifest says {comp.bytes}: the file is "
+                              f"truncated or was changed; export the bundle again")
+        return comp
+
+    def check_request(self, batch: int, height: int, width: int) -> None:
+        lim = self.limits
+        if batch > lim.max_batch:
+            raise InputError(f"batch {batch} is larger than this bundle allows (max_batch {lim.max_batch}); "
+                             f"export with a larger --max-batch")
+        for side, v in (("height", height), ("width", width)):
+            if not lim.min_size <= v <= lim.max_size:
+                raise InputError(f"{side} {v} is outside this bundle's range {lim.min_size}-{lim.max_size}")

@@ -1,0 +1,140 @@
+"""The ``sdturbo`` command: export, build, generate, info, bench. argparse lives here and only here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .errors import InputError, SdTurboError
+
+log = logging.getLogger("sdturbo")
+DEFAULT_MODEL = "stabilityai/sd-turbo"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' or 'N' -> (width, height)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise InputError(f"--size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)")
+    return parts[0], parts[1]
+
+
+def cmd_export(args) -> None:
+    from ..export.bundle_writer import export_bundle
+
+    precisions = ("fp32", "fp16") if args.precision == "all" else (args.precision,)
+    export_bundle(args.model, args.out, precisions, max_batch=args.max_batch, min_size=args.min_size,
+                  max_size=args.max_size, force=args.force)
+
+
+def cmd_generate(args) -> None:
+    import numpy as np
+
+    from .backends import create_backend
+    from .cache import ensure_bundle
+    from .images import load_image, save_images
+    from .pipeline import Pipeline
+
+    if args.bundle and args.model:
+        raise InputError("give --model or --bundle, not both")
+    prompts = args.prompt
+    if args.batch is not None:
+        if len(prompts) not in (1, args.batch):
+            raise InputError(f"--batch {args.batch} does not match the {len(prompts)} prompts given")
+        prompts = prompts * (args.batch // len(prompts))
+    width, height = parse_size(args.size) if args.size else (None, None)
+    image = None
+    if args.image:
+        image = load_image(args.image, (width, height) if width else None)
+        height, width = image.shape[:2]
+    elif args.strength is not None:
+        raise InputError("--strength is for img2img; give --image too")
+    width, height = width or 512, height or 512
+    latents = None
+    if args.latents:
+        try:
+            latents = np.load(args.latents)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read --latents {args.latents}: {e}") from e
+    backend = create_backend(args.backend, args.precision)
+    start = time.perf_counter()
+    bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, backend.precision)
+    pipe = Pipeline(bundle, backend)
+    request = pipe.request(prompts, steps=args.steps, height=height, width=width, seed=args.seed,
+                           latents=latents, image=image, strength=0.5 if args.strength is None else args.strength)
+    pipe.load(img2img=image is not None)
+    log.info("ready in %.2f s", time.perf_counter() - start)
+    start = time.perf_counter()
+    images = pipe.run(request)
+    log.info("generated %d image(s) in %.3f s", len(images), time.perf_counter() - start)
+    for path in save_images(images, args.out):
+        print(path)
+
+
+def cmd_info(args) -> None:
+    from .info import describe
+
+    print(describe(args.bundle))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdturbo", description="Fast SD-Turbo: export, build, generate.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="export a model to an ONNX bundle")
+    e.add_argument("model", help="hub id, local diffusers folder, or random:sd-turbo / random:tiny")
+    e.add_argument("--out", required=True, help="bundle folder to create (or complete)")
+    e.add_argument("--precision", choices=("fp32", "fp16", "all"), default="all")
+    e.add_argument("--max-batch", type=int, default=16, help="largest batch the bundle allows (default 16)")
+    e.add_argument("--min-size", type=int, default=64, help="smallest image side in pixels (default 64)")
+    e.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (default 1024)")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.set_defaults(func=cmd_export)
+
+    g = sub.add_parser("generate", help="make images from a prompt")
+    g.add_argument("prompt", nargs="+", help="one prompt per image (or one, repeated by --batch)")
+    g.add_argument("--model", help=f"model to export and cache on first use (default {DEFAULT_MODEL})")
+    g.add_argument("--bundle", help="an exported bundle folder")
+    g.add_argument("--steps", type=int, default=1, help="Euler steps, 1-4 (default 1)")
+    g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    g.add_argument("--size", help="WIDTHxHEIGHT, multiples of 8 (default 512x512, or the --image size)")
+    g.add_argument("--batch", type=int, help="images per call (repeats a single prompt)")
+    g.add_argument("--image", help="img2img: the input image")
+    g.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.5)")
+    g.add_argument("--latents", help="float32 .npy [B,4,H/8,W/8]: txt2img start noise / img2img added noise")
+    g.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
+    g.add_argument("--precision", choices=("fp32", "fp16"), help="ONNX precision (default: fp32 on a CPU)")
+    g.add_argument("--out", default="out.png", help="output PNG; several images get -0, -1, ... (default out.png)")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="show what a bundle holds")
+    i.add_argument("bundle")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        args.func(args)
+    except SdTurboError as e:
+        print(f"sdturbo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdturbo: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Images in and out of the runtime, on the host (numpy + Pillow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, rounding as diffusers does."""
+    x = np.clip(image / np.asarray(2, image.dtype) + np.asarray(0.5, image.dtype), 0, 1)
+    return np.round(x.transpose(0, 2, 3, 1).astype(np.float32) * 255).astype(np.uint8)
+
+
+def to_model_image(image: np.ndarray, dtype) -> np.ndarray:
+    """[B, H, W, 3] uint8 -> [B, 3, H, W] in [-1, 1]."""
+    x = image.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return (x * 2.0 - 1.0).astype(dtype)
+
+
+def load_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """[H, W, 3] uint8 from an image file; resized (Lanczos, as diffusers) to ``size`` = (width, height)."""
+    try:
+        img = Image.open(path).convert("RGB")
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read image {path}: {e}") from e
+    if size is not None and img.size != size:
+        img = img.resize(size, Image.LANCZOS)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def save_images(images: np.ndarray, out: str | Path) -> list[Path]:
+    """Save [B, H, W, 3] uint8 as PNG: ``out`` for one image, ``stem-<i>.png`` for several."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for img, path in zip(images, paths):
+        Image.fromarray(img).save(path)
+    return paths

@@ -1,0 +1,94 @@
+"""The chain: prompt -> text encoder -> UNet x steps with Euler updates -> VAE decoder -> uint8 pixels.
+
+This is the host-driven pipeline used by host backends (ONNX Runtime). Each stage's arrays are numpy;
+the schedule is computed before any stage runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import BundleError
+from .images import to_model_image, to_uint8
+from .request import Request, draw_noise
+from .schedule import make_schedule
+from .tokenizer import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    """Generate images from a bundle with a host backend. Stages load on first use."""
+
+    def __init__(self, bundle: Bundle | str | Path, backend):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        self.backend = backend
+        b = self.bundle
+        if not b.tokenizer_file.is_file():
+            raise BundleError(f"bundle {b.root} is missing {b.tokenizer_file.name}; export it again")
+        self.tokenizer = PromptTokenizer(b.tokenizer_file, b.max_length, b.pad_id, b.pad_token)
+        self._stages: dict = {}
+        latent_spec = b.component(backend.precision, "unet").spec.inputs[0]
+        self.dtype = np.dtype(latent_spec.dtype)  # latents live in the UNet's float type between steps
+
+    def stage(self, name: str):
+        if name not in self._stages:
+            log.info("loading %s (%s, %s)", name, self.backend.name, self.backend.precision)
+            self._stages[name] = self.backend.load(self.bundle, name)
+        return self._stages[name]
+
+    def load(self, img2img: bool = False) -> Pipeline:
+        """Load every stage now instead of on first use."""
+        for name in ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if img2img else ()):
+            self.stage(name)
+        return self
+
+    def __call__(self, prompts: str | Sequence[str], *, steps: int = 1, height: int = 512, width: int = 512,
+                 seed: int = 0, latents: np.ndarray | None = None, image: np.ndarray | None = None,
+                 strength: float = 0.5, image_noise: np.ndarray | None = None) -> np.ndarray:
+        """Images as [B, H, W, 3] uint8.
+
+        txt2img: ``latents`` is diffusers' ``latents`` argument (unit-variance noise before the initial
+        sigma is applied). img2img (``image`` [B, H, W, 3] or [H, W, 3] uint8): ``latents`` is the noise
+        added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
+        from ``seed`` (see ``draw_noise``).
+        """
+        return self.run(self.request(prompts, steps=steps, height=height, width=width, seed=seed,
+                                     latents=latents, image=image, strength=strength, image_noise=image_noise))
+
+    def request(self, prompts: str | Sequence[str], *, steps: int = 1, height: int = 512, width: int = 512,
+                seed: int = 0, latents: np.ndarray | None = None, image: np.ndarray | None = None,
+                strength: float = 0.5, image_noise: np.ndarray | None = None) -> Request:
+        """A checked Request (InputError names the first bad value); nothing is loaded or run."""
+        prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+        if isinstance(image, np.ndarray) and image.ndim == 3:
+            image = np.broadcast_to(image, (len(prompts), *image.shape))
+        req = Request(prompts, height, width, steps, seed, latents, image, strength, image_noise)
+        req.check(self.bundle)
+        return req
+
+    def run(self, req: Request) -> np.ndarray:
+        b, dt = self.bundle, self.dtype
+        shape = req.latent_shape(b)
+        noise, enc_noise = draw_noise(req.seed, shape, draws=2)
+        noise = (req.latents if req.latents is not None else noise).astype(dt)
+        hidden = self.stage("text_encoder")(input_ids=self.tokenizer(list(req.prompts)))  # [B, 77, D]
+        if req.image is None:
+            sched = make_schedule(b.scheduler, req.steps)
+            x = sched.noise_latents(noise)  # [B, 4, h, w]
+        else:
+            sched = make_schedule(b.scheduler, req.steps, req.strength)
+            enc_noise = (req.image_noise if req.image_noise is not None else enc_noise).astype(dt)
+            init = self.stage("vae_encoder")(image=to_model_image(req.image, dt), noise=enc_noise)
+            x = sched.add_noise(init, noise)
+        unet = self.stage("unet")
+        for i in range(sched.steps):
+            t = np.full((req.batch,), sched.timesteps[i], np.float32)
+            eps = unet(sample=sched.scale_input(i, x), timestep=t, hidden_states=hidden)
+            x = sched.step(i, eps, x)
+        return to_uint8(self.stage("vae_decoder")(latents=x))

@@ -1,0 +1,79 @@
+"""One generation request, checked once before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import InputError
+from .schedule import check_steps
+
+
+@dataclass(frozen=True)
+class Request:
+    prompts: tuple[str, ...]
+    height: int
+    width: int
+    steps: int = 1
+    seed: int = 0
+    latents: np.ndarray | None = None  # [B, C, h, w] unit-variance noise (txt2img) / added noise (img2img)
+    image: np.ndarray | None = None  # img2img: [B, H, W, 3] uint8
+    strength: float = 0.5
+    image_noise: np.ndarray | None = None  # img2img: [B, C, h, w] noise for sampling the VAE posterior
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
+    def latent_shape(self, bundle: Bundle) -> tuple[int, int, int, int]:
+        f = bundle.vae_scale_factor
+        return (self.batch, bundle.latent_channels, self.height // f, self.width // f)
+
+    def check(self, bundle: Bundle) -> None:
+        """Raise InputError naming the first bad value; nothing has run yet."""
+        if not self.prompts:
+            raise InputError("the prompt list is empty; give at least one prompt")
+        bad = [p for p in self.prompts if not isinstance(p, str)]
+        if bad:
+            raise InputError(f"prompts must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
+        check_steps(self.steps)
+        f = bundle.vae_scale_factor
+        for side, v in (("height", self.height), ("width", self.width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
+                raise InputError(f"{side} {v!r} is not allowed; use a positive multiple of {f}")
+        bundle.check_request(self.batch, self.height, self.width)
+        if not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
+            raise InputError(f"seed {self.seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
+        shape = self.latent_shape(bundle)
+        for name in ("latents", "image_noise"):
+            arr = getattr(self, name)
+            if arr is not None and (not isinstance(arr, np.ndarray) or arr.shape != shape):
+                got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise InputError(f"{name} has shape {got}; this request needs {shape} "
+                                 f"[batch, channels, height/{f}, width/{f}]")
+            if arr is not None and not np.isfinite(arr).all():
+                raise InputError(f"{name} holds NaN or infinite values")
+        if self.image is not None:
+            want = (self.batch, self.height, self.width, 3)
+            if not isinstance(self.image, np.ndarray) or self.image.shape != want or self.image.dtype != np.uint8:
+                got = (self.image.shape, self.image.dtype) if isinstance(self.image, np.ndarray) else type(self.image)
+                raise InputError(f"image is {got}; img2img needs uint8 {want} [batch, height, width, RGB]")
+        elif self.image_noise is not None:
+            raise InputError("image_noise is only used with an image (img2img)")
+
+
+def draw_noise(seed: int, shape: tuple[int, ...], draws: int = 1) -> list[np.ndarray]:
+    """``draws`` float32 standard-normal arrays of ``shape`` [B, ...].
+
+    Image i of a batch uses numpy's PCG64 generator seeded with ``seed + i`` and draws its slices in
+    order, so image i equals a batch-1 request with seed ``seed + i``. (diffusers draws with torch's
+    generator instead; pass ``latents`` to reproduce one of its images exactly.)
+    """
+    out = [np.empty(shape, np.float32) for _ in range(draws)]
+    for i in range(shape[0]):
+        rng = np.random.Generator(np.random.PCG64(seed + i))
+        for arr in out:
+            arr[i] = rng.standard_normal(shape[1:], dtype=np.float32)
+    return out

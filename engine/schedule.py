@@ -1,0 +1,122 @@
+"""Euler "trailing" schedule, computed on the host before any model runs.
+
+Mirrors diffusers' ``EulerDiscreteScheduler`` (prediction_type "epsilon", timestep_spacing "trailing",
+no Karras sigmas, linear interpolation, s_churn = 0) step for step, in numpy, so the runtime needs no
+torch. The values are fixed per (steps, strength): a request never computes them on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+
+MAX_STEPS = 4
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    timestep_spacing: str = "trailing"
+    prediction_type: str = "epsilon"
+    steps_offset: int = 1
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> SchedulerConfig:
+        """Take the fields this runtime implements; refuse settings it would silently get wrong."""
+        fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
+        out = cls(**fields)
+        supported = {
+            "beta_schedule": ("scaled_linear", "linear"),
+            "timestep_spacing": ("trailing",),
+            "prediction_type": ("epsilon",),
+        }
+        for key, allowed in supported.items():
+            if getattr(out, key) not in allowed:
+                raise InputError(f"scheduler {key}={getattr(out, key)!r} is not supported; allowed: {allowed}")
+        unsupported = {
+            "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+            "rescale_betas_zero_snr": False, "trained_betas": None, "interpolation_type": "linear",
+            "final_sigmas_type": "zero", "timestep_type": "discrete",
+        }
+        for key, default in unsupported.items():
+            if cfg.get(key, default) != default:
+                raise InputError(f"scheduler {key}={cfg[key]!r} is not supported; this runtime needs {default!r}")
+        return out
+
+    def alphas_cumprod(self) -> np.ndarray:
+        n = self.num_train_timesteps
+        if self.beta_schedule == "scaled_linear":
+            betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float32) ** 2
+        else:
+            betas = np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
+        return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What one request runs: ``timesteps[i]`` with ``sigmas[i]`` -> ``sigmas[i + 1]`` for each step."""
+
+    timesteps: np.ndarray  # [S] float32, passed to the UNet
+    sigmas: np.ndarray  # [S + 1] float32, the last one 0
+    init_noise_sigma: float  # txt2img: noise is multiplied by this
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    def noise_latents(self, noise: np.ndarray) -> np.ndarray:
+        """txt2img start: unit noise times the initial sigma, in noise's dtype."""
+        return noise * np.asarray(self.init_noise_sigma, noise.dtype)
+
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """img2img start: encoded latents plus noise at the first kept sigma, in x0's dtype."""
+        return x0 + noise * self.sigmas[0].astype(x0.dtype)
+
+    def scale_input(self, i: int, x: np.ndarray) -> np.ndarray:
+        """UNet input = x / sqrt(sigma_i^2 + 1), computed in x's dtype as diffusers does."""
+        return x / np.sqrt(self.sigmas[i] ** 2 + np.float32(1.0)).astype(x.dtype)
+
+    def step(self, i: int, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """One Euler step, written as diffusers writes it so the rounding is the same.
+
+        The sample is upcast to float32 but ``sigma * eps`` is formed in eps's dtype (fp16 for an fp16
+        UNet); the result is returned in x's dtype, as the pipeline stores it between steps.
+        """
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x32 = x.astype(np.float32, copy=False)
+        x0 = x32 - (sigma.astype(eps.dtype) * eps).astype(np.float32, copy=False)
+        derivative = (x32 - x0) / sigma
+        return (x32 + derivative * (sigma_next - sigma)).astype(x.dtype, copy=False)
+
+
+def check_steps(steps: int) -> None:
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps={steps!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
+
+
+def make_schedule(config: SchedulerConfig, steps: int, strength: float = 1.0) -> Schedule:
+    """The schedule for ``steps`` inference steps; img2img keeps the last int(steps * strength) of them."""
+    check_steps(steps)
+    if not 0.0 < strength <= 1.0:
+        raise InputError(f"strength={strength!r} is not allowed; use a number in (0, 1]")
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise InputError(
+            f"steps * strength = {steps} * {strength} = {steps * strength:g} runs no step; "
+            f"int(steps * strength) must be at least 1 (raise --steps or --strength)"
+        )
+    n = config.num_train_timesteps
+    timesteps = (np.round(np.arange(n, 0, -n / steps)) - 1).astype(np.float32)
+    ac = config.alphas_cumprod()
+    all_sigmas = ((1 - ac) / ac) ** 0.5
+    sigmas = np.interp(timesteps, np.arange(len(all_sigmas)), all_sigmas)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    init_sigma = float(sigmas.max())  # "trailing" spacing: sigma_max, not sqrt(sigma_max^2 + 1)
+    start = steps - kept
+    return Schedule(timesteps=timesteps[start:], sigmas=sigmas[start:], init_noise_sigma=init_sigma)

@@ -1,0 +1,64 @@
+"""The declared contract of each exported component, as data (shared by export, runtime and builders).
+
+Shapes use symbolic axes: ``batch``, ``height``/``width`` (pixels) and ``latent_height``/``latent_width``
+(pixels / VAE scale factor). ``float`` stands for the bundle precision's float type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AXES = ("batch", "height", "width", "latent_height", "latent_width")
+FLOAT = "float"
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # float32 | float16 | int32 | "float" (the precision's float type)
+    shape: tuple[int | str, ...]
+
+    def resolve(self, precision: str) -> TensorSpec:
+        return TensorSpec(self.name, DTYPES[precision] if self.dtype == FLOAT else self.dtype, self.shape)
+
+    def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def resolve(self, precision: str) -> ComponentSpec:
+        return ComponentSpec(self.name, tuple(t.resolve(precision) for t in self.inputs),
+                             tuple(t.resolve(precision) for t in self.outputs))
+
+
+def component_specs(seq_len: int, hidden: int, latent_channels: int) -> dict[str, ComponentSpec]:
+    """The four components of an SD-Turbo bundle, for a model's text length and widths."""
+    latent = TensorSpec("latents", FLOAT, ("batch", latent_channels, "latent_height", "latent_width"))
+    image = TensorSpec("image", FLOAT, ("batch", 3, "height", "width"))
+    hidden_states = TensorSpec("hidden_states", FLOAT, ("batch", seq_len, hidden))
+    specs = [
+        ComponentSpec("text_encoder", (TensorSpec("input_ids", "int32", ("batch", seq_len)),), (hidden_states,)),
+        ComponentSpec(
+            "unet",
+            (TensorSpec("sample", FLOAT, latent.shape), TensorSpec("timestep", "float32", ("batch",)), hidden_states),
+            (TensorSpec("noise_pred", FLOAT, latent.shape),),
+        ),
+        # Takes denoised latents; the 1/scaling_factor is applied inside the graph. Output in [-1, 1].
+        ComponentSpec("vae_decoder", (latent,), (image,)),
+        # Samples the posterior with caller noise and applies scaling_factor inside the graph.
+        ComponentSpec("vae_encoder", (image, TensorSpec("noise", FLOAT, latent.shape)), (latent,)),
+    ]
+    return {s.name: s for s in specs}

@@ -1,0 +1,172 @@
+"""Write a bundle: ONNX per component and precision, tokenizer.json, manifest.json; atomically.
+
+A new bundle is written under a temporary sibling folder and renamed into place when complete. Adding a
+precision to an existing bundle writes ``onnx/<precision>`` under a temporary name, renames it in, and
+rewrites the manifest last (the manifest is the commit point: see engine/bundle.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from ..engine.bundle import COMPONENTS, MANIFEST, SCHEMA_VERSION, Bundle, atomic_write_text
+from ..engine.errors import BundleError, InputError
+from ..engine.spec import DTYPES, component_specs
+from .models import LoadedModel, load_model
+from .onnx_export import export_component
+from .rss import PeakRss
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "fp16")  # export order matters: fp16 converts the loaded modules in place
+
+
+def file_sha256(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("sdturbo", "torch", "diffusers", "transformers", "onnx", "onnx-graphsurgeon", "tokenizers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def export_bundle(model: str, out: str | os.PathLike, precisions=("fp32", "fp16"), max_batch: int = 16,
+                  min_size: int = 64, max_size: int = 1024, force: bool = False) -> Path:
+    """Export ``model`` into the bundle folder ``out`` (created, or completed with missing precisions)."""
+    out = Path(out)
+    precisions = _check_args(precisions, max_batch, min_size, max_size)
+    existing = _existing(out, force)
+    todo = [p for p in precisions if existing is None or p not in existing.precisions]
+    if not todo:
+        log.info("bundle %s already has %s", out, ", ".join(precisions))
+        return out
+    lm = load_model(model)
+    if existing is not None and existing.config_hash != lm.config_hash():
+        raise BundleError(f"bundle {out} was exported from another model ({existing.model_id}); "
+                          f"use another --out or --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        components = _write_onnx(lm, tmp, [p for p in PRECISIONS if p in todo])
+        if existing is None:
+            manifest = _manifest(lm, tmp, max_batch, min_size, max_size)
+            manifest["components"] = components
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if out.exists():  # --force: swap, then delete the old one
+                trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+                os.replace(out, trash)
+                os.replace(tmp, out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        else:
+            for p in todo:
+                dest = out / "onnx" / p
+                if dest.exists():  # left by an interrupted run: not in the manifest, so not in use
+                    shutil.rmtree(dest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / "onnx" / p, dest)
+            manifest = dict(existing.manifest)
+            manifest["components"] = {**manifest["components"], **components}
+            atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("bundle ready: %s", out)
+    return out
+
+
+def _check_args(precisions, max_batch, min_size, max_size) -> tuple[str, ...]:
+    precisions = tuple(precisions)
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise InputError(f"precision {bad or precisions!r} is not allowed; use one or more of {PRECISIONS}")
+    if not 1 <= max_batch <= 256:
+        raise InputError(f"max_batch={max_batch} is not allowed; use 1 to 256")
+    if min_size % 8 or max_size % 8 or not 8 <= min_size <= max_size <= 4096:
+        raise InputError(f"size range {min_size}-{max_size} is not allowed; use multiples of 8 within 8-4096")
+    return precisions
+
+
+def _existing(out: Path, force: bool) -> Bundle | None:
+    if not out.exists() or force:
+        return None
+    if not (out / MANIFEST).is_file():
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+            return None
+        raise BundleError(f"{out} exists and is not a bundle; choose another --out or pass --force")
+    return Bundle(out)
+
+
+def _write_onnx(lm: LoadedModel, root: Path, precisions: list[str]) -> dict:
+    te = lm.text_encoder.config
+    specs = component_specs(te.max_position_embeddings, te.hidden_size, lm.vae.config.latent_channels)
+    components: dict = {}
+    total = len(precisions) * len(COMPONENTS)
+    done = 0
+    for precision in precisions:
+        if precision == "fp16":
+            for module in (lm.text_encoder, lm.unet, lm.vae):
+                module.half()
+        folder = root / "onnx" / precision
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in COMPONENTS:
+            done += 1
+            log.info("[%d/%d] exporting %s (%s)", done, total, name, precision)
+            spec = specs[name].resolve(precision)
+            path = folder / f"{name}.onnx"
+            start, rss = time.perf_counter(), PeakRss()
+            data = export_component(lm, spec, path)
+            seconds, peak = time.perf_counter() - start, rss.peak_mb()
+            files = [path] + ([data] if data else [])
+            components.setdefault(precision, {})[name] = {
+                "onnx": f"onnx/{precision}/{path.name}",
+                "data": f"onnx/{precision}/{data.name}" if data else None,
+                "sha256": file_sha256(*files),
+                "bytes": sum(f.stat().st_size for f in files),
+                "inputs": [t.to_json() for t in spec.inputs],
+                "outputs": [t.to_json() for t in spec.outputs],
+                "dtype": DTYPES[precision],
+                "export_seconds": round(seconds, 2),
+                "export_peak_rss_mb": peak,
+            }
+            log.info("    %s (%s): %.1f s, peak RSS %s MB", name, precision, seconds, peak)
+    return components
+
+
+def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_size: int) -> dict:
+    tok = lm.tokenizer
+    tok.backend_tokenizer.save(str(root / "tokenizer.json"))
+    te, vae = lm.text_encoder.config, lm.vae.config
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"id": lm.model_id, "config_hash": lm.config_hash(), "family": "sd-turbo"},
+        "scheduler": {k: v for k, v in lm.scheduler_config.items() if not k.startswith("_")},
+        "vae": {"scaling_factor": float(vae.scaling_factor), "latent_channels": int(vae.latent_channels),
+                "scale_factor": 2 ** (len(vae.block_out_channels) - 1)},
+        "text": {"hidden_size": int(te.hidden_size), "vocab_size": int(te.vocab_size)},
+        "tokenizer": {"file": "tokenizer.json", "max_length": int(te.max_position_embeddings),
+                      "pad_id": int(tok.pad_token_id), "pad_token": str(tok.pad_token)},
+        "limits": {"max_batch": max_batch, "min_size": min_size, "max_size": max_size},
+        "components": {},
+        "tools": tool_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

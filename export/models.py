@@ -1,0 +1,144 @@
+"""Load an SD-Turbo model by the name a user gives it.
+
+- a Hugging Face repo id (``stabilityai/sd-turbo``): downloaded once by huggingface_hub;
+- a local diffusers folder (``model_index.json`` with ``text_encoder/``, ``tokenizer/``, ``unet/``,
+  ``vae/``, ``scheduler/``);
+- ``random:sd-turbo`` / ``random:tiny``: the real (or a tiny) architecture with seeded random weights,
+  built once into the cache as an ordinary diffusers folder, then loaded like any other.
+
+Weights load through safetensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine.cache import cache_root
+from ..engine.errors import InputError
+from .random_models import RANDOM_MODELS, build_random_pipeline
+
+log = logging.getLogger(__name__)
+
+REQUIRED = {
+    "text_encoder": ("config.json",),
+    "tokenizer": (),
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+HUB_PATTERNS = [
+    "model_index.json",
+    "scheduler/*.json",
+    "tokenizer/*",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+@dataclass
+class LoadedModel:
+    """The torch modules and configs export needs; everything in fp32 on the CPU."""
+
+    model_id: str
+    folder: Path
+    text_encoder: object
+    tokenizer: object
+    unet: object
+    vae: object
+    scheduler_config: dict
+
+    def config_hash(self) -> str:
+        """sha256 over the component configs: the same architecture and settings give the same hash."""
+        h = hashlib.sha256()
+        for sub, name in [("text_encoder", "config.json"), ("unet", "config.json"), ("vae", "config.json"),
+                          ("scheduler", "scheduler_config.json")]:
+            cfg = json.loads((self.folder / sub / name).read_text())
+            cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+            h.update(json.dumps(cfg, sort_keys=True).encode())
+        return h.hexdigest()
+
+
+def resolve_model_folder(model: str) -> Path:
+    """The local diffusers folder for ``model``, building or downloading it if needed."""
+    if model.startswith("random:"):
+        name = model.removeprefix("random:")
+        if name not in RANDOM_MODELS:
+            raise InputError(f"unknown random model {model!r}; allowed: {', '.join('random:' + n for n in RANDOM_MODELS)}")
+        return _random_folder(name)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"model {model!r} is a file; give a diffusers folder, a hub id or random:<name>")
+        check_model_folder(path)
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise InputError(f"model {model!r} is neither an existing folder nor a hub id like 'stabilityai/sd-turbo'")
+    return _download(model)
+
+
+def check_model_folder(folder: Path) -> None:
+    missing = [f"{sub}/" for sub in REQUIRED if not (folder / sub).is_dir()]
+    missing += [f"{sub}/{f}" for sub, files in REQUIRED.items() if (folder / sub).is_dir()
+                for f in files if not (folder / sub / f).is_file()]
+    for sub, weights in [("text_encoder", "model.safetensors"), ("unet", "diffusion_pytorch_model.safetensors"),
+                         ("vae", "diffusion_pytorch_model.safetensors")]:
+        if (folder / sub).is_dir() and not (folder / sub / weights).is_file():
+            missing.append(f"{sub}/{weights}")
+    if missing:
+        raise InputError(f"model folder {folder} lacks {', '.join(missing)} (a diffusers SD-Turbo folder "
+                         f"needs {', '.join(REQUIRED)} with safetensors weights)")
+
+
+def load_model(model: str) -> LoadedModel:
+    """Load every component in fp32 on the CPU, from safetensors."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = resolve_model_folder(model)
+    log.info("loading %s from %s", model, folder)
+    kw = {"use_safetensors": True}
+    return LoadedModel(
+        model_id=model,
+        folder=folder,
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval(),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw).eval(),
+        scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
+    )
+
+
+def _random_folder(name: str) -> Path:
+    folder = cache_root() / "models" / f"random-{name}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building random:%s once into %s", name, folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".random-{name}-", dir=folder.parent))
+    try:
+        build_random_pipeline(name).save_pretrained(tmp, safe_serialization=True)
+        os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, or unknown repo: say which model and why
+        raise InputError(f"could not download model {repo_id!r} from the Hugging Face Hub: {e}") from e

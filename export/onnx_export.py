@@ -1,0 +1,86 @@
+"""Export one component to a clean, checked ONNX file (one external ``.data`` file when over 2 GB)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+
+from ..engine.spec import ComponentSpec
+from .wrappers import build_wrapper
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf refuses files over 2 GiB; stay clear of it
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}
+
+
+def trace_dims(model) -> dict[str, int]:
+    """Sample sizes for tracing.
+
+    diffusers' UNet chooses how to upsample with a Python branch on whether the latent size divides
+    its total up-factor. Tracing at a size that does not divide it records the general branch
+    (upsample to the skip connection's size), so the graph serves every size that is a multiple of 8.
+    """
+    up = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    lh, lw = up + 1, 2 * up + 1
+    return {"batch": 2, "latent_height": lh, "latent_width": lw, "height": lh * scale, "width": lw * scale}
+
+
+def sample_inputs(spec: ComponentSpec, dims: dict[str, int], vocab_size: int, seed: int = 0) -> list[torch.Tensor]:
+    """Deterministic inputs that match ``spec`` (already resolved to a precision)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in spec.inputs:
+        shape = t.concrete(dims)
+        if t.dtype == "int32":
+            out.append(torch.randint(0, vocab_size, shape, generator=g, dtype=torch.int32))
+        elif t.name == "timestep":
+            out.append(torch.full(shape, 999.0, dtype=torch.float32))
+        else:
+            out.append(torch.randn(shape, generator=g).to(TORCH_DTYPES[t.dtype]))
+    return out
+
+
+def export_component(model, spec: ComponentSpec, path: Path) -> Path | None:
+    """Write ``spec`` (resolved to one precision) of ``model`` to ``path``; returns the data file, if any.
+
+    The model's modules must already be in the spec's float dtype.
+    """
+    dims = trace_dims(model)
+    wrapper = build_wrapper(spec.name, model).eval()
+    args = sample_inputs(spec, dims, model.text_encoder.config.vocab_size)
+    dynamic_axes = {
+        t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*spec.inputs, *spec.outputs)
+    }
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{spec.name}-trace-") as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python branches: see trace_dims
+            torch.onnx.export(
+                wrapper, tuple(args), str(raw), input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs], dynamic_axes=dynamic_axes,
+                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+            )
+        graph = gs.import_onnx(onnx.load(str(raw)))
+    graph.cleanup().toposort()
+    weight_bytes = sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
+    proto = gs.export_onnx(graph)
+    data = path.with_name(path.name + ".data") if weight_bytes > EXTERNAL_DATA_BYTES else None
+    if data is not None:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    del proto, graph
+    onnx.checker.check_model(str(path), full_check=False)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
+    log.info("exported %s -> %s (%.1f MB of weights)", spec.name, path, weight_bytes / 1e6)
+    return data

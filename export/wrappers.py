@@ -1,0 +1,54 @@
+"""Each component as a torch module with the fixed signature its ComponentSpec declares."""
+
+from __future__ import annotations
+
+import torch
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.model = text_encoder
+
+    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, D]
+        return self.model(input_ids.to(torch.int64), return_dict=True).last_hidden_state
+
+
+class UNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.model = unet
+
+    def forward(self, sample, timestep, hidden_states):  # [B, 4, h, w], [B] fp32, [B, 77, D] -> [B, 4, h, w]
+        return self.model(sample, timestep, hidden_states, return_dict=False)[0]
+
+
+class VaeDecoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, latents):  # [B, 4, h, w] -> [B, 3, 8h, 8w] in [-1, 1]
+        return self.vae.decode(latents / self.scale, return_dict=False)[0]
+
+
+class VaeEncoder(torch.nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, image, noise):  # [B, 3, H, W] in [-1, 1], [B, 4, H/8, W/8] -> scaled latents
+        dist = self.vae.encode(image).latent_dist
+        return (dist.mean + dist.std * noise) * self.scale
+
+
+def build_wrapper(name: str, model) -> torch.nn.Module:
+    """The wrapper for component ``name`` of a LoadedModel."""
+    return {
+        "text_encoder": lambda: TextEncoder(model.text_encoder),
+        "unet": lambda: UNet(model.unet),
+        "vae_decoder": lambda: VaeDecoder(model.vae),
+        "vae_encoder": lambda: VaeEncoder(model.vae),
+    }[name]()
