@@ -61,7 +61,9 @@ class Bundle:
             raise BundleError(f"bundle {self.root} does not exist (run `sdturbo export MODEL --out {self.root}`)")
         path = self.root / MANIFEST
         if not path.is_file():
-            raise BundleError(f"bundle {self.root} has no {MANIFEST}: it is incomplete or not a bundle; export it again")
+            raise BundleError(
+                f"bundle {self.root} has no {MANIFEST}: it is incomplete or not a bundle; export it again"
+            )
         try:
             self.manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -93,10 +95,15 @@ class Bundle:
         for precision, comps in m["components"].items():
             self.components[precision] = {
                 name: ComponentFile(
-                    spec=ComponentSpec(name, tuple(TensorSpec.from_json(t) for t in c["inputs"]),
-                                       tuple(TensorSpec.from_json(t) for t in c["outputs"])),
-                    onnx=self.root / c["onnx"], data=self.root / c["data"] if c.get("data") else None,
-                    sha256=c["sha256"], bytes=int(c["bytes"]),
+                    spec=ComponentSpec(
+                        name,
+                        tuple(TensorSpec.from_json(t) for t in c["inputs"]),
+                        tuple(TensorSpec.from_json(t) for t in c["outputs"]),
+                    ),
+                    onnx=self.root / c["onnx"],
+                    data=self.root / c["data"] if c.get("data") else None,
+                    sha256=c["sha256"],
+                    bytes=int(c["bytes"]),
                 )
                 for name, c in comps.items()
             }
@@ -108,8 +115,10 @@ class Bundle:
     def component(self, precision: str, name: str) -> ComponentFile:
         """A component's files, checked to be present and of the recorded size."""
         if precision not in self.components:
-            raise BundleError(f"bundle {self.root} has no {precision} ONNX (it has: {', '.join(self.precisions)}); "
-                              f"export it with --precision {precision}")
+            raise BundleError(
+                f"bundle {self.root} has no {precision} ONNX (it has: {', '.join(self.precisions)}); "
+                f"export it with --precision {precision}"
+            )
         comp = self.components[precision].get(name)
         if comp is None:
             raise BundleError(f"bundle {self.root} has no {name} for {precision}")
@@ -119,15 +128,19 @@ class Bundle:
             raise BundleError(f"bundle {self.root} is missing {', '.join(missing)}; export it again")
         size = sum(f.stat().st_size for f in files)
         if size != comp.bytes:
-            raise BundleError(f"{comp.onnx} is {size} bytes but the manifest says {comp.bytes}: the file is "
-                              f"truncated or was changed; export the bundle again")
+            raise BundleError(
+                f"{comp.onnx} is {size} bytes but the manifest says {comp.bytes}: the file is "
+                f"truncated or was changed; export the bundle again"
+            )
         return comp
 
     def check_request(self, batch: int, height: int, width: int) -> None:
         lim = self.limits
         if batch > lim.max_batch:
-            raise InputError(f"batch {batch} is larger than this bundle allows (max_batch {lim.max_batch}); "
-                             f"export with a larger --max-batch")
+            raise InputError(
+                f"batch {batch} is larger than this bundle allows (max_batch {lim.max_batch}); "
+                f"export with a larger --max-batch"
+            )
         for side, v in (("height", height), ("width", width)):
             if not lim.min_size <= v <= lim.max_size:
                 raise InputError(f"{side} {v} is outside this bundle's range {lim.min_size}-{lim.max_size}")

@@ -30,8 +30,15 @@ def cmd_export(args) -> None:
     from ..export.bundle_writer import export_bundle
 
     precisions = ("fp32", "fp16") if args.precision == "all" else (args.precision,)
-    export_bundle(args.model, args.out, precisions, max_batch=args.max_batch, min_size=args.min_size,
-                  max_size=args.max_size, force=args.force)
+    export_bundle(
+        args.model,
+        args.out,
+        precisions,
+        max_batch=args.max_batch,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        force=args.force,
+    )
 
 
 def cmd_generate(args) -> None:
@@ -67,8 +74,16 @@ def cmd_generate(args) -> None:
     start = time.perf_counter()
     bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, backend.precision)
     pipe = Pipeline(bundle, backend)
-    request = pipe.request(prompts, steps=args.steps, height=height, width=width, seed=args.seed,
-                           latents=latents, image=image, strength=0.5 if args.strength is None else args.strength)
+    request = pipe.request(
+        prompts,
+        steps=args.steps,
+        height=height,
+        width=width,
+        seed=args.seed,
+        latents=latents,
+        image=image,
+        strength=0.5 if args.strength is None else args.strength,
+    )
     pipe.load(img2img=image is not None)
     log.info("ready in %.2f s", time.perf_counter() - start)
     start = time.perf_counter()
@@ -123,8 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     try:
         args.func(args)
     except SdTurboError as e:

@@ -38,6 +38,6 @@ def save_images(images: np.ndarray, out: str | Path) -> list[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    for img, path in zip(images, paths):
+    for img, path in zip(images, paths, strict=False):
         Image.fromarray(img).save(path)
     return paths

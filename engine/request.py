@@ -51,8 +51,9 @@ class Request:
             arr = getattr(self, name)
             if arr is not None and (not isinstance(arr, np.ndarray) or arr.shape != shape):
                 got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise InputError(f"{name} has shape {got}; this request needs {shape} "
-                                 f"[batch, channels, height/{f}, width/{f}]")
+                raise InputError(
+                    f"{name} has shape {got}; this request needs {shape} [batch, channels, height/{f}, width/{f}]"
+                )
             if arr is not None and not np.isfinite(arr).all():
                 raise InputError(f"{name} holds NaN or infinite values")
         if self.image is not None:

@@ -40,9 +40,14 @@ class SchedulerConfig:
             if getattr(out, key) not in allowed:
                 raise InputError(f"scheduler {key}={getattr(out, key)!r} is not supported; allowed: {allowed}")
         unsupported = {
-            "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-            "rescale_betas_zero_snr": False, "trained_betas": None, "interpolation_type": "linear",
-            "final_sigmas_type": "zero", "timestep_type": "discrete",
+            "use_karras_sigmas": False,
+            "use_exponential_sigmas": False,
+            "use_beta_sigmas": False,
+            "rescale_betas_zero_snr": False,
+            "trained_betas": None,
+            "interpolation_type": "linear",
+            "final_sigmas_type": "zero",
+            "timestep_type": "discrete",
         }
         for key, default in unsupported.items():
             if cfg.get(key, default) != default:

@@ -40,8 +40,11 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
 
     def resolve(self, precision: str) -> ComponentSpec:
-        return ComponentSpec(self.name, tuple(t.resolve(precision) for t in self.inputs),
-                             tuple(t.resolve(precision) for t in self.outputs))
+        return ComponentSpec(
+            self.name,
+            tuple(t.resolve(precision) for t in self.inputs),
+            tuple(t.resolve(precision) for t in self.outputs),
+        )
 
 
 def component_specs(seq_len: int, hidden: int, latent_channels: int) -> dict[str, ComponentSpec]:

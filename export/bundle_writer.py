@@ -7,6 +7,7 @@ rewrites the manifest last (the manifest is the commit point: see engine/bundle.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,15 +42,20 @@ def file_sha256(*paths: Path) -> str:
 def tool_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist in ("sdturbo", "torch", "diffusers", "transformers", "onnx", "onnx-graphsurgeon", "tokenizers"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 
-def export_bundle(model: str, out: str | os.PathLike, precisions=("fp32", "fp16"), max_batch: int = 16,
-                  min_size: int = 64, max_size: int = 1024, force: bool = False) -> Path:
+def export_bundle(
+    model: str,
+    out: str | os.PathLike,
+    precisions=("fp32", "fp16"),
+    max_batch: int = 16,
+    min_size: int = 64,
+    max_size: int = 1024,
+    force: bool = False,
+) -> Path:
     """Export ``model`` into the bundle folder ``out`` (created, or completed with missing precisions)."""
     out = Path(out)
     precisions = _check_args(precisions, max_batch, min_size, max_size)
@@ -60,8 +66,10 @@ def export_bundle(model: str, out: str | os.PathLike, precisions=("fp32", "fp16"
         return out
     lm = load_model(model)
     if existing is not None and existing.config_hash != lm.config_hash():
-        raise BundleError(f"bundle {out} was exported from another model ({existing.model_id}); "
-                          f"use another --out or --force to replace it")
+        raise BundleError(
+            f"bundle {out} was exported from another model ({existing.model_id}); "
+            f"use another --out or --force to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -160,11 +168,18 @@ def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_si
         "schema_version": SCHEMA_VERSION,
         "model": {"id": lm.model_id, "config_hash": lm.config_hash(), "family": "sd-turbo"},
         "scheduler": {k: v for k, v in lm.scheduler_config.items() if not k.startswith("_")},
-        "vae": {"scaling_factor": float(vae.scaling_factor), "latent_channels": int(vae.latent_channels),
-                "scale_factor": 2 ** (len(vae.block_out_channels) - 1)},
+        "vae": {
+            "scaling_factor": float(vae.scaling_factor),
+            "latent_channels": int(vae.latent_channels),
+            "scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+        },
         "text": {"hidden_size": int(te.hidden_size), "vocab_size": int(te.vocab_size)},
-        "tokenizer": {"file": "tokenizer.json", "max_length": int(te.max_position_embeddings),
-                      "pad_id": int(tok.pad_token_id), "pad_token": str(tok.pad_token)},
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "max_length": int(te.max_position_embeddings),
+            "pad_id": int(tok.pad_token_id),
+            "pad_token": str(tok.pad_token),
+        },
         "limits": {"max_batch": max_batch, "min_size": min_size, "max_size": max_size},
         "components": {},
         "tools": tool_versions(),

@@ -61,8 +61,12 @@ class LoadedModel:
     def config_hash(self) -> str:
         """sha256 over the component configs: the same architecture and settings give the same hash."""
         h = hashlib.sha256()
-        for sub, name in [("text_encoder", "config.json"), ("unet", "config.json"), ("vae", "config.json"),
-                          ("scheduler", "scheduler_config.json")]:
+        for sub, name in [
+            ("text_encoder", "config.json"),
+            ("unet", "config.json"),
+            ("vae", "config.json"),
+            ("scheduler", "scheduler_config.json"),
+        ]:
             cfg = json.loads((self.folder / sub / name).read_text())
             cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
             h.update(json.dumps(cfg, sort_keys=True).encode())
@@ -74,7 +78,9 @@ def resolve_model_folder(model: str) -> Path:
     if model.startswith("random:"):
         name = model.removeprefix("random:")
         if name not in RANDOM_MODELS:
-            raise InputError(f"unknown random model {model!r}; allowed: {', '.join('random:' + n for n in RANDOM_MODELS)}")
+            raise InputError(
+                f"unknown random model {model!r}; allowed: {', '.join('random:' + n for n in RANDOM_MODELS)}"
+            )
         return _random_folder(name)
     path = Path(model).expanduser()
     if path.exists():
@@ -89,15 +95,25 @@ def resolve_model_folder(model: str) -> Path:
 
 def check_model_folder(folder: Path) -> None:
     missing = [f"{sub}/" for sub in REQUIRED if not (folder / sub).is_dir()]
-    missing += [f"{sub}/{f}" for sub, files in REQUIRED.items() if (folder / sub).is_dir()
-                for f in files if not (folder / sub / f).is_file()]
-    for sub, weights in [("text_encoder", "model.safetensors"), ("unet", "diffusion_pytorch_model.safetensors"),
-                         ("vae", "diffusion_pytorch_model.safetensors")]:
+    missing += [
+        f"{sub}/{f}"
+        for sub, files in REQUIRED.items()
+        if (folder / sub).is_dir()
+        for f in files
+        if not (folder / sub / f).is_file()
+    ]
+    for sub, weights in [
+        ("text_encoder", "model.safetensors"),
+        ("unet", "diffusion_pytorch_model.safetensors"),
+        ("vae", "diffusion_pytorch_model.safetensors"),
+    ]:
         if (folder / sub).is_dir() and not (folder / sub / weights).is_file():
             missing.append(f"{sub}/{weights}")
     if missing:
-        raise InputError(f"model folder {folder} lacks {', '.join(missing)} (a diffusers SD-Turbo folder "
-                         f"needs {', '.join(REQUIRED)} with safetensors weights)")
+        raise InputError(
+            f"model folder {folder} lacks {', '.join(missing)} (a diffusers SD-Turbo folder "
+            f"needs {', '.join(REQUIRED)} with safetensors weights)"
+        )
 
 
 def load_model(model: str) -> LoadedModel:

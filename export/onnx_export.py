@@ -65,9 +65,15 @@ def export_component(model, spec: ComponentSpec, path: Path) -> Path | None:
         with torch.inference_mode(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python branches: see trace_dims
             torch.onnx.export(
-                wrapper, tuple(args), str(raw), input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs], dynamic_axes=dynamic_axes,
-                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                wrapper,
+                tuple(args),
+                str(raw),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
             )
         graph = gs.import_onnx(onnx.load(str(raw)))
     graph.cleanup().toposort()
@@ -75,8 +81,14 @@ def export_component(model, spec: ComponentSpec, path: Path) -> Path | None:
     proto = gs.export_onnx(graph)
     data = path.with_name(path.name + ".data") if weight_bytes > EXTERNAL_DATA_BYTES else None
     if data is not None:
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(proto, str(path))
     del proto, graph

@@ -6,37 +6,93 @@ from .random_tokenizer import build_vocab
 
 SEED = 0
 SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1, timestep_type="discrete",
-    use_karras_sigmas=False, interpolation_type="linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    timestep_spacing="trailing",
+    steps_offset=1,
+    timestep_type="discrete",
+    use_karras_sigmas=False,
+    interpolation_type="linear",
 )
 
 RANDOM_MODELS = {
     "sd-turbo": dict(
-        text_encoder=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                          num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
-                          projection_dim=512),
-        unet=dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
-                  attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=32,
-                  norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-        vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                 norm_num_groups=32, sample_size=768, scaling_factor=0.18215, force_upcast=True),
+        text_encoder=dict(
+            vocab_size=49408,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=23,
+            num_attention_heads=16,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=512,
+        ),
+        unet=dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=1024,
+            attention_head_dim=(5, 10, 20, 20),
+            use_linear_projection=True,
+            norm_num_groups=32,
+            norm_eps=1e-5,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            downsample_padding=1,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        ),
+        vae=dict(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=768,
+            scaling_factor=0.18215,
+            force_upcast=True,
+        ),
     ),
     # Tiny but of the same shape: 8x VAE downsampling, cross-attention in the UNet, a 77-token encoder.
     "tiny": dict(
-        text_encoder=dict(vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
-                          projection_dim=32),
-        unet=dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                  block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=(2, 4),
-                  use_linear_projection=True, norm_num_groups=8, flip_sin_to_cos=True, freq_shift=0,
-                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
-        vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4,
-                 norm_num_groups=4, sample_size=64, scaling_factor=0.18215, force_upcast=True),
+        text_encoder=dict(
+            vocab_size=1000,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=32,
+        ),
+        unet=dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            norm_num_groups=8,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+        vae=dict(
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=64,
+            scaling_factor=0.18215,
+            force_upcast=True,
+        ),
     ),
 }
 
@@ -51,15 +107,28 @@ def build_random_pipeline(name: str):
     vocab, merges = build_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
     torch.manual_seed(SEED)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        **cfg["text_encoder"], bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **cfg["text_encoder"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     n_blocks = len(cfg["vae"]["block_out_channels"])
-    vae = AutoencoderKL(**cfg["vae"], down_block_types=("DownEncoderBlock2D",) * n_blocks,
-                        up_block_types=("UpDecoderBlock2D",) * n_blocks)
+    vae = AutoencoderKL(
+        **cfg["vae"],
+        down_block_types=("DownEncoderBlock2D",) * n_blocks,
+        up_block_types=("UpDecoderBlock2D",) * n_blocks,
+    )
     unet = UNet2DConditionModel(**cfg["unet"])
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=EulerDiscreteScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SCHEDULER),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )

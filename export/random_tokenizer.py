@@ -9,6 +9,7 @@ merges learned from a short built-in text, and CLIP's special tokens. It is save
 from __future__ import annotations
 
 import collections
+import itertools
 from functools import lru_cache
 
 CORPUS = """
@@ -32,7 +33,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, (chr(c) for c in chars)))
+    return dict(zip(printable, (chr(c) for c in chars), strict=False))
 
 
 def build_vocab(num_merges: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -48,7 +49,7 @@ def build_vocab(num_merges: int = 400) -> tuple[dict[str, int], list[tuple[str, 
     for _ in range(num_merges):
         pairs: collections.Counter = collections.Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += count
         if not pairs:
             break

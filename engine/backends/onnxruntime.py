@@ -27,8 +27,9 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, precision: str = "fp32", providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 threads: int = 0):
+    def __init__(
+        self, precision: str = "fp32", providers: tuple[str, ...] = ("CPUExecutionProvider",), threads: int = 0
+    ):
         try:
             import onnxruntime
         except ImportError as e:
