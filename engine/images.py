@@ -41,3 +41,9 @@ def save_images(images: np.ndarray, out: str | Path) -> list[Path]:
     for img, path in zip(images, paths, strict=False):
         Image.fromarray(img).save(path)
     return paths
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB between two uint8 images (inf when identical)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))

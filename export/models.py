@@ -127,7 +127,9 @@ def load_model(model: str) -> LoadedModel:
     return LoadedModel(
         model_id=model,
         folder=folder,
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).eval(),
+        # Eager attention exports as plain MatMul/Softmax in the model's dtype; the TorchScript exporter
+        # lowers transformers' SDPA path with fp32 casts that leave fp16 graphs ill-typed.
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", attn_implementation="eager", **kw).eval(),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval(),
         vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw).eval(),

@@ -1,0 +1,44 @@
+"""Shared fixtures: a private cache, the tiny random model, its bundle, and diffusers pipelines on it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory):
+    """Every test writes its models and bundles under a fresh cache, never the user's."""
+    path = tmp_path_factory.mktemp("sdturbo-cache")
+    old = os.environ.get("SDTURBO_CACHE")
+    os.environ["SDTURBO_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SDTURBO_CACHE", None)
+    else:
+        os.environ["SDTURBO_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(cache_dir):
+    from sdturbo.export.models import resolve_model_folder
+
+    return resolve_model_folder("random:tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_folder, tmp_path_factory):
+    """random:tiny exported in fp32 and fp16, batch <= 4, sides 32-256 px."""
+    from sdturbo.export.bundle_writer import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return export_bundle("random:tiny", out, ("fp32", "fp16"), max_batch=4, min_size=32, max_size=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_folder):
+    """The torch modules of random:tiny, fp32 (read-only: do not convert them)."""
+    from sdturbo.export.models import load_model
+
+    return load_model("random:tiny")
