@@ -8,7 +8,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import InputError
-from .schedule import check_steps
+from .schedule import check_steps, make_schedule
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class Request:
             if not isinstance(self.image, np.ndarray) or self.image.shape != want or self.image.dtype != np.uint8:
                 got = (self.image.shape, self.image.dtype) if isinstance(self.image, np.ndarray) else type(self.image)
                 raise InputError(f"image is {got}; img2img needs uint8 {want} [batch, height, width, RGB]")
+            make_schedule(bundle.scheduler, self.steps, self.strength)  # strength, and steps * strength >= 1
         elif self.image_noise is not None:
             raise InputError("image_noise is only used with an image (img2img)")
 

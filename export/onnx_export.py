@@ -77,6 +77,10 @@ def export_component(model, spec: ComponentSpec, path: Path) -> Path | None:
             )
         graph = gs.import_onnx(onnx.load(str(raw)))
     graph.cleanup().toposort()
+    for declared, variables in ((spec.inputs, graph.inputs), (spec.outputs, graph.outputs)):
+        for t, v in zip(declared, variables, strict=True):  # the contract, exactly: names, axes, sizes
+            assert v.name == t.name, (v.name, t.name)
+            v.shape = list(t.shape)
     weight_bytes = sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
     proto = gs.export_onnx(graph)
     data = path.with_name(path.name + ".data") if weight_bytes > EXTERNAL_DATA_BYTES else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.images import psnr
 from sdturbo.engine.pipeline import Pipeline
@@ -50,8 +49,15 @@ def latents(seed: int, batch: int = 2) -> np.ndarray:
 
 
 def reference_t2i(pipe, steps: int, lat: np.ndarray, dtype) -> np.ndarray:
-    out = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=0.0, height=H, width=W,
-               latents=torch.from_numpy(lat).to(dtype), output_type="np").images
+    out = pipe(
+        PROMPTS,
+        num_inference_steps=steps,
+        guidance_scale=0.0,
+        height=H,
+        width=W,
+        latents=torch.from_numpy(lat).to(dtype),
+        output_type="np",
+    ).images
     return to_uint8(out)
 
 
@@ -93,10 +99,25 @@ def test_img2img_fp32_matches_diffusers(tiny_folder, pipes, record_property):
     seed, shape = 1234, (2, 4, H // 8, W // 8)
     g = torch.Generator().manual_seed(seed)
     posterior_noise, added_noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    ref = pipe(PROMPTS, image=[Image.fromarray(i) for i in images], strength=0.5, num_inference_steps=2,
-               guidance_scale=0.0, generator=torch.Generator().manual_seed(seed), output_type="np").images
-    ours = pipes["fp32"](PROMPTS, steps=2, height=H, width=W, image=images, strength=0.5,
-                         latents=added_noise.numpy(), image_noise=posterior_noise.numpy())
+    ref = pipe(
+        PROMPTS,
+        image=[Image.fromarray(i) for i in images],
+        strength=0.5,
+        num_inference_steps=2,
+        guidance_scale=0.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images
+    ours = pipes["fp32"](
+        PROMPTS,
+        steps=2,
+        height=H,
+        width=W,
+        image=images,
+        strength=0.5,
+        latents=added_noise.numpy(),
+        image_noise=posterior_noise.numpy(),
+    )
     ref = to_uint8(ref)
     assert ref.std() > 10
     value = psnr(ours, ref)

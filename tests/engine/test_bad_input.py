@@ -1,0 +1,96 @@
+"""Bad requests get an InputError that names the value, before any stage runs; the CLI exits 2 without a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+from sdturbo.engine.bundle import Bundle
+from sdturbo.engine.errors import InputError
+from sdturbo.engine.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle):
+    return Pipeline(tiny_bundle, OnnxRuntimeBackend())
+
+
+CASES = [
+    (dict(prompts=["x"], width=100), r"width 100 .*multiple of 8"),
+    (dict(prompts=["x"], height=0), r"height 0"),
+    (dict(prompts=["x"], steps=0), r"steps=0 .*1 to 4"),
+    (dict(prompts=["x"], steps=5), r"steps=5 .*1 to 4"),
+    (dict(prompts=["x"], steps=1, strength=0.5, image=np.zeros((64, 64, 3), np.uint8)), r"1 \* 0.5 .*at least 1"),
+    (dict(prompts=["x"], steps=2, strength=1.5, image=np.zeros((64, 64, 3), np.uint8)), r"strength=1.5"),
+    (dict(prompts=[]), r"prompt list is empty"),
+    (dict(prompts=[None]), r"prompts must be strings"),
+    (
+        dict(prompts=["x"], latents=np.zeros((1, 4, 8, 9), np.float32)),
+        r"latents has shape \(1, 4, 8, 9\).*\(1, 4, 8, 8\)",
+    ),
+    (dict(prompts=["x", "y"], latents=np.zeros((1, 4, 8, 8), np.float32)), r"latents has shape"),
+    (dict(prompts=["x"], latents=np.full((1, 4, 8, 8), np.nan, np.float32)), r"NaN"),
+    (dict(prompts=["x"] * 5), r"batch 5 .*max_batch 4"),
+    (dict(prompts=["x"], width=512), r"width 512 .*range 32-256"),
+    (dict(prompts=["x"], image=np.zeros((32, 32, 3), np.uint8)), r"image is .*\(1, 64, 64, 3\)"),
+    (dict(prompts=["x"], seed=-1), r"seed -1"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", CASES, ids=[c[1][:24] for c in CASES])
+def test_request_errors_name_the_value(pipe, kwargs, match):
+    kwargs = {"height": 64, "width": 64, **kwargs}
+    with pytest.raises(InputError, match=match):
+        pipe.request(kwargs.pop("prompts"), **kwargs)
+
+
+def test_pipeline_stays_usable_after_bad_requests(pipe):
+    with pytest.raises(InputError):
+        pipe(["x"], height=64, width=63)
+    assert pipe(["x"], height=64, width=64).shape == (1, 64, 64, 3)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "sdturbo.engine.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--size", "100x64"], "width 100"),
+        (["--steps", "9"], "steps=9"),
+        (["--size", "64x64", "--latents", "missing.npy"], "cannot read --latents"),
+        (["--size", "64x64", "--strength", "0.5"], "--strength is for img2img"),
+        (["--size", "sixty"], "is not WIDTHxHEIGHT"),
+    ],
+)
+def test_cli_errors_are_one_line(tiny_bundle, args, match):
+    r = run_cli("generate", "a cat", "--bundle", str(tiny_bundle), *args)
+    assert r.returncode == 2, r.stderr
+    assert match in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_bad_bundle(tmp_path):
+    r = run_cli("generate", "a cat", "--bundle", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_error_leaves_cache_intact(tiny_bundle, tmp_path):
+    """A bad request against a cached model fails cleanly; the cached bundle still opens and works."""
+    import os
+
+    from sdturbo.engine.cache import bundle_dir_for
+
+    r = run_cli("generate", "a cat", "--model", "random:tiny", "--size", "64x60", env=dict(os.environ))
+    assert r.returncode == 2 and "height 60" in r.stderr
+    cached = bundle_dir_for("random:tiny")
+    assert Bundle(cached).precisions == ("fp32",)
+    out = tmp_path / "ok.png"
+    r = run_cli("generate", "a cat", "--model", "random:tiny", "--size", "64x64", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.is_file()

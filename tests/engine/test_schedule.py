@@ -1,0 +1,94 @@
+"""Schedule parity with diffusers' EulerDiscreteScheduler built from SD-Turbo's scheduler config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+from sdturbo.engine.errors import InputError
+from sdturbo.engine.schedule import SchedulerConfig, make_schedule
+from sdturbo.export.random_models import SCHEDULER  # SD-Turbo's scheduler_config.json values
+
+STRENGTHS = [0.25, 0.3, 0.5, 0.6, 0.75, 0.9, 1.0]
+
+
+def reference(steps: int, strength: float):
+    """diffusers' scheduler, set up the way the txt2img / img2img pipelines set it up."""
+    sched = EulerDiscreteScheduler.from_config(SCHEDULER)
+    sched.set_timesteps(steps)
+    kept = min(int(steps * strength), steps)
+    start = steps - kept
+    sched.set_begin_index(start)
+    return sched, start
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+@pytest.mark.parametrize("strength", STRENGTHS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_schedule_matches_diffusers_step_for_step(steps, strength, dtype):
+    if int(steps * strength) < 1:
+        with pytest.raises(InputError, match="at least 1"):
+            make_schedule(SchedulerConfig.from_dict(SCHEDULER), steps, strength)
+        return
+    ref, start = reference(steps, strength)
+    ours = make_schedule(SchedulerConfig.from_dict(SCHEDULER), steps, strength)
+    np.testing.assert_allclose(ours.timesteps, ref.timesteps[start:].numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas[start:].numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=1e-6)
+
+    rng = np.random.default_rng(steps * 100 + int(strength * 10))
+    shape = (2, 4, 8, 8)
+    x0, noise = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    tdt = torch.float16 if dtype == np.float16 else torch.float32
+    if strength < 1.0:  # img2img start: encoded latents plus noise at the first kept timestep
+        x_ref = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), ref.timesteps[start : start + 1])
+        x = ours.add_noise(x0, noise)
+    else:  # txt2img start
+        x_ref = torch.from_numpy(noise) * ref.init_noise_sigma
+        x = ours.noise_latents(noise)
+    eps_rel = 2e-3 if dtype == np.float16 else 2e-6  # a few units in the last place of the dtype
+
+    def tol(*operands):
+        # An Euler step cancels large terms (x ~ 15 -> x0 ~ 0.1): rounding scales with the operands.
+        return dict(rtol=eps_rel, atol=eps_rel * max(float(np.abs(o).max()) for o in operands))
+
+    np.testing.assert_allclose(x, x_ref.numpy(), **tol(x))
+    x_ref = torch.from_numpy(x.copy())  # compare each step from the same state
+    for i, t in enumerate(ref.timesteps[start:]):
+        scaled = ref.scale_model_input(x_ref, t)
+        np.testing.assert_allclose(ours.scale_input(i, x), scaled.numpy(), **tol(scaled))
+        eps = rng.standard_normal(shape).astype(dtype)
+        x_ref = ref.step(torch.from_numpy(eps).to(tdt), t, x_ref).prev_sample
+        x_prev, x = x, ours.step(i, eps, x)
+        assert x.dtype == dtype
+        np.testing.assert_allclose(x, x_ref.numpy(), **tol(x_prev, ours.sigmas[i] * eps))
+        x_ref = torch.from_numpy(x.copy())
+
+
+def test_one_step_values():
+    """The facts model-facts.md states for one step: t = 999, sigma_max ~ 14.6146, init sigma = sigma_max."""
+    s = make_schedule(SchedulerConfig.from_dict(SCHEDULER), 1)
+    assert s.timesteps.tolist() == [999.0]
+    assert s.sigmas[-1] == 0 and abs(s.sigmas[0] - 14.6146) < 1e-3
+    assert s.init_noise_sigma == pytest.approx(float(s.sigmas[0]))
+
+
+@pytest.mark.parametrize("steps", [0, 5, -1, 2.5, True])
+def test_bad_steps(steps):
+    with pytest.raises(InputError, match="steps"):
+        make_schedule(SchedulerConfig(), steps)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("timestep_spacing", "leading"),
+        ("prediction_type", "v_prediction"),
+        ("use_karras_sigmas", True),
+        ("rescale_betas_zero_snr", True),
+    ],
+)
+def test_unsupported_scheduler_config(key, value):
+    with pytest.raises(InputError, match=key):
+        SchedulerConfig.from_dict({**SCHEDULER, key: value})

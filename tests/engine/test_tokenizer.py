@@ -1,0 +1,44 @@
+"""Tokenizer parity: the bundle's tokenizer.json through `tokenizers` vs transformers' CLIPTokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sdturbo.engine.bundle import Bundle
+from sdturbo.engine.tokenizer import PromptTokenizer
+from transformers import CLIPTokenizer
+
+PROMPTS = [
+    "",
+    "a photo of a cat",
+    "A PHOTO OF A CAT IN UPPER CASE",
+    "repeated    spaces\tand\n\nnewlines   here",
+    "punctuation!!! (commas, dots...) & 'quotes' \"double\"; colons: done?",
+    "unicode: café naïve Zürich 東京 🦝 emoji ½ ﬁ",
+    " ".join(["a long prompt that keeps going"] * 30),  # far past 77 tokens: truncated
+    "digits 1234567890 and 3.14",
+]
+
+
+@pytest.fixture(scope="module")
+def both(tiny_bundle, tiny_folder):
+    b = Bundle(tiny_bundle)
+    ours = PromptTokenizer(b.tokenizer_file, b.max_length, b.pad_id, b.pad_token)
+    return ours, CLIPTokenizer.from_pretrained(tiny_folder / "tokenizer")
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=range(len(PROMPTS)))
+def test_ids_match_transformers(both, prompt):
+    ours, ref = both
+    want = ref(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+    got = ours([prompt])
+    assert got.dtype == np.int32 and got.shape == (1, 77)
+    assert got[0].tolist() == want
+
+
+def test_batch_and_truncation(both):
+    ours, ref = both
+    ids = ours(PROMPTS)
+    assert ids.shape == (len(PROMPTS), 77)
+    long = ids[PROMPTS.index(PROMPTS[6])]
+    assert long[0] == ref.bos_token_id and long[-1] == ref.eos_token_id and ref.pad_token_id not in long[1:-1]

@@ -1,0 +1,138 @@
+"""Bundles are written atomically and checked on open; broken ones give clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+from sdturbo.engine.bundle import MANIFEST, Bundle
+from sdturbo.engine.errors import BundleError, InputError
+from sdturbo.engine.pipeline import Pipeline
+from sdturbo.export import bundle_writer
+from sdturbo.export.bundle_writer import export_bundle
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def generate(path, precision="fp32"):
+    return Pipeline(path, OnnxRuntimeBackend(precision))(["a cat"], height=64, width=64)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def interrupt_after(monkeypatch, n: int):
+    real, calls = bundle_writer.export_component, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > n:
+            raise Boom("interrupted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bundle_writer, "export_component", flaky)
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, tiny_folder, monkeypatch):
+    interrupt_after(monkeypatch, 2)
+    out = tmp_path / "b"
+    with pytest.raises(Boom):
+        export_bundle("random:tiny", out, ("fp32",))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
+
+
+def test_interrupted_precision_add_keeps_the_bundle(tmp_path, tiny_folder, monkeypatch):
+    out = export_bundle("random:tiny", tmp_path / "b", ("fp32",))
+    before = (out / MANIFEST).read_text()
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(Boom):
+        export_bundle("random:tiny", out, ("fp16",))
+    assert (out / MANIFEST).read_text() == before
+    assert Bundle(out).precisions == ("fp32",)
+    assert generate(out).shape == (1, 64, 64, 3)
+    monkeypatch.undo()
+    export_bundle("random:tiny", out, ("fp16",))  # completes what was missing
+    assert set(Bundle(out).precisions) == {"fp32", "fp16"}
+    assert generate(out, "fp16").shape == (1, 64, 64, 3)
+
+
+def test_refuses_to_overwrite_a_non_bundle(tmp_path, tiny_folder):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "keep.txt").write_text("mine")
+    with pytest.raises(BundleError, match="not a bundle"):
+        export_bundle("random:tiny", tmp_path / "x", ("fp32",))
+    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(precisions=("fp8",)), "precision"),
+        (dict(max_batch=0), "max_batch"),
+        (dict(min_size=60), "size range"),
+    ],
+)
+def test_bad_export_arguments(tmp_path, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        export_bundle("random:tiny", tmp_path / "b", **kwargs)
+
+
+def test_missing_bundle_and_manifest(tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        Bundle(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        Bundle(tmp_path / "empty")
+
+
+def test_unknown_schema_version(bundle_copy):
+    m = json.loads((bundle_copy / MANIFEST).read_text())
+    m["schema_version"] = 99
+    (bundle_copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="schema_version 99"):
+        Bundle(bundle_copy)
+
+
+def test_corrupt_manifest(bundle_copy):
+    (bundle_copy / MANIFEST).write_text('{"schema_version": 1, "model": ')
+    with pytest.raises(BundleError, match="corrupt"):
+        Bundle(bundle_copy)
+
+
+def test_truncated_onnx(bundle_copy):
+    path = bundle_copy / "onnx" / "fp32" / "unet.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(BundleError, match="truncated"):
+        generate(bundle_copy)
+
+
+def test_garbage_onnx_of_the_right_size(bundle_copy):
+    path = bundle_copy / "onnx" / "fp32" / "vae_decoder.onnx"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size, dtype=np.uint8).tobytes())
+    with pytest.raises(BundleError, match="vae_decoder.onnx"):
+        generate(bundle_copy)
+
+
+def test_missing_onnx_and_tokenizer(bundle_copy):
+    (bundle_copy / "onnx" / "fp32" / "text_encoder.onnx").unlink()
+    with pytest.raises(BundleError, match="missing .*text_encoder.onnx"):
+        generate(bundle_copy)
+    (bundle_copy / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match="tokenizer.json"):
+        generate(bundle_copy)
+
+
+def test_missing_precision(tmp_path, tiny_folder):
+    out = export_bundle("random:tiny", tmp_path / "b", ("fp32",))
+    with pytest.raises(BundleError, match="no fp16 ONNX"):
+        generate(out, "fp16")
