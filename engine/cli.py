@@ -93,6 +93,24 @@ def cmd_generate(args) -> None:
         print(path)
 
 
+def cmd_build(args) -> None:
+    from ..export.trt_build import build_engines
+    from .engine_store import Profile
+
+    components = tuple(args.components.split(",")) if args.components else None
+    kwargs = {"components": components} if components else {}
+    build_engines(
+        args.bundle,
+        flavour=args.trt,
+        profile=Profile.parse(args.batch, args.size),
+        compute_capability=args.compute_capability,
+        opt_level=args.opt_level,
+        workspace_gb=args.workspace_gb,
+        force=args.force,
+        **kwargs,
+    )
+
+
 def cmd_info(args) -> None:
     from .info import describe
 
@@ -129,6 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=("fp32", "fp16"), help="ONNX precision (default: fp32 on a CPU)")
     g.add_argument("--out", default="out.png", help="output PNG; several images get -0, -1, ... (default out.png)")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("build", help="build TensorRT engines from a bundle's fp16 ONNX")
+    b.add_argument("bundle")
+    b.add_argument("--trt", choices=("tensorrt", "tensorrt-rtx"), help="library (default: whichever is installed)")
+    b.add_argument("--batch", default="1", help="batch size N (static) or MIN-MAX (default 1)")
+    b.add_argument(
+        "--size", default="512x512", help="WIDTHxHEIGHT (static), or MIN-MAX for both sides (default 512x512)"
+    )
+    b.add_argument(
+        "--compute-capability", type=int, help="TensorRT-RTX: build ahead of time for e.g. 86 (no GPU needed)"
+    )
+    b.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
+    b.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
+    b.add_argument("--components", help="comma-separated subset (default: all four)")
+    b.add_argument("--force", action="store_true", help="rebuild even when engines are up to date")
+    b.set_defaults(func=cmd_build)
 
     i = sub.add_parser("info", help="show what a bundle holds")
     i.add_argument("bundle")

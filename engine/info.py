@@ -29,4 +29,48 @@ def describe(path) -> str:
                 state = f"BROKEN: {e}"
             ins = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in comp.spec.inputs)
             lines.append(f"  {precision:5} {name:13} {comp.bytes / 1e6:9.1f} MB  {ins}  [{state}]")
+    lines += describe_engines(b)
     return "\n".join(lines)
+
+
+def describe_engines(b: Bundle) -> list[str]:
+    from .engine_store import Profile, find_engine, list_engines
+
+    records = list_engines(b)
+    if not records:
+        return ["engines:  none (build them with `sdturbo build`)"]
+    here = _this_machine()
+    lines = [f"engines:  (this machine: {here or 'no GPU / no TensorRT'})"]
+    for rec in records:
+        key = rec.get("key", {})
+        if rec.get("corrupt") or not key:
+            lines.append(f"  {rec['path']}  [corrupt record]")
+            continue
+        profile = Profile(**{k: tuple(v) for k, v in key["profile"].items()})
+        try:
+            find_engine(b, key["component"], key["library"], key["library_version"], key["device"], profile)
+            state = "valid"
+        except BundleError as e:
+            state = f"STALE: {e}"
+        fits = (
+            "fits here" if here and here == (key["library"], key["library_version"], key["device"]) else "not for here"
+        )
+        lines.append(
+            f"  {key['library']} {key['library_version']} {key['device']:6} {profile.tag:18} "
+            f"{key['component']:13} {rec.get('plan_bytes', 0) / 1e6:8.1f} MB  [{state}; {fits}]"
+        )
+    return lines
+
+
+def _this_machine():
+    """(library, version, device) engines must match to run here, or None without a GPU or TensorRT."""
+    try:
+        from .backends.trt_lib import import_trt
+        from .cuda import current_compute_capability, gpu_available
+
+        if not gpu_available():
+            return None
+        trt, flavour = import_trt()
+        return (flavour, trt.__version__, f"sm{current_compute_capability()}")
+    except Exception:  # info must describe the bundle even where CUDA or TensorRT is broken
+        return None

@@ -1,0 +1,137 @@
+"""CUDA through cuda-python: every status becomes an exception here, nowhere else.
+
+Imported only by GPU backends; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import BackendError
+
+
+@lru_cache(maxsize=1)
+def bindings():
+    """(driver, runtime, nvrtc) modules of cuda-python 12.x or 13.x."""
+    try:
+        from cuda.bindings import driver, nvrtc, runtime
+    except ImportError:
+        try:
+            from cuda import cuda as driver
+            from cuda import cudart as runtime
+            from cuda import nvrtc
+        except ImportError as e:
+            raise BackendError(
+                "cuda-python is not installed: pip install 'sdturbo[tensorrt]' (or [tensorrt-rtx])"
+            ) from e
+    return driver, runtime, nvrtc
+
+
+def check(result, what: str = "CUDA call"):
+    """Unpack a cuda-python ``(status, *values)`` result; raise BackendError unless the status is success."""
+    status, *values = result if isinstance(result, tuple) else (result,)
+    if int(getattr(status, "value", status)) != 0:
+        raise BackendError(f"{what} failed: {status!r}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def current_compute_capability(device: int = 0) -> int:
+    _, rt, _ = bindings()
+    try:
+        major = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, device))
+        minor = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device))
+    except BackendError as e:
+        raise BackendError(
+            f"no usable CUDA GPU here ({e}); with --trt tensorrt-rtx, pass --compute-capability "
+            f"to build for a GPU ahead of time"
+        ) from e
+    return major * 10 + minor
+
+
+def gpu_available() -> bool:
+    try:
+        _, rt, _ = bindings()
+        return check(rt.cudaGetDeviceCount()) > 0
+    except BackendError:
+        return False
+
+
+class DeviceBuffer:
+    """``nbytes`` of device memory, allocated once."""
+
+    def __init__(self, nbytes: int):
+        _, rt, _ = bindings()
+        self.nbytes = max(int(nbytes), 1)
+        self.ptr = int(check(rt.cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes})"))
+
+    def free(self) -> None:
+        if self.ptr:
+            _, rt, _ = bindings()
+            check(rt.cudaFree(self.ptr), "cudaFree")
+            self.ptr = 0
+
+
+class PinnedArray:
+    """A page-locked host array, so copies to and from the device are asynchronous."""
+
+    def __init__(self, shape, dtype):
+        _, rt, _ = bindings()
+        self.dtype = np.dtype(dtype)
+        self.nbytes = max(int(np.prod(shape)) * self.dtype.itemsize, 1)
+        self.ptr = int(check(rt.cudaMallocHost(self.nbytes), "cudaMallocHost"))
+        raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
+        self.array = np.frombuffer(raw, dtype=self.dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            _, rt, _ = bindings()
+            check(rt.cudaFreeHost(self.ptr), "cudaFreeHost")
+            self.ptr = 0
+
+
+class Stream:
+    def __init__(self):
+        _, rt, _ = bindings()
+        self._rt = rt
+        self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate")
+
+    @property
+    def ptr(self) -> int:
+        return int(self.handle)
+
+    def copy_in(self, dst: int, src: PinnedArray, nbytes: int) -> None:
+        rt = self._rt
+        check(rt.cudaMemcpyAsync(dst, src.ptr, nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.handle), "H2D")
+
+    def copy_out(self, dst: PinnedArray, src: int, nbytes: int) -> None:
+        rt = self._rt
+        check(rt.cudaMemcpyAsync(dst.ptr, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle), "D2H")
+
+    def synchronize(self) -> None:
+        check(self._rt.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+
+
+class Graph:
+    """One captured CUDA graph: ``capture(fn)`` records what ``fn`` enqueues on the stream; ``launch`` replays it."""
+
+    def __init__(self, stream: Stream, fn):
+        _, rt, _ = bindings()
+        self._rt, self._stream = rt, stream
+        check(
+            rt.cudaStreamBeginCapture(stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+            "cudaStreamBeginCapture",
+        )
+        try:
+            fn()
+        finally:
+            graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
+        self._graph = graph
+        self._exec = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+
+    def launch(self) -> None:
+        check(self._rt.cudaGraphLaunch(self._exec, self._stream.handle), "cudaGraphLaunch")

@@ -1,0 +1,197 @@
+"""Build TensorRT engines (``tensorrt`` or ``tensorrt_rtx``) from a bundle's fp16 ONNX.
+
+Strongly typed: precision comes from the ONNX, so the fp16 graphs build fp16 engines (with fp32 kept
+where the graph keeps it). Engines, build records and the timing cache live in the bundle
+(engine/engine_store.py); an engine whose key still matches is kept, a stale one is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..engine.backends.trt_lib import Logger, compute_capability_enum, import_trt, network_flags
+from ..engine.bundle import COMPONENTS, Bundle
+from ..engine.engine_store import Profile, engine_dir, engine_key, stale_reason
+from ..engine.errors import BackendError, BundleError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def device_name(trt, flavour: str, compute_capability: int | None) -> tuple[str, int | None]:
+    """("sm86", 86) for a target set ahead of time; else the current GPU's compute capability."""
+    if compute_capability is not None:
+        if flavour != "tensorrt-rtx":
+            raise InputError("--compute-capability needs --trt tensorrt-rtx (TensorRT builds for the GPU it runs on)")
+        compute_capability_enum(trt, compute_capability)
+        return f"sm{compute_capability}", compute_capability
+    from ..engine.cuda import current_compute_capability
+
+    return f"sm{current_compute_capability()}", None
+
+
+def build_engines(
+    bundle_path,
+    flavour: str | None = None,
+    profile: Profile = Profile(),
+    compute_capability: int | None = None,
+    opt_level: int = 3,
+    workspace_gb: float | None = None,
+    components=COMPONENTS,
+    force: bool = False,
+) -> list[Path]:
+    """Build (or keep, if still valid) one engine per component; returns the plan paths."""
+    bundle = Bundle(bundle_path)
+    trt, flavour = import_trt(flavour)
+    profile.check(bundle)
+    bad = [c for c in components if c not in COMPONENTS]
+    if bad:
+        raise InputError(f"component {bad[0]!r} is not known; allowed: {', '.join(COMPONENTS)}")
+    if not 0 <= opt_level <= 5:
+        raise InputError(f"--opt-level {opt_level} is not allowed; use 0-5")
+    device, target = device_name(trt, flavour, compute_capability)
+    folder = engine_dir(bundle, flavour, trt.__version__, device, profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    plans = []
+    for i, name in enumerate(components, 1):
+        key = engine_key(bundle, name, flavour, trt.__version__, device, profile)
+        plan, record = folder / f"{name}.plan", folder / f"{name}.json"
+        if not force and plan.is_file() and record.is_file():
+            why = stale_reason(json.loads(record.read_text()), key)
+            if why is None and plan.stat().st_size == json.loads(record.read_text()).get("plan_bytes"):
+                log.info("[%d/%d] %s: engine up to date (%s)", i, len(components), name, plan)
+                plans.append(plan)
+                continue
+            log.info("[%d/%d] %s: rebuilding, %s", i, len(components), name, why or "plan size mismatch")
+        else:
+            log.info(
+                "[%d/%d] building %s for %s (%s %s, profile %s)",
+                i,
+                len(components),
+                name,
+                device,
+                flavour,
+                trt.__version__,
+                profile.tag,
+            )
+        plans.append(_build_one(trt, bundle, name, key, profile, target, opt_level, workspace_gb, folder))
+    return plans
+
+
+def _build_one(
+    trt,
+    bundle: Bundle,
+    name: str,
+    key: dict,
+    profile: Profile,
+    target: int | None,
+    opt_level: int,
+    workspace_gb: float | None,
+    folder: Path,
+) -> Path:
+    comp = bundle.component("fp16", name)
+    logger = Logger.get(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(comp.onnx)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BundleError(f"TensorRT cannot parse {comp.onnx}: {errors}")
+    config = builder.create_builder_config()
+    if target is not None:
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(compute_capability_enum(trt, target), 0)
+    config.builder_optimization_level = opt_level
+    if workspace_gb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    opt = builder.create_optimization_profile()
+    scale = bundle.vae_scale_factor
+    for t in comp.spec.inputs:
+        opt.set_shape(t.name, *(t.concrete(profile.dims(w, scale)) for w in range(3)))
+    config.add_optimization_profile(opt)
+    cache_path = folder.parent / "timing.cache"
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=True)
+    monitor = _progress_monitor(trt, name)
+    if monitor is not None:
+        config.progress_monitor = monitor
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if serialized is None:
+        raise BackendError(f"TensorRT failed to build {name} (see the [TRT] messages above)")
+    data = bytes(memoryview(serialized))
+    plan = folder / f"{name}.plan"
+    write_atomic(plan, data)
+    write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    record = {
+        "key": key,
+        "plan_bytes": len(data),
+        "build_seconds": round(seconds, 2),
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "builder": {
+            "optimization_level": opt_level,
+            "workspace_gb": workspace_gb,
+            "strongly_typed": True,
+            "target_compute_capability": target,
+            "profile": asdict(profile),
+        },
+        # What TensorRT's network holds, read back from the parsed graph (not copied from the manifest).
+        "io": [_tensor_info(trt, network.get_input(i)) for i in range(network.num_inputs)]
+        + [_tensor_info(trt, network.get_output(i)) for i in range(network.num_outputs)],
+        "profile_shapes": {t.name: [list(s) for s in opt.get_shape(t.name)] for t in comp.spec.inputs},
+    }
+    write_atomic(folder / f"{name}.json", json.dumps(record, indent=2).encode())
+    log.info("    %s: %.1f s, %.1f MB", name, seconds, len(data) / 1e6)
+    return plan
+
+
+def _tensor_info(trt, tensor) -> dict:
+    dtype = {trt.float32: "float32", trt.float16: "float16", trt.int32: "int32", trt.int64: "int64"}
+    return {
+        "name": tensor.name,
+        "dtype": dtype.get(tensor.dtype, str(tensor.dtype)),
+        "shape": list(tensor.shape),
+        "is_input": bool(tensor.is_network_input),
+    }
+
+
+def _progress_monitor(trt, name: str):
+    """Logs TensorRT's top-level build phases (both flavours have IProgressMonitor)."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self._start: dict[str, float] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                self._start[phase_name] = time.perf_counter()
+                log.info("    %s: %s (%d steps)", name, phase_name, num_steps)
+
+        def step_complete(self, phase_name, step):
+            return True  # keep building
+
+        def phase_finish(self, phase_name):
+            if phase_name in self._start:
+                log.debug(
+                    "    %s: %s done in %.1f s", name, phase_name, time.perf_counter() - self._start.pop(phase_name)
+                )
+
+    return Monitor()

@@ -1,0 +1,178 @@
+"""Real TensorRT-RTX engines, built ahead of time on a CPU for a set compute capability."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install 'sdturbo[tensorrt-rtx]')")
+
+from sdturbo.engine.bundle import COMPONENTS, MANIFEST, Bundle
+from sdturbo.engine.engine_store import Profile, find_engine
+from sdturbo.engine.errors import BackendError, BundleError, InputError
+from sdturbo.export.trt_build import build_engines
+
+CC = 86
+PROFILE = Profile.parse("1-2", "64-128")
+
+
+@pytest.fixture(scope="module")
+def built(tiny_bundle, tmp_path_factory):
+    path = tmp_path_factory.mktemp("trt") / "b"
+    shutil.copytree(tiny_bundle, path)
+    plans = build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0)
+    return path, plans
+
+
+def records(plans):
+    return {p.stem: json.loads(p.with_suffix(".json").read_text()) for p in plans}
+
+
+def test_every_engine_is_built_and_recorded(built):
+    path, plans = built
+    assert [p.stem for p in plans] == list(COMPONENTS)
+    for p in plans:
+        assert p.stat().st_size > 10_000
+    assert (plans[0].parent.parent / "timing.cache").is_file()
+
+
+def test_engine_io_and_profiles_match_the_manifest(built):
+    """Names and dtypes as TensorRT's parsed network has them, and the profile's min/opt/max shapes."""
+    path, plans = built
+    bundle = Bundle(path)
+    for name, rec in records(plans).items():
+        spec = bundle.component("fp16", name).spec
+        declared = [(t.name, t.dtype, True) for t in spec.inputs] + [(t.name, t.dtype, False) for t in spec.outputs]
+        assert [(t["name"], t["dtype"], t["is_input"]) for t in rec["io"]] == declared
+        for t, io in zip(spec.inputs, rec["io"], strict=False):
+            assert io["shape"] == [-1 if isinstance(d, str) else d for d in t.shape]
+            want = [list(t.concrete(PROFILE.dims(w, bundle.vae_scale_factor))) for w in range(3)]
+            assert rec["profile_shapes"][t.name] == want
+        assert rec["key"]["onnx_sha256"] == bundle.components["fp16"][name].sha256
+
+
+def test_unchanged_engines_are_kept(built):
+    path, plans = built
+    before = {p: p.stat().st_mtime_ns for p in plans}
+    again = build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0)
+    assert {p: p.stat().st_mtime_ns for p in again} == before
+
+
+def test_a_changed_onnx_is_rebuilt_never_loaded(built):
+    """Change unet.onnx as a re-export would (new bytes, new hash in the manifest)."""
+    import onnx
+    from sdturbo.export.bundle_writer import file_sha256
+
+    path, plans = built
+    bundle = Bundle(path)
+    onnx_path = bundle.component("fp16", "unet").onnx
+    model = onnx.load(str(onnx_path))
+    model.doc_string = "re-exported"
+    onnx.save(model, str(onnx_path))
+    manifest = json.loads((path / MANIFEST).read_text())
+    entry = manifest["components"]["fp16"]["unet"]
+    entry["sha256"], entry["bytes"] = file_sha256(onnx_path), onnx_path.stat().st_size
+    (path / MANIFEST).write_text(json.dumps(manifest))
+
+    device, version = f"sm{CC}", records(plans)["unet"]["key"]["library_version"]
+    with pytest.raises(BundleError, match="stale: the ONNX changed"):
+        find_engine(Bundle(path), "unet", "tensorrt-rtx", version, device, PROFILE)
+    unet_plan = plans[COMPONENTS.index("unet")]
+    old = unet_plan.stat().st_mtime_ns
+    build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("unet",))
+    assert unet_plan.stat().st_mtime_ns != old
+    assert find_engine(Bundle(path), "unet", "tensorrt-rtx", version, device, PROFILE) == unet_plan
+
+
+def test_another_version_or_device_or_profile_is_not_loaded(built, monkeypatch):
+    path, plans = built
+    bundle = Bundle(path)
+    version = records(plans)["unet"]["key"]["library_version"]
+    for flavour, ver, device, profile, match in [
+        ("tensorrt-rtx", "9.9.9", f"sm{CC}", PROFILE, "no tensorrt-rtx 9.9.9 engine"),
+        ("tensorrt-rtx", version, "sm89", PROFILE, "on sm89"),
+        ("tensorrt-rtx", version, f"sm{CC}", Profile.parse("1", "64x64"), "profile b1_64x64"),
+    ]:
+        with pytest.raises(BundleError, match=match):
+            find_engine(bundle, "unet", flavour, ver, device, profile)
+
+
+def test_another_library_version_rebuilds(built, monkeypatch):
+    """The version is part of the folder: a newer library builds its own engines beside the old ones."""
+    import tensorrt_rtx
+
+    path, plans = built
+    monkeypatch.setattr(tensorrt_rtx, "__version__", "99.0.0")
+    new = build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("text_encoder",))
+    assert "tensorrt-rtx-99.0.0-sm86" in str(new[0]) and new[0] != plans[0]
+    assert plans[0].is_file()
+
+
+def test_another_compute_capability_builds_apart(built):
+    path, plans = built
+    new = build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=89, opt_level=0, components=("vae_encoder",))
+    assert "-sm89" in str(new[0]) and new[0].is_file()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(compute_capability=90), BackendError, "compute capability 90 is not a target"),
+        (dict(profile=Profile.parse("1", "100x64")), InputError, "width range 100-100"),
+        (dict(profile=Profile.parse("1-8", "64x64")), InputError, "batch range 1-8"),
+        (dict(components=("unet", "clip")), InputError, "component 'clip'"),
+        (dict(opt_level=7), InputError, "--opt-level 7"),
+    ],
+)
+def test_bad_build_arguments(built, kwargs, error, match):
+    path, _ = built
+    kwargs = {"flavour": "tensorrt-rtx", "compute_capability": CC, "profile": PROFILE, **kwargs}
+    with pytest.raises(error, match=match):
+        build_engines(path, **kwargs)
+
+
+def test_profile_parsing():
+    assert Profile.parse("1", "512x512") == Profile((1, 1, 1), (512, 512, 512), (512, 512, 512))
+    assert Profile.parse("1-4", "256-1024").height == (256, 256, 1024)
+    assert Profile.parse("2", "768x512").width == (768, 768, 768)
+    with pytest.raises(InputError, match="--batch '0'"):
+        Profile.parse("0")
+    with pytest.raises(InputError, match="--size '9-3'"):
+        Profile.parse("1", "9-3")
+
+
+def test_info_lists_engines(built):
+    from sdturbo.engine.info import describe
+
+    path, _ = built
+    text = describe(path)
+    assert "tensorrt-rtx" in text and "unet" in text and "not for here" in text
+
+
+def test_build_record_corruption_is_a_clear_error(built, tmp_path):
+    path, plans = built
+    copy = shutil.copytree(path, tmp_path / "c")
+    rec = next((copy / "engines").glob("tensorrt-rtx-*-sm86/*/unet.json"))
+    rec.write_text("{not json")
+    with pytest.raises(BundleError, match="corrupt"):
+        find_engine(
+            Bundle(copy), "unet", "tensorrt-rtx", records(plans)["unet"]["key"]["library_version"], f"sm{CC}", PROFILE
+        )
+
+
+def test_missing_trt_is_a_clear_error(monkeypatch, built):
+    import importlib
+
+    path, _ = built
+    real = importlib.import_module
+
+    def no_trt(name, *a, **k):
+        if name in ("tensorrt", "tensorrt_rtx"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", no_trt)
+    with pytest.raises(BackendError, match="no usable TensorRT"):
+        build_engines(path)
