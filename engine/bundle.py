@@ -22,6 +22,13 @@ MANIFEST = "manifest.json"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
+def make_shareable(path: Path) -> None:
+    """Give a folder made by mkdtemp (0700) or a file made private by a library the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: readers see old or new, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -30,6 +37,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        make_shareable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .errors import InputError, SdTurboError
 
@@ -111,6 +112,35 @@ def cmd_build(args) -> None:
     )
 
 
+def cmd_bench(args) -> None:
+    try:
+        from ..benchmarks import report
+        from ..benchmarks.bench import BenchConfig, run
+    except ImportError as e:
+        raise InputError(
+            f"the benchmark needs the export and bench extras ({e.name} is missing): "
+            f"pip install 'sdturbo[export,bench,cpu]'"
+        ) from e
+    width, height = parse_size(args.size)
+    cfg = BenchConfig(
+        model=args.model,
+        width=width,
+        height=height,
+        steps=args.steps,
+        batch=args.batch,
+        runs=args.runs,
+        warmup=args.warmup,
+        batches=tuple(int(b) for b in args.batches.split(",")),
+        contenders=tuple(args.contenders.split(",")) if args.contenders else (),
+        cold=not args.no_cold,
+        out=args.out,
+    )
+    results = run(cfg)
+    for path in report.write(results, Path(args.out)):
+        log.info("wrote %s", path)
+    print(report.markdown(results))
+
+
 def cmd_info(args) -> None:
     from .info import describe
 
@@ -163,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--components", help="comma-separated subset (default: all four)")
     b.add_argument("--force", action="store_true", help="rebuild even when engines are up to date")
     b.set_defaults(func=cmd_build)
+
+    n = sub.add_parser("bench", help="compare latency with the diffusers reference on the same weights")
+    n.add_argument("--model", default="random:sd-turbo", help="model for every contender (default random:sd-turbo)")
+    n.add_argument("--size", default="512x512", help="WIDTHxHEIGHT (default 512x512)")
+    n.add_argument("--steps", type=int, default=1)
+    n.add_argument("--batch", type=int, default=1, help="batch of the latency runs (default 1)")
+    n.add_argument("--runs", type=int, default=10, help="timed runs per contender (default 10)")
+    n.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    n.add_argument("--batches", default="1", help="throughput sweep, e.g. 1,4,8,16 (default 1)")
+    n.add_argument("--contenders", help="comma-separated subset (default: all available here)")
+    n.add_argument("--no-cold", action="store_true", help="skip the process-start-to-first-image runs")
+    n.add_argument("--out", default="benchmarks/results/latest", help="folder for results.json, .md, plot, images")
+    n.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="show what a bundle holds")
     i.add_argument("bundle")

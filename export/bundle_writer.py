@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..engine.bundle import COMPONENTS, MANIFEST, SCHEMA_VERSION, Bundle, atomic_write_text
+from ..engine.bundle import COMPONENTS, MANIFEST, SCHEMA_VERSION, Bundle, atomic_write_text, make_shareable
 from ..engine.errors import BundleError, InputError
 from ..engine.spec import DTYPES, component_specs
 from .models import LoadedModel, load_model
@@ -72,6 +72,7 @@ def export_bundle(
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    make_shareable(tmp)
     try:
         components = _write_onnx(lm, tmp, [p for p in PRECISIONS if p in todo])
         if existing is None:
@@ -145,6 +146,8 @@ def _write_onnx(lm: LoadedModel, root: Path, precisions: list[str]) -> dict:
             data = export_component(lm, spec, path)
             seconds, peak = time.perf_counter() - start, rss.peak_mb()
             files = [path] + ([data] if data else [])
+            for f in files:
+                make_shareable(f)
             components.setdefault(precision, {})[name] = {
                 "onnx": f"onnx/{precision}/{path.name}",
                 "data": f"onnx/{precision}/{data.name}" if data else None,

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.bundle import make_shareable
 from ..engine.cache import cache_root
 from ..engine.errors import InputError
 from .random_models import RANDOM_MODELS, build_random_pipeline
@@ -144,9 +145,13 @@ def _random_folder(name: str) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     log.info("building random:%s once into %s", name, folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".random-{name}-", dir=folder.parent))
+    make_shareable(tmp)
     try:
         build_random_pipeline(name).save_pretrained(tmp, safe_serialization=True)
-        os.replace(tmp, folder) if not folder.exists() else shutil.rmtree(tmp)
+        if folder.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

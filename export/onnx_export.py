@@ -83,6 +83,7 @@ def export_component(model, spec: ComponentSpec, path: Path) -> Path | None:
             v.shape = list(t.shape)
     weight_bytes = sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
     proto = gs.export_onnx(graph)
+    del graph  # the weights now live in ``proto``; a second copy would cost GBs for the UNet
     data = path.with_name(path.name + ".data") if weight_bytes > EXTERNAL_DATA_BYTES else None
     if data is not None:
         onnx.save_model(
@@ -95,7 +96,7 @@ def export_component(model, spec: ComponentSpec, path: Path) -> Path | None:
         )
     else:
         onnx.save_model(proto, str(path))
-    del proto, graph
+    del proto
     onnx.checker.check_model(str(path), full_check=False)
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
     log.info("exported %s -> %s (%.1f MB of weights)", spec.name, path, weight_bytes / 1e6)

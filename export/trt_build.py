@@ -46,7 +46,7 @@ def device_name(trt, flavour: str, compute_capability: int | None) -> tuple[str,
 def build_engines(
     bundle_path,
     flavour: str | None = None,
-    profile: Profile = Profile(),
+    profile: Profile | None = None,
     compute_capability: int | None = None,
     opt_level: int = 3,
     workspace_gb: float | None = None,
@@ -55,6 +55,7 @@ def build_engines(
 ) -> list[Path]:
     """Build (or keep, if still valid) one engine per component; returns the plan paths."""
     bundle = Bundle(bundle_path)
+    profile = profile or Profile()
     trt, flavour = import_trt(flavour)
     profile.check(bundle)
     bad = [c for c in components if c not in COMPONENTS]

@@ -91,7 +91,7 @@ def test_missing_bundle_and_manifest(tmp_path):
     with pytest.raises(BundleError, match="does not exist"):
         Bundle(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BundleError, match="no manifest.json"):
+    with pytest.raises(BundleError, match=r"no manifest.json"):
         Bundle(tmp_path / "empty")
 
 
@@ -119,16 +119,16 @@ def test_truncated_onnx(bundle_copy):
 def test_garbage_onnx_of_the_right_size(bundle_copy):
     path = bundle_copy / "onnx" / "fp32" / "vae_decoder.onnx"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size, dtype=np.uint8).tobytes())
-    with pytest.raises(BundleError, match="vae_decoder.onnx"):
+    with pytest.raises(BundleError, match=r"vae_decoder.onnx"):
         generate(bundle_copy)
 
 
 def test_missing_onnx_and_tokenizer(bundle_copy):
     (bundle_copy / "onnx" / "fp32" / "text_encoder.onnx").unlink()
-    with pytest.raises(BundleError, match="missing .*text_encoder.onnx"):
+    with pytest.raises(BundleError, match=r"missing .*text_encoder.onnx"):
         generate(bundle_copy)
     (bundle_copy / "tokenizer.json").unlink()
-    with pytest.raises(BundleError, match="tokenizer.json"):
+    with pytest.raises(BundleError, match=r"tokenizer.json"):
         generate(bundle_copy)
 
 

@@ -31,7 +31,7 @@ def records(plans):
 
 
 def test_every_engine_is_built_and_recorded(built):
-    path, plans = built
+    _, plans = built
     assert [p.stem for p in plans] == list(COMPONENTS)
     for p in plans:
         assert p.stat().st_size > 10_000
@@ -86,7 +86,7 @@ def test_a_changed_onnx_is_rebuilt_never_loaded(built):
     assert find_engine(Bundle(path), "unet", "tensorrt-rtx", version, device, PROFILE) == unet_plan
 
 
-def test_another_version_or_device_or_profile_is_not_loaded(built, monkeypatch):
+def test_another_version_or_device_or_profile_is_not_loaded(built):
     path, plans = built
     bundle = Bundle(path)
     version = records(plans)["unet"]["key"]["library_version"]
@@ -111,7 +111,7 @@ def test_another_library_version_rebuilds(built, monkeypatch):
 
 
 def test_another_compute_capability_builds_apart(built):
-    path, plans = built
+    path, _ = built
     new = build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=89, opt_level=0, components=("vae_encoder",))
     assert "-sm89" in str(new[0]) and new[0].is_file()
 

@@ -1,0 +1,293 @@
+"""``sdturbo bench``: this engine against the diffusers reference, in one run, on the same work.
+
+See benchmarks/README.md for how to run and read it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .contenders import Diffusers, Ours
+from .timers import StageTimer, percentile
+
+log = logging.getLogger(__name__)
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "random:sd-turbo"
+    width: int = 512
+    height: int = 512
+    steps: int = 1
+    batch: int = 1
+    runs: int = 10
+    warmup: int = 2
+    batches: tuple[int, ...] = (1,)  # throughput sweep
+    contenders: tuple[str, ...] = ()  # empty: every one available here
+    prompt: str = "a cinematic shot of a baby racoon wearing an intricate italian priest robe"
+    seed: int = 0
+    cold: bool = True
+    out: str = "benchmarks/results/latest"
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def available(dev: str) -> list[str]:
+    """Contender ids that can run here; the first diffusers one is the reference."""
+    import onnxruntime
+
+    names = ["diffusers-fp16" if dev == "cuda" else "diffusers-fp32"]
+    if dev == "cuda":
+        names.append("diffusers-fp16-compile")
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            names.append("sdturbo-onnxruntime-cuda-fp16")
+    else:
+        names.append("sdturbo-onnxruntime-fp32")
+    return names
+
+
+def make(name: str, folder, bundle, dev: str, timer: StageTimer):
+    if name.startswith("diffusers-"):
+        return Diffusers(folder, dev, name.split("-")[1], timer, compile=name.endswith("-compile"))
+    backend, precision = name.removeprefix("sdturbo-").rsplit("-", 1)
+    return Ours(bundle, backend, precision, timer)
+
+
+def run(cfg: BenchConfig) -> dict:
+    from sdturbo.engine.cache import ensure_bundle
+    from sdturbo.engine.images import psnr, save_images
+    from sdturbo.export.models import resolve_model_folder
+
+    from .floors import floor_ms, machine_rates, stage_flops
+
+    dev = device()
+    names = list(cfg.contenders) or available(dev)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = resolve_model_folder(cfg.model)
+    bundle = {p: ensure_bundle(cfg.model, p) for p in {n.rsplit("-", 1)[1] for n in names if n.startswith("sdturbo")}}
+    prompts = [cfg.prompt] * cfg.batch
+    shape = (cfg.batch, 4, cfg.height // 8, cfg.width // 8)
+    latents = np.random.default_rng(cfg.seed).standard_normal(shape, dtype=np.float32)
+
+    log.info("measuring this machine's matmul rate and copy bandwidth")
+    rates = machine_rates(dev)
+    flops = stage_flops(folder, cfg.batch, cfg.height, cfg.width)
+    bytes_per_param = 2 if dev == "cuda" else 4
+    floors = {s: floor_ms(v["flops"], v["params"] * bytes_per_param, rates) for s, v in flops.items()}
+    floors["end_to_end"] = floors["text_encoder"] + cfg.steps * floors["unet_step"] + floors["vae_decoder"]
+
+    results, reference = [], None
+    for name in names:
+        log.info("contender %s", name)
+        timer = StageTimer(cuda=dev == "cuda" and name.startswith("diffusers"))
+        precision = name.rsplit("-", 1)[1]
+        contender = make(name, folder, bundle.get(precision), dev, timer)
+        res = measure(contender, cfg, prompts, latents, timer, dev)
+        res["floor_ms"] = floors
+        res["over_floor"] = {
+            k: res["stages_ms"][k] / floors[s]
+            for k, s in (
+                ("text_encoder", "text_encoder"),
+                ("unet_per_step", "unet_step"),
+                ("vae_decoder", "vae_decoder"),
+            )
+            if res["stages_ms"].get(k)
+        }
+        res["over_floor"]["end_to_end"] = res["e2e_ms"]["median"] / floors["end_to_end"]
+        image = res.pop("image")
+        res["image"] = save_images(image[:1], out / f"{name}.png")[0].name
+        if reference is None:
+            reference = (name, image)
+        value = psnr(image, reference[1])
+        res["psnr_vs_reference_db"] = None if value == float("inf") else value  # null: identical (JSON has no inf)
+        if cfg.cold:
+            res["cold_start"] = cold_start(name, folder, bundle.get(precision), dev, cfg)
+        contender.close()
+        results.append(res)
+    ref_ms = results[0]["e2e_ms"]["median"]
+    for r in results:
+        r["speedup_vs_reference"] = ref_ms / r["e2e_ms"]["median"]
+    return {
+        "schema": SCHEMA,
+        "config": asdict(cfg),
+        "reference": reference[0],
+        "machine": machine(dev),
+        "versions": versions(),
+        "rates": rates,
+        "flops": flops,
+        "contenders": results,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, dev: str) -> dict:
+    sync = _sync(dev)
+    mem = Memory(dev)
+    t = time.perf_counter()
+    contender.load()
+    load_s = time.perf_counter() - t
+    warm, e2e, stages = [], [], []
+    for i in range(cfg.warmup + cfg.runs):
+        timer.reset()
+        sync()
+        t = time.perf_counter()
+        image = contender(prompts, latents, cfg.steps, cfg.height, cfg.width)  # uint8 on the host
+        ms = 1e3 * (time.perf_counter() - t)
+        (warm if i < cfg.warmup else e2e).append(ms)
+        if i >= cfg.warmup:
+            stages.append(timer.resolve())
+    st = {
+        k: float(np.median([s.get(k, 0.0) for s in stages]))
+        for k in ("text_encoder", "unet", "vae_decoder", "scheduler")
+    }
+    st["unet_per_step"] = st["unet"] / cfg.steps
+    st["other"] = float(np.median(e2e)) - sum(st[k] for k in ("text_encoder", "unet", "vae_decoder", "scheduler"))
+    return {
+        "name": contender.name,
+        "load_s": load_s,
+        "warmup_ms": warm,
+        "stages_ms": st,
+        "e2e_ms": {
+            "median": float(np.median(e2e)),
+            "p90": percentile(e2e, 90),
+            "p99": percentile(e2e, 99),
+            "min": min(e2e),
+            "runs": e2e,
+        },
+        "throughput": throughput(contender, cfg, sync),
+        "peak_memory_mb": mem.peak_mb(),
+        "image": image,
+    }
+
+
+def throughput(contender, cfg: BenchConfig, sync) -> list[dict]:
+    out = []
+    for b in cfg.batches:
+        lat = np.random.default_rng(b).standard_normal((b, 4, cfg.height // 8, cfg.width // 8), dtype=np.float32)
+        try:
+            contender([cfg.prompt] * b, lat, cfg.steps, cfg.height, cfg.width)  # warm-up for this shape
+            times = []
+            for _ in range(3):
+                sync()
+                t = time.perf_counter()
+                contender([cfg.prompt] * b, lat, cfg.steps, cfg.height, cfg.width)
+                times.append(time.perf_counter() - t)
+            out.append({"batch": b, "images_per_s": b / float(np.median(times))})
+        except Exception as e:  # out of memory, or a batch the bundle does not allow: record it, go on
+            out.append({"batch": b, "images_per_s": None, "error": f"{type(e).__name__}: {e}"[:300]})
+    return out
+
+
+def cold_start(name: str, folder, bundle, dev: str, cfg: BenchConfig) -> dict:
+    """Process start to first image, measured around a fresh interpreter."""
+    size = f"{cfg.width}x{cfg.height}"
+    if name.startswith("diffusers"):
+        if name.endswith("-compile"):
+            return {"skipped": "compile time is in warmup_ms"}
+        args = ["diffusers", str(folder), dev, name.split("-")[1], size, str(cfg.steps)]
+    else:
+        backend, precision = name.removeprefix("sdturbo-").rsplit("-", 1)
+        args = ["ours", str(bundle), backend, precision, size, str(cfg.steps)]
+    t = time.perf_counter()
+    r = subprocess.run(
+        [sys.executable, "-m", "sdturbo.benchmarks.cold", *args], capture_output=True, text=True, env=dict(os.environ)
+    )
+    wall = time.perf_counter() - t
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return {"process_s": wall, **json.loads(r.stdout.strip().splitlines()[-1])}
+
+
+class Memory:
+    """Peak memory while a contender runs: host RSS high-water on a CPU, device bytes on a GPU."""
+
+    def __init__(self, dev: str):
+        self.dev = dev
+        if dev == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            self.free0 = torch.cuda.mem_get_info()[0]
+        else:
+            from sdturbo.export.rss import PeakRss
+
+            self.rss = PeakRss()
+
+    def peak_mb(self) -> float:
+        if self.dev == "cuda":
+            import torch
+
+            used = (self.free0 - torch.cuda.mem_get_info()[0]) / 2**20  # what non-torch allocators hold
+            return max(torch.cuda.max_memory_allocated() / 2**20, used)
+        return float(self.rss.peak_mb())
+
+
+def _sync(dev: str):
+    if dev == "cuda":
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def machine(dev: str) -> dict:
+    info = {
+        "device": dev,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    if dev == "cuda":
+        import torch
+
+        info.update(
+            gpu=torch.cuda.get_device_name(),
+            cuda=torch.version.cuda,
+            compute_capability="sm%d%d" % torch.cuda.get_device_capability(),
+        )
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        )
+        info["driver"] = r.stdout.strip() if r.returncode == 0 else None
+    return info
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in (
+        "sdturbo",
+        "torch",
+        "diffusers",
+        "transformers",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "tensorrt",
+        "tensorrt-rtx-cu13",
+        "numpy",
+    ):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

@@ -1,0 +1,106 @@
+"""The contenders, behind one interface: ``load()``, then ``__call__(prompts, latents)`` -> uint8 [B, H, W, 3].
+
+Every contender gets the same weights, prompts, initial latents, size and steps; each call runs from the
+prompt strings to uint8 pixels in host memory.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+
+from .timers import StageTimer, TimedStage
+
+
+class Ours:
+    """This engine through one of its backends."""
+
+    def __init__(self, bundle, backend: str, precision: str, timer: StageTimer):
+        self.bundle, self.backend, self.precision, self.timer = bundle, backend, precision, timer
+        self.name = f"sdturbo-{backend}-{precision}"
+        self.pipe = None
+
+    def load(self) -> None:
+        from sdturbo.engine.backends import create_backend
+        from sdturbo.engine.pipeline import Pipeline
+
+        self.pipe = Pipeline(self.bundle, create_backend(self.backend, self.precision)).load()
+        for name in ("text_encoder", "unet", "vae_decoder"):
+            self.pipe._stages[name] = TimedStage(self.pipe._stages[name], name, self.timer)
+
+    def __call__(self, prompts, latents, steps: int, height: int, width: int) -> np.ndarray:
+        return self.pipe(prompts, steps=steps, height=height, width=width, latents=latents)
+
+    def close(self) -> None:
+        self.pipe = None
+        gc.collect()
+
+
+class Diffusers:
+    """diffusers' AutoPipelineForText2Image, eager or with torch.compile on the UNet and VAE decoder."""
+
+    def __init__(self, folder, device: str, dtype: str, timer: StageTimer, compile: bool = False):
+        self.folder, self.device, self.dtype, self.timer, self.compile = folder, device, dtype, timer, compile
+        self.name = f"diffusers-{dtype}" + ("-compile" if compile else "")
+        self.pipe = None
+
+    def load(self) -> None:
+        import torch
+        from diffusers import AutoPipelineForText2Image
+
+        dtype = getattr(torch, {"fp16": "float16", "fp32": "float32"}[self.dtype])
+        pipe = AutoPipelineForText2Image.from_pretrained(self.folder, torch_dtype=dtype).to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        if self.compile:
+            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode="max-autotune", fullgraph=True)
+        self._hook(pipe.text_encoder, "text_encoder")
+        self._hook(pipe.unet, "unet")
+        decode, step, timer = pipe.vae.decode, pipe.scheduler.step, self.timer
+
+        def timed_decode(*a, **k):
+            timer.start("vae_decoder")
+            out = decode(*a, **k)
+            timer.stop("vae_decoder")
+            return out
+
+        def timed_step(*a, **k):
+            timer.start("scheduler")
+            out = step(*a, **k)
+            timer.stop("scheduler")
+            return out
+
+        pipe.vae.decode, pipe.scheduler.step = timed_decode, timed_step
+        self.pipe, self._torch_dtype = pipe, dtype
+
+    def _hook(self, module, name: str) -> None:
+        module.register_forward_pre_hook(lambda *_: self.timer.start(name))
+        module.register_forward_hook(lambda *_: self.timer.stop(name))
+
+    def __call__(self, prompts, latents, steps: int, height: int, width: int) -> np.ndarray:
+        import torch
+
+        lat = torch.from_numpy(latents).to(self.device, self._torch_dtype)
+        with torch.inference_mode():
+            out = self.pipe(
+                list(prompts),
+                num_inference_steps=steps,
+                guidance_scale=0.0,
+                height=height,
+                width=width,
+                latents=lat,
+                output_type="np",
+            ).images
+        return (out * 255).round().astype(np.uint8)
+
+    def close(self) -> None:
+        self.pipe = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass

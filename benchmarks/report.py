@@ -1,0 +1,91 @@
+"""Benchmark output: a markdown table on stdout, results.json, and a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def markdown(results: dict) -> str:
+    cfg, m = results["config"], results["machine"]
+    where = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores)"
+    lines = [
+        f"SD-Turbo `{cfg['model']}`, {cfg['width']}x{cfg['height']}, {cfg['steps']} step(s), batch {cfg['batch']}, "
+        f"{cfg['runs']} runs after {cfg['warmup']} warm-up; {m['device']}: {where}",
+        f"machine: {results['rates']['matmul_tflops']:.2f} TFLOP/s {results['rates']['matmul_dtype']} matmul, "
+        f"{results['rates']['copy_gbps']:.1f} GB/s copy; reference: {results['reference']}",
+        "",
+        "| contender | e2e median ms | p90 | p99 | speedup | text enc ms | UNet/step ms | VAE dec ms | sched+other ms "
+        "| e2e / floor | load s | cold start s | peak MB | PSNR vs ref dB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["contenders"]:
+        e, s = r["e2e_ms"], r["stages_ms"]
+        cold = r.get("cold_start", {}).get("process_s")
+        lines.append(
+            f"| {r['name']} | {e['median']:.1f} | {e['p90']:.1f} | {e['p99']:.1f} | {r['speedup_vs_reference']:.2f}x "
+            f"| {s['text_encoder']:.1f} | {s['unet_per_step']:.1f} | {s['vae_decoder']:.1f} "
+            f"| {s['scheduler'] + s['other']:.1f} | {r['over_floor']['end_to_end']:.1f}x | {r['load_s']:.2f} "
+            f"| {'-' if cold is None else f'{cold:.2f}'} | {r['peak_memory_mb']:.0f} | {_db(r['psnr_vs_reference_db'])} |"
+        )
+    floor = results["contenders"][0]["floor_ms"]
+    lines += [
+        "",
+        "floors (ms, max of FLOPs / matmul rate and weights / copy bandwidth): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in floor.items()),
+    ]
+    tp = [(r["name"], t["batch"], t["images_per_s"]) for r in results["contenders"] for t in r["throughput"]]
+    if tp:
+        lines += ["", "| contender | batch | images/s |", "|---|---|---|"]
+        lines += [f"| {n} | {b} | {'-' if v is None else f'{v:.2f}'} |" for n, b, v in tp]
+    return "\n".join(lines)
+
+
+def _db(value) -> str:
+    return "identical" if value is None else f"{value:.1f}"
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md", out / "latency.png"]
+    paths[0].write_text(json.dumps(results, indent=2))
+    paths[1].write_text(markdown(results) + "\n")
+    plot(results, paths[2])
+    return paths
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = results["contenders"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = [c["name"] for c in cs]
+    bottom = [0.0] * len(cs)
+    steps = results["config"]["steps"]
+    for stage, label in (
+        ("text_encoder", "text encoder"),
+        ("unet", f"UNet x{steps}"),
+        ("vae_decoder", "VAE decoder"),
+        ("scheduler", "scheduler"),
+        ("other", "other"),
+    ):
+        vals = [max(c["stages_ms"][stage], 0.0) for c in cs]
+        ax1.barh(names, vals, left=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax1.set_xlabel("ms (median run)")
+    ax1.set_title("latency per stage")
+    ax1.legend(fontsize=8)
+    for c in cs:
+        pts = [(t["batch"], t["images_per_s"]) for t in c["throughput"] if t["images_per_s"]]
+        if pts:
+            ax2.plot(*zip(*pts, strict=True), marker="o", label=c["name"])
+    ax2.set_xlabel("batch")
+    ax2.set_ylabel("images / s")
+    ax2.set_title("throughput")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
