@@ -5,6 +5,7 @@ See benchmarks/README.md for how to run and read it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,6 +56,10 @@ def available(dev: str) -> list[str]:
     names = ["diffusers-fp16" if dev == "cuda" else "diffusers-fp32"]
     if dev == "cuda":
         names.append("diffusers-fp16-compile")
+        from sdturbo.engine.runtime import choose_backend
+
+        if choose_backend("auto") == "tensorrt":
+            names.append("sdturbo-tensorrt-fp16")
         if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             names.append("sdturbo-onnxruntime-cuda-fp16")
     else:
@@ -141,7 +146,7 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
     sync = _sync(dev)
     mem = Memory(dev)
     t = time.perf_counter()
-    contender.load()
+    contender.load() if isinstance(contender, Diffusers) else contender.load((cfg.batch, cfg.height, cfg.width))
     load_s = time.perf_counter() - t
     warm, e2e, stages = [], [], []
     for i in range(cfg.warmup + cfg.runs):
@@ -254,17 +259,15 @@ def machine(dev: str) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
-    try:
+    with contextlib.suppress(ValueError, OSError):
         info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
     if dev == "cuda":
         import torch
 
         info.update(
             gpu=torch.cuda.get_device_name(),
             cuda=torch.version.cuda,
-            compute_capability="sm%d%d" % torch.cuda.get_device_capability(),
+            compute_capability="sm{}{}".format(*torch.cuda.get_device_capability()),
         )
         r = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True

@@ -21,13 +21,13 @@ class Ours:
         self.name = f"sdturbo-{backend}-{precision}"
         self.pipe = None
 
-    def load(self) -> None:
-        from sdturbo.engine.backends import create_backend
-        from sdturbo.engine.pipeline import Pipeline
+    def load(self, shape: tuple[int, int, int] = (1, 512, 512)) -> None:
+        from sdturbo.engine.runtime import open_pipeline
 
-        self.pipe = Pipeline(self.bundle, create_backend(self.backend, self.precision)).load()
-        for name in ("text_encoder", "unet", "vae_decoder"):
-            self.pipe._stages[name] = TimedStage(self.pipe._stages[name], name, self.timer)
+        self.pipe = open_pipeline(self.bundle, self.backend, self.precision, shape=shape).load()
+        stages = getattr(self.pipe, "_stages", None)  # host pipelines; TensorRT runs as one graph
+        for name in stages or ():
+            stages[name] = TimedStage(stages[name], name, self.timer)
 
     def __call__(self, prompts, latents, steps: int, height: int, width: int) -> np.ndarray:
         return self.pipe(prompts, steps=steps, height=height, width=width, latents=latents)

@@ -26,7 +26,8 @@ def markdown(results: dict) -> str:
             f"| {r['name']} | {e['median']:.1f} | {e['p90']:.1f} | {e['p99']:.1f} | {r['speedup_vs_reference']:.2f}x "
             f"| {s['text_encoder']:.1f} | {s['unet_per_step']:.1f} | {s['vae_decoder']:.1f} "
             f"| {s['scheduler'] + s['other']:.1f} | {r['over_floor']['end_to_end']:.1f}x | {r['load_s']:.2f} "
-            f"| {'-' if cold is None else f'{cold:.2f}'} | {r['peak_memory_mb']:.0f} | {_db(r['psnr_vs_reference_db'])} |"
+            f"| {'-' if cold is None else f'{cold:.2f}'} | {r['peak_memory_mb']:.0f} "
+            f"| {_db(r['psnr_vs_reference_db'])} |"
         )
     floor = results["contenders"][0]["floor_ms"]
     lines += [

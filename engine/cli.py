@@ -45,10 +45,9 @@ def cmd_export(args) -> None:
 def cmd_generate(args) -> None:
     import numpy as np
 
-    from .backends import create_backend
     from .cache import ensure_bundle
     from .images import load_image, save_images
-    from .pipeline import Pipeline
+    from .runtime import choose_backend, default_precision, open_pipeline
 
     if args.bundle and args.model:
         raise InputError("give --model or --bundle, not both")
@@ -71,10 +70,13 @@ def cmd_generate(args) -> None:
             latents = np.load(args.latents)
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read --latents {args.latents}: {e}") from e
-    backend = create_backend(args.backend, args.precision)
+    backend = choose_backend(args.backend)
+    precision = args.precision or default_precision(backend)
     start = time.perf_counter()
-    bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, backend.precision)
-    pipe = Pipeline(bundle, backend)
+    bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, precision)
+    pipe = open_pipeline(
+        bundle, backend, precision, shape=(len(prompts), height, width), cuda_graph=not args.no_cuda_graph
+    )
     request = pipe.request(
         prompts,
         steps=args.steps,
@@ -173,8 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="img2img: the input image")
     g.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.5)")
     g.add_argument("--latents", help="float32 .npy [B,4,H/8,W/8]: txt2img start noise / img2img added noise")
-    g.add_argument("--backend", default="auto", help="auto (default) or onnxruntime")
-    g.add_argument("--precision", choices=("fp32", "fp16"), help="ONNX precision (default: fp32 on a CPU)")
+    g.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime"),
+        help="auto (default): TensorRT on a GPU with TensorRT, else ONNX Runtime (CUDA, then CPU)",
+    )
+    g.add_argument("--no-cuda-graph", action="store_true", help="TensorRT: enqueue stage by stage, no CUDA graph")
+    g.add_argument("--precision", choices=("fp32", "fp16"), help="ONNX precision (default: fp32 on a CPU, else fp16)")
     g.add_argument("--out", default="out.png", help="output PNG; several images get -0, -1, ... (default out.png)")
     g.set_defaults(func=cmd_generate)
 

@@ -143,6 +143,31 @@ def find_engine(bundle: Bundle, component: str, flavour: str, version: str, devi
     return plan
 
 
+def built_profiles(bundle: Bundle, flavour: str, version: str, device: str) -> list[Profile]:
+    """Profiles with a UNet engine for this library and device."""
+    root = bundle.root / "engines" / f"{flavour}-{version}-{device}"
+    out = []
+    for record in sorted(root.glob("*/unet.json")):
+        try:
+            key = json.loads(record.read_text())["key"]["profile"]
+        except (json.JSONDecodeError, KeyError):
+            continue
+        out.append(Profile(**{k: tuple(v) for k, v in key.items()}))
+    return out
+
+
+def select_profile(profiles: list[Profile], batch: int, height: int, width: int) -> Profile | None:
+    """The profile to serve a request with: an exact static one, else the narrowest range covering it."""
+    covering = [p for p in profiles if p.covers(batch, height, width)]
+    if not covering:
+        return None
+
+    def width_of(p: Profile) -> int:
+        return sum(hi - lo for lo, _, hi in (p.batch, p.height, p.width))
+
+    return min(covering, key=width_of)
+
+
 def list_engines(bundle: Bundle) -> list[dict]:
     """Every build record in the bundle, with its folder."""
     out = []

@@ -48,39 +48,9 @@ class Pipeline:
             self.stage(name)
         return self
 
-    def __call__(
-        self,
-        prompts: str | Sequence[str],
-        *,
-        steps: int = 1,
-        height: int = 512,
-        width: int = 512,
-        seed: int = 0,
-        latents: np.ndarray | None = None,
-        image: np.ndarray | None = None,
-        strength: float = 0.5,
-        image_noise: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Images as [B, H, W, 3] uint8.
-
-        txt2img: ``latents`` is diffusers' ``latents`` argument (unit-variance noise before the initial
-        sigma is applied). img2img (``image`` [B, H, W, 3] or [H, W, 3] uint8): ``latents`` is the noise
-        added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
-        from ``seed`` (see ``draw_noise``).
-        """
-        return self.run(
-            self.request(
-                prompts,
-                steps=steps,
-                height=height,
-                width=width,
-                seed=seed,
-                latents=latents,
-                image=image,
-                strength=strength,
-                image_noise=image_noise,
-            )
-        )
+    def __call__(self, prompts: str | Sequence[str], **kwargs) -> np.ndarray:
+        """Images as [B, H, W, 3] uint8; the keyword arguments are ``request``'s."""
+        return self.run(self.request(prompts, **kwargs))
 
     def request(
         self,
@@ -95,7 +65,13 @@ class Pipeline:
         strength: float = 0.5,
         image_noise: np.ndarray | None = None,
     ) -> Request:
-        """A checked Request (InputError names the first bad value); nothing is loaded or run."""
+        """A checked Request (InputError names the first bad value); nothing is loaded or run.
+
+        txt2img: ``latents`` is diffusers' ``latents`` argument (unit-variance noise before the initial
+        sigma is applied). img2img (``image`` [B, H, W, 3] or [H, W, 3] uint8): ``latents`` is the noise
+        added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
+        from ``seed`` (see ``draw_noise``).
+        """
         prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
         if isinstance(image, np.ndarray) and image.ndim == 3:
             image = np.broadcast_to(image, (len(prompts), *image.shape))

@@ -1,0 +1,97 @@
+"""Device code between the engines, compiled at run time with NVRTC (cuda-python); nothing runs at import.
+
+``load_kernels(dtype, compute_capability)`` compiles ``latents.cu`` once per (dtype, arch) and returns
+launchers that check their arguments. Host twins of every kernel: engine/schedule.py, engine/images.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("latents.cu")
+TYPES = {"float16": "1", "float32": "0"}  # -DSDT_HALF=
+BLOCK = 256
+
+
+def compile_ptx(dtype: str, compute_capability: int) -> bytes:
+    """NVRTC: latents.cu -> PTX for ``compute_<cc>`` with T = ``dtype``. Needs no GPU."""
+    from sdturbo.engine.cuda import bindings, check
+
+    if dtype not in TYPES:
+        raise ValueError(f"dtype {dtype!r} is not allowed; use one of {sorted(TYPES)}")
+    _, _, nvrtc = bindings()
+    src = SOURCE.read_bytes()
+    prog = check(nvrtc.nvrtcCreateProgram(src, b"latents.cu", 0, [], []), "nvrtcCreateProgram")
+    opts = [
+        f"--gpu-architecture=compute_{compute_capability}".encode(),
+        f"-DSDT_HALF={TYPES[dtype]}".encode(),
+        b"--fmad=false",
+        b"--std=c++17",
+    ]
+    status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    log_size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+    log = b" " * log_size
+    check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+    check(status, f"NVRTC compile of {SOURCE.name} ({dtype}, sm{compute_capability}): {log.decode(errors='replace')}")
+    size = check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+    ptx = b" " * size
+    check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
+    check(nvrtc.nvrtcDestroyProgram(prog), "nvrtcDestroyProgram")
+    return ptx
+
+
+class Kernels:
+    """Launchers for latents.cu on one stream; pointers are device addresses (ints)."""
+
+    NAMES = ("init_latents", "add_noise", "scale_input", "euler_step", "to_uint8")
+
+    def __init__(self, dtype: str, compute_capability: int):
+        from sdturbo.engine.cuda import bindings, check
+
+        driver, _, _ = bindings()
+        self._driver, self._check = driver, check
+        self.dtype = dtype
+        module = check(driver.cuModuleLoadData(compile_ptx(dtype, compute_capability)), "cuModuleLoadData")
+        self._fn = {
+            n: check(driver.cuModuleGetFunction(module, n.encode()), f"cuModuleGetFunction({n})") for n in self.NAMES
+        }
+
+    def _launch(self, name: str, n: int, stream: int, args: tuple, types: tuple) -> None:
+        if n <= 0:
+            raise ValueError(f"{name}: element count {n} must be positive")
+        grid = (n + BLOCK - 1) // BLOCK
+        self._check(
+            self._driver.cuLaunchKernel(self._fn[name], grid, 1, 1, BLOCK, 1, 1, 0, stream, (args, types), 0),
+            f"launch {name}",
+        )
+
+    def init_latents(self, noise: int, x: int, init_sigma: float, n: int, stream: int) -> None:
+        p = ctypes.c_void_p
+        self._launch("init_latents", n, stream, (noise, x, init_sigma, n), (p, p, ctypes.c_float, ctypes.c_int))
+
+    def add_noise(self, encoded: int, noise: int, x: int, sigma0: float, n: int, stream: int) -> None:
+        p = ctypes.c_void_p
+        self._launch("add_noise", n, stream, (encoded, noise, x, sigma0, n), (p, p, p, ctypes.c_float, ctypes.c_int))
+
+    def scale_input(self, x: int, out: int, denominator: float, n: int, stream: int) -> None:
+        p = ctypes.c_void_p
+        self._launch("scale_input", n, stream, (x, out, denominator, n), (p, p, ctypes.c_float, ctypes.c_int))
+
+    def euler_step(self, x: int, eps: int, sigma: float, sigma_next: float, n: int, stream: int) -> None:
+        if sigma <= 0:
+            raise ValueError(f"euler_step: sigma {sigma} must be positive")
+        p, fl = ctypes.c_void_p, ctypes.c_float
+        self._launch("euler_step", n, stream, (x, eps, sigma, sigma_next, n), (p, p, fl, fl, ctypes.c_int))
+
+    def to_uint8(self, image: int, pixels: int, batch: int, height: int, width: int, stream: int) -> None:
+        p, i = ctypes.c_void_p, ctypes.c_int
+        self._launch(
+            "to_uint8", batch * height * width * 3, stream, (image, pixels, batch, height, width), (p, p, i, i, i)
+        )
+
+
+@lru_cache(maxsize=8)
+def load_kernels(dtype: str, compute_capability: int) -> Kernels:
+    return Kernels(dtype, compute_capability)

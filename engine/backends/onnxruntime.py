@@ -22,6 +22,22 @@ class OrtStage:
         return self._session.run(None, feeds)[0]
 
 
+class OrtCudaStage(OrtStage):
+    """CUDA execution provider with IO binding: the output stays on the device until it is read back."""
+
+    def __init__(self, session, input_dtypes: dict[str, np.dtype]):
+        super().__init__(session, input_dtypes)
+        self._output = session.get_outputs()[0].name
+
+    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+        binding = self._session.io_binding()
+        for k, v in inputs.items():
+            binding.bind_cpu_input(k, np.ascontiguousarray(v, dtype=self._dtypes[k]))
+        binding.bind_output(self._output, "cuda")
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
 class OnnxRuntimeBackend:
     """Runs the bundle's ONNX with onnxruntime on the given execution providers."""
 
@@ -38,6 +54,7 @@ class OnnxRuntimeBackend:
         if missing:
             raise BackendError(f"onnxruntime here lacks {missing}; it has {onnxruntime.get_available_providers()}")
         self._ort = onnxruntime
+        self.name = "onnxruntime-cuda" if "CUDAExecutionProvider" in providers else "onnxruntime"
         self.precision = precision
         self.providers = providers
         self.threads = threads
@@ -54,4 +71,5 @@ class OnnxRuntimeBackend:
             raise BundleError(f"cannot load {comp.onnx}: {e}; the file is corrupt, export the bundle again") from e
         dtypes = {t.name: np.dtype(t.dtype) for t in comp.spec.inputs}
         log.debug("loaded %s (%s) on %s", component, self.precision, session.get_providers())
-        return OrtStage(session, dtypes)
+        cuda = "CUDAExecutionProvider" in session.get_providers()
+        return (OrtCudaStage if cuda else OrtStage)(session, dtypes)

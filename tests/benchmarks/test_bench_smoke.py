@@ -21,7 +21,7 @@ def results(tiny_folder, tmp_path_factory):
 
 
 def test_json_has_every_field(results):
-    res, out = results
+    _, out = results
     saved = json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert saved["schema"] == 1 and saved["config"]["model"] == "random:tiny"
     assert {"device", "cpu", "cores"} <= saved["machine"].keys()
@@ -42,7 +42,8 @@ def test_json_has_every_field(results):
         assert c["floor_ms"]["end_to_end"] > 0 and c["speedup_vs_reference"] > 0
         assert (out / c["image"]).is_file()
     assert saved["contenders"][0]["psnr_vs_reference_db"] is None  # the reference itself: identical
-    assert saved["contenders"][1]["psnr_vs_reference_db"] >= 40  # same weights and latents: the same image
+    ours = saved["contenders"][1]["psnr_vs_reference_db"]
+    assert ours is None or ours >= 40  # same weights and latents: the same image (None: identical)
 
 
 def test_table_and_plot(results):

@@ -8,8 +8,6 @@ import sys
 import numpy as np
 from PIL import Image
 
-HEAVY = ("torch", "diffusers", "transformers")
-
 SCRIPT = """
 import sys
 from sdturbo.engine.cli import main
@@ -20,30 +18,17 @@ sys.exit(rc)
 """
 
 
-def test_generate_imports_no_torch(tiny_bundle, tmp_path):
-    out = tmp_path / "img.png"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCRIPT,
-            "generate",
-            "a cat",
-            "--bundle",
-            str(tiny_bundle),
-            "--size",
-            "64x96",
-            "--steps",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``sdturbo ARGS`` in a fresh interpreter that then reports which heavy packages it imported."""
+    r = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "HEAVY=\n" in r.stdout, r.stdout
+    return r
+
+
+def test_generate_imports_no_torch(tiny_bundle, tmp_path):
+    out = tmp_path / "img.png"
+    cli("generate", "a cat", "--bundle", str(tiny_bundle), "--size", "64x96", "--steps", "2", "--out", str(out))
     img = np.asarray(Image.open(out))
     assert img.shape == (96, 64, 3) and img.std() > 0  # --size is WIDTHxHEIGHT
 
@@ -52,33 +37,28 @@ def test_img2img_and_batch_through_the_cli(tiny_bundle, tmp_path):
     src = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(src)
     out = tmp_path / "out.png"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCRIPT,
-            "generate",
-            "a cat",
-            "--bundle",
-            str(tiny_bundle),
-            "--image",
-            str(src),
-            "--strength",
-            "0.5",
-            "--steps",
-            "2",
-            "--batch",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    cli(
+        "generate",
+        "a cat",
+        "--bundle",
+        str(tiny_bundle),
+        "--image",
+        str(src),
+        "--strength",
+        "0.5",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--out",
+        str(out),
     )
-    assert r.returncode == 0, r.stderr
-    assert "HEAVY=\n" in r.stdout
     assert [p.name for p in sorted(tmp_path.glob("out-*.png"))] == ["out-0.png", "out-1.png"]
+
+
+def test_info_imports_no_torch(tiny_bundle):
+    r = cli("info", str(tiny_bundle))
+    assert "unet" in r.stdout and "[ok]" in r.stdout
 
 
 def test_latents_file_reproduces_the_api(tiny_bundle, tmp_path):
@@ -88,26 +68,17 @@ def test_latents_file_reproduces_the_api(tiny_bundle, tmp_path):
     lat = np.random.default_rng(1).standard_normal((1, 4, 8, 8), dtype=np.float32)
     np.save(tmp_path / "lat.npy", lat)
     out = tmp_path / "o.png"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sdturbo.engine.cli",
-            "generate",
-            "a cat",
-            "--bundle",
-            str(tiny_bundle),
-            "--size",
-            "64x64",
-            "--latents",
-            str(tmp_path / "lat.npy"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    cli(
+        "generate",
+        "a cat",
+        "--bundle",
+        str(tiny_bundle),
+        "--size",
+        "64x64",
+        "--latents",
+        str(tmp_path / "lat.npy"),
+        "--out",
+        str(out),
     )
-    assert r.returncode == 0, r.stderr
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend())(["a cat"], height=64, width=64, latents=lat)[0]
     np.testing.assert_array_equal(np.asarray(Image.open(out)), want)

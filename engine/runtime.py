@@ -1,0 +1,79 @@
+"""Open the right pipeline for this machine: TensorRT, ONNX Runtime on CUDA, or ONNX Runtime on the CPU."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .bundle import Bundle
+from .errors import BackendError
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime")
+
+
+def choose_backend(requested: str = "auto") -> str:
+    """The backend a request for ``requested`` runs on here. Probes the GPU only when called."""
+    if requested not in BACKENDS:
+        raise BackendError(f"backend {requested!r} is not known; allowed: {', '.join(BACKENDS)}")
+    if requested != "auto":
+        return requested
+    from .cuda import gpu_available
+
+    try:
+        if not gpu_available():
+            return "onnxruntime"
+    except BackendError:  # no cuda-python: no GPU backend either
+        return "onnxruntime"
+    try:
+        from .backends.trt_lib import import_trt
+
+        import_trt()
+        return "tensorrt"
+    except BackendError:
+        pass
+    import onnxruntime
+
+    return "onnxruntime-cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "onnxruntime"
+
+
+def default_precision(backend: str) -> str:
+    """fp16 on GPUs (TensorRT builds from the fp16 ONNX); fp32 on a CPU, where fp16 is slow."""
+    return "fp32" if backend == "onnxruntime" else "fp16"
+
+
+def open_pipeline(
+    bundle: str | Path | Bundle,
+    backend: str = "auto",
+    precision: str | None = None,
+    shape: tuple[int, int, int] = (1, 512, 512),
+    build: bool = True,
+    cuda_graph: bool = True,
+):
+    """A loaded pipeline for ``bundle``. With TensorRT and ``build``, engines missing for ``shape``
+    (batch, height, width) are built first (static profile), then loaded."""
+    backend = choose_backend(backend)
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    if backend == "tensorrt":
+        if precision not in (None, "fp16"):
+            raise BackendError(f"TensorRT engines are built from the fp16 ONNX; precision {precision!r} is not allowed")
+        from .errors import BundleError
+        from .trt_pipeline import TrtPipeline
+
+        try:
+            return TrtPipeline(bundle, shape=shape, cuda_graph=cuda_graph)
+        except BundleError as e:
+            if not build or "no tensorrt" not in str(e).lower():
+                raise
+            from ..export.trt_build import build_engines
+            from .engine_store import Profile
+
+            b, h, w = shape
+            log.info("building TensorRT engines for batch %d at %dx%d (once; cached in the bundle)", b, w, h)
+            build_engines(bundle.root, profile=Profile((b, b, b), (h, h, h), (w, w, w)))
+            return TrtPipeline(Bundle(bundle.root), shape=shape, cuda_graph=cuda_graph)
+    from .backends.onnxruntime import OnnxRuntimeBackend
+    from .pipeline import Pipeline
+
+    providers = ("CUDAExecutionProvider",) if backend == "onnxruntime-cuda" else ("CPUExecutionProvider",)
+    return Pipeline(bundle, OnnxRuntimeBackend(precision or default_precision(backend), providers))

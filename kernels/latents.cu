@@ -1,0 +1,69 @@
+// The small steps between engines, elementwise. The latent/image float type is fp16 (-DSDT_HALF=1,
+// stored as 16-bit words) or fp32 (-DSDT_HALF=0). Each kernel reproduces diffusers' arithmetic and
+// rounding (host twins: engine/schedule.py, engine/images.py): products that torch forms in the
+// model's dtype are rounded to it here too. Compiled with --fmad=false so no multiply-add is fused.
+// No headers: fp16 conversions are the PTX cvt instructions (round to nearest even), so NVRTC needs
+// no CUDA toolkit include path.
+
+#if SDT_HALF
+typedef unsigned short T;
+__device__ __forceinline__ float f(T v) {
+    float out;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(out) : "h"(v));
+    return out;
+}
+__device__ __forceinline__ T t(float v) {
+    T out;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(v));
+    return out;
+}
+#else
+typedef float T;
+__device__ __forceinline__ float f(T v) { return v; }
+__device__ __forceinline__ T t(float v) { return v; }
+#endif
+
+// txt2img start: x = noise * init_sigma (the product in T).
+//   noise: [n] unit-variance noise, x: [n] latents, n: element count.
+extern "C" __global__ void init_latents(const T* __restrict__ noise, T* __restrict__ x, float init_sigma, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = t(f(noise[i]) * f(t(init_sigma)));
+}
+
+// img2img start: x = encoded + noise * sigma0 (product, then sum, each rounded to T).
+extern "C" __global__ void add_noise(const T* __restrict__ encoded, const T* __restrict__ noise, T* __restrict__ x,
+                                     float sigma0, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = t(f(encoded[i]) + f(t(f(noise[i]) * f(t(sigma0)))));
+}
+
+// UNet input: out = x / sqrt(sigma^2 + 1); `denominator` is that value, computed on the host in fp32.
+extern "C" __global__ void scale_input(const T* __restrict__ x, T* __restrict__ out, float denominator, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = t(f(x[i]) / f(t(denominator)));
+}
+
+// Euler step in place: x0 = x - sigma*eps (product in T), d = (x - x0) / sigma, x += d * (sigma_next - sigma).
+extern "C" __global__ void euler_step(T* __restrict__ x, const T* __restrict__ eps, float sigma, float sigma_next,
+                                      int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float xv = f(x[i]);
+        float x0 = xv - f(t(f(t(sigma)) * f(eps[i])));
+        float d = (xv - x0) / sigma;
+        x[i] = t(xv + d * (sigma_next - sigma));
+    }
+}
+
+// Decoder output [B, 3, H, W] in [-1, 1] -> pixels [B, H, W, 3] uint8: clamp(x / 2 + 0.5, 0, 1) in T,
+// then * 255 in fp32, rounded half to even (numpy's round, which diffusers uses).
+extern "C" __global__ void to_uint8(const T* __restrict__ image, unsigned char* __restrict__ pixels, int batch,
+                                    int height, int width) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;  // one thread per output byte, in output order
+    int hw = height * width, n = batch * hw * 3;
+    if (i >= n) return;
+    int c = i % 3, p = i / 3, b = p / hw, yx = p % hw;
+    float v = f(t(f(t(f(image[(b * 3 + c) * hw + yx]) / 2.0f)) + 0.5f));
+    v = fminf(fmaxf(v, 0.0f), 1.0f);
+    pixels[i] = static_cast<unsigned char>(rintf(v * 255.0f));
+}
