@@ -24,6 +24,7 @@ from .timers import StageTimer, percentile
 
 log = logging.getLogger(__name__)
 SCHEMA = 1
+TIMED = ("text_encoder", "unet", "vae_decoder", "scheduler")  # stages timed inside a run
 
 
 @dataclass(frozen=True)
@@ -157,13 +158,11 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
         ms = 1e3 * (time.perf_counter() - t)
         (warm if i < cfg.warmup else e2e).append(ms)
         if i >= cfg.warmup:
-            stages.append(timer.resolve())
-    st = {
-        k: float(np.median([s.get(k, 0.0) for s in stages]))
-        for k in ("text_encoder", "unet", "vae_decoder", "scheduler")
-    }
+            run = {k: timer.resolve().get(k, 0.0) for k in TIMED}
+            run["other"] = ms - sum(run.values())  # tokenizer, noise, uint8, copies: the rest of this run
+            stages.append(run)
+    st = {k: float(np.median([r[k] for r in stages])) for k in (*TIMED, "other")}
     st["unet_per_step"] = st["unet"] / cfg.steps
-    st["other"] = float(np.median(e2e)) - sum(st[k] for k in ("text_encoder", "unet", "vae_decoder", "scheduler"))
     return {
         "name": contender.name,
         "load_s": load_s,

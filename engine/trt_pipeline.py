@@ -29,34 +29,40 @@ WARMUP_RUNS = 3  # lazy initialisation (and TensorRT-RTX's JIT) must never land 
 class TrtEngine:
     """One component's engine and execution context, with context memory that never moves."""
 
-    def __init__(self, trt, runtime, plan: Path, runtime_cache=None):
+    def __init__(self, trt, runtime, plan: Path):
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT could not load {plan} (see the [TRT] messages above)")
+        self.cache_path = plan.with_suffix(".runtime-cache")
+        self.runtime_cache = None
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        if hasattr(self.engine, "create_runtime_config"):  # TensorRT-RTX: JIT kernels cached across runs
+        if hasattr(self.engine, "create_runtime_config"):  # TensorRT-RTX: its JIT kernels cached across runs
             config = self.engine.create_runtime_config()
             config.set_execution_context_allocation_strategy(strategy)
-            if runtime_cache is not None:
-                config.set_runtime_cache(runtime_cache)
+            self.runtime_cache = config.create_runtime_cache()
+            if self.cache_path.is_file() and not self.runtime_cache.deserialize(self.cache_path.read_bytes()):
+                log.warning("ignoring unreadable runtime cache %s", self.cache_path)
+            config.set_runtime_cache(self.runtime_cache)
             self.context = self.engine.create_execution_context(config)
         else:
             self.context = self.engine.create_execution_context(strategy)
         size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
         self.memory = DeviceBuffer(size)
-        self.context.device_memory = self.memory.ptr
+        if hasattr(self.context, "set_device_memory"):
+            self.context.set_device_memory(self.memory.ptr, self.memory.nbytes)
+        else:
+            self.context.device_memory = self.memory.ptr
 
-    def bind(self, name: str, ptr: int) -> None:
-        if not self.context.set_tensor_address(name, ptr):
-            raise BackendError(f"TensorRT refused the address of {name}")
+    def save_runtime_cache(self) -> None:
+        """TensorRT-RTX: keep the kernels it compiled for this GPU, so the next load skips that work."""
+        if self.runtime_cache is not None:
+            from ..export.trt_build import write_atomic
 
-    def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        if not self.context.set_input_shape(name, shape):
-            raise BackendError(f"TensorRT refused shape {shape} for {name}")
+            write_atomic(self.cache_path, bytes(memoryview(self.runtime_cache.serialize())))
 
-    def enqueue(self, stream: Stream) -> None:
-        if not self.context.execute_async_v3(stream.ptr):
-            raise BackendError("TensorRT enqueue failed (see the [TRT] messages above)")
+    def capturable(self, stream: Stream) -> bool:
+        check_fn = getattr(self.context, "is_stream_capturable", None)
+        return True if check_fn is None else bool(check_fn(stream.ptr))
 
 
 class TrtPipeline:
@@ -92,6 +98,7 @@ class TrtPipeline:
                     continue
                 raise
             self.engines[name] = TrtEngine(trt, runtime, plan)
+        self._caches_saved = False
         spec = b.component("fp16", "unet").spec
         self.dtype = np.dtype(spec.inputs[0].dtype)
         self.kernels = load_kernels(self.dtype.name, cc)
@@ -198,11 +205,22 @@ class TrtPipeline:
                 for _ in range(WARMUP_RUNS):
                     self._enqueue(sched, B, H, W, img2img)
                 s.synchronize()
+                self._save_caches()
+                if not all(e.capturable(s) for e in self.engines.values()):
+                    log.warning("TensorRT reports a context that cannot be captured; running without a CUDA graph")
+                    self.cuda_graph = False
+                    return self.run(req)
                 self.graphs[key] = Graph(s, lambda: self._enqueue(sched, B, H, W, img2img))
             self.graphs[key].launch()
         s.copy_out(h["pixels"], self.dev["pixels"].ptr, B * H * W * 3)
         s.synchronize()  # the one host wait: for the pixels
         return h["pixels"].array.reshape(-1)[: B * H * W * 3].reshape(B, H, W, 3).copy()
+
+    def _save_caches(self) -> None:
+        if not self._caches_saved:
+            for engine in self.engines.values():
+                engine.save_runtime_cache()
+            self._caches_saved = True
 
     def _prepare(self, key) -> None:
         """Shapes and addresses for one (batch, size, steps, strength)."""

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendError, BundleError
+from .ort_cache import cached_model, create_and_cache
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,13 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(
-        self, precision: str = "fp32", providers: tuple[str, ...] = ("CPUExecutionProvider",), threads: int = 0
+        self,
+        precision: str = "fp32",
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        threads: int = 0,
+        cache_optimized: bool = True,
     ):
+        """``cache_optimized``: on the CPU, keep onnxruntime's optimized graphs in the bundle (ort_cache.py)."""
         try:
             import onnxruntime
         except ImportError as e:
@@ -58,6 +64,22 @@ class OnnxRuntimeBackend:
         self.precision = precision
         self.providers = providers
         self.threads = threads
+        self.cache_optimized = cache_optimized and providers == ("CPUExecutionProvider",)
+
+    def _session(self, bundle: Bundle, comp, opts):
+        providers = list(self.providers)
+        if not self.cache_optimized:
+            return self._ort.InferenceSession(str(comp.onnx), opts, providers=providers)
+        version = self._ort.__version__
+        cached = cached_model(bundle, comp, version, self.precision)
+        if cached is not None:
+            opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                return self._ort.InferenceSession(str(cached), opts, providers=providers)
+            except Exception as e:  # a damaged cache is rebuilt from the bundle's ONNX, never fatal
+                log.warning("ignoring the cached optimized %s (%s)", comp.spec.name, e)
+                opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return create_and_cache(self._ort, opts, bundle, comp, version, self.precision, providers)
 
     def load(self, bundle: Bundle, component: str) -> OrtStage:
         comp = bundle.component(self.precision, component)
@@ -66,7 +88,7 @@ class OnnxRuntimeBackend:
         opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
         try:
-            session = self._ort.InferenceSession(str(comp.onnx), opts, providers=list(self.providers))
+            session = self._session(bundle, comp, opts)
         except Exception as e:  # onnxruntime raises its own exception types for a bad file
             raise BundleError(f"cannot load {comp.onnx}: {e}; the file is corrupt, export the bundle again") from e
         dtypes = {t.name: np.dtype(t.dtype) for t in comp.spec.inputs}

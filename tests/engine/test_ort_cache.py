@@ -1,0 +1,42 @@
+"""ONNX Runtime's optimized graphs are cached in the bundle, keyed by the ONNX hash; the same images result."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime
+from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+from sdturbo.engine.backends.ort_cache import cache_paths, cached_model
+from sdturbo.engine.bundle import Bundle
+from sdturbo.engine.pipeline import Pipeline
+
+
+def test_cache_is_written_then_used_with_identical_images(tiny_bundle, tmp_path):
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    shutil.rmtree(path / "ort", ignore_errors=True)
+    fresh = Pipeline(path, OnnxRuntimeBackend(cache_optimized=False))(["a cat"], height=64, width=64)
+    first = Pipeline(path, OnnxRuntimeBackend())(["a cat"], height=64, width=64)  # optimizes, writes the cache
+    b = Bundle(path)
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert cached_model(b, b.component("fp32", name), onnxruntime.__version__, "fp32") is not None
+    cached = Pipeline(path, OnnxRuntimeBackend())(["a cat"], height=64, width=64)  # loads the cache
+    np.testing.assert_array_equal(first, fresh)
+    np.testing.assert_array_equal(cached, fresh)
+
+
+def test_a_changed_onnx_or_a_damaged_cache_is_not_used(tiny_bundle, tmp_path):
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    Pipeline(path, OnnxRuntimeBackend()).load()
+    b = Bundle(path)
+    comp = b.component("fp32", "unet")
+    model, record = cache_paths(b, onnxruntime.__version__, "fp32", "unet")
+    rec = json.loads(record.read_text())
+    record.write_text(json.dumps({**rec, "onnx_sha256": "0" * 64}))  # as if the bundle's ONNX had changed
+    assert cached_model(b, comp, onnxruntime.__version__, "fp32") is None
+    record.write_text(json.dumps(rec))
+    model.write_bytes(b"garbage")  # damaged: loading falls back to the bundle's ONNX and re-caches
+    out = Pipeline(path, OnnxRuntimeBackend())(["a cat"], height=64, width=64)
+    assert out.shape == (1, 64, 64, 3)
+    assert model.stat().st_size > 1000
