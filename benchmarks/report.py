@@ -83,6 +83,7 @@ def plot(results: dict, path: Path) -> None:
         pts = [(t["batch"], t["images_per_s"]) for t in c["throughput"] if t["images_per_s"]]
         if pts:
             ax2.plot(*zip(*pts, strict=True), marker="o", label=c["name"])
+    ax2.set_xticks(sorted({t["batch"] for c in cs for t in c["throughput"]}))
     ax2.set_xlabel("batch")
     ax2.set_ylabel("images / s")
     ax2.set_title("throughput")
