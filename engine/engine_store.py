@@ -2,7 +2,8 @@
 
     engines/<flavour>-<version>-<device>/<profile>/<component>.plan   the serialized engine
     engines/<flavour>-<version>-<device>/<profile>/<component>.json   its build record
-    engines/<flavour>-<version>-<device>/timing.cache                 builder timing cache, reused
+    engines/<flavour>-<version>-<device>/timing.cache                 TensorRT's builder timing cache, reused
+    engines/<flavour>-<version>-<device>/<profile>/<component>.runtime-cache   TensorRT-RTX's JIT kernels
 
 An engine is keyed by everything it depends on: the ONNX's sha256, the library and its version, the
 device (compute capability) and the shape profile. A record whose key differs from what is asked for

@@ -123,9 +123,13 @@ def _build_one(
     for t in comp.spec.inputs:
         opt.set_shape(t.name, *(t.concrete(profile.dims(w, scale)) for w in range(3)))
     config.add_optimization_profile(opt)
-    cache_path = folder.parent / "timing.cache"
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=True)
+    # TensorRT times tactics while building: its timing cache makes rebuilds fast. TensorRT-RTX does not
+    # (it specialises kernels on the device, cached by the runtime cache: see engine/trt_pipeline.py),
+    # and reading a timing cache without a GPU only fails noisily there.
+    cache_path = folder.parent / "timing.cache" if key["library"] == "tensorrt" else None
+    if cache_path is not None:
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)
     monitor = _progress_monitor(trt, name)
     if monitor is not None:
         config.progress_monitor = monitor
@@ -138,7 +142,8 @@ def _build_one(
     data = bytes(memoryview(serialized))
     plan = folder / f"{name}.plan"
     write_atomic(plan, data)
-    write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    if cache_path is not None:
+        write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     record = {
         "key": key,
         "plan_bytes": len(data),

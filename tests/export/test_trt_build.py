@@ -35,7 +35,7 @@ def test_every_engine_is_built_and_recorded(built):
     assert [p.stem for p in plans] == list(COMPONENTS)
     for p in plans:
         assert p.stat().st_size > 10_000
-    assert (plans[0].parent.parent / "timing.cache").is_file()
+    assert not (plans[0].parent.parent / "timing.cache").exists()  # TensorRT-RTX has no build-time tuning
 
 
 def test_engine_io_and_profiles_match_the_manifest(built):
