@@ -27,8 +27,7 @@ def reason() -> str | None:
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(reason() is not None, reason=str(reason()))]
-H, W = 64, 96
-PROMPTS = ["a cinematic shot of a baby racoon", "a red fox in the snow"]
+from tests.engine.test_pipeline_parity import PROMPTS, H, W, reference_t2i  # noqa: E402  (the same work)
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +70,7 @@ def test_tensorrt_matches_onnxruntime_and_diffusers(steps, pipes, tiny_bundle, t
     refs = {}
     for dt in (torch.float32, torch.float16):
         pipe = AutoPipelineForText2Image.from_pretrained(tiny_folder, torch_dtype=dt).to("cuda")
-        out = pipe(
-            PROMPTS,
-            num_inference_steps=steps,
-            guidance_scale=0.0,
-            height=H,
-            width=W,
-            latents=torch.from_numpy(lat).to("cuda", dt),
-            output_type="np",
-        ).images
-        refs[dt] = (out * 255).round().astype(np.uint8)
+        refs[dt] = reference_t2i(pipe, steps, lat, dt)
     bound = 2 * rms(refs[torch.float16], refs[torch.float32]) + 1.0
     print(f"{steps} step(s): RMS TRT vs diffusers fp32 {rms(ours, refs[torch.float32]):.3f}, bound {bound:.3f}")
     assert rms(ours, refs[torch.float32]) <= bound

@@ -55,7 +55,7 @@ def reference_t2i(pipe, steps: int, lat: np.ndarray, dtype) -> np.ndarray:
         guidance_scale=0.0,
         height=H,
         width=W,
-        latents=torch.from_numpy(lat).to(dtype),
+        latents=torch.from_numpy(lat).to(pipe.device, dtype),
         output_type="np",
     ).images
     return to_uint8(out)
