@@ -79,13 +79,13 @@ def export_bundle(
             manifest = _manifest(lm, tmp, max_batch, min_size, max_size)
             manifest["components"] = components
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if out.exists():  # --force: swap, then delete the old one
+            if force and out.exists():  # swap, then delete the old one
                 trash = out.with_name(f".{out.name}.old-{os.getpid()}")
                 os.replace(out, trash)
                 os.replace(tmp, out)
                 shutil.rmtree(trash, ignore_errors=True)
             else:
-                os.replace(tmp, out)
+                _publish(tmp, out)
         else:
             for p in todo:
                 dest = out / "onnx" / p
@@ -100,6 +100,18 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("bundle ready: %s", out)
     return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished bundle into place; if another process published one first, keep theirs."""
+    try:
+        os.replace(tmp, out)
+    except OSError as e:
+        if not (out / MANIFEST).is_file():
+            raise BundleError(
+                f"{out} appeared during the export and is not a bundle; remove it or choose another --out"
+            ) from e
+        log.info("another process exported %s first; using that one", out)
 
 
 def _check_args(precisions, max_batch, min_size, max_size) -> tuple[str, ...]:

@@ -164,4 +164,7 @@ def _download(repo_id: str) -> Path:
 
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, or unknown repo: say which model and why
-        raise InputError(f"could not download model {repo_id!r} from the Hugging Face Hub: {e}") from e
+        raise InputError(
+            f"could not download model {repo_id!r} from the Hugging Face Hub ({str(e).splitlines()[0]}); offline, "
+            f"give a local diffusers folder or random:sd-turbo / random:tiny with --model"
+        ) from e

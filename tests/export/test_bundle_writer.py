@@ -66,6 +66,24 @@ def test_interrupted_precision_add_keeps_the_bundle(tmp_path, tiny_folder, monke
     assert generate(out, "fp16").shape == (1, 64, 64, 3)
 
 
+def test_concurrent_export_keeps_the_first_bundle(tmp_path, tiny_folder, monkeypatch):
+    """Another process publishes the same bundle while this one exports: theirs stays, ours is dropped."""
+    out = tmp_path / "b"
+    real = bundle_writer._write_onnx
+
+    def racing(lm, root, precisions):
+        result = real(lm, root, precisions)
+        shutil.copytree(root.parent / "winner", out)  # the other process finishes first
+        return result
+
+    export_bundle("random:tiny", tmp_path / "winner", ("fp32",))
+    winner = (tmp_path / "winner" / MANIFEST).read_text()
+    monkeypatch.setattr(bundle_writer, "_write_onnx", racing)
+    assert export_bundle("random:tiny", out, ("fp32",)) == out
+    assert (out / MANIFEST).read_text() == winner
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "winner"]  # no temporary folder left
+
+
 def test_refuses_to_overwrite_a_non_bundle(tmp_path, tiny_folder):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
