@@ -20,6 +20,8 @@ from .spec import ComponentSpec, TensorSpec
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS_XL = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+FAMILIES = ("sd-turbo", "sdxl-turbo")
 
 
 def make_shareable(path: Path) -> None:
@@ -94,9 +96,17 @@ class Bundle:
         self.scheduler = SchedulerConfig.from_dict(m["scheduler"])
         self.vae_scale_factor: int = int(m["vae"]["scale_factor"])
         self.latent_channels: int = int(m["vae"]["latent_channels"])
+        self.family: str = m["model"].get("family", "sd-turbo")
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family {self.family!r} (this sdturbo serves {', '.join(FAMILIES)})")
         tok = m["tokenizer"]
         self.tokenizer_file = self.root / tok["file"]
         self.max_length, self.pad_id, self.pad_token = int(tok["max_length"]), int(tok["pad_id"]), tok["pad_token"]
+        self.tokenizers = [
+            (self.root / t["file"], int(t["max_length"]), int(t["pad_id"]), t["pad_token"])
+            for t in (m["tokenizer"], m.get("tokenizer_2"))
+            if t is not None
+        ]
         lim = m["limits"]
         self.limits = Limits(int(lim["max_batch"]), int(lim["min_size"]), int(lim["max_size"]))
         self.components: dict[str, dict[str, ComponentFile]] = {}
@@ -115,6 +125,10 @@ class Bundle:
                 )
                 for name, c in comps.items()
             }
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        return COMPONENTS_XL if self.family == "sdxl-turbo" else COMPONENTS
 
     @property
     def precisions(self) -> tuple[str, ...]:

@@ -29,9 +29,11 @@ class Pipeline:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.backend = backend
         b = self.bundle
-        if not b.tokenizer_file.is_file():
-            raise BundleError(f"bundle {b.root} is missing {b.tokenizer_file.name}; export it again")
-        self.tokenizer = PromptTokenizer(b.tokenizer_file, b.max_length, b.pad_id, b.pad_token)
+        for path, *_ in b.tokenizers:
+            if not path.is_file():
+                raise BundleError(f"bundle {b.root} is missing {path.name}; export it again")
+        self.tokenizers = [PromptTokenizer(*t) for t in b.tokenizers]
+        self.tokenizer = self.tokenizers[0]
         self._stages: dict = {}
         latent_spec = b.component(backend.precision, "unet").spec.inputs[0]
         self.dtype = np.dtype(latent_spec.dtype)  # latents live in the UNet's float type between steps
@@ -44,8 +46,9 @@ class Pipeline:
 
     def load(self, img2img: bool = False) -> Pipeline:
         """Load every stage now instead of on first use."""
-        for name in ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if img2img else ()):
-            self.stage(name)
+        for name in self.bundle.component_names:
+            if name != "vae_encoder" or img2img:
+                self.stage(name)
         return self
 
     def __call__(self, prompts: str | Sequence[str], **kwargs) -> np.ndarray:
@@ -64,38 +67,53 @@ class Pipeline:
         image: np.ndarray | None = None,
         strength: float = 0.5,
         image_noise: np.ndarray | None = None,
+        step_noise: np.ndarray | None = None,
     ) -> Request:
         """A checked Request (InputError names the first bad value); nothing is loaded or run.
 
         txt2img: ``latents`` is diffusers' ``latents`` argument (unit-variance noise before the initial
         sigma is applied). img2img (``image`` [B, H, W, 3] or [H, W, 3] uint8): ``latents`` is the noise
         added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
-        from ``seed`` (see ``draw_noise``).
+        from ``seed`` (see ``draw_noise``). ``step_noise``: ancestral schedulers' per-step noise.
         """
         prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
         if isinstance(image, np.ndarray) and image.ndim == 3:
             image = np.broadcast_to(image, (len(prompts), *image.shape))
-        req = Request(prompts, height, width, steps, seed, latents, image, strength, image_noise)
+        req = Request(prompts, height, width, steps, seed, latents, image, strength, image_noise, step_noise)
         req.check(self.bundle)
         return req
 
     def run(self, req: Request) -> np.ndarray:
         b, dt = self.bundle, self.dtype
+        img2img = req.image is not None
+        sched = make_schedule(b.scheduler, req.steps, req.strength if img2img else 1.0)
         shape = req.latent_shape(b)
-        noise, enc_noise = draw_noise(req.seed, shape, draws=2)
+        noise, enc_noise, *step_noise = draw_noise(req.seed, shape, draws=2 + sched.steps * sched.ancestral)
         noise = (req.latents if req.latents is not None else noise).astype(dt)
-        hidden = self.stage("text_encoder")(input_ids=self.tokenizer(list(req.prompts)))  # [B, 77, D]
-        if req.image is None:
-            sched = make_schedule(b.scheduler, req.steps)
+        if req.step_noise is not None:
+            step_noise = list(req.step_noise)
+        hidden, cond = self.encode_prompts(req)
+        if not img2img:
             x = sched.noise_latents(noise)  # [B, 4, h, w]
         else:
-            sched = make_schedule(b.scheduler, req.steps, req.strength)
-            enc_noise = (req.image_noise if req.image_noise is not None else enc_noise).astype(dt)
-            init = self.stage("vae_encoder")(image=to_model_image(req.image, dt), noise=enc_noise)
+            enc_noise = req.image_noise if req.image_noise is not None else enc_noise  # the stage casts it
+            init = self.stage("vae_encoder")(image=to_model_image(req.image, dt), noise=enc_noise).astype(dt)
             x = sched.add_noise(init, noise)
         unet = self.stage("unet")
         for i in range(sched.steps):
             t = np.full((req.batch,), sched.timesteps[i], np.float32)
-            eps = unet(sample=sched.scale_input(i, x), timestep=t, hidden_states=hidden)
-            x = sched.step(i, eps, x)
+            eps = unet(sample=sched.scale_input(i, x), timestep=t, hidden_states=hidden, **cond)
+            x = sched.step(i, eps, x, step_noise[i] if sched.ancestral else None)
         return to_uint8(self.stage("vae_decoder")(latents=x))
+
+    def encode_prompts(self, req: Request) -> tuple[np.ndarray, dict]:
+        """Text conditioning: SD-Turbo's hidden states; SDXL's two encoders' hidden states side by side,
+        the second one's pooled projection, and its size conditioning (original, crop, target)."""
+        prompts = list(req.prompts)
+        if self.bundle.family == "sd-turbo":
+            return self.stage("text_encoder")(input_ids=self.tokenizer(prompts)), {}  # [B, 77, D]
+        h1 = self.stage("text_encoder")(input_ids=self.tokenizers[0](prompts))
+        h2, pooled = self.stage("text_encoder_2")(input_ids=self.tokenizers[1](prompts))
+        hidden = np.concatenate([h1, h2], axis=-1)  # [B, 77, D1 + D2]
+        sizes = np.array([req.height, req.width, 0, 0, req.height, req.width], np.float32)
+        return hidden, {"text_embeds": pooled, "time_ids": np.tile(sizes, (req.batch, 1)).astype(self.dtype)}

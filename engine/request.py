@@ -22,6 +22,7 @@ class Request:
     image: np.ndarray | None = None  # img2img: [B, H, W, 3] uint8
     strength: float = 0.5
     image_noise: np.ndarray | None = None  # img2img: [B, C, h, w] noise for sampling the VAE posterior
+    step_noise: np.ndarray | None = None  # ancestral schedulers: [steps run, B, C, h, w], one draw per step
 
     @property
     def batch(self) -> int:
@@ -61,9 +62,16 @@ class Request:
             if not isinstance(self.image, np.ndarray) or self.image.shape != want or self.image.dtype != np.uint8:
                 got = (self.image.shape, self.image.dtype) if isinstance(self.image, np.ndarray) else type(self.image)
                 raise InputError(f"image is {got}; img2img needs uint8 {want} [batch, height, width, RGB]")
-            make_schedule(bundle.scheduler, self.steps, self.strength)  # strength, and steps * strength >= 1
         elif self.image_noise is not None:
             raise InputError("image_noise is only used with an image (img2img)")
+        sched = make_schedule(bundle.scheduler, self.steps, self.strength if self.image is not None else 1.0)
+        if self.step_noise is not None:
+            if not sched.ancestral:
+                raise InputError("step_noise is only used by ancestral schedulers (SDXL-Turbo)")
+            want = (sched.steps, *shape)
+            if not isinstance(self.step_noise, np.ndarray) or self.step_noise.shape != want:
+                got = self.step_noise.shape if isinstance(self.step_noise, np.ndarray) else type(self.step_noise)
+                raise InputError(f"step_noise has shape {got}; this request needs {want} [steps run, batch, ...]")
 
 
 def draw_noise(seed: int, shape: tuple[int, ...], draws: int = 1) -> list[np.ndarray]:

@@ -37,6 +37,12 @@ def choose_backend(requested: str = "auto") -> str:
     return "onnxruntime-cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "onnxruntime"
 
 
+def _ort_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
 def default_precision(backend: str) -> str:
     """fp16 on GPUs (TensorRT builds from the fp16 ONNX); fp32 on a CPU, where fp16 is slow."""
     return "fp32" if backend == "onnxruntime" else "fp16"
@@ -52,8 +58,15 @@ def open_pipeline(
 ):
     """A loaded pipeline for ``bundle``. With TensorRT and ``build``, engines missing for ``shape``
     (batch, height, width) are built first (static profile), then loaded."""
-    backend = choose_backend(backend)
+    requested, backend = backend, choose_backend(backend)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    if backend == "tensorrt" and bundle.family != "sd-turbo":
+        if requested != "auto":
+            raise BackendError(
+                f"the TensorRT runtime serves SD-Turbo only so far; run {bundle.family} with "
+                f"--backend onnxruntime-cuda or onnxruntime (its engines do build: sdturbo build)"
+            )
+        backend = choose_backend("onnxruntime-cuda" if _ort_cuda() else "onnxruntime")
     if backend == "tensorrt":
         if precision not in (None, "fp16"):
             raise BackendError(f"TensorRT engines are built from the fp16 ONNX; precision {precision!r} is not allowed")

@@ -25,12 +25,18 @@ class SchedulerConfig:
     timestep_spacing: str = "trailing"
     prediction_type: str = "epsilon"
     steps_offset: int = 1
+    ancestral: bool = False  # EulerAncestralDiscreteScheduler (SDXL-Turbo): fresh noise at every step
 
     @classmethod
     def from_dict(cls, cfg: dict) -> SchedulerConfig:
         """Take the fields this runtime implements; refuse settings it would silently get wrong."""
         fields = {k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg}
-        out = cls(**fields)
+        name = cfg.get("_class_name", "EulerDiscreteScheduler")
+        if name not in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"):
+            raise InputError(
+                f"scheduler {name!r} is not supported; allowed: EulerDiscreteScheduler, EulerAncestralDiscreteScheduler"
+            )
+        out = cls(**fields, ancestral=name == "EulerAncestralDiscreteScheduler")
         supported = {
             "beta_schedule": ("scaled_linear", "linear"),
             "timestep_spacing": ("trailing",),
@@ -70,6 +76,13 @@ class Schedule:
     timesteps: np.ndarray  # [S] float32, passed to the UNet
     sigmas: np.ndarray  # [S + 1] float32, the last one 0
     init_noise_sigma: float  # txt2img: noise is multiplied by this
+    ancestral: bool = False
+
+    def sigma_up_down(self, i: int) -> tuple[np.float32, np.float32]:
+        """Ancestral step i: the noise added (sigma_up) and the deterministic target (sigma_down)."""
+        s_from, s_to = self.sigmas[i], self.sigmas[i + 1]
+        up = (s_to**2 * (s_from**2 - s_to**2) / s_from**2) ** np.float32(0.5)
+        return up, (s_to**2 - up**2) ** np.float32(0.5)
 
     @property
     def steps(self) -> int:
@@ -87,17 +100,25 @@ class Schedule:
         """UNet input = x / sqrt(sigma_i^2 + 1), computed in x's dtype as diffusers does."""
         return x / np.sqrt(self.sigmas[i] ** 2 + np.float32(1.0)).astype(x.dtype)
 
-    def step(self, i: int, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """One Euler step, written as diffusers writes it so the rounding is the same.
+    def step(self, i: int, eps: np.ndarray, x: np.ndarray, noise: np.ndarray | None = None) -> np.ndarray:
+        """One (ancestral) Euler step, written as diffusers writes it so the rounding is the same.
 
-        The sample is upcast to float32 but ``sigma * eps`` is formed in eps's dtype (fp16 for an fp16
-        UNet); the result is returned in x's dtype, as the pipeline stores it between steps.
+        The sample is upcast to float32 but ``sigma * eps`` (and the ancestral ``noise * sigma_up``) is
+        formed in eps's dtype (fp16 for an fp16 UNet); the result is returned in x's dtype, as the
+        pipeline stores it between steps. ``noise``: this step's unit noise (ancestral only).
         """
-        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        sigma = self.sigmas[i]
+        target = self.sigma_up_down(i)[1] if self.ancestral else self.sigmas[i + 1]
         x32 = x.astype(np.float32, copy=False)
         x0 = x32 - (sigma.astype(eps.dtype) * eps).astype(np.float32, copy=False)
         derivative = (x32 - x0) / sigma
-        return (x32 + derivative * (sigma_next - sigma)).astype(x.dtype, copy=False)
+        out = x32 + derivative * (target - sigma)
+        if self.ancestral:
+            if noise is None:
+                raise InputError("an ancestral step needs its noise")
+            up = self.sigma_up_down(i)[0]
+            out = out + (noise.astype(eps.dtype) * up.astype(eps.dtype)).astype(np.float32)
+        return out.astype(x.dtype, copy=False)
 
 
 def check_steps(steps: int) -> None:
@@ -124,4 +145,4 @@ def make_schedule(config: SchedulerConfig, steps: int, strength: float = 1.0) ->
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     init_sigma = float(sigmas.max())  # "trailing" spacing: sigma_max, not sqrt(sigma_max^2 + 1)
     start = steps - kept
-    return Schedule(timesteps=timesteps[start:], sigmas=sigmas[start:], init_noise_sigma=init_sigma)
+    return Schedule(timesteps[start:], sigmas[start:], init_sigma, ancestral=config.ancestral)

@@ -65,3 +65,39 @@ def component_specs(seq_len: int, hidden: int, latent_channels: int) -> dict[str
         ComponentSpec("vae_encoder", (image, TensorSpec("noise", FLOAT, latent.shape)), (latent,)),
     ]
     return {s.name: s for s in specs}
+
+
+def component_specs_xl(seq_len: int, hidden: int, hidden_2: int, pooled: int, latent_channels: int) -> dict:
+    """SDXL-Turbo's five components. The VAE is float32 in every bundle: the SDXL VAE overflows in fp16
+    (diffusers upcasts it too), so an fp16 bundle casts to fp32 at the VAE's inputs."""
+    latent = ("batch", latent_channels, "latent_height", "latent_width")
+    ids = TensorSpec("input_ids", "int32", ("batch", seq_len))
+    text_embeds = TensorSpec("text_embeds", FLOAT, ("batch", pooled))
+    specs = [
+        ComponentSpec("text_encoder", (ids,), (TensorSpec("hidden_states", FLOAT, ("batch", seq_len, hidden)),)),
+        ComponentSpec(
+            "text_encoder_2", (ids,), (TensorSpec("hidden_states", FLOAT, ("batch", seq_len, hidden_2)), text_embeds)
+        ),
+        ComponentSpec(
+            "unet",
+            (
+                TensorSpec("sample", FLOAT, latent),
+                TensorSpec("timestep", "float32", ("batch",)),
+                TensorSpec("hidden_states", FLOAT, ("batch", seq_len, hidden + hidden_2)),
+                text_embeds,
+                TensorSpec("time_ids", FLOAT, ("batch", 6)),
+            ),
+            (TensorSpec("noise_pred", FLOAT, latent),),
+        ),
+        ComponentSpec(
+            "vae_decoder",
+            (TensorSpec("latents", "float32", latent),),
+            (TensorSpec("image", "float32", ("batch", 3, "height", "width")),),
+        ),
+        ComponentSpec(
+            "vae_encoder",
+            (TensorSpec("image", "float32", ("batch", 3, "height", "width")), TensorSpec("noise", "float32", latent)),
+            (TensorSpec("latents", "float32", latent),),
+        ),
+    ]
+    return {s.name: s for s in specs}

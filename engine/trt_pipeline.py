@@ -82,6 +82,8 @@ class TrtPipeline:
         from .backends.trt_lib import Logger, import_trt
 
         self.bundle = b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        if b.family != "sd-turbo":
+            raise BackendError(f"the TensorRT runtime serves SD-Turbo only so far, not {b.family}")
         self.tokenizer = PromptTokenizer(b.tokenizer_file, b.max_length, b.pad_id, b.pad_token)
         trt, self.flavour = import_trt(flavour)
         cc = current_compute_capability()

@@ -19,9 +19,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..engine.bundle import COMPONENTS, MANIFEST, SCHEMA_VERSION, Bundle, atomic_write_text, make_shareable
+from ..engine.bundle import MANIFEST, SCHEMA_VERSION, Bundle, atomic_write_text, make_shareable
 from ..engine.errors import BundleError, InputError
-from ..engine.spec import DTYPES, component_specs
+from ..engine.spec import DTYPES, component_specs, component_specs_xl
 from .models import LoadedModel, load_model
 from .onnx_export import export_component
 from .rss import PeakRss
@@ -137,19 +137,30 @@ def _existing(out: Path, force: bool) -> Bundle | None:
     return Bundle(out)
 
 
+def specs_for(lm: LoadedModel) -> dict:
+    """The component contracts of ``lm``'s family, sized from its configs."""
+    te, channels = lm.text_encoder.config, lm.vae.config.latent_channels
+    if lm.family == "sdxl-turbo":
+        te2 = lm.text_encoder_2.config
+        return component_specs_xl(
+            te.max_position_embeddings, te.hidden_size, te2.hidden_size, te2.projection_dim, channels
+        )
+    return component_specs(te.max_position_embeddings, te.hidden_size, channels)
+
+
 def _write_onnx(lm: LoadedModel, root: Path, precisions: list[str]) -> dict:
-    te = lm.text_encoder.config
-    specs = component_specs(te.max_position_embeddings, te.hidden_size, lm.vae.config.latent_channels)
+    specs = specs_for(lm)
     components: dict = {}
-    total = len(precisions) * len(COMPONENTS)
+    total = len(precisions) * len(specs)
     done = 0
     for precision in precisions:
-        if precision == "fp16":
-            for module in (lm.text_encoder, lm.unet, lm.vae):
+        if precision == "fp16":  # the SDXL VAE stays fp32: it overflows in fp16 (component_specs_xl)
+            modules = [lm.text_encoder, lm.unet, *([lm.text_encoder_2] if lm.text_encoder_2 else [])]
+            for module in modules + ([] if lm.family == "sdxl-turbo" else [lm.vae]):
                 module.half()
         folder = root / "onnx" / precision
         folder.mkdir(parents=True, exist_ok=True)
-        for name in COMPONENTS:
+        for name in specs:
             done += 1
             log.info("[%d/%d] exporting %s (%s)", done, total, name, precision)
             spec = specs[name].resolve(precision)
@@ -179,10 +190,20 @@ def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_si
     tok = lm.tokenizer
     tok.backend_tokenizer.save(str(root / "tokenizer.json"))
     te, vae = lm.text_encoder.config, lm.vae.config
+    extra = {}
+    if lm.tokenizer_2 is not None:
+        lm.tokenizer_2.backend_tokenizer.save(str(root / "tokenizer_2.json"))
+        t2 = lm.tokenizer_2
+        extra["tokenizer_2"] = {
+            "file": "tokenizer_2.json",
+            "max_length": int(te.max_position_embeddings),
+            "pad_id": int(t2.pad_token_id),
+            "pad_token": str(t2.pad_token),
+        }
     return {
         "schema_version": SCHEMA_VERSION,
-        "model": {"id": lm.model_id, "config_hash": lm.config_hash(), "family": "sd-turbo"},
-        "scheduler": {k: v for k, v in lm.scheduler_config.items() if not k.startswith("_")},
+        "model": {"id": lm.model_id, "config_hash": lm.config_hash(), "family": lm.family},
+        "scheduler": {k: v for k, v in lm.scheduler_config.items() if k == "_class_name" or not k.startswith("_")},
         "vae": {
             "scaling_factor": float(vae.scaling_factor),
             "latent_channels": int(vae.latent_channels),
@@ -195,6 +216,7 @@ def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_si
             "pad_id": int(tok.pad_token_id),
             "pad_token": str(tok.pad_token),
         },
+        **extra,
         "limits": {"max_batch": max_batch, "min_size": min_size, "max_size": max_size},
         "components": {},
         "tools": tool_versions(),

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..engine.bundle import make_shareable
 from ..engine.cache import cache_root
 from ..engine.errors import InputError
-from .random_models import RANDOM_MODELS, build_random_pipeline
+from .random_models import ALL_RANDOM, build_random
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,22 @@ REQUIRED = {
     "vae": ("config.json",),
     "scheduler": ("scheduler_config.json",),
 }
+REQUIRED_XL = {**REQUIRED, "text_encoder_2": ("config.json",), "tokenizer_2": ()}
+WEIGHTS = {
+    "text_encoder": "model.safetensors",
+    "text_encoder_2": "model.safetensors",
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+}
 HUB_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
     "text_encoder/config.json",
     "text_encoder/model.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
+    "tokenizer_2/*",
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
     "vae/config.json",
@@ -58,16 +68,22 @@ class LoadedModel:
     unet: object
     vae: object
     scheduler_config: dict
+    family: str = "sd-turbo"  # or "sdxl-turbo"
+    text_encoder_2: object = None  # SDXL: CLIPTextModelWithProjection
+    tokenizer_2: object = None
 
     def config_hash(self) -> str:
         """sha256 over the component configs: the same architecture and settings give the same hash."""
         h = hashlib.sha256()
-        for sub, name in [
+        subs = [
             ("text_encoder", "config.json"),
             ("unet", "config.json"),
             ("vae", "config.json"),
             ("scheduler", "scheduler_config.json"),
-        ]:
+        ]
+        if self.family == "sdxl-turbo":
+            subs.append(("text_encoder_2", "config.json"))
+        for sub, name in subs:
             cfg = json.loads((self.folder / sub / name).read_text())
             cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
             h.update(json.dumps(cfg, sort_keys=True).encode())
@@ -78,10 +94,8 @@ def resolve_model_folder(model: str) -> Path:
     """The local diffusers folder for ``model``, building or downloading it if needed."""
     if model.startswith("random:"):
         name = model.removeprefix("random:")
-        if name not in RANDOM_MODELS:
-            raise InputError(
-                f"unknown random model {model!r}; allowed: {', '.join('random:' + n for n in RANDOM_MODELS)}"
-            )
+        if name not in ALL_RANDOM:
+            raise InputError(f"unknown random model {model!r}; allowed: {', '.join('random:' + n for n in ALL_RANDOM)}")
         return _random_folder(name)
     path = Path(model).expanduser()
     if path.exists():
@@ -94,47 +108,54 @@ def resolve_model_folder(model: str) -> Path:
     return _download(model)
 
 
+def model_family(folder: Path) -> str:
+    """ "sdxl-turbo" for an SDXL pipeline folder, else "sd-turbo"."""
+    try:
+        cls = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+    except (OSError, json.JSONDecodeError):
+        cls = ""
+    return "sdxl-turbo" if "XL" in cls or (folder / "text_encoder_2").is_dir() else "sd-turbo"
+
+
 def check_model_folder(folder: Path) -> None:
-    missing = [f"{sub}/" for sub in REQUIRED if not (folder / sub).is_dir()]
-    missing += [
-        f"{sub}/{f}"
-        for sub, files in REQUIRED.items()
-        if (folder / sub).is_dir()
-        for f in files
-        if not (folder / sub / f).is_file()
-    ]
-    for sub, weights in [
-        ("text_encoder", "model.safetensors"),
-        ("unet", "diffusion_pytorch_model.safetensors"),
-        ("vae", "diffusion_pytorch_model.safetensors"),
-    ]:
-        if (folder / sub).is_dir() and not (folder / sub / weights).is_file():
-            missing.append(f"{sub}/{weights}")
+    required = REQUIRED_XL if model_family(folder) == "sdxl-turbo" else REQUIRED
+    missing = [f"{sub}/" for sub in required if not (folder / sub).is_dir()]
+    for sub, files in required.items():
+        if (folder / sub).is_dir():
+            missing += [f"{sub}/{f}" for f in (*files, WEIGHTS.get(sub)) if f and not (folder / sub / f).is_file()]
     if missing:
         raise InputError(
-            f"model folder {folder} lacks {', '.join(missing)} (a diffusers SD-Turbo folder "
-            f"needs {', '.join(REQUIRED)} with safetensors weights)"
+            f"model folder {folder} lacks {', '.join(missing)} (a diffusers folder of this model "
+            f"needs {', '.join(required)} with safetensors weights)"
         )
 
 
 def load_model(model: str) -> LoadedModel:
     """Load every component in fp32 on the CPU, from safetensors."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = resolve_model_folder(model)
-    log.info("loading %s from %s", model, folder)
+    family = model_family(folder)
+    log.info("loading %s (%s) from %s", model, family, folder)
+    # Eager attention exports as plain MatMul/Softmax in the model's dtype; the TorchScript exporter
+    # lowers transformers' SDPA path with fp32 casts that leave fp16 graphs ill-typed.
     kw = {"use_safetensors": True}
+    te_kw = {**kw, "attn_implementation": "eager"}
+    xl = family == "sdxl-turbo"
     return LoadedModel(
         model_id=model,
         folder=folder,
-        # Eager attention exports as plain MatMul/Softmax in the model's dtype; the TorchScript exporter
-        # lowers transformers' SDPA path with fp32 casts that leave fp16 graphs ill-typed.
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", attn_implementation="eager", **kw).eval(),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **te_kw).eval(),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval(),
         vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw).eval(),
         scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
+        family=family,
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **te_kw).eval()
+        if xl
+        else None,
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if xl else None,
     )
 
 
@@ -147,7 +168,7 @@ def _random_folder(name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".random-{name}-", dir=folder.parent))
     make_shareable(tmp)
     try:
-        build_random_pipeline(name).save_pretrained(tmp, safe_serialization=True)
+        build_random(name).save_pretrained(tmp, safe_serialization=True)
         if folder.exists():  # another process finished first
             shutil.rmtree(tmp)
         else:

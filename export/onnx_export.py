@@ -44,6 +44,9 @@ def sample_inputs(spec: ComponentSpec, dims: dict[str, int], vocab_size: int, se
             out.append(torch.randint(0, vocab_size, shape, generator=g, dtype=torch.int32))
         elif t.name == "timestep":
             out.append(torch.full(shape, 999.0, dtype=torch.float32))
+        elif t.name == "time_ids":  # SDXL: original size, crop offset, target size
+            h, w = dims["height"], dims["width"]
+            out.append(torch.tensor([[h, w, 0, 0, h, w]] * shape[0], dtype=TORCH_DTYPES[t.dtype]))
         else:
             out.append(torch.randn(shape, generator=g).to(TORCH_DTYPES[t.dtype]))
     return out

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..engine.backends.trt_lib import Logger, compute_capability_enum, import_trt, network_flags
-from ..engine.bundle import COMPONENTS, Bundle
+from ..engine.bundle import Bundle
 from ..engine.engine_store import Profile, engine_dir, engine_key, stale_reason
 from ..engine.errors import BackendError, BundleError, InputError
 
@@ -50,7 +50,7 @@ def build_engines(
     compute_capability: int | None = None,
     opt_level: int = 3,
     workspace_gb: float | None = None,
-    components=COMPONENTS,
+    components=None,
     force: bool = False,
 ) -> list[Path]:
     """Build (or keep, if still valid) one engine per component; returns the plan paths."""
@@ -58,9 +58,10 @@ def build_engines(
     profile = profile or Profile()
     trt, flavour = import_trt(flavour)
     profile.check(bundle)
-    bad = [c for c in components if c not in COMPONENTS]
+    components = tuple(components or bundle.component_names)
+    bad = [c for c in components if c not in bundle.component_names]
     if bad:
-        raise InputError(f"component {bad[0]!r} is not known; allowed: {', '.join(COMPONENTS)}")
+        raise InputError(f"component {bad[0]!r} is not known; allowed: {', '.join(bundle.component_names)}")
     if not 0 <= opt_level <= 5:
         raise InputError(f"--opt-level {opt_level} is not allowed; use 0-5")
     device, target = device_name(trt, flavour, compute_capability)

@@ -14,6 +14,29 @@ class TextEncoder(torch.nn.Module):
         return self.model(input_ids.to(torch.int64), return_dict=True).last_hidden_state
 
 
+class PenultimateTextEncoder(torch.nn.Module):
+    """SDXL: the second-to-last hidden states, and for the second encoder its pooled projection too."""
+
+    def __init__(self, text_encoder, pooled: bool):
+        super().__init__()
+        self.model = text_encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids):  # [B, 77] int32 -> [B, 77, D] (, [B, P])
+        out = self.model(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        return (out.hidden_states[-2], out.text_embeds) if self.pooled else out.hidden_states[-2]
+
+
+class UNetXL(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.model = unet
+
+    def forward(self, sample, timestep, hidden_states, text_embeds, time_ids):  # -> [B, 4, h, w]
+        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.model(sample, timestep, hidden_states, added_cond_kwargs=cond, return_dict=False)[0]
+
+
 class UNet(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
@@ -46,6 +69,14 @@ class VaeEncoder(torch.nn.Module):
 
 def build_wrapper(name: str, model) -> torch.nn.Module:
     """The wrapper for component ``name`` of a LoadedModel."""
+    if model.family == "sdxl-turbo":
+        xl = {
+            "text_encoder": lambda: PenultimateTextEncoder(model.text_encoder, pooled=False),
+            "text_encoder_2": lambda: PenultimateTextEncoder(model.text_encoder_2, pooled=True),
+            "unet": lambda: UNetXL(model.unet),
+        }
+        if name in xl:
+            return xl[name]()
     return {
         "text_encoder": lambda: TextEncoder(model.text_encoder),
         "unet": lambda: UNet(model.unet),

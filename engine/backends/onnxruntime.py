@@ -20,7 +20,8 @@ class OrtStage:
 
     def __call__(self, **inputs: np.ndarray) -> np.ndarray:
         feeds = {k: np.ascontiguousarray(v, dtype=self._dtypes[k]) for k, v in inputs.items()}
-        return self._session.run(None, feeds)[0]
+        outputs = self._session.run(None, feeds)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 class OrtCudaStage(OrtStage):
@@ -28,15 +29,17 @@ class OrtCudaStage(OrtStage):
 
     def __init__(self, session, input_dtypes: dict[str, np.dtype]):
         super().__init__(session, input_dtypes)
-        self._output = session.get_outputs()[0].name
+        self._outputs = [o.name for o in session.get_outputs()]
 
-    def __call__(self, **inputs: np.ndarray) -> np.ndarray:
+    def __call__(self, **inputs: np.ndarray):
         binding = self._session.io_binding()
         for k, v in inputs.items():
             binding.bind_cpu_input(k, np.ascontiguousarray(v, dtype=self._dtypes[k]))
-        binding.bind_output(self._output, "cuda")
+        for name in self._outputs:
+            binding.bind_output(name, "cuda")
         self._session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        outputs = binding.copy_outputs_to_cpu()
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
 class OnnxRuntimeBackend:
