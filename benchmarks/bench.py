@@ -77,8 +77,9 @@ def make(name: str, folder, bundle, dev: str, timer: StageTimer):
 
 def run(cfg: BenchConfig) -> dict:
     from sdturbo.engine.cache import ensure_bundle
+    from sdturbo.engine.errors import InputError
     from sdturbo.engine.images import psnr, save_images
-    from sdturbo.export.models import resolve_model_folder
+    from sdturbo.export.models import model_family, resolve_model_folder
 
     from .floors import floor_ms, machine_rates, stage_flops
 
@@ -87,6 +88,8 @@ def run(cfg: BenchConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     folder = resolve_model_folder(cfg.model)
+    if model_family(folder) != "sd-turbo":
+        raise InputError(f"the benchmark covers SD-Turbo models so far; {cfg.model!r} is {model_family(folder)}")
     bundle = {p: ensure_bundle(cfg.model, p) for p in {n.rsplit("-", 1)[1] for n in names if n.startswith("sdturbo")}}
     prompts = [cfg.prompt] * cfg.batch
     shape = (cfg.batch, 4, cfg.height // 8, cfg.width // 8)

@@ -11,7 +11,7 @@ def describe(path) -> str:
     m = b.manifest
     lines = [
         f"bundle     {b.root}",
-        f"model      {b.model_id} (config {b.config_hash[:12]})",
+        f"model      {b.model_id} ({b.family}, config {b.config_hash[:12]})",
         f"schema     {m['schema_version']}, written {m.get('created', '?')} by "
         + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()),
         f"scheduler  {m['scheduler'].get('_class_name', 'EulerDiscreteScheduler')} "
