@@ -64,7 +64,7 @@ def export_bundle(
     if not todo:
         log.info("bundle %s already has %s", out, ", ".join(precisions))
         return out
-    lm = load_model(model)
+    lm = load_model(model, half="fp32" not in todo)
     if existing is not None and existing.config_hash != lm.config_hash():
         raise BundleError(
             f"bundle {out} was exported from another model ({existing.model_id}); "

@@ -130,8 +130,10 @@ def check_model_folder(folder: Path) -> None:
         )
 
 
-def load_model(model: str) -> LoadedModel:
-    """Load every component in fp32 on the CPU, from safetensors."""
+def load_model(model: str, half: bool = False) -> LoadedModel:
+    """Load every component on the CPU from safetensors: fp32, or fp16 with ``half`` (for fp16-only
+    exports: half the memory). The SDXL VAE always loads in fp32: it overflows in fp16."""
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -140,16 +142,17 @@ def load_model(model: str) -> LoadedModel:
     log.info("loading %s (%s) from %s", model, family, folder)
     # Eager attention exports as plain MatMul/Softmax in the model's dtype; the TorchScript exporter
     # lowers transformers' SDPA path with fp32 casts that leave fp16 graphs ill-typed.
-    kw = {"use_safetensors": True}
-    te_kw = {**kw, "attn_implementation": "eager"}
     xl = family == "sdxl-turbo"
+    kw = {"use_safetensors": True, "torch_dtype": torch.float16 if half else torch.float32}
+    te_kw = {**kw, "attn_implementation": "eager"}
+    vae_kw = {**kw, "torch_dtype": torch.float32} if xl else kw
     return LoadedModel(
         model_id=model,
         folder=folder,
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **te_kw).eval(),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval(),
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw).eval(),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw).eval(),
         scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
         family=family,
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **te_kw).eval()
