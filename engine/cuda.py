@@ -135,8 +135,3 @@ class Graph:
 
     def launch(self) -> None:
         check(self._rt.cudaGraphLaunch(self._exec, self._stream.handle), "cudaGraphLaunch")
-
-
-def memset(ptr: int, nbytes: int, stream: Stream) -> None:
-    _, rt, _ = bindings()
-    check(rt.cudaMemsetAsync(ptr, 0, nbytes, stream.handle), "cudaMemsetAsync")

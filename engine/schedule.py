@@ -8,6 +8,7 @@ torch. The values are fixed per (steps, strength): a request never computes them
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -127,9 +128,11 @@ def check_steps(steps: int) -> None:
 
 
 def make_schedule(config: SchedulerConfig, steps: int, strength: float = 1.0) -> Schedule:
-    """The schedule for ``steps`` inference steps; img2img keeps the last int(steps * strength) of them."""
+    """The schedule for ``steps`` inference steps; img2img keeps the last int(steps * strength) of them.
+
+    Checked here on every call, then memoized by value (its arrays are shared; nothing writes to them)."""
     check_steps(steps)
-    if not 0.0 < strength <= 1.0:
+    if not isinstance(strength, (int, float, np.floating)) or isinstance(strength, bool) or not 0.0 < strength <= 1.0:
         raise InputError(f"strength={strength!r} is not allowed; use a number in (0, 1]")
     kept = min(int(steps * strength), steps)
     if kept < 1:
@@ -137,6 +140,11 @@ def make_schedule(config: SchedulerConfig, steps: int, strength: float = 1.0) ->
             f"steps * strength = {steps} * {strength} = {steps * strength:g} runs no step; "
             f"int(steps * strength) must be at least 1 (raise --steps or --strength)"
         )
+    return _schedule(config, int(steps), kept)
+
+
+@lru_cache(maxsize=64)
+def _schedule(config: SchedulerConfig, steps: int, kept: int) -> Schedule:
     n = config.num_train_timesteps
     timesteps = (np.round(np.arange(n, 0, -n / steps)) - 1).astype(np.float32)
     ac = config.alphas_cumprod()
@@ -145,4 +153,7 @@ def make_schedule(config: SchedulerConfig, steps: int, strength: float = 1.0) ->
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     init_sigma = float(sigmas.max())  # "trailing" spacing: sigma_max, not sqrt(sigma_max^2 + 1)
     start = steps - kept
-    return Schedule(timesteps[start:], sigmas[start:], init_sigma, ancestral=config.ancestral)
+    timesteps, sigmas = timesteps[start:], sigmas[start:]
+    timesteps.setflags(write=False)  # shared by every request with these settings
+    sigmas.setflags(write=False)
+    return Schedule(timesteps, sigmas, init_sigma, ancestral=config.ancestral)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
-from .cuda import DeviceBuffer, Graph, PinnedArray, Stream, check, current_compute_capability
+from .cuda import DeviceBuffer, Graph, PinnedArray, Stream, current_compute_capability
 from .engine_store import Profile, find_engine
 from .errors import BackendError, BundleError
 from .images import to_model_image
@@ -272,21 +272,3 @@ class TrtPipeline:
             k.euler_step(d["x"].ptr, d["eps"].ptr, sigma, sigma_next, n, s.ptr)
         e["vae_decoder"].enqueue(s)
         k.to_uint8(d["image_out"].ptr, d["pixels"].ptr, B, H, W, s.ptr)
-
-
-def trt_ready(bundle: Bundle) -> bool:
-    """True when a GPU, a TensorRT flavour and engines for this device are all here."""
-    try:
-        from .backends.trt_lib import import_trt
-        from .cuda import gpu_available
-
-        if not gpu_available():
-            return False
-        trt, flavour = import_trt()
-        root = bundle.root / "engines" / f"{flavour}-{trt.__version__}-sm{current_compute_capability()}"
-        return any(root.glob("*/unet.plan"))
-    except Exception:  # no CUDA, no TensorRT, a broken driver: not ready, and auto falls back
-        return False
-
-
-__all__ = ["TrtPipeline", "check", "trt_ready"]
