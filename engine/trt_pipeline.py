@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import Bundle, atomic_write
 from .cuda import DeviceBuffer, Graph, PinnedArray, Stream, current_compute_capability
 from .engine_store import Profile, find_engine
 from .errors import BackendError, BundleError
@@ -56,9 +56,7 @@ class TrtEngine:
     def save_runtime_cache(self) -> None:
         """TensorRT-RTX: keep the kernels it compiled for this GPU, so the next load skips that work."""
         if self.runtime_cache is not None:
-            from ..export.trt_build import write_atomic
-
-            write_atomic(self.cache_path, bytes(memoryview(self.runtime_cache.serialize())))
+            atomic_write(self.cache_path, bytes(memoryview(self.runtime_cache.serialize())))
 
     def capturable(self, stream: Stream) -> bool:
         check_fn = getattr(self.context, "is_stream_capturable", None)

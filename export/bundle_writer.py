@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..engine.bundle import MANIFEST, SCHEMA_VERSION, Bundle, atomic_write_text, make_shareable
+from ..engine.bundle import MANIFEST, SCHEMA_VERSION, Bundle, atomic_write, make_shareable
 from ..engine.errors import BundleError, InputError
 from ..engine.spec import DTYPES, component_specs, component_specs_xl
 from .models import LoadedModel, load_model
@@ -95,7 +95,7 @@ def export_bundle(
                 os.replace(tmp / "onnx" / p, dest)
             manifest = dict(existing.manifest)
             manifest["components"] = {**manifest["components"], **components}
-            atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2))
+            atomic_write(out / MANIFEST, json.dumps(manifest, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("bundle ready: %s", out)

@@ -9,26 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ..engine.backends.trt_lib import Logger, compute_capability_enum, import_trt, network_flags
-from ..engine.bundle import Bundle
+from ..engine.bundle import Bundle, atomic_write
 from ..engine.engine_store import Profile, engine_dir, engine_key, stale_reason
 from ..engine.errors import BackendError, BundleError, InputError
 
 log = logging.getLogger(__name__)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def device_name(trt, flavour: str, compute_capability: int | None) -> tuple[str, int | None]:
@@ -142,9 +132,9 @@ def _build_one(
         raise BackendError(f"TensorRT failed to build {name} (see the [TRT] messages above)")
     data = bytes(memoryview(serialized))
     plan = folder / f"{name}.plan"
-    write_atomic(plan, data)
+    atomic_write(plan, data)
     if cache_path is not None:
-        write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        atomic_write(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     record = {
         "key": key,
         "plan_bytes": len(data),
@@ -162,7 +152,7 @@ def _build_one(
         + [_tensor_info(trt, network.get_output(i)) for i in range(network.num_outputs)],
         "profile_shapes": {t.name: [list(s) for s in opt.get_shape(t.name)] for t in comp.spec.inputs},
     }
-    write_atomic(folder / f"{name}.json", json.dumps(record, indent=2).encode())
+    atomic_write(folder / f"{name}.json", json.dumps(record, indent=2).encode())
     log.info("    %s: %.1f s, %.1f MB", name, seconds, len(data) / 1e6)
     return plan
 

@@ -23,7 +23,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from ..bundle import Bundle, ComponentFile, atomic_write_text, make_shareable
+from ..bundle import Bundle, ComponentFile, atomic_write, make_shareable
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def create_and_cache(
             "cpu": cpu_key(),
             "data_bytes": cached_data.stat().st_size if cached_data.is_file() else None,
         }
-        atomic_write_text(record, json.dumps(rec, indent=2))
+        atomic_write(record, json.dumps(rec, indent=2))
         log.info("cached the optimized %s graph in %s", comp.spec.name, model.parent)
         return session
     finally:
