@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .bundle import Bundle
-from .errors import BundleError, InputError
+from .errors import BundleError, EngineMissing, InputError
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def find_engine(bundle: Bundle, component: str, flavour: str, version: str, devi
     plan, record = folder / f"{component}.plan", folder / f"{component}.json"
     hint = f"run `sdturbo build {bundle.root}` with --batch/--size for this profile"
     if not plan.is_file() or not record.is_file():
-        raise BundleError(f"no {flavour} {version} engine for {component} on {device}, profile {profile.tag}; {hint}")
+        raise EngineMissing(f"no {flavour} {version} engine for {component} on {device}, profile {profile.tag}; {hint}")
     try:
         rec = json.loads(record.read_text())
     except json.JSONDecodeError as e:

@@ -13,5 +13,9 @@ class BundleError(SdTurboError):
     """A bundle is missing, incomplete, corrupt, or of an unknown schema."""
 
 
+class EngineMissing(BundleError):
+    """No engine was built for this library, device and shape (as opposed to a stale or broken one)."""
+
+
 class BackendError(SdTurboError):
     """A backend is not installed, cannot run here, or failed."""

@@ -32,9 +32,7 @@ def choose_backend(requested: str = "auto") -> str:
         return "tensorrt"
     except BackendError:
         pass
-    import onnxruntime
-
-    return "onnxruntime-cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "onnxruntime"
+    return "onnxruntime-cuda" if _ort_cuda() else "onnxruntime"
 
 
 def _ort_cuda() -> bool:
@@ -66,17 +64,17 @@ def open_pipeline(
                 f"the TensorRT runtime serves SD-Turbo only so far; run {bundle.family} with "
                 f"--backend onnxruntime-cuda or onnxruntime (its engines do build: sdturbo build)"
             )
-        backend = choose_backend("onnxruntime-cuda" if _ort_cuda() else "onnxruntime")
+        backend = "onnxruntime-cuda" if _ort_cuda() else "onnxruntime"
     if backend == "tensorrt":
         if precision not in (None, "fp16"):
             raise BackendError(f"TensorRT engines are built from the fp16 ONNX; precision {precision!r} is not allowed")
-        from .errors import BundleError
+        from .errors import EngineMissing
         from .trt_pipeline import TrtPipeline
 
         try:
             return TrtPipeline(bundle, shape=shape, cuda_graph=cuda_graph)
-        except BundleError as e:
-            if not build or "no tensorrt" not in str(e).lower():
+        except EngineMissing:
+            if not build:
                 raise
             from ..export.trt_build import build_engines
             from .engine_store import Profile

@@ -16,7 +16,7 @@ import numpy as np
 from .bundle import Bundle, atomic_write
 from .cuda import DeviceBuffer, Graph, PinnedArray, Stream, current_compute_capability
 from .engine_store import Profile, find_engine
-from .errors import BackendError, BundleError
+from .errors import BackendError, BundleError, EngineMissing
 from .images import to_model_image
 from .request import Request, draw_noise
 from .schedule import MAX_STEPS, make_schedule
@@ -113,7 +113,7 @@ class TrtPipeline:
         chosen = select_profile(profiles, *shape) if shape else (profiles[0] if len(profiles) == 1 else None)
         if chosen is None:
             have = ", ".join(p.tag for p in profiles) or "none"
-            raise BundleError(
+            raise EngineMissing(
                 f"no {self.flavour} {self.version} engines on {self.device} for "
                 f"{f'batch {shape[0]} at {shape[2]}x{shape[1]}' if shape else 'this request'} "
                 f"(built profiles: {have}); run `sdturbo build {self.bundle.root} --batch --size`"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..engine.backends.trt_lib import Logger, compute_capability_enum, import_trt, network_flags
 from ..engine.bundle import Bundle, atomic_write
-from ..engine.engine_store import Profile, engine_dir, engine_key, stale_reason
-from ..engine.errors import BackendError, BundleError, InputError
+from ..engine.engine_store import Profile, engine_dir, engine_key, find_engine
+from ..engine.errors import BackendError, BundleError, EngineMissing, InputError
 
 log = logging.getLogger(__name__)
 
@@ -60,25 +60,25 @@ def build_engines(
     plans = []
     for i, name in enumerate(components, 1):
         key = engine_key(bundle, name, flavour, trt.__version__, device, profile)
-        plan, record = folder / f"{name}.plan", folder / f"{name}.json"
-        if not force and plan.is_file() and record.is_file():
-            why = stale_reason(json.loads(record.read_text()), key)
-            if why is None and plan.stat().st_size == json.loads(record.read_text()).get("plan_bytes"):
-                log.info("[%d/%d] %s: engine up to date (%s)", i, len(components), name, plan)
-                plans.append(plan)
+        if not force:
+            try:
+                plans.append(find_engine(bundle, name, flavour, trt.__version__, device, profile))
+                log.info("[%d/%d] %s: engine up to date (%s)", i, len(components), name, plans[-1])
                 continue
-            log.info("[%d/%d] %s: rebuilding, %s", i, len(components), name, why or "plan size mismatch")
-        else:
-            log.info(
-                "[%d/%d] building %s for %s (%s %s, profile %s)",
-                i,
-                len(components),
-                name,
-                device,
-                flavour,
-                trt.__version__,
-                profile.tag,
-            )
+            except EngineMissing:
+                pass
+            except BundleError as e:  # stale, corrupt record, or a plan of the wrong size
+                log.info("[%d/%d] %s: rebuilding: %s", i, len(components), name, e)
+        log.info(
+            "[%d/%d] building %s for %s (%s %s, profile %s)",
+            i,
+            len(components),
+            name,
+            device,
+            flavour,
+            trt.__version__,
+            profile.tag,
+        )
         plans.append(_build_one(trt, bundle, name, key, profile, target, opt_level, workspace_gb, folder))
     return plans
 
