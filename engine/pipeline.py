@@ -15,7 +15,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import BundleError
 from .images import to_model_image, to_uint8
-from .request import Request, draw_noise
+from .request import Request, build_request
 from .schedule import make_schedule
 from .tokenizer import PromptTokenizer
 
@@ -33,7 +33,6 @@ class Pipeline:
             if not path.is_file():
                 raise BundleError(f"bundle {b.root} is missing {path.name}; export it again")
         self.tokenizers = [PromptTokenizer(*t) for t in b.tokenizers]
-        self.tokenizer = self.tokenizers[0]
         self._stages: dict = {}
         latent_spec = b.component(backend.precision, "unet").spec.inputs[0]
         self.dtype = np.dtype(latent_spec.dtype)  # latents live in the UNet's float type between steps
@@ -55,48 +54,20 @@ class Pipeline:
         """Images as [B, H, W, 3] uint8; the keyword arguments are ``request``'s."""
         return self.run(self.request(prompts, **kwargs))
 
-    def request(
-        self,
-        prompts: str | Sequence[str],
-        *,
-        steps: int = 1,
-        height: int = 512,
-        width: int = 512,
-        seed: int = 0,
-        latents: np.ndarray | None = None,
-        image: np.ndarray | None = None,
-        strength: float = 0.5,
-        image_noise: np.ndarray | None = None,
-        step_noise: np.ndarray | None = None,
-    ) -> Request:
-        """A checked Request (InputError names the first bad value); nothing is loaded or run.
-
-        txt2img: ``latents`` is diffusers' ``latents`` argument (unit-variance noise before the initial
-        sigma is applied). img2img (``image`` [B, H, W, 3] or [H, W, 3] uint8): ``latents`` is the noise
-        added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
-        from ``seed`` (see ``draw_noise``). ``step_noise``: ancestral schedulers' per-step noise.
-        """
-        prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
-        if isinstance(image, np.ndarray) and image.ndim == 3:
-            image = np.broadcast_to(image, (len(prompts), *image.shape))
-        req = Request(prompts, height, width, steps, seed, latents, image, strength, image_noise, step_noise)
-        req.check(self.bundle)
-        return req
+    def request(self, prompts: str | Sequence[str], **kwargs) -> Request:
+        """A checked Request for this bundle; the keyword arguments are ``build_request``'s."""
+        return build_request(self.bundle, prompts, **kwargs)
 
     def run(self, req: Request) -> np.ndarray:
         b, dt = self.bundle, self.dtype
         img2img = req.image is not None
         sched = make_schedule(b.scheduler, req.steps, req.strength if img2img else 1.0)
-        shape = req.latent_shape(b)
-        noise, enc_noise, *step_noise = draw_noise(req.seed, shape, draws=2 + sched.steps * sched.ancestral)
-        noise = (req.latents if req.latents is not None else noise).astype(dt)
-        if req.step_noise is not None:
-            step_noise = list(req.step_noise)
+        noise, enc_noise, step_noise = req.noises(b, sched)
+        noise = noise.astype(dt)
         hidden, cond = self.encode_prompts(req)
         if not img2img:
             x = sched.noise_latents(noise)  # [B, 4, h, w]
         else:
-            enc_noise = req.image_noise if req.image_noise is not None else enc_noise  # the stage casts it
             init = self.stage("vae_encoder")(image=to_model_image(req.image, dt), noise=enc_noise).astype(dt)
             x = sched.add_noise(init, noise)
         unet = self.stage("unet")
@@ -111,7 +82,7 @@ class Pipeline:
         the second one's pooled projection, and its size conditioning (original, crop, target)."""
         prompts = list(req.prompts)
         if self.bundle.family == "sd-turbo":
-            return self.stage("text_encoder")(input_ids=self.tokenizer(prompts)), {}  # [B, 77, D]
+            return self.stage("text_encoder")(input_ids=self.tokenizers[0](prompts)), {}  # [B, 77, D]
         h1 = self.stage("text_encoder")(input_ids=self.tokenizers[0](prompts))
         h2, pooled = self.stage("text_encoder_2")(input_ids=self.tokenizers[1](prompts))
         hidden = np.concatenate([h1, h2], axis=-1)  # [B, 77, D1 + D2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,16 @@ class Request:
     @property
     def batch(self) -> int:
         return len(self.prompts)
+
+    def noises(self, bundle: Bundle, sched) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(initial or added noise, posterior noise, per-step noise) in float32: the caller's where given,
+        else drawn from the seed in that order (see ``draw_noise``). Per-step noise only for ancestral
+        schedules; the posterior slot is drawn in txt2img too, so step noise sits after it either way."""
+        drawn = draw_noise(self.seed, self.latent_shape(bundle), draws=2 + sched.steps * sched.ancestral)
+        noise = drawn[0] if self.latents is None else self.latents
+        image_noise = drawn[1] if self.image_noise is None else self.image_noise
+        step_noise = drawn[2:] if self.step_noise is None else list(self.step_noise)
+        return noise, image_noise, step_noise
 
     def latent_shape(self, bundle: Bundle) -> tuple[int, int, int, int]:
         f = bundle.vae_scale_factor
@@ -72,6 +83,35 @@ class Request:
             if not isinstance(self.step_noise, np.ndarray) or self.step_noise.shape != want:
                 got = self.step_noise.shape if isinstance(self.step_noise, np.ndarray) else type(self.step_noise)
                 raise InputError(f"step_noise has shape {got}; this request needs {want} [steps run, batch, ...]")
+
+
+def build_request(
+    bundle: Bundle,
+    prompts: str | Sequence[str],
+    *,
+    steps: int = 1,
+    height: int = 512,
+    width: int = 512,
+    seed: int = 0,
+    latents: np.ndarray | None = None,
+    image: np.ndarray | None = None,
+    strength: float = 0.5,
+    image_noise: np.ndarray | None = None,
+    step_noise: np.ndarray | None = None,
+) -> Request:
+    """A checked Request (InputError names the first bad value); nothing is loaded or run.
+
+    txt2img: ``latents`` is diffusers' ``latents`` argument (unit-variance noise before the initial
+    sigma is applied). img2img (``image`` [B, H, W, 3] or [H, W, 3] uint8): ``latents`` is the noise
+    added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
+    from ``seed`` (see ``draw_noise``). ``step_noise``: ancestral schedulers' per-step noise.
+    """
+    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        image = np.broadcast_to(image, (len(prompts), *image.shape))
+    req = Request(prompts, height, width, steps, seed, latents, image, strength, image_noise, step_noise)
+    req.check(bundle)
+    return req
 
 
 def draw_noise(seed: int, shape: tuple[int, ...], draws: int = 1) -> list[np.ndarray]:

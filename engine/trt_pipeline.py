@@ -18,7 +18,7 @@ from .cuda import DeviceBuffer, Graph, PinnedArray, Stream, current_compute_capa
 from .engine_store import Profile, find_engine
 from .errors import BackendError, BundleError, EngineMissing
 from .images import to_model_image
-from .request import Request, draw_noise
+from .request import Request, build_request
 from .schedule import MAX_STEPS, make_schedule
 from .tokenizer import PromptTokenizer
 
@@ -153,9 +153,7 @@ class TrtPipeline:
     # -- requests ---------------------------------------------------------------------------------
 
     def request(self, prompts: str | Sequence[str], **kwargs) -> Request:
-        from .pipeline import Pipeline
-
-        req = Pipeline.request(self, prompts, **kwargs)  # the same checks as the host pipeline
+        req = build_request(self.bundle, prompts, **kwargs)
         if not self.profile.covers(req.batch, req.height, req.width):
             raise BundleError(
                 f"batch {req.batch} at {req.width}x{req.height} is outside the engines' profile "
@@ -176,20 +174,16 @@ class TrtPipeline:
         B, H, W = req.batch, req.height, req.width
         img2img = req.image is not None
         sched = make_schedule(b.scheduler, req.steps, req.strength if img2img else 1.0)
-        shape = req.latent_shape(b)
-        noise, image_noise = draw_noise(req.seed, shape, draws=2)
+        noise, given, _ = req.noises(b, sched)
         h = self.host
         h["ids"].array[:B] = self.tokenizer(list(req.prompts))
-        h["noise"].array.reshape(-1)[: noise.size] = (
-            (req.latents if req.latents is not None else noise).astype(dt).ravel()
-        )
+        h["noise"].array.reshape(-1)[: noise.size] = noise.astype(dt).ravel()
         bmax = self.profile.batch[2]
         h["timesteps"].array[: sched.steps, :B] = sched.timesteps[:, None]
         s.copy_in(self.dev["ids"].ptr, h["ids"], h["ids"].nbytes)
         s.copy_in(self.dev["noise"].ptr, h["noise"], noise.size * dt.itemsize)
         s.copy_in(self.dev["timesteps"].ptr, h["timesteps"], MAX_STEPS * bmax * 4)
         if img2img:
-            given = req.image_noise if req.image_noise is not None else image_noise
             h["image_noise"].array.reshape(-1)[: given.size] = given.astype(dt).ravel()
             model_image = to_model_image(req.image, dt)
             h["image_in"].array.reshape(-1)[: model_image.size] = model_image.ravel()
