@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +78,7 @@ def run(cfg: BenchConfig) -> dict:
     from sdturbo.engine.cache import ensure_bundle
     from sdturbo.engine.errors import InputError
     from sdturbo.engine.images import psnr, save_images
+    from sdturbo.export.bundle_writer import tool_versions
     from sdturbo.export.models import model_family, resolve_model_folder
 
     from .floors import floor_ms, machine_rates, stage_flops
@@ -138,7 +138,7 @@ def run(cfg: BenchConfig) -> dict:
         "config": asdict(cfg),
         "reference": reference[0],
         "machine": machine(dev),
-        "versions": versions(),
+        "versions": tool_versions(BENCH_TOOLS),
         "rates": rates,
         "flops": flops,
         "contenders": results,
@@ -161,7 +161,8 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
         ms = 1e3 * (time.perf_counter() - t)
         (warm if i < cfg.warmup else e2e).append(ms)
         if i >= cfg.warmup:
-            run = {k: timer.resolve().get(k, 0.0) for k in TIMED}
+            resolved = timer.resolve()
+            run = {k: resolved.get(k, 0.0) for k in TIMED}
             run["other"] = ms - sum(run.values())  # tokenizer, noise, uint8, copies: the rest of this run
             stages.append(run)
     st = {k: float(np.median([r[k] for r in stages])) for k in (*TIMED, "other")}
@@ -278,21 +279,14 @@ def machine(dev: str) -> dict:
     return info
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for dist in (
-        "sdturbo",
-        "torch",
-        "diffusers",
-        "transformers",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "tensorrt",
-        "tensorrt-rtx-cu13",
-        "numpy",
-    ):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
+BENCH_TOOLS = (
+    "sdturbo",
+    "torch",
+    "diffusers",
+    "transformers",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "tensorrt-rtx-cu13",
+    "numpy",
+)

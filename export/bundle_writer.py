@@ -39,9 +39,13 @@ def file_sha256(*paths: Path) -> str:
     return h.hexdigest()
 
 
-def tool_versions() -> dict[str, str]:
+EXPORT_TOOLS = ("sdturbo", "torch", "diffusers", "transformers", "onnx", "onnx-graphsurgeon", "tokenizers")
+
+
+def tool_versions(dists: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
+    """Python's version and each installed distribution's (missing ones are left out)."""
     out = {"python": platform.python_version()}
-    for dist in ("sdturbo", "torch", "diffusers", "transformers", "onnx", "onnx-graphsurgeon", "tokenizers"):
+    for dist in dists:
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
     return out
