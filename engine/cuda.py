@@ -112,6 +112,12 @@ class Stream:
         rt = self._rt
         check(rt.cudaMemcpyAsync(dst.ptr, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle), "D2H")
 
+    def copy_2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, rows: int) -> None:
+        """Device to device: ``rows`` rows of ``width`` bytes (a concatenation along the last axis is one)."""
+        rt = self._rt
+        kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        check(rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, kind, self.handle), "D2D 2D copy")
+
     def synchronize(self) -> None:
         check(self._rt.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 

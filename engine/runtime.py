@@ -56,15 +56,8 @@ def open_pipeline(
 ):
     """A loaded pipeline for ``bundle``. With TensorRT and ``build``, engines missing for ``shape``
     (batch, height, width) are built first (static profile), then loaded."""
-    requested, backend = backend, choose_backend(backend)
+    backend = choose_backend(backend)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-    if backend == "tensorrt" and bundle.family != "sd-turbo":
-        if requested != "auto":
-            raise BackendError(
-                f"the TensorRT runtime serves SD-Turbo only so far; run {bundle.family} with "
-                f"--backend onnxruntime-cuda or onnxruntime (its engines do build: sdturbo build)"
-            )
-        backend = "onnxruntime-cuda" if _ort_cuda() else "onnxruntime"
     if backend == "tensorrt":
         if precision not in (None, "fp16"):
             raise BackendError(f"TensorRT engines are built from the fp16 ONNX; precision {precision!r} is not allowed")

@@ -3,6 +3,15 @@
 Lifecycle (STYLE.md): load engines -> allocate every buffer once (at the profile's maximum) -> per
 (batch, size, steps, strength): set shapes, warm up, capture -> each request copies ids and noise in,
 launches the graph, and copies pixels out; the only host wait is for those pixels.
+
+Serves both families. SDXL-Turbo adds: a second text encoder whose hidden states are placed beside the
+first's (two strided device copies), its pooled output bound straight to the UNet's ``text_embeds``, the
+``time_ids`` buffer, per-step noise for the ancestral step, and casts around the fp32 VAE.
+
+Every buffer's dtype and shape comes from the manifest's I/O specs, and every engine tensor is bound to a
+named buffer (``bindings``), so a component whose precision differs from the latents' is cast, not
+misread. The CUDA calls go through ``self.cuda`` (engine/cuda.py); tests/engine/emulated_gpu.py puts a
+host emulation there so the CPU test suite runs this orchestration against ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -13,26 +22,29 @@ from pathlib import Path
 
 import numpy as np
 
+from . import cuda as cuda_module
 from .bundle import Bundle, atomic_write
-from .cuda import DeviceBuffer, Graph, PinnedArray, Stream, current_compute_capability
 from .engine_store import Profile, find_engine
 from .errors import BackendError, BundleError, EngineMissing
 from .images import to_model_image
 from .request import Request, build_request
 from .schedule import MAX_STEPS, make_schedule
+from .spec import TensorSpec
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 WARMUP_RUNS = 3  # lazy initialisation (and TensorRT-RTX's JIT) must never land inside a capture
+PRECISION = "fp16"  # TensorRT engines are built from the fp16 ONNX (strongly typed)
 
 
 class TrtEngine:
     """One component's engine and execution context, with context memory that never moves."""
 
-    def __init__(self, trt, runtime, plan: Path):
+    def __init__(self, trt, runtime, plan: Path, cuda=cuda_module):
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT could not load {plan} (see the [TRT] messages above)")
+        self.name = plan.stem
         self.cache_path = plan.with_suffix(".runtime-cache")
         self.runtime_cache = None
         strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
@@ -47,24 +59,68 @@ class TrtEngine:
         else:
             self.context = self.engine.create_execution_context(strategy)
         size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
-        self.memory = DeviceBuffer(size)
+        self.memory = cuda.DeviceBuffer(size)
         if hasattr(self.context, "set_device_memory"):
             self.context.set_device_memory(self.memory.ptr, self.memory.nbytes)
         else:
             self.context.device_memory = self.memory.ptr
+
+    def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if not self.context.set_input_shape(name, tuple(int(d) for d in shape)):
+            raise BackendError(f"TensorRT refused shape {shape} for {self.name}.{name}")
+
+    def bind(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, ptr):
+            raise BackendError(f"TensorRT refused the address of {self.name}.{name}")
+
+    def enqueue(self, stream) -> None:
+        if not self.context.execute_async_v3(stream.ptr):
+            raise BackendError(f"TensorRT could not enqueue {self.name} (see the [TRT] messages above)")
 
     def save_runtime_cache(self) -> None:
         """TensorRT-RTX: keep the kernels it compiled for this GPU, so the next load skips that work."""
         if self.runtime_cache is not None:
             atomic_write(self.cache_path, bytes(memoryview(self.runtime_cache.serialize())))
 
-    def capturable(self, stream: Stream) -> bool:
+    def capturable(self, stream) -> bool:
         check_fn = getattr(self.context, "is_stream_capturable", None)
         return True if check_fn is None else bool(check_fn(stream.ptr))
 
 
+def bindings(family: str, latent_dtype: str, specs: dict) -> dict[str, dict[str, str]]:
+    """Each engine tensor -> the device buffer it reads or writes (the UNet's timestep is bound per step).
+
+    A VAE whose latents are not in the latents' dtype (SDXL's fp32 VAE) gets buffers of its own,
+    filled and drained by cast kernels."""
+    xl = family == "sdxl-turbo"
+    out = {
+        "text_encoder": {"input_ids": "ids", "hidden_states": "hidden_1" if xl else "hidden"},
+        "unet": {"sample": "x_in", "hidden_states": "hidden", "noise_pred": "eps"},
+        "vae_decoder": {"image": "image_out"},
+        "vae_encoder": {"image": "image_in", "noise": "image_noise"},
+    }
+    if xl:
+        out["text_encoder_2"] = {"input_ids": "ids_2", "hidden_states": "hidden_2", "text_embeds": "pooled"}
+        out["unet"].update(text_embeds="pooled", time_ids="time_ids")
+    dec_in = spec_of(specs["vae_decoder"], "latents").dtype
+    out["vae_decoder"]["latents"] = "x" if dec_in == latent_dtype else "x_vae"
+    if "vae_encoder" in specs:
+        enc_out = spec_of(specs["vae_encoder"], "latents").dtype
+        out["vae_encoder"]["latents"] = "encoded" if enc_out == latent_dtype else "encoded_vae"
+    return out
+
+
+def spec_of(component_spec, name: str) -> TensorSpec:
+    for t in (*component_spec.inputs, *component_spec.outputs):
+        if t.name == name:
+            return t
+    raise BundleError(f"the manifest's {component_spec.name} has no tensor {name!r}")
+
+
 class TrtPipeline:
     """Same requests and results as ``Pipeline``; runs fp16 TensorRT engines on the GPU."""
+
+    cuda = cuda_module  # device memory, streams, graphs
 
     def __init__(
         self,
@@ -75,36 +131,46 @@ class TrtPipeline:
         shape: tuple[int, int, int] | None = None,
     ):
         """``profile``: the engines to load; else the narrowest built one that covers ``shape`` (batch, H, W)."""
-        from sdturbo.kernels import load_kernels
-
-        from .backends.trt_lib import Logger, import_trt
-
         self.bundle = b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-        if b.family != "sd-turbo":
-            raise BackendError(f"the TensorRT runtime serves SD-Turbo only so far, not {b.family}")
-        self.tokenizer = PromptTokenizer(b.tokenizer_file, b.max_length, b.pad_id, b.pad_token)
-        trt, self.flavour = import_trt(flavour)
-        cc = current_compute_capability()
-        self.device, self.version = f"sm{cc}", trt.__version__
+        self.tokenizers = [PromptTokenizer(*t) for t in b.tokenizers]
+        self.seq = self.tokenizers[0].max_length
+        cc = self.cuda.current_compute_capability()
+        self.flavour, self.version, open_engine = self._engine_loader(flavour)
+        self.device = f"sm{cc}"
         self.profile = profile or self._choose_profile(shape)
         self.cuda_graph = cuda_graph
-        runtime = trt.Runtime(Logger.get(trt))
-        self.engines: dict[str, TrtEngine] = {}
-        for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        self.engines = {}
+        for name in b.component_names:
             try:
                 plan = find_engine(b, name, self.flavour, self.version, self.device, self.profile)
             except BundleError:
                 if name == "vae_encoder":  # optional: only img2img needs it
                     continue
                 raise
-            self.engines[name] = TrtEngine(trt, runtime, plan)
+            self.engines[name] = open_engine(plan)
+        self.specs = {name: b.component(PRECISION, name).spec for name in self.engines}
+        self.dtype = np.dtype(spec_of(self.specs["unet"], "sample").dtype)
+        self.binds = bindings(b.family, self.dtype.name, self.specs)
+        self.ancestral = b.scheduler.ancestral
+        float_types = {self.dtype.name, spec_of(self.specs["vae_decoder"], "image").dtype}
+        self.kernels = {dt: self._kernels(dt, cc) for dt in sorted(float_types)}
         self._caches_saved = False
-        spec = b.component("fp16", "unet").spec
-        self.dtype = np.dtype(spec.inputs[0].dtype)
-        self.kernels = load_kernels(self.dtype.name, cc)
-        self.stream = Stream()
-        self._allocate(spec.inputs[2].shape[1:])
-        self.graphs: dict[tuple, Graph] = {}
+        self.stream = self.cuda.Stream()
+        self._allocate()
+        self.graphs: dict[tuple, object] = {}
+
+    def _engine_loader(self, flavour: str | None):
+        """(flavour, library version, plan -> engine)."""
+        from .backends.trt_lib import Logger, import_trt
+
+        trt, flavour = import_trt(flavour)
+        runtime = trt.Runtime(Logger.get(trt))
+        return flavour, trt.__version__, lambda plan: TrtEngine(trt, runtime, plan, self.cuda)
+
+    def _kernels(self, dtype: str, cc: int):
+        from sdturbo.kernels import load_kernels
+
+        return load_kernels(dtype, cc)
 
     def _choose_profile(self, shape: tuple[int, int, int] | None) -> Profile:
         from .engine_store import built_profiles, select_profile
@@ -120,35 +186,47 @@ class TrtPipeline:
             )
         return chosen
 
-    def _allocate(self, hidden_shape) -> None:
-        p, f, c = self.profile, self.bundle.vae_scale_factor, self.bundle.latent_channels
-        bmax, hmax, wmax = p.batch[2], p.height[2], p.width[2]
-        item = self.dtype.itemsize
-        lat = bmax * c * (hmax // f) * (wmax // f) * item
-        img = bmax * 3 * hmax * wmax * item
-        self.dev = {
-            "ids": DeviceBuffer(bmax * self.tokenizer.max_length * 4),
-            "hidden": DeviceBuffer(bmax * int(np.prod(hidden_shape)) * item),
-            "noise": DeviceBuffer(lat),
-            "image_noise": DeviceBuffer(lat),
-            "encoded": DeviceBuffer(lat),
-            "x": DeviceBuffer(lat),
-            "x_in": DeviceBuffer(lat),
-            "eps": DeviceBuffer(lat),
-            "timesteps": DeviceBuffer(MAX_STEPS * bmax * 4),
-            "image_in": DeviceBuffer(img),
-            "image_out": DeviceBuffer(img),
-            "pixels": DeviceBuffer(bmax * hmax * wmax * 3),
+    # -- buffers ----------------------------------------------------------------------------------
+
+    def dims(self, B: int, H: int, W: int) -> dict[str, int]:
+        f = self.bundle.vae_scale_factor
+        return {"batch": B, "height": H, "width": W, "latent_height": H // f, "latent_width": W // f}
+
+    def _allocate(self) -> None:
+        """Every buffer once, at the profile's maximum: the engine-bound ones sized from their specs."""
+        p, c, dt = self.profile, self.bundle.latent_channels, self.dtype
+        bmax = p.batch[2]
+        dmax = self.dims(bmax, p.height[2], p.width[2])
+        lat = (bmax, c, dmax["latent_height"], dmax["latent_width"])
+        self.latent_max = int(np.prod(lat))
+        sizes = {
+            "noise": (lat, dt),
+            "x": (lat, dt),
+            "encoded": (lat, dt),
+            "timesteps": ((MAX_STEPS, bmax), np.float32),
+            "pixels": ((bmax, p.height[2], p.width[2], 3), np.uint8),
         }
-        lshape = (bmax, c, hmax // f, wmax // f)
-        self.host = {
-            "ids": PinnedArray((bmax, self.tokenizer.max_length), np.int32),
-            "noise": PinnedArray(lshape, self.dtype),
-            "image_noise": PinnedArray(lshape, self.dtype),
-            "timesteps": PinnedArray((MAX_STEPS, bmax), np.float32),
-            "image_in": PinnedArray((bmax, 3, hmax, wmax), self.dtype),
-            "pixels": PinnedArray((bmax, hmax, wmax, 3), np.uint8),
-        }
+        if self.ancestral:
+            sizes["step_noise"] = ((MAX_STEPS, *lat), dt)
+        for comp, binds in self.binds.items():
+            if comp not in self.engines:
+                continue
+            for tensor, buf in binds.items():
+                t = spec_of(self.specs[comp], tensor)
+                sizes.setdefault(buf, (t.concrete(dmax), np.dtype(t.dtype)))
+        self.buffer_specs = sizes
+        self.dev = {k: self.cuda.DeviceBuffer(int(np.prod(s)) * np.dtype(d).itemsize) for k, (s, d) in sizes.items()}
+        host = ("ids", "ids_2", "noise", "image_noise", "step_noise", "timesteps", "time_ids", "image_in", "pixels")
+        self.host = {k: self.cuda.PinnedArray(*sizes[k]) for k in host if k in sizes}
+
+    def _put(self, name: str, values: np.ndarray) -> int:
+        """Copy ``values`` into the front of device buffer ``name`` (through its pinned twin); the bytes copied."""
+        host = self.host[name]
+        flat = host.array.reshape(-1)
+        flat[: values.size] = values.astype(host.dtype, copy=False).ravel()
+        nbytes = values.size * host.dtype.itemsize
+        self.stream.copy_in(self.dev[name].ptr, host, nbytes)
+        return nbytes
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -170,45 +248,50 @@ class TrtPipeline:
         return self  # engines load in __init__
 
     def run(self, req: Request) -> np.ndarray:
-        b, dt, s = self.bundle, self.dtype, self.stream
+        b, s = self.bundle, self.stream
         B, H, W = req.batch, req.height, req.width
         img2img = req.image is not None
         sched = make_schedule(b.scheduler, req.steps, req.strength if img2img else 1.0)
-        noise, given, _ = req.noises(b, sched)
-        h = self.host
-        h["ids"].array[:B] = self.tokenizer(list(req.prompts))
-        h["noise"].array.reshape(-1)[: noise.size] = noise.astype(dt).ravel()
-        bmax = self.profile.batch[2]
-        h["timesteps"].array[: sched.steps, :B] = sched.timesteps[:, None]
-        s.copy_in(self.dev["ids"].ptr, h["ids"], h["ids"].nbytes)
-        s.copy_in(self.dev["noise"].ptr, h["noise"], noise.size * dt.itemsize)
-        s.copy_in(self.dev["timesteps"].ptr, h["timesteps"], MAX_STEPS * bmax * 4)
+        noise, image_noise, step_noise = req.noises(b, sched)
+        prompts = list(req.prompts)
+        self._put("ids", self.tokenizers[0](prompts))
+        if "ids_2" in self.host:
+            self._put("ids_2", self.tokenizers[1](prompts))
+            sizes = np.array([H, W, 0, 0, H, W], np.float32)  # original size, crop corner, target size
+            self._put("time_ids", np.tile(sizes, (B, 1)))
+        self._put("noise", noise)
+        timesteps = self.host["timesteps"].array
+        timesteps[: sched.steps, :B] = sched.timesteps[:, None]
+        s.copy_in(self.dev["timesteps"].ptr, self.host["timesteps"], self.host["timesteps"].nbytes)
+        if sched.ancestral:
+            steps = self.host["step_noise"].array.reshape(MAX_STEPS, -1)
+            for i, step in enumerate(step_noise):
+                steps[i, : step.size] = step.ravel()
+            s.copy_in(self.dev["step_noise"].ptr, self.host["step_noise"], sched.steps * steps[0].nbytes)
         if img2img:
-            h["image_noise"].array.reshape(-1)[: given.size] = given.astype(dt).ravel()
-            model_image = to_model_image(req.image, dt)
-            h["image_in"].array.reshape(-1)[: model_image.size] = model_image.ravel()
-            s.copy_in(self.dev["image_noise"].ptr, h["image_noise"], given.size * dt.itemsize)
-            s.copy_in(self.dev["image_in"].ptr, h["image_in"], model_image.size * dt.itemsize)
+            self._put("image_noise", image_noise)
+            self._put("image_in", to_model_image(req.image, self.dtype))  # then to the encoder's dtype, as diffusers
         key = (B, H, W, sched.steps, req.strength if img2img else None)
         if not self.cuda_graph:
-            self._prepare(key)
+            self._prepare(B, H, W)
             self._enqueue(sched, B, H, W, img2img)
         else:
             if key not in self.graphs:
-                self._prepare(key)
+                self._prepare(B, H, W)
                 for _ in range(WARMUP_RUNS):
                     self._enqueue(sched, B, H, W, img2img)
                 s.synchronize()
-                self._save_caches()
                 if not all(e.capturable(s) for e in self.engines.values()):
                     log.warning("TensorRT reports a context that cannot be captured; running without a CUDA graph")
                     self.cuda_graph = False
                     return self.run(req)
-                self.graphs[key] = Graph(s, lambda: self._enqueue(sched, B, H, W, img2img))
+                self.graphs[key] = self.cuda.Graph(s, lambda: self._enqueue(sched, B, H, W, img2img))
             self.graphs[key].launch()
-        s.copy_out(h["pixels"], self.dev["pixels"].ptr, B * H * W * 3)
+        pixels = self.host["pixels"]
+        s.copy_out(pixels, self.dev["pixels"].ptr, B * H * W * 3)
         s.synchronize()  # the one host wait: for the pixels
-        return h["pixels"].array.reshape(-1)[: B * H * W * 3].reshape(B, H, W, 3).copy()
+        self._save_caches()  # once: TensorRT-RTX's kernels compiled by the first run
+        return pixels.array.reshape(-1)[: B * H * W * 3].reshape(B, H, W, 3).copy()
 
     def _save_caches(self) -> None:
         if not self._caches_saved:
@@ -216,51 +299,56 @@ class TrtPipeline:
                 engine.save_runtime_cache()
             self._caches_saved = True
 
-    def _prepare(self, key) -> None:
-        """Shapes and addresses for one (batch, size, steps, strength)."""
-        B, H, W = key[:3]
-        f, c, d = self.bundle.vae_scale_factor, self.bundle.latent_channels, self.dev
-        lat = (B, c, H // f, W // f)
-        te, unet, dec = self.engines["text_encoder"], self.engines["unet"], self.engines["vae_decoder"]
-        te.set_shape("input_ids", (B, self.tokenizer.max_length))
-        te.bind("input_ids", d["ids"].ptr)
-        te.bind("hidden_states", d["hidden"].ptr)
-        unet.set_shape("sample", lat)
-        unet.set_shape("timestep", (B,))
-        unet.set_shape("hidden_states", (B, self.tokenizer.max_length, self._hidden_size()))
-        unet.bind("sample", d["x_in"].ptr)
-        unet.bind("hidden_states", d["hidden"].ptr)
-        unet.bind("noise_pred", d["eps"].ptr)
-        dec.set_shape("latents", lat)
-        dec.bind("latents", d["x"].ptr)
-        dec.bind("image", d["image_out"].ptr)
-        if "vae_encoder" in self.engines:
-            enc = self.engines["vae_encoder"]
-            enc.set_shape("image", (B, 3, H, W))
-            enc.set_shape("noise", lat)
-            enc.bind("image", d["image_in"].ptr)
-            enc.bind("noise", d["image_noise"].ptr)
-            enc.bind("latents", d["encoded"].ptr)
-
-    def _hidden_size(self) -> int:
-        return int(self.bundle.component("fp16", "text_encoder").spec.outputs[0].shape[2])
+    def _prepare(self, B: int, H: int, W: int) -> None:
+        """Every engine's input shapes (from its spec) and tensor addresses for one batch and size."""
+        dims = self.dims(B, H, W)
+        for name, engine in self.engines.items():
+            spec = self.specs[name]
+            for t in spec.inputs:
+                engine.set_shape(t.name, t.concrete(dims))
+            for tensor, buf in self.binds[name].items():
+                engine.bind(tensor, self.dev[buf].ptr)
 
     def _enqueue(self, sched, B: int, H: int, W: int, img2img: bool) -> None:
         """Everything one request does on the stream, in order; captured once per shape."""
-        s, k, d, e = self.stream, self.kernels, self.dev, self.engines
-        n = B * self.bundle.latent_channels * (H // self.bundle.vae_scale_factor) * (W // self.bundle.vae_scale_factor)
+        s, d, e = self.stream, self.dev, self.engines
+        k = self.kernels[self.dtype.name]
+        f = self.bundle.vae_scale_factor
+        n = B * self.bundle.latent_channels * (H // f) * (W // f)
         e["text_encoder"].enqueue(s)
+        if "text_encoder_2" in e:
+            e["text_encoder_2"].enqueue(s)
+            self._concat_hidden(B)
         if img2img:
             e["vae_encoder"].enqueue(s)
+            if self.binds["vae_encoder"]["latents"] != "encoded":
+                k.from_float32(d["encoded_vae"].ptr, d["encoded"].ptr, n, s.ptr)
             k.add_noise(d["encoded"].ptr, d["noise"].ptr, d["x"].ptr, float(sched.sigmas[0]), n, s.ptr)
         else:
             k.init_latents(d["noise"].ptr, d["x"].ptr, sched.init_noise_sigma, n, s.ptr)
         bmax = self.profile.batch[2]
         for i in range(sched.steps):
-            sigma, sigma_next = float(sched.sigmas[i]), float(sched.sigmas[i + 1])
-            k.scale_input(d["x"].ptr, d["x_in"].ptr, float(np.sqrt(np.float32(sigma) ** 2 + np.float32(1))), n, s.ptr)
+            sigma = sched.sigmas[i]
+            k.scale_input(d["x"].ptr, d["x_in"].ptr, float(np.sqrt(sigma**2 + np.float32(1))), n, s.ptr)
             e["unet"].bind("timestep", d["timesteps"].ptr + i * bmax * 4)
             e["unet"].enqueue(s)
-            k.euler_step(d["x"].ptr, d["eps"].ptr, sigma, sigma_next, n, s.ptr)
+            if sched.ancestral:
+                up, down = sched.sigma_up_down(i)
+                noise_ptr = d["step_noise"].ptr + i * self.latent_max * self.dtype.itemsize
+                k.ancestral_step(d["x"].ptr, d["eps"].ptr, noise_ptr, float(sigma), float(down), float(up), n, s.ptr)
+            else:
+                k.euler_step(d["x"].ptr, d["eps"].ptr, float(sigma), float(sched.sigmas[i + 1]), n, s.ptr)
+        if self.binds["vae_decoder"]["latents"] != "x":
+            k.to_float32(d["x"].ptr, d["x_vae"].ptr, n, s.ptr)
         e["vae_decoder"].enqueue(s)
-        k.to_uint8(d["image_out"].ptr, d["pixels"].ptr, B, H, W, s.ptr)
+        image_dtype = self.buffer_specs["image_out"][1]
+        self.kernels[np.dtype(image_dtype).name].to_uint8(d["image_out"].ptr, d["pixels"].ptr, B, H, W, s.ptr)
+
+    def _concat_hidden(self, B: int) -> None:
+        """hidden[..., :D1] = hidden_1, hidden[..., D1:] = hidden_2: two row-strided device copies."""
+        item = self.dtype.itemsize
+        d1 = self.buffer_specs["hidden_1"][0][-1] * item
+        d2 = self.buffer_specs["hidden_2"][0][-1] * item
+        rows, hidden = B * self.seq, self.dev["hidden"].ptr
+        self.stream.copy_2d(hidden, d1 + d2, self.dev["hidden_1"].ptr, d1, d1, rows)
+        self.stream.copy_2d(hidden + d1, d1 + d2, self.dev["hidden_2"].ptr, d2, d2, rows)

@@ -45,7 +45,16 @@ def compile_ptx(dtype: str, compute_capability: int) -> bytes:
 class Kernels:
     """Launchers for latents.cu on one stream; pointers are device addresses (ints)."""
 
-    NAMES = ("init_latents", "add_noise", "scale_input", "euler_step", "to_uint8")
+    NAMES = (
+        "init_latents",
+        "add_noise",
+        "scale_input",
+        "euler_step",
+        "ancestral_step",
+        "to_float32",
+        "from_float32",
+        "to_uint8",
+    )
 
     def __init__(self, dtype: str, compute_capability: int):
         from sdturbo.engine.cuda import bindings, check
@@ -84,6 +93,28 @@ class Kernels:
             raise ValueError(f"euler_step: sigma {sigma} must be positive")
         p, fl = ctypes.c_void_p, ctypes.c_float
         self._launch("euler_step", n, stream, (x, eps, sigma, sigma_next, n), (p, p, fl, fl, ctypes.c_int))
+
+    def ancestral_step(
+        self, x: int, eps: int, noise: int, sigma: float, sigma_down: float, sigma_up: float, n: int, stream: int
+    ) -> None:
+        if sigma <= 0:
+            raise ValueError(f"ancestral_step: sigma {sigma} must be positive")
+        p, fl = ctypes.c_void_p, ctypes.c_float
+        self._launch(
+            "ancestral_step",
+            n,
+            stream,
+            (x, eps, noise, sigma, sigma_down, sigma_up, n),
+            (p, p, p, fl, fl, fl, ctypes.c_int),
+        )
+
+    def to_float32(self, src: int, dst: int, n: int, stream: int) -> None:
+        p = ctypes.c_void_p
+        self._launch("to_float32", n, stream, (src, dst, n), (p, p, ctypes.c_int))
+
+    def from_float32(self, src: int, dst: int, n: int, stream: int) -> None:
+        p = ctypes.c_void_p
+        self._launch("from_float32", n, stream, (src, dst, n), (p, p, ctypes.c_int))
 
     def to_uint8(self, image: int, pixels: int, batch: int, height: int, width: int, stream: int) -> None:
         p, i = ctypes.c_void_p, ctypes.c_int

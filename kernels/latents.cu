@@ -55,6 +55,31 @@ extern "C" __global__ void euler_step(T* __restrict__ x, const T* __restrict__ e
     }
 }
 
+// Ancestral Euler step in place (EulerAncestralDiscreteScheduler): the Euler step to sigma_down, then
+// this step's unit noise times sigma_up, the product formed in T and added in fp32.
+extern "C" __global__ void ancestral_step(T* __restrict__ x, const T* __restrict__ eps, const T* __restrict__ noise,
+                                          float sigma, float sigma_down, float sigma_up, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float xv = f(x[i]);
+        float x0 = xv - f(t(f(t(sigma)) * f(eps[i])));
+        float d = (xv - x0) / sigma;
+        float out = xv + d * (sigma_down - sigma);
+        x[i] = t(out + f(t(f(noise[i]) * f(t(sigma_up)))));
+    }
+}
+
+// Casts between T and fp32, for components kept in fp32 (SDXL's VAE): numpy's astype, rounding to nearest even.
+extern "C" __global__ void to_float32(const T* __restrict__ in, float* __restrict__ out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f(in[i]);
+}
+
+extern "C" __global__ void from_float32(const float* __restrict__ in, T* __restrict__ out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = t(in[i]);
+}
+
 // Decoder output [B, 3, H, W] in [-1, 1] -> pixels [B, H, W, 3] uint8: clamp(x / 2 + 0.5, 0, 1) in T,
 // then * 255 in fp32, rounded half to even (numpy's round, which diffusers uses).
 extern "C" __global__ void to_uint8(const T* __restrict__ image, unsigned char* __restrict__ pixels, int batch,

@@ -1,4 +1,4 @@
-"""Shared fixtures: a private cache, the tiny random model, its bundle, and diffusers pipelines on it."""
+"""Shared fixtures: a private cache, the tiny random SD-Turbo and SDXL-Turbo models and their bundles."""
 
 from __future__ import annotations
 
@@ -42,3 +42,25 @@ def tiny_model(tiny_folder):
     from sdturbo.export.models import load_model
 
     return load_model("random:tiny")
+
+
+@pytest.fixture(scope="session")
+def xl_folder(cache_dir):
+    from sdturbo.export.models import resolve_model_folder
+
+    return resolve_model_folder("random:sdxl-tiny")
+
+
+@pytest.fixture(scope="session")
+def xl_bundle(xl_folder, tmp_path_factory):
+    from sdturbo.export.bundle_writer import export_bundle
+
+    out = tmp_path_factory.mktemp("xl") / "bundle"
+    return export_bundle("random:sdxl-tiny", out, ("fp32", "fp16"), max_batch=4, min_size=32, max_size=256)
+
+
+@pytest.fixture(scope="session")
+def xl_model(xl_folder):
+    from sdturbo.export.models import load_model
+
+    return load_model("random:sdxl-tiny")

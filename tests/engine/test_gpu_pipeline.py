@@ -109,3 +109,41 @@ def test_img2img_on_tensorrt(pipes):
     a = pipes["graph"](PROMPTS, steps=2, height=H, width=W, image=image, strength=0.5, seed=9)
     b = pipes["plain"](PROMPTS, steps=2, height=H, width=W, image=image, strength=0.5, seed=9)
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def xl_pipes(xl_bundle, tmp_path_factory):
+    from sdturbo.engine.engine_store import Profile
+    from sdturbo.engine.trt_pipeline import TrtPipeline
+    from sdturbo.export.trt_build import build_engines
+
+    path = tmp_path_factory.mktemp("gpu-xl") / "b"
+    shutil.copytree(xl_bundle, path)
+    build_engines(path, profile=Profile.parse("1-2", "64-128"))
+    return {"graph": TrtPipeline(path, cuda_graph=True), "plain": TrtPipeline(path, cuda_graph=False)}
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_tensorrt_matches_diffusers(steps, xl_pipes, xl_folder):
+    """SDXL-Turbo (fp16 UNet, fp32 VAE, ancestral noise replayed): the fp16 bar as for SD-Turbo."""
+    import torch
+
+    from tests.sdxl.test_sdxl_parity import PROMPTS as XL_PROMPTS
+    from tests.sdxl.test_sdxl_parity import SHAPE, reference
+
+    lat = np.random.default_rng(steps).standard_normal(SHAPE, dtype=np.float32)
+    ref32, _ = reference(xl_folder, steps, lat, seed=5, dtype=torch.float32, device="cuda")
+    ref16, noise16 = reference(xl_folder, steps, lat, seed=5, dtype=torch.float16, device="cuda")
+    h, w = SHAPE[2] * 8, SHAPE[3] * 8
+    kw = dict(steps=steps, height=h, width=w, latents=lat, step_noise=noise16)
+    ours = xl_pipes["graph"](XL_PROMPTS, **kw)
+    np.testing.assert_array_equal(ours, xl_pipes["plain"](XL_PROMPTS, **kw))
+    bound = 2 * rms(ref16, ref32) + 1.0
+    print(f"SDXL {steps} step(s): RMS TRT vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
+    assert rms(ours, ref32) <= bound
+
+
+def test_sdxl_img2img_on_tensorrt(xl_pipes):
+    image = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    kw = dict(steps=4, height=64, width=64, image=image, strength=0.5, seed=9)
+    np.testing.assert_array_equal(xl_pipes["graph"](PROMPTS, **kw), xl_pipes["plain"](PROMPTS, **kw))

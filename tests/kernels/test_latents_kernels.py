@@ -14,7 +14,9 @@ try:
 except BackendError as e:  # cuda-python or libnvrtc missing
     NVRTC = str(e)
 
-NAMES = ("init_latents", "add_noise", "scale_input", "euler_step", "to_uint8")
+from sdturbo.kernels import Kernels
+
+NAMES = Kernels.NAMES
 
 
 @pytest.mark.skipif(NVRTC is not None, reason=f"NVRTC unavailable: {NVRTC}")
@@ -44,27 +46,43 @@ def gpu_reason() -> str | None:
 @pytest.mark.skipif(gpu_reason() is not None, reason=str(gpu_reason()))
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_kernels_equal_host_twins(dtype):
-    from sdturbo.engine.cuda import DeviceBuffer, PinnedArray, Stream, current_compute_capability
-    from sdturbo.engine.images import to_uint8
-    from sdturbo.engine.schedule import SchedulerConfig, make_schedule
+    from sdturbo.engine import cuda
     from sdturbo.kernels import load_kernels
 
-    k = load_kernels(np.dtype(dtype).name, current_compute_capability())
-    s = Stream()
+    cc = cuda.current_compute_capability()
+    check_against_host_twins(lambda dt: load_kernels(np.dtype(dt).name, cc), cuda, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_emulated_kernels_equal_host_twins(dtype):
+    """The numpy translation of latents.cu that tests/engine/test_trt_emulated.py runs: same host twins."""
+    from tests.engine.emulated_gpu import EmulatedCuda, EmulatedKernels
+
+    cuda = EmulatedCuda()
+    check_against_host_twins(lambda dt: EmulatedKernels(np.dtype(dt).name, cuda), cuda, dtype)
+
+
+def check_against_host_twins(kernels, cuda, dtype):
+    """Each kernel on device buffers equals engine/schedule.py's or engine/images.py's numpy, bit for bit."""
+    from sdturbo.engine.images import to_uint8
+    from sdturbo.engine.schedule import SchedulerConfig, make_schedule
+
+    k = kernels(dtype)
+    s = cuda.Stream()
     rng = np.random.default_rng(0)
     shape = (2, 4, 16, 24)
     n = int(np.prod(shape))
     sched = make_schedule(SchedulerConfig(), 4, 0.75)
 
     def dev(arr):
-        host = PinnedArray(arr.shape, arr.dtype)
+        host = cuda.PinnedArray(arr.shape, arr.dtype)
         host.array[...] = arr
-        buf = DeviceBuffer(arr.nbytes)
+        buf = cuda.DeviceBuffer(arr.nbytes)
         s.copy_in(buf.ptr, host, arr.nbytes)
         return buf
 
     def back(buf, shp, dt):
-        host = PinnedArray(shp, dt)
+        host = cuda.PinnedArray(shp, dt)
         s.copy_out(host, buf.ptr, host.nbytes)
         s.synchronize()
         return host.array.copy()
@@ -81,8 +99,27 @@ def test_kernels_equal_host_twins(dtype):
     k.scale_input(x.ptr, out.ptr, denom, n, s.ptr)
     np.testing.assert_array_equal(back(out, shape, dtype), sched.scale_input(0, want))
     k.euler_step(x.ptr, dev(eps).ptr, float(sched.sigmas[0]), float(sched.sigmas[1]), n, s.ptr)
-    np.testing.assert_array_equal(back(x, shape, dtype), sched.step(0, eps, want))
+    stepped = sched.step(0, eps, want)
+    np.testing.assert_array_equal(back(x, shape, dtype), stepped)
+
+    ancestral = make_schedule(SchedulerConfig(ancestral=True), 4, 0.75)
+    up, down = ancestral.sigma_up_down(1)
+    step_noise = rng.standard_normal(shape).astype(dtype)
+    sigma = float(ancestral.sigmas[1])
+    k.ancestral_step(x.ptr, dev(eps).ptr, dev(step_noise).ptr, sigma, float(down), float(up), n, s.ptr)
+    np.testing.assert_array_equal(back(x, shape, dtype), ancestral.step(1, eps, stepped, step_noise))
+
+    wide = (rng.standard_normal(shape) * 3e4).astype(np.float32)  # some beyond fp16's range: inf, as numpy
+    with np.errstate(over="ignore"):
+        narrowed = wide.astype(dtype)
+    narrow = cuda.DeviceBuffer(n * np.dtype(dtype).itemsize)
+    k.from_float32(dev(wide).ptr, narrow.ptr, n, s.ptr)
+    np.testing.assert_array_equal(back(narrow, shape, dtype), narrowed)
+    widened = cuda.DeviceBuffer(n * 4)
+    k.to_float32(narrow.ptr, widened.ptr, n, s.ptr)
+    np.testing.assert_array_equal(back(widened, shape, np.float32), narrowed.astype(np.float32))
+
     image = (rng.standard_normal((2, 3, 16, 24)) * 1.2).astype(dtype)
-    pixels = DeviceBuffer(2 * 16 * 24 * 3)
+    pixels = cuda.DeviceBuffer(2 * 16 * 24 * 3)
     k.to_uint8(dev(image).ptr, pixels.ptr, 2, 16, 24, s.ptr)
     np.testing.assert_array_equal(back(pixels, (2, 16, 24, 3), np.uint8), to_uint8(image))

@@ -27,11 +27,11 @@ def rms(a, b) -> float:
     return float(np.sqrt(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
-def reference(folder, steps: int, lat: np.ndarray, seed: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(diffusers' image, the per-step noise its scheduler drew)."""
+def reference(folder, steps: int, lat: np.ndarray, seed: int, dtype, device="cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(diffusers' image, the per-step noise its scheduler drew: on the CPU generator, on any device)."""
     from diffusers import AutoPipelineForText2Image
 
-    pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dtype, add_watermarker=False)
+    pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dtype, add_watermarker=False).to(device)
     g = torch.Generator().manual_seed(seed)
     step_noise = torch.stack([torch.randn(SHAPE, generator=g, dtype=dtype) for _ in range(steps)])
     out = pipe(

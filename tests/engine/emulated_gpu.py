@@ -1,0 +1,318 @@
+"""A host emulation of what the TensorRT runtime asks of a GPU, so the CPU suite runs its orchestration.
+
+What is emulated, and how faithfully:
+- device memory: each allocation is a numpy byte array at its own address, filled with 0xFF (NaN in fp16
+  and fp32) so a read of memory nothing wrote shows up; every access is bounds-checked against the
+  allocation its address falls in, so an undersized buffer or a wrong offset raises.
+- one stream, in order: work runs when enqueued, except under capture, where it is recorded; a graph
+  replays what was recorded, with the arguments and engine addresses as they were at capture.
+- TensorRT: the runtime / engine / execution-context calls the runtime's TrtEngine makes (TensorRT 10/11,
+  or TensorRT-RTX's runtime config and cache), each context an ONNX Runtime session on the bundle's fp16
+  ONNX (the graphs the engines are built from) reading and writing the addresses bound, at the shapes set.
+- kernels: kernels/latents.cu line by line in numpy, rounding where the CUDA code rounds
+  (tests/kernels checks the real kernels against the same host twins on a GPU).
+What this cannot show: TensorRT's own numerics, CUDA graph capture rules, timing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+from sdturbo.engine.bundle import Bundle
+from sdturbo.engine.trt_pipeline import PRECISION, TrtEngine, TrtPipeline
+
+F32 = np.float32
+
+
+class Memory:
+    """The emulated device address space."""
+
+    def __init__(self):
+        self.blocks: dict[int, np.ndarray] = {}
+        self._next = 0x7F00_0000_0000
+
+    def alloc(self, nbytes: int) -> int:
+        base = self._next
+        self._next += (nbytes + 4095) // 4096 * 4096 + 4096  # a gap, so running off the end never lands in a neighbour
+        self.blocks[base] = np.full(nbytes, 0xFF, np.uint8)
+        return base
+
+    def free(self, ptr: int) -> None:
+        del self.blocks[ptr]
+
+    def view(self, ptr: int, nbytes: int) -> np.ndarray:
+        for base, block in self.blocks.items():
+            if base <= ptr < base + block.size:
+                if ptr + nbytes > base + block.size:
+                    raise MemoryError(f"access of {nbytes} bytes at +{ptr - base} overruns a {block.size}-byte buffer")
+                return block[ptr - base : ptr - base + nbytes]
+        raise MemoryError(f"address {ptr:#x} is in no allocation")
+
+    def array(self, ptr: int, dtype, shape) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        return self.view(ptr, int(np.prod(shape)) * dtype.itemsize).view(dtype).reshape(shape)
+
+
+class EmulatedCuda:
+    """The parts of engine/cuda.py the TensorRT runtime uses."""
+
+    def __init__(self, compute_capability: int = 86):
+        self.memory = mem = Memory()
+        self.cc = compute_capability
+        self.streams: dict[int, object] = {}  # kernels are launched on a stream's address, as in CUDA
+        streams = self.streams
+
+        class DeviceBuffer:
+            def __init__(self, nbytes: int):
+                self.nbytes = max(int(nbytes), 1)
+                self.ptr = mem.alloc(self.nbytes)
+
+        class PinnedArray:
+            def __init__(self, shape, dtype):
+                self.dtype = np.dtype(dtype)
+                self.array = np.zeros(shape, self.dtype)
+                self.nbytes = max(self.array.nbytes, 1)
+
+        class Stream:
+            def __init__(self):
+                self.recording: list | None = None
+                self.ptr = len(streams) + 1
+                streams[self.ptr] = self
+
+            def do(self, op) -> None:
+                if self.recording is None:
+                    op()
+                else:
+                    self.recording.append(op)
+
+            def copy_in(self, dst: int, src, nbytes: int) -> None:
+                data = src.array.reshape(-1).view(np.uint8)[:nbytes].copy()  # as the bytes are when the copy runs
+                self.do(lambda: mem.view(dst, nbytes).__setitem__(slice(None), data))
+
+            def copy_out(self, dst, src: int, nbytes: int) -> None:
+                def op():
+                    dst.array.reshape(-1).view(np.uint8)[:nbytes] = mem.view(src, nbytes)
+
+                self.do(op)
+
+            def copy_2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, rows: int) -> None:
+                def op():
+                    for r in range(rows):
+                        mem.view(dst + r * dst_pitch, width)[:] = mem.view(src + r * src_pitch, width)
+
+                self.do(op)
+
+            def synchronize(self) -> None:
+                if self.recording is not None:
+                    raise RuntimeError("synchronize inside a capture")
+
+        class Graph:
+            def __init__(self, stream, fn):
+                stream.recording = []
+                try:
+                    fn()
+                finally:
+                    self.ops, stream.recording = stream.recording, None
+
+            def launch(self) -> None:
+                for op in self.ops:
+                    op()
+
+        self.DeviceBuffer, self.PinnedArray, self.Stream, self.Graph = DeviceBuffer, PinnedArray, Stream, Graph
+
+    def current_compute_capability(self, device: int = 0) -> int:
+        return self.cc
+
+
+class EmulatedTensorRT:
+    """The TensorRT API calls TrtEngine makes (TensorRT 10/11, or TensorRT-RTX with ``rtx``), with
+    ONNX Runtime sessions of the fp16 ONNX behind the execution contexts."""
+
+    class ExecutionContextAllocationStrategy:
+        USER_MANAGED = "user-managed"
+
+    def __init__(self, bundle: Bundle, cuda: EmulatedCuda, rtx: bool = False):
+        self.bundle, self.cuda, self.rtx = bundle, cuda, rtx
+        self.contexts: dict[str, EmulatedContext] = {}
+
+    def runtime(self, component: str):
+        """A Runtime whose next deserialized plan is ``component``'s (the plan bytes themselves are not read)."""
+        trt = self
+
+        class Runtime:
+            def deserialize_cuda_engine(self, data: bytes):
+                return EmulatedCudaEngine(trt, component)
+
+        return Runtime()
+
+
+class EmulatedCudaEngine:
+    device_memory_size = 1 << 20
+
+    def __init__(self, trt: EmulatedTensorRT, component: str):
+        self.trt, self.component = trt, component
+        if trt.rtx:
+            self.create_runtime_config = self._runtime_config
+
+    def _runtime_config(self):
+        class RuntimeCache:
+            def deserialize(self, data: bytes) -> bool:
+                return data == b"emulated runtime cache"
+
+            def serialize(self) -> bytes:
+                return b"emulated runtime cache"
+
+        class RuntimeConfig:
+            def set_execution_context_allocation_strategy(self, strategy):
+                self.strategy = strategy
+
+            def create_runtime_cache(self):
+                return RuntimeCache()
+
+            def set_runtime_cache(self, cache):
+                self.cache = cache
+
+        return RuntimeConfig()
+
+    def create_execution_context(self, strategy_or_config):
+        ctx = EmulatedContext(self.trt.bundle, self.component, self.trt.cuda)
+        self.trt.contexts[self.component] = ctx
+        return ctx
+
+
+class EmulatedContext:
+    """An execution context: shapes and addresses as set, read when enqueued (as TensorRT records them)."""
+
+    def __init__(self, bundle: Bundle, name: str, cuda: EmulatedCuda):
+        self.name, self.cuda = name, cuda
+        self.spec = bundle.component(PRECISION, name).spec
+        self.stage = OnnxRuntimeBackend(PRECISION).load(bundle, name)
+        self.shapes: dict[str, tuple] = {}
+        self.addresses: dict[str, int] = {}
+        self.device_memory = None
+        self.enqueued = 0
+
+    def set_input_shape(self, name: str, shape) -> bool:
+        spec = {t.name: t for t in self.spec.inputs}.get(name)
+        if spec is None or len(shape) != len(spec.shape):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        if name not in {t.name for t in (*self.spec.inputs, *self.spec.outputs)}:
+            return False
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream_ptr: int) -> bool:
+        shapes, addresses = dict(self.shapes), dict(self.addresses)
+        missing = [t.name for t in (*self.spec.inputs, *self.spec.outputs) if t.name not in addresses]
+        missing += [t.name for t in self.spec.inputs if t.name not in shapes]
+        if missing or self.device_memory is None:
+            raise AssertionError(f"{self.name} enqueued without context memory, shape or address for {missing}")
+        mem = self.cuda.memory
+
+        def op():
+            feeds = {t.name: mem.array(addresses[t.name], t.dtype, shapes[t.name]).copy() for t in self.spec.inputs}
+            outs = self.stage(**feeds)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            for t, value in zip(self.spec.outputs, outs, strict=True):
+                mem.array(addresses[t.name], t.dtype, value.shape)[...] = value
+            self.enqueued += 1
+
+        self.cuda.streams[stream_ptr].do(op)
+        return True
+
+
+class EmulatedKernels:
+    """kernels/latents.cu in numpy, for one float type T: ``f`` widens to fp32, ``t`` rounds to T."""
+
+    def __init__(self, dtype: str, cuda: EmulatedCuda):
+        self.T, self.mem, self.streams = np.dtype(dtype), cuda.memory, cuda.streams
+
+    def t(self, v):
+        with np.errstate(over="ignore"):  # beyond fp16's range is inf, as cvt.rn.f16.f32 gives
+            return np.asarray(v, F32).astype(self.T)
+
+    @staticmethod
+    def f(v):
+        return np.asarray(v).astype(F32)
+
+    def _v(self, ptr: int, n: int, dtype=None) -> np.ndarray:
+        return self.mem.array(ptr, dtype or self.T, (n,))
+
+    def init_latents(self, noise, x, init_sigma, n, stream):
+        f, t = self.f, self.t
+        self.streams[stream].do(lambda: self._v(x, n).__setitem__(..., t(f(self._v(noise, n)) * f(t(init_sigma)))))
+
+    def add_noise(self, encoded, noise, x, sigma0, n, stream):
+        f, t = self.f, self.t
+
+        def op():
+            self._v(x, n)[...] = t(f(self._v(encoded, n)) + f(t(f(self._v(noise, n)) * f(t(sigma0)))))
+
+        self.streams[stream].do(op)
+
+    def scale_input(self, x, out, denominator, n, stream):
+        f, t = self.f, self.t
+        self.streams[stream].do(lambda: self._v(out, n).__setitem__(..., t(f(self._v(x, n)) / f(t(denominator)))))
+
+    def _euler(self, x, eps, sigma, target):
+        f, t = self.f, self.t
+        sigma, target = F32(sigma), F32(target)
+        xv = f(x)
+        x0 = xv - f(t(f(t(sigma)) * f(eps)))
+        d = (xv - x0) / sigma
+        return xv + d * (target - sigma)
+
+    def euler_step(self, x, eps, sigma, sigma_next, n, stream):
+        def op():
+            self._v(x, n)[...] = self.t(self._euler(self._v(x, n), self._v(eps, n), sigma, sigma_next))
+
+        self.streams[stream].do(op)
+
+    def ancestral_step(self, x, eps, noise, sigma, sigma_down, sigma_up, n, stream):
+        f, t = self.f, self.t
+
+        def op():
+            out = self._euler(self._v(x, n), self._v(eps, n), sigma, sigma_down)
+            self._v(x, n)[...] = t(out + f(t(f(self._v(noise, n)) * f(t(sigma_up)))))
+
+        self.streams[stream].do(op)
+
+    def to_float32(self, src, dst, n, stream):
+        self.streams[stream].do(lambda: self._v(dst, n, F32).__setitem__(..., self.f(self._v(src, n))))
+
+    def from_float32(self, src, dst, n, stream):
+        self.streams[stream].do(lambda: self._v(dst, n).__setitem__(..., self.t(self._v(src, n, F32))))
+
+    def to_uint8(self, image, pixels, batch, height, width, stream):
+        f, t = self.f, self.t
+
+        def op():
+            img = self.mem.array(image, self.T, (batch, 3, height, width)).transpose(0, 2, 3, 1)
+            v = np.clip(f(t(f(t(f(img) / F32(2))) + F32(0.5))), 0, 1)
+            self.mem.array(pixels, np.uint8, (batch, height, width, 3))[...] = np.rint(v * F32(255)).astype(np.uint8)
+
+        self.streams[stream].do(op)
+
+
+def emulated_pipeline(bundle, cuda: EmulatedCuda | None = None, rtx: bool = False, **kwargs) -> TrtPipeline:
+    """A TrtPipeline whose GPU is ``cuda`` (a fresh emulation by default) and whose TensorRT is
+    ``EmulatedTensorRT``: engines are found and checked in the bundle as usual (built with TensorRT-RTX
+    for the emulated compute capability) and loaded through the runtime's own TrtEngine."""
+    cuda = cuda or EmulatedCuda()
+
+    class EmulatedTrtPipeline(TrtPipeline):
+        def _engine_loader(self, flavour):
+            import tensorrt_rtx
+
+            trt = self.emulated_trt = EmulatedTensorRT(self.bundle, cuda, rtx)
+            return "tensorrt-rtx", tensorrt_rtx.__version__, lambda p: TrtEngine(trt, trt.runtime(p.stem), p, cuda)
+
+        def _kernels(self, dtype, cc):
+            return EmulatedKernels(dtype, cuda)
+
+    EmulatedTrtPipeline.cuda = cuda
+    return EmulatedTrtPipeline(bundle, **kwargs)

@@ -1,0 +1,117 @@
+"""The TensorRT runtime's orchestration on the CPU: TrtPipeline on an emulated GPU (tests/engine/emulated_gpu.py).
+
+Engines are found in the bundle as on a GPU (real TensorRT-RTX builds for SM86), then run as ONNX Runtime
+sessions of the same fp16 ONNX; kernels run as numpy translations of latents.cu. So every image must equal
+the host pipeline's on the same fp16 ONNX bit for bit: any wrong binding, shape, offset, buffer size, cast,
+step order or stale buffer shows. The real GPU path is tests/engine/test_gpu_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install 'sdturbo[tensorrt-rtx]')")
+
+from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+from sdturbo.engine.engine_store import Profile
+from sdturbo.engine.errors import BundleError
+from sdturbo.engine.pipeline import Pipeline
+from sdturbo.export.trt_build import build_engines
+
+from tests.engine.emulated_gpu import EmulatedCuda, emulated_pipeline
+
+PROMPTS = ["a red cube on a table", "an astronaut riding a horse"]
+PROFILE = Profile.parse("1-2", "64-128")
+
+
+def with_engines(bundle, tmp_path_factory, name):
+    path = tmp_path_factory.mktemp(name) / "b"
+    shutil.copytree(bundle, path)
+    build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=86, opt_level=0)
+    return path
+
+
+@pytest.fixture(scope="module", params=["sd-turbo", "sdxl-turbo"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_bundle, xl_bundle, tmp_path_factory):
+    return {
+        "sd-turbo": with_engines(tiny_bundle, tmp_path_factory, "trt-sd"),
+        "sdxl-turbo": with_engines(xl_bundle, tmp_path_factory, "trt-xl"),
+    }
+
+
+@pytest.fixture(scope="module")
+def pipes(bundles, family):
+    path = bundles[family]
+    cuda = EmulatedCuda()  # one device for both, as in a process
+    return {
+        "graph": emulated_pipeline(path, cuda, cuda_graph=True),
+        "plain": emulated_pipeline(path, cuda, rtx=True, cuda_graph=False),
+        "host": Pipeline(path, OnnxRuntimeBackend("fp16")),
+    }
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_txt2img_equals_the_host_pipeline(pipes, steps):
+    kw = dict(steps=steps, height=64, width=96, seed=11)
+    want = pipes["host"](PROMPTS, **kw)
+    for mode in ("graph", "plain"):
+        np.testing.assert_array_equal(pipes[mode](PROMPTS, **kw), want, err_msg=mode)
+    assert want.std() > 0  # an image, not a constant
+
+
+def test_img2img_equals_the_host_pipeline(pipes):
+    image = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    kw = dict(steps=4, height=64, width=64, image=image, strength=0.5, seed=9)
+    want = pipes["host"](PROMPTS, **kw)
+    np.testing.assert_array_equal(pipes["graph"](PROMPTS, **kw), want)
+    np.testing.assert_array_equal(pipes["plain"](PROMPTS, **kw), want)
+
+
+def test_interleaved_requests_leave_no_stale_state(pipes):
+    """Prompts, seeds, sizes (up to the profile's maximum), batches and steps in turn, twice over: each
+    replayed graph equals the host pipeline, so nothing from an earlier request leaks into a later one."""
+    calls = [
+        (PROMPTS, 1, 64, 96, 1),
+        (PROMPTS[:1], 2, 64, 64, 2),
+        (PROMPTS, 3, 128, 128, 1),
+        (PROMPTS[::-1], 1, 64, 96, 1),
+        (PROMPTS[:1], 4, 128, 64, 4),
+    ]
+    graph = pipes["graph"]
+    captured = []
+    for _ in range(2):
+        for prompts, seed, h, w, steps in calls:
+            got = graph(prompts, height=h, width=w, seed=seed, steps=steps)
+            np.testing.assert_array_equal(got, pipes["host"](prompts, height=h, width=w, seed=seed, steps=steps))
+        captured.append(set(graph.graphs))
+    assert captured[0] == captured[1]  # the second round only replays
+
+
+def test_the_graph_replays_engines_instead_of_rerunning_python(pipes):
+    graph = pipes["graph"]
+    graph(PROMPTS, height=64, width=64, seed=1)
+    contexts = graph.emulated_trt.contexts
+    before = {n: c.enqueued for n, c in contexts.items()}
+    calls = graph.graphs.copy()
+    graph(PROMPTS, height=64, width=64, seed=2)
+    assert graph.graphs == calls  # no new capture
+    assert all(c.enqueued == before[n] + 1 for n, c in contexts.items() if n != "vae_encoder")
+
+
+def test_tensorrt_rtx_runtime_caches_are_saved_next_to_the_plans(pipes):
+    pipes["plain"](PROMPTS[:1], height=64, width=64)
+    for engine in pipes["plain"].engines.values():
+        assert engine.cache_path.read_bytes() == b"emulated runtime cache"
+
+
+def test_requests_outside_the_profile_are_refused(pipes):
+    with pytest.raises(BundleError, match="outside the engines' profile"):
+        pipes["graph"](PROMPTS, height=256, width=64)
