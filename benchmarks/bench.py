@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .contenders import Diffusers, Ours
+from .contenders import Diffusers, Ours, ancestral_noise
 from .timers import StageTimer, percentile
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,15 @@ def available(dev: str) -> list[str]:
     return names
 
 
-def make(name: str, folder, bundle, dev: str, timer: StageTimer):
+def make(name: str, folder, bundle, dev: str, timer: StageTimer, step_seed: int | None = None):
     if name.startswith("diffusers-"):
-        return Diffusers(folder, dev, name.split("-")[1], timer, compile=name.endswith("-compile"))
+        return Diffusers(folder, dev, name.split("-")[1], timer, compile=name.endswith("-compile"), step_seed=step_seed)
     backend, precision = name.removeprefix("sdturbo-").rsplit("-", 1)
     return Ours(bundle, backend, precision, timer)
 
 
 def run(cfg: BenchConfig) -> dict:
     from sdturbo.engine.cache import ensure_bundle
-    from sdturbo.engine.errors import InputError
     from sdturbo.engine.images import psnr, save_images
     from sdturbo.export.bundle_writer import tool_versions
     from sdturbo.export.models import model_family, resolve_model_folder
@@ -88,12 +87,14 @@ def run(cfg: BenchConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     folder = resolve_model_folder(cfg.model)
-    if model_family(folder) != "sd-turbo":
-        raise InputError(f"the benchmark covers SD-Turbo models so far; {cfg.model!r} is {model_family(folder)}")
+    ancestral = model_family(folder) == "sdxl-turbo"  # EulerAncestral: noise added at every step after the first
     bundle = {p: ensure_bundle(cfg.model, p) for p in {n.rsplit("-", 1)[1] for n in names if n.startswith("sdturbo")}}
     prompts = [cfg.prompt] * cfg.batch
     shape = (cfg.batch, 4, cfg.height // 8, cfg.width // 8)
     latents = np.random.default_rng(cfg.seed).standard_normal(shape, dtype=np.float32)
+    step_seed = cfg.seed if ancestral else None
+    ref_dtype = names[0].split("-")[1] if names[0].startswith("diffusers-") else "fp32"
+    step_noise = ancestral_noise(step_seed, cfg.steps, shape, ref_dtype) if ancestral else None
 
     log.info("measuring this machine's matmul rate and copy bandwidth")
     rates = machine_rates(dev)
@@ -107,8 +108,8 @@ def run(cfg: BenchConfig) -> dict:
         log.info("contender %s", name)
         timer = StageTimer(cuda=dev == "cuda" and name.startswith("diffusers"))
         precision = name.rsplit("-", 1)[1]
-        contender = make(name, folder, bundle.get(precision), dev, timer)
-        res = measure(contender, cfg, prompts, latents, timer, dev)
+        contender = make(name, folder, bundle.get(precision), dev, timer, step_seed)
+        res = measure(contender, cfg, prompts, latents, timer, dev, step_noise)
         res["floor_ms"] = floors
         res["over_floor"] = {
             k: res["stages_ms"][k] / floors[s]
@@ -146,7 +147,7 @@ def run(cfg: BenchConfig) -> dict:
     }
 
 
-def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, dev: str) -> dict:
+def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, dev: str, step_noise=None) -> dict:
     sync = _sync(dev)
     mem = Memory(dev)
     t = time.perf_counter()
@@ -157,7 +158,7 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
         timer.reset()
         sync()
         t = time.perf_counter()
-        image = contender(prompts, latents, cfg.steps, cfg.height, cfg.width)  # uint8 on the host
+        image = contender(prompts, latents, cfg.steps, cfg.height, cfg.width, step_noise)  # uint8 on the host
         ms = 1e3 * (time.perf_counter() - t)
         (warm if i < cfg.warmup else e2e).append(ms)
         if i >= cfg.warmup:

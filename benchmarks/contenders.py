@@ -1,12 +1,16 @@
-"""The contenders, behind one interface: ``load()``, then ``__call__(prompts, latents)`` -> uint8 [B, H, W, 3].
+"""The contenders, behind one interface: ``load()``, then ``__call__(prompts, latents, ...)`` -> uint8 [B, H, W, 3].
 
 Every contender gets the same weights, prompts, initial latents, size and steps; each call runs from the
-prompt strings to uint8 pixels in host memory.
+prompt strings to uint8 pixels in host memory. SDXL-Turbo's ancestral steps add noise at every step:
+diffusers draws it from a generator seeded with ``step_seed``, and ours is handed the same draws
+(``step_noise``) where the images are compared.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+from pathlib import Path
 
 import numpy as np
 
@@ -26,11 +30,12 @@ class Ours:
 
         self.pipe = open_pipeline(self.bundle, self.backend, self.precision, shape=shape).load()
         stages = getattr(self.pipe, "_stages", None)  # host pipelines; TensorRT runs as one graph
-        for name in stages or ():
-            stages[name] = TimedStage(stages[name], name, self.timer)
+        for name in stages or ():  # SDXL's second text encoder counts as text encoding
+            stages[name] = TimedStage(stages[name], name.removesuffix("_2"), self.timer)
 
-    def __call__(self, prompts, latents, steps: int, height: int, width: int) -> np.ndarray:
-        return self.pipe(prompts, steps=steps, height=height, width=width, latents=latents)
+    def __call__(self, prompts, latents, steps: int, height: int, width: int, step_noise=None) -> np.ndarray:
+        kw = {} if step_noise is None else {"step_noise": step_noise}
+        return self.pipe(prompts, steps=steps, height=height, width=width, latents=latents, **kw)
 
     def close(self) -> None:
         self.pipe = None
@@ -40,31 +45,40 @@ class Ours:
 class Diffusers:
     """diffusers' AutoPipelineForText2Image, eager or with torch.compile on the UNet and VAE decoder."""
 
-    def __init__(self, folder, device: str, dtype: str, timer: StageTimer, compile: bool = False):
+    def __init__(
+        self, folder, device: str, dtype: str, timer: StageTimer, compile: bool = False, step_seed: int | None = None
+    ):
         self.folder, self.device, self.dtype, self.timer, self.compile = folder, device, dtype, timer, compile
+        self.step_seed = step_seed  # None: no generator (SD-Turbo's Euler steps add no noise)
         self.name = f"diffusers-{dtype}" + ("-compile" if compile else "")
         self.pipe = None
 
     def load(self) -> None:
         import torch
         from diffusers import AutoPipelineForText2Image
+        from sdturbo.export.models import model_family
 
         dtype = getattr(torch, {"fp16": "float16", "fp32": "float32"}[self.dtype])
-        pipe = AutoPipelineForText2Image.from_pretrained(self.folder, torch_dtype=dtype).to(self.device)
+        xl = {"add_watermarker": False} if model_family(Path(self.folder)) == "sdxl-turbo" else {}  # pixels as made
+        pipe = AutoPipelineForText2Image.from_pretrained(self.folder, torch_dtype=dtype, **xl).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if self.compile:
             pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
             pipe.vae.decode = torch.compile(pipe.vae.decode, mode="max-autotune", fullgraph=True)
         self._hook(pipe.text_encoder, "text_encoder")
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            self._hook(pipe.text_encoder_2, "text_encoder")
         self._hook(pipe.unet, "unet")
         decode, step, timer = pipe.vae.decode, pipe.scheduler.step, self.timer
 
+        @functools.wraps(decode)
         def timed_decode(*a, **k):
             timer.start("vae_decoder")
             out = decode(*a, **k)
             timer.stop("vae_decoder")
             return out
 
+        @functools.wraps(step)  # the pipeline reads step's signature to decide whether to pass the generator
         def timed_step(*a, **k):
             timer.start("scheduler")
             out = step(*a, **k)
@@ -78,7 +92,8 @@ class Diffusers:
         module.register_forward_pre_hook(lambda *_: self.timer.start(name))
         module.register_forward_hook(lambda *_: self.timer.stop(name))
 
-    def __call__(self, prompts, latents, steps: int, height: int, width: int) -> np.ndarray:
+    def __call__(self, prompts, latents, steps: int, height: int, width: int, step_noise=None) -> np.ndarray:
+        """``step_noise`` is ignored: diffusers draws it, from ``step_seed`` (see ``ancestral_noise``)."""
         import torch
 
         lat = torch.from_numpy(latents).to(self.device, self._torch_dtype)
@@ -90,6 +105,7 @@ class Diffusers:
                 height=height,
                 width=width,
                 latents=lat,
+                generator=None if self.step_seed is None else torch.Generator().manual_seed(self.step_seed),
                 output_type="np",
             ).images
         return (out * 255).round().astype(np.uint8)
@@ -104,3 +120,13 @@ class Diffusers:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+def ancestral_noise(seed: int, steps: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The noise diffusers' ancestral scheduler draws at each step from a CPU generator seeded ``seed``
+    (when the latents are given, as here): [steps, *shape] float32 holding values of ``dtype``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    torch_dtype = getattr(torch, {"fp16": "float16", "fp32": "float32"}[dtype])
+    return torch.stack([torch.randn(shape, generator=g, dtype=torch_dtype) for _ in range(steps)]).float().numpy()

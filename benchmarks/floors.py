@@ -20,24 +20,39 @@ def stage_flops(folder: Path, batch: int, height: int, width: int) -> dict[str, 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    encoders = [("text_encoder", CLIPTextModel)]
+    if (folder / "text_encoder_2").is_dir():  # SDXL: both encoders count as text encoding
+        encoders.append(("text_encoder_2", CLIPTextModelWithProjection))
     with torch.device("meta"):
-        te_cfg = CLIPTextConfig.from_pretrained(folder / "text_encoder")
-        te_cfg._attn_implementation = "eager"
-        te = CLIPTextModel(te_cfg).eval()
+        tes = []
+        for sub, cls in encoders:
+            cfg = CLIPTextConfig.from_pretrained(folder / sub)
+            cfg._attn_implementation = "eager"
+            tes.append(cls(cfg).eval())
+        te = torch.nn.ModuleList(tes)
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")).eval()
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")).eval()
         unet.set_attn_processor(AttnProcessor())
         vae.set_attn_processor(AttnProcessor())
         f = 2 ** (len(vae.config.block_out_channels) - 1)
-        ids = torch.zeros(batch, te_cfg.max_position_embeddings, dtype=torch.int64)
-        hidden = torch.zeros(batch, te_cfg.max_position_embeddings, te_cfg.hidden_size)
+        seq = tes[0].config.max_position_embeddings
+        ids = torch.zeros(batch, seq, dtype=torch.int64)
+        hidden = torch.zeros(batch, seq, unet.config.cross_attention_dim)
+        cond = {}
+        if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size conditioning
+            cond = {
+                "added_cond_kwargs": {
+                    "text_embeds": torch.zeros(batch, tes[-1].config.projection_dim),
+                    "time_ids": torch.zeros(batch, 6),
+                }
+            }
         lat = torch.zeros(batch, vae.config.latent_channels, height // f, width // f)
         img = torch.zeros(batch, 3, height, width)
         calls = {
-            "text_encoder": (te, lambda: te(ids)),
-            "unet_step": (unet, lambda: unet(lat, torch.zeros(batch), hidden)),
+            "text_encoder": (te, lambda: [m(ids) for m in tes]),
+            "unet_step": (unet, lambda: unet(lat, torch.zeros(batch), hidden, **cond)),
             "vae_decoder": (vae, lambda: vae.decode(lat)),
             "vae_encoder": (vae, lambda: vae.encode(img)),
         }

@@ -51,3 +51,25 @@ def test_table_and_plot(results):
     table = report.markdown(res)
     assert "| sdturbo-onnxruntime-fp32 |" in table and "| diffusers-fp32 |" in table
     assert (out / "latency.png").stat().st_size > 1000 and (out / "results.md").is_file()
+
+
+def test_sdxl_runs_with_the_same_ancestral_noise(xl_folder, tmp_path):
+    """SDXL-Turbo, 2 ancestral steps: both contenders add the same per-step noise, so the images agree."""
+    cfg = BenchConfig(
+        model="random:sdxl-tiny",
+        width=64,
+        height=64,
+        steps=2,
+        runs=1,
+        warmup=0,
+        batches=(1,),
+        cold=False,
+        out=str(tmp_path),
+    )
+    res = run(cfg)
+    names = [c["name"] for c in res["contenders"]]
+    assert names == ["diffusers-fp32", "sdturbo-onnxruntime-fp32"]
+    assert res["flops"]["text_encoder"]["params"] > res["flops"]["vae_decoder"]["params"] > 0  # both encoders
+    ours = res["contenders"][1]
+    assert ours["stages_ms"]["text_encoder"] > 0 and ours["stages_ms"]["unet"] > 0
+    assert ours["psnr_vs_reference_db"] is None or ours["psnr_vs_reference_db"] >= 40
