@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .bundle import Bundle
 from .errors import BundleError, EngineMissing, InputError
+from .spec import axis_values
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,7 @@ class Profile:
 
     def dims(self, which: int, scale: int) -> dict[str, int]:
         """Axis values for min (0), opt (1) or max (2)."""
-        h, w = self.height[which], self.width[which]
-        return {
-            "batch": self.batch[which],
-            "height": h,
-            "width": w,
-            "latent_height": h // scale,
-            "latent_width": w // scale,
-        }
+        return axis_values(self.batch[which], self.height[which], self.width[which], scale)
 
     def check(self, bundle: Bundle) -> None:
         lim, f = bundle.limits, bundle.vae_scale_factor

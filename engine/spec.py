@@ -13,6 +13,17 @@ FLOAT = "float"
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
+def axis_values(batch: int, height: int, width: int, scale: int) -> dict[str, int]:
+    """Each symbolic axis's value for a batch at height x width pixels (latents are ``scale`` times smaller)."""
+    return {
+        "batch": batch,
+        "height": height,
+        "width": width,
+        "latent_height": height // scale,
+        "latent_width": width // scale,
+    }
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

@@ -29,7 +29,7 @@ from .errors import BackendError, BundleError, EngineMissing
 from .images import to_model_image
 from .request import Request, build_request
 from .schedule import MAX_STEPS, make_schedule
-from .spec import TensorSpec
+from .spec import TensorSpec, axis_values
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -188,15 +188,11 @@ class TrtPipeline:
 
     # -- buffers ----------------------------------------------------------------------------------
 
-    def dims(self, B: int, H: int, W: int) -> dict[str, int]:
-        f = self.bundle.vae_scale_factor
-        return {"batch": B, "height": H, "width": W, "latent_height": H // f, "latent_width": W // f}
-
     def _allocate(self) -> None:
         """Every buffer once, at the profile's maximum: the engine-bound ones sized from their specs."""
         p, c, dt = self.profile, self.bundle.latent_channels, self.dtype
         bmax = p.batch[2]
-        dmax = self.dims(bmax, p.height[2], p.width[2])
+        dmax = p.dims(2, self.bundle.vae_scale_factor)
         lat = (bmax, c, dmax["latent_height"], dmax["latent_width"])
         self.latent_max = int(np.prod(lat))
         sizes = {
@@ -219,14 +215,11 @@ class TrtPipeline:
         host = ("ids", "ids_2", "noise", "image_noise", "step_noise", "timesteps", "time_ids", "image_in", "pixels")
         self.host = {k: self.cuda.PinnedArray(*sizes[k]) for k in host if k in sizes}
 
-    def _put(self, name: str, values: np.ndarray) -> int:
-        """Copy ``values`` into the front of device buffer ``name`` (through its pinned twin); the bytes copied."""
+    def _put(self, name: str, values: np.ndarray) -> None:
+        """Copy ``values`` into the front of device buffer ``name``, through its pinned twin."""
         host = self.host[name]
-        flat = host.array.reshape(-1)
-        flat[: values.size] = values.astype(host.dtype, copy=False).ravel()
-        nbytes = values.size * host.dtype.itemsize
-        self.stream.copy_in(self.dev[name].ptr, host, nbytes)
-        return nbytes
+        host.array.reshape(-1)[: values.size] = values.astype(host.dtype, copy=False).ravel()
+        self.stream.copy_in(self.dev[name].ptr, host, values.size * host.dtype.itemsize)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -301,7 +294,7 @@ class TrtPipeline:
 
     def _prepare(self, B: int, H: int, W: int) -> None:
         """Every engine's input shapes (from its spec) and tensor addresses for one batch and size."""
-        dims = self.dims(B, H, W)
+        dims = axis_values(B, H, W, self.bundle.vae_scale_factor)
         for name, engine in self.engines.items():
             spec = self.specs[name]
             for t in spec.inputs:

@@ -37,9 +37,6 @@ class Memory:
         self.blocks[base] = np.full(nbytes, 0xFF, np.uint8)
         return base
 
-    def free(self, ptr: int) -> None:
-        del self.blocks[ptr]
-
     def view(self, ptr: int, nbytes: int) -> np.ndarray:
         for base, block in self.blocks.items():
             if base <= ptr < base + block.size:
