@@ -27,13 +27,17 @@ def tiny_folder(cache_dir):
     return resolve_model_folder("random:tiny")
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_folder, tmp_path_factory):
-    """random:tiny exported in fp32 and fp16, batch <= 4, sides 32-256 px."""
+def export_tiny(model: str, tmp_path_factory):
+    """``model`` exported in fp32 and fp16, batch <= 4, sides 32-256 px, into a fresh folder."""
     from sdturbo.export.bundle_writer import export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return export_bundle("random:tiny", out, ("fp32", "fp16"), max_batch=4, min_size=32, max_size=256)
+    out = tmp_path_factory.mktemp("bundles") / model.removeprefix("random:")
+    return export_bundle(model, out, ("fp32", "fp16"), max_batch=4, min_size=32, max_size=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_folder, tmp_path_factory):
+    return export_tiny("random:tiny", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +57,7 @@ def xl_folder(cache_dir):
 
 @pytest.fixture(scope="session")
 def xl_bundle(xl_folder, tmp_path_factory):
-    from sdturbo.export.bundle_writer import export_bundle
-
-    out = tmp_path_factory.mktemp("xl") / "bundle"
-    return export_bundle("random:sdxl-tiny", out, ("fp32", "fp16"), max_batch=4, min_size=32, max_size=256)
+    return export_tiny("random:sdxl-tiny", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
