@@ -40,6 +40,7 @@ class BenchConfig:
     prompt: str = "a cinematic shot of a baby racoon wearing an intricate italian priest robe"
     seed: int = 0
     cold: bool = True
+    compile_mode: str = "max-autotune"  # torch.compile's mode for the diffusers-*-compile contender
     out: str = "benchmarks/results/latest"
 
 
@@ -67,9 +68,10 @@ def available(dev: str) -> list[str]:
     return names
 
 
-def make(name: str, folder, bundle, dev: str, timer: StageTimer, step_seed: int | None = None):
+def make(name: str, folder, bundle, dev: str, timer: StageTimer, step_seed: int | None = None, compile_mode=None):
     if name.startswith("diffusers-"):
-        return Diffusers(folder, dev, name.split("-")[1], timer, compile=name.endswith("-compile"), step_seed=step_seed)
+        compile_mode = (compile_mode or "max-autotune") if name.endswith("-compile") else None
+        return Diffusers(folder, dev, name.split("-")[1], timer, compile_mode=compile_mode, step_seed=step_seed)
     backend, precision = name.removeprefix("sdturbo-").rsplit("-", 1)
     return Ours(bundle, backend, precision, timer)
 
@@ -104,12 +106,18 @@ def run(cfg: BenchConfig) -> dict:
     floors["end_to_end"] = floors["text_encoder"] + cfg.steps * floors["unet_step"] + floors["vae_decoder"]
 
     results, reference = [], None
+    failed = []
     for name in names:
         log.info("contender %s", name)
         timer = StageTimer(cuda=dev == "cuda" and name.startswith("diffusers"))
         precision = name.rsplit("-", 1)[1]
-        contender = make(name, folder, bundle.get(precision), dev, timer, step_seed)
-        res = measure(contender, cfg, prompts, latents, timer, dev, step_noise)
+        try:
+            contender = make(name, folder, bundle.get(precision), dev, timer, step_seed, cfg.compile_mode)
+            res = measure(contender, cfg, prompts, latents, timer, dev, step_noise)
+        except Exception as e:  # one contender that cannot run here is reported, the others still run
+            log.exception("contender %s failed", name)
+            failed.append({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+            continue
         res["floor_ms"] = floors
         res["over_floor"] = {
             k: res["stages_ms"][k] / floors[s]
@@ -131,6 +139,8 @@ def run(cfg: BenchConfig) -> dict:
             res["cold_start"] = cold_start(name, folder, bundle.get(precision), dev, cfg)
         contender.close()
         results.append(res)
+    if reference is None:
+        raise RuntimeError(f"no contender ran: {failed}")
     ref_ms = results[0]["e2e_ms"]["median"]
     for r in results:
         r["speedup_vs_reference"] = ref_ms / r["e2e_ms"]["median"]
@@ -143,6 +153,7 @@ def run(cfg: BenchConfig) -> dict:
         "rates": rates,
         "flops": flops,
         "contenders": results,
+        "failed": failed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -170,6 +181,7 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
     st["unet_per_step"] = st["unet"] / cfg.steps
     return {
         "name": contender.name,
+        "cuda_graph": getattr(contender, "graph_status", None),  # TensorRT: "on", or "off: why"
         "load_s": load_s,
         "warmup_ms": warm,
         "stages_ms": st,

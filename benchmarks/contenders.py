@@ -29,6 +29,7 @@ class Ours:
         from sdturbo.engine.runtime import open_pipeline
 
         self.pipe = open_pipeline(self.bundle, self.backend, self.precision, shape=shape).load()
+        self.graph_status = getattr(self.pipe, "graph_status", None)
         stages = getattr(self.pipe, "_stages", None)  # host pipelines; TensorRT runs as one graph
         for name in stages or ():  # SDXL's second text encoder counts as text encoding
             stages[name] = TimedStage(stages[name], name.removesuffix("_2"), self.timer)
@@ -46,11 +47,19 @@ class Diffusers:
     """diffusers' AutoPipelineForText2Image, eager or with torch.compile on the UNet and VAE decoder."""
 
     def __init__(
-        self, folder, device: str, dtype: str, timer: StageTimer, compile: bool = False, step_seed: int | None = None
+        self,
+        folder,
+        device: str,
+        dtype: str,
+        timer: StageTimer,
+        compile_mode: str | None = None,
+        step_seed: int | None = None,
     ):
-        self.folder, self.device, self.dtype, self.timer, self.compile = folder, device, dtype, timer, compile
+        """``compile_mode``: torch.compile's mode for the UNet and VAE decoder (None: eager)."""
+        self.folder, self.device, self.dtype, self.timer = folder, device, dtype, timer
+        self.compile_mode = compile_mode
         self.step_seed = step_seed  # None: no generator (SD-Turbo's Euler steps add no noise)
-        self.name = f"diffusers-{dtype}" + ("-compile" if compile else "")
+        self.name = f"diffusers-{dtype}" + ("-compile" if compile_mode else "")
         self.pipe = None
 
     def load(self) -> None:
@@ -62,9 +71,9 @@ class Diffusers:
         xl = {"add_watermarker": False} if model_family(Path(self.folder)) == "sdxl-turbo" else {}  # pixels as made
         pipe = AutoPipelineForText2Image.from_pretrained(self.folder, torch_dtype=dtype, **xl).to(self.device)
         pipe.set_progress_bar_config(disable=True)
-        if self.compile:
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune", fullgraph=True)
-            pipe.vae.decode = torch.compile(pipe.vae.decode, mode="max-autotune", fullgraph=True)
+        if self.compile_mode:
+            pipe.unet = torch.compile(pipe.unet, mode=self.compile_mode, fullgraph=True)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=self.compile_mode, fullgraph=True)
         self._hook(pipe.text_encoder, "text_encoder")
         if getattr(pipe, "text_encoder_2", None) is not None:
             self._hook(pipe.text_encoder_2, "text_encoder")

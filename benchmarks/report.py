@@ -29,6 +29,11 @@ def markdown(results: dict) -> str:
             f"| {'-' if cold is None else f'{cold:.2f}'} | {r['peak_memory_mb']:.0f} "
             f"| {_db(r['psnr_vs_reference_db'])} |"
         )
+    for f in results.get("failed", []):
+        lines.append(f"| {f['name']} | failed: {f['error'].splitlines()[0][:200]} |" + " |" * 13)
+    graphs = [f"{r['name']}: {r['cuda_graph']}" for r in results["contenders"] if r.get("cuda_graph")]
+    if graphs:
+        lines += ["", "CUDA graph: " + "; ".join(graphs)]
     floor = results["contenders"][0]["floor_ms"]
     lines += [
         "",

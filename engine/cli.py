@@ -135,6 +135,7 @@ def cmd_bench(args) -> None:
         batches=tuple(int(b) for b in args.batches.split(",")),
         contenders=tuple(args.contenders.split(",")) if args.contenders else (),
         cold=not args.no_cold,
+        compile_mode=args.compile_mode,
         out=args.out,
     )
     results = run(cfg)
@@ -212,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batches", default="1", help="throughput sweep, e.g. 1,4,8,16 (default 1)")
     n.add_argument("--contenders", help="comma-separated subset (default: all available here)")
     n.add_argument("--no-cold", action="store_true", help="skip the process-start-to-first-image runs")
+    n.add_argument(
+        "--compile-mode",
+        default="max-autotune",
+        help="torch.compile mode for diffusers-fp16-compile (default max-autotune; 'default' compiles faster)",
+    )
     n.add_argument("--out", default="benchmarks/results/latest", help="folder for results.json, .md, plot, images")
     n.set_defaults(func=cmd_bench)
 

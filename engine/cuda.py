@@ -53,6 +53,20 @@ def current_compute_capability(device: int = 0) -> int:
     return major * 10 + minor
 
 
+_CONTEXTS: set[int] = set()
+
+
+def ensure_context(device: int = 0) -> None:
+    """Make ``device``'s primary context current on this thread. Runtime-API calls such as
+    cudaDeviceGetAttribute do not create one, but driver-API calls (cuModuleLoadData) and TensorRT-RTX's
+    runtime cache need it. cudaSetDevice makes the primary context current; cudaFree(0) initialises it."""
+    _, rt, _ = bindings()
+    check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+    if device not in _CONTEXTS:
+        check(rt.cudaFree(0), "cudaFree(0) (CUDA context initialisation)")
+        _CONTEXTS.add(device)
+
+
 def gpu_available() -> bool:
     try:
         _, rt, _ = bindings()
@@ -112,6 +126,10 @@ class Stream:
         rt = self._rt
         check(rt.cudaMemcpyAsync(dst.ptr, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.handle), "D2H")
 
+    def copy_d2d(self, dst: int, src: int, nbytes: int) -> None:
+        rt = self._rt
+        check(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.handle), "D2D")
+
     def copy_2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, rows: int) -> None:
         """Device to device: ``rows`` rows of ``width`` bytes (a concatenation along the last axis is one)."""
         rt = self._rt
@@ -134,8 +152,10 @@ class Graph:
         )
         try:
             fn()
-        finally:
-            graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
+        except BaseException:
+            rt.cudaStreamEndCapture(stream.handle)  # end the broken capture; the error that broke it is the one raised
+            raise
+        graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
         self._graph = graph
         self._exec = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
 

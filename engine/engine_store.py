@@ -88,6 +88,11 @@ def engine_dir(bundle: Bundle, flavour: str, version: str, device: str, profile:
     return bundle.root / "engines" / f"{flavour}-{version}-{device}" / profile.tag
 
 
+# Builder flags every engine of a flavour is built with; part of the key, so engines built without them are
+# rebuilt. TensorRT-RTX needs REQUIRE_USER_ALLOCATION for CUDA stream capture (release notes 1.2).
+BUILDER_FLAGS = {"tensorrt": (), "tensorrt-rtx": ("REQUIRE_USER_ALLOCATION",)}
+
+
 def engine_key(bundle: Bundle, component: str, flavour: str, version: str, device: str, profile: Profile) -> dict:
     return {
         "component": component,
@@ -96,6 +101,7 @@ def engine_key(bundle: Bundle, component: str, flavour: str, version: str, devic
         "library_version": version,
         "device": device,
         "profile": asdict(profile),
+        "builder_flags": list(BUILDER_FLAGS.get(flavour, ())),
     }
 
 
@@ -108,6 +114,7 @@ def stale_reason(record: dict, key: dict) -> str | None:
         "device": "another device",
         "profile": "another shape profile",
         "library": "another library",
+        "builder_flags": "other builder flags",
     }
     for field, why in names.items():
         want, got = key.get(field), have.get(field)

@@ -38,32 +38,65 @@ PRECISION = "fp16"  # TensorRT engines are built from the fp16 ONNX (strongly ty
 
 
 class TrtEngine:
-    """One component's engine and execution context, with context memory that never moves."""
+    """One component's engine, its device memory, and execution contexts made on demand.
+
+    Each captured shape gets contexts of its own (``context()``): a CUDA graph is tied to the state of the
+    context it was captured with, and TensorRT's guidance is never to change that state afterwards. The
+    contexts of one engine share its device memory (one stream: they never run at once)."""
 
     def __init__(self, trt, runtime, plan: Path, cuda=cuda_module):
+        self.trt = trt
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise BackendError(f"TensorRT could not load {plan} (see the [TRT] messages above)")
         self.name = plan.stem
         self.cache_path = plan.with_suffix(".runtime-cache")
         self.runtime_cache = None
-        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
-        if hasattr(self.engine, "create_runtime_config"):  # TensorRT-RTX: its JIT kernels cached across runs
-            config = self.engine.create_runtime_config()
-            config.set_execution_context_allocation_strategy(strategy)
-            self.runtime_cache = config.create_runtime_cache()
+        self.rtx = hasattr(self.engine, "create_runtime_config")
+        if self.rtx:  # TensorRT-RTX: its JIT kernels cached across runs (one cache for every context)
+            self.runtime_cache = self.engine.create_runtime_config().create_runtime_cache()
             if self.cache_path.is_file() and not self.runtime_cache.deserialize(self.cache_path.read_bytes()):
                 log.warning("ignoring unreadable runtime cache %s", self.cache_path)
-            config.set_runtime_cache(self.runtime_cache)
-            self.context = self.engine.create_execution_context(config)
-        else:
-            self.context = self.engine.create_execution_context(strategy)
-        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        size = getattr(self.engine, "device_memory_size_v2", None)  # TensorRT >= 10.1 and TensorRT-RTX
+        if size is None:
+            size = self.engine.device_memory_size
         self.memory = cuda.DeviceBuffer(size)
-        if hasattr(self.context, "set_device_memory"):
-            self.context.set_device_memory(self.memory.ptr, self.memory.nbytes)
+
+    def context(self) -> TrtContext:
+        """A new execution context on this engine's memory."""
+        strategy = self.trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        config = None
+        if self.rtx:
+            config = self.engine.create_runtime_config()
+            config.set_execution_context_allocation_strategy(strategy)
+            config.set_runtime_cache(self.runtime_cache)
+            eager = getattr(getattr(self.trt, "DynamicShapesKernelSpecializationStrategy", None), "EAGER", None)
+            if eager is not None:  # compile the shape-specialised kernels before the first enqueue returns,
+                config.dynamic_shapes_kernel_specialization_strategy = eager  # so no generic one is captured
+            context = self.engine.create_execution_context(config)
         else:
-            self.context.device_memory = self.memory.ptr
+            context = self.engine.create_execution_context(strategy)
+        if context is None:
+            raise BackendError(
+                f"TensorRT could not create an execution context for {self.name} (see the [TRT] messages above)"
+            )
+        if hasattr(context, "set_device_memory"):
+            context.set_device_memory(self.memory.ptr, self.memory.nbytes)
+        else:
+            context.device_memory = self.memory.ptr
+        return TrtContext(self.name, context, config)
+
+    def save_runtime_cache(self) -> None:
+        """TensorRT-RTX: keep the kernels it compiled for this GPU, so the next load skips that work."""
+        if self.runtime_cache is not None:
+            atomic_write(self.cache_path, bytes(memoryview(self.runtime_cache.serialize())))
+
+
+class TrtContext:
+    """An execution context, with the runtime config it was made from kept alive as long as it is."""
+
+    def __init__(self, name: str, context, config=None):
+        self.name, self.context, self._config = name, context, config
 
     def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if not self.context.set_input_shape(name, tuple(int(d) for d in shape)):
@@ -77,25 +110,20 @@ class TrtEngine:
         if not self.context.execute_async_v3(stream.ptr):
             raise BackendError(f"TensorRT could not enqueue {self.name} (see the [TRT] messages above)")
 
-    def save_runtime_cache(self) -> None:
-        """TensorRT-RTX: keep the kernels it compiled for this GPU, so the next load skips that work."""
-        if self.runtime_cache is not None:
-            atomic_write(self.cache_path, bytes(memoryview(self.runtime_cache.serialize())))
-
     def capturable(self, stream) -> bool:
         check_fn = getattr(self.context, "is_stream_capturable", None)
         return True if check_fn is None else bool(check_fn(stream.ptr))
 
 
 def bindings(family: str, latent_dtype: str, specs: dict) -> dict[str, dict[str, str]]:
-    """Each engine tensor -> the device buffer it reads or writes (the UNet's timestep is bound per step).
+    """Each engine tensor -> the device buffer it reads or writes (every address fixed once per context).
 
     A VAE whose latents are not in the latents' dtype (SDXL's fp32 VAE) gets buffers of its own,
     filled and drained by cast kernels."""
     xl = family == "sdxl-turbo"
     out = {
         "text_encoder": {"input_ids": "ids", "hidden_states": "hidden_1" if xl else "hidden"},
-        "unet": {"sample": "x_in", "hidden_states": "hidden", "noise_pred": "eps"},
+        "unet": {"sample": "x_in", "timestep": "timestep", "hidden_states": "hidden", "noise_pred": "eps"},
         "vae_decoder": {"image": "image_out"},
         "vae_encoder": {"image": "image_in", "noise": "image_noise"},
     }
@@ -134,11 +162,13 @@ class TrtPipeline:
         self.bundle = b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.tokenizers = [PromptTokenizer(*t) for t in b.tokenizers]
         self.seq = self.tokenizers[0].max_length
+        self.cuda.ensure_context()  # before TensorRT, the runtime cache and the kernels touch the GPU
         cc = self.cuda.current_compute_capability()
         self.flavour, self.version, open_engine = self._engine_loader(flavour)
         self.device = f"sm{cc}"
         self.profile = profile or self._choose_profile(shape)
         self.cuda_graph = cuda_graph
+        self.graph_off_reason = None if cuda_graph else "turned off by the caller"
         self.engines = {}
         for name in b.component_names:
             try:
@@ -158,6 +188,7 @@ class TrtPipeline:
         self.stream = self.cuda.Stream()
         self._allocate()
         self.graphs: dict[tuple, object] = {}
+        self.contexts: dict[tuple, dict[str, TrtContext]] = {}  # (batch, height, width) -> one per engine
 
     def _engine_loader(self, flavour: str | None):
         """(flavour, library version, plan -> engine)."""
@@ -200,6 +231,7 @@ class TrtPipeline:
             "x": (lat, dt),
             "encoded": (lat, dt),
             "timesteps": ((MAX_STEPS, bmax), np.float32),
+            "timestep": ((bmax,), np.float32),  # this step's row of timesteps, copied in on the device
             "pixels": ((bmax, p.height[2], p.width[2], 3), np.uint8),
         }
         if self.ancestral:
@@ -265,20 +297,22 @@ class TrtPipeline:
             self._put("image_noise", image_noise)
             self._put("image_in", to_model_image(req.image, self.dtype))  # then to the encoder's dtype, as diffusers
         key = (B, H, W, sched.steps, req.strength if img2img else None)
+        ctx = self._contexts(B, H, W)
         if not self.cuda_graph:
-            self._prepare(B, H, W)
-            self._enqueue(sched, B, H, W, img2img)
+            self._enqueue(ctx, sched, B, H, W, img2img)
         else:
             if key not in self.graphs:
-                self._prepare(B, H, W)
                 for _ in range(WARMUP_RUNS):
-                    self._enqueue(sched, B, H, W, img2img)
+                    self._enqueue(ctx, sched, B, H, W, img2img)
                 s.synchronize()
-                if not all(e.capturable(s) for e in self.engines.values()):
-                    log.warning("TensorRT reports a context that cannot be captured; running without a CUDA graph")
-                    self.cuda_graph = False
+                refused = [name for name, c in ctx.items() if not c.capturable(s)]
+                if refused:
+                    self._graph_off(
+                        f"TensorRT says the {', '.join(refused)} context(s) cannot be stream-captured "
+                        f"(engines built without REQUIRE_USER_ALLOCATION?)"
+                    )
                     return self.run(req)
-                self.graphs[key] = self.cuda.Graph(s, lambda: self._enqueue(sched, B, H, W, img2img))
+                self.graphs[key] = self.cuda.Graph(s, lambda: self._enqueue(ctx, sched, B, H, W, img2img))
             self.graphs[key].launch()
         pixels = self.host["pixels"]
         s.copy_out(pixels, self.dev["pixels"].ptr, B * H * W * 3)
@@ -292,19 +326,36 @@ class TrtPipeline:
                 engine.save_runtime_cache()
             self._caches_saved = True
 
-    def _prepare(self, B: int, H: int, W: int) -> None:
-        """Every engine's input shapes (from its spec) and tensor addresses for one batch and size."""
-        dims = axis_values(B, H, W, self.bundle.vae_scale_factor)
-        for name, engine in self.engines.items():
-            spec = self.specs[name]
-            for t in spec.inputs:
-                engine.set_shape(t.name, t.concrete(dims))
-            for tensor, buf in self.binds[name].items():
-                engine.bind(tensor, self.dev[buf].ptr)
+    def _graph_off(self, reason: str) -> None:
+        log.warning(
+            "CUDA graph OFF for %s: %s; running every request enqueue by enqueue (slower)", self.bundle.root, reason
+        )
+        self.cuda_graph, self.graph_off_reason = False, reason
 
-    def _enqueue(self, sched, B: int, H: int, W: int, img2img: bool) -> None:
-        """Everything one request does on the stream, in order; captured once per shape."""
-        s, d, e = self.stream, self.dev, self.engines
+    @property
+    def graph_status(self) -> str:
+        """ "on", or "off: why" (for ``info`` and the benchmark's JSON)."""
+        return "on" if self.cuda_graph else f"off: {self.graph_off_reason}"
+
+    def _contexts(self, B: int, H: int, W: int) -> dict[str, TrtContext]:
+        """This shape's execution contexts, one per engine: shapes (from the specs) and addresses set once,
+        never changed after (a graph captured with them stays valid)."""
+        key = (B, H, W)
+        if key not in self.contexts:
+            dims = axis_values(B, H, W, self.bundle.vae_scale_factor)
+            contexts = {}
+            for name, engine in self.engines.items():
+                contexts[name] = c = engine.context()
+                for t in self.specs[name].inputs:
+                    c.set_shape(t.name, t.concrete(dims))
+                for tensor, buf in self.binds[name].items():
+                    c.bind(tensor, self.dev[buf].ptr)
+            self.contexts[key] = contexts
+        return self.contexts[key]
+
+    def _enqueue(self, e: dict[str, TrtContext], sched, B: int, H: int, W: int, img2img: bool) -> None:
+        """Everything one request does on the stream, in order, with this shape's contexts ``e``; captured once."""
+        s, d = self.stream, self.dev
         k = self.kernels[self.dtype.name]
         f = self.bundle.vae_scale_factor
         n = B * self.bundle.latent_channels * (H // f) * (W // f)
@@ -323,7 +374,7 @@ class TrtPipeline:
         for i in range(sched.steps):
             sigma = sched.sigmas[i]
             k.scale_input(d["x"].ptr, d["x_in"].ptr, float(np.sqrt(sigma**2 + np.float32(1))), n, s.ptr)
-            e["unet"].bind("timestep", d["timesteps"].ptr + i * bmax * 4)
+            s.copy_d2d(d["timestep"].ptr, d["timesteps"].ptr + i * bmax * 4, B * 4)
             e["unet"].enqueue(s)
             if sched.ancestral:
                 up, down = sched.sigma_up_down(i)

@@ -33,6 +33,25 @@ def device_name(trt, flavour: str, compute_capability: int | None) -> tuple[str,
     return f"sm{current_compute_capability()}", None
 
 
+def rtx_target(trt, target: int | None, device: str):
+    """TensorRT-RTX's ComputeCapability for the build: ``target``, or this GPU's own member; a GPU that the
+    library has no member for (SM90: H100/H200) is built for with CURRENT, and said so."""
+    if target is not None:
+        return compute_capability_enum(trt, target)
+    member = f"SM{device.removeprefix('sm')}"
+    if member in trt.ComputeCapability.__members__:
+        return trt.ComputeCapability.__members__[member]
+    log.warning(
+        "%s %s has no target %s (its support matrix lists RTX GPUs: %s); building with "
+        "ComputeCapability.CURRENT for this GPU",
+        trt.__name__,
+        trt.__version__,
+        member,
+        ", ".join(m[2:] for m in trt.ComputeCapability.__members__ if m.startswith("SM")),
+    )
+    return trt.ComputeCapability.CURRENT
+
+
 def build_engines(
     bundle_path,
     flavour: str | None = None,
@@ -103,9 +122,13 @@ def _build_one(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BundleError(f"TensorRT cannot parse {comp.onnx}: {errors}")
     config = builder.create_builder_config()
-    if target is not None:
+    for flag in key["builder_flags"]:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if key["library"] == "tensorrt-rtx":
+        # One target, always: the one asked for, else this GPU. (Left alone, TensorRT-RTX builds a portable
+        # engine for 8.6, 8.9 and 12.0, whatever GPU is here.)
         config.num_compute_capabilities = 1
-        config.set_compute_capability(compute_capability_enum(trt, target), 0)
+        config.set_compute_capability(rtx_target(trt, target, key["device"]), 0)
     config.builder_optimization_level = opt_level
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -145,6 +168,7 @@ def _build_one(
             "workspace_gb": workspace_gb,
             "strongly_typed": True,
             "target_compute_capability": target,
+            "flags": key["builder_flags"],
             "profile": asdict(profile),
         },
         # What TensorRT's network holds, read back from the parsed graph (not copied from the manifest).

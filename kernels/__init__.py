@@ -1,7 +1,8 @@
 """Device code between the engines, compiled at run time with NVRTC (cuda-python); nothing runs at import.
 
-``load_kernels(dtype, compute_capability)`` compiles ``latents.cu`` once per (dtype, arch) and returns
-launchers that check their arguments. Host twins of every kernel: engine/schedule.py, engine/images.py.
+``load_kernels(dtype, compute_capability)`` compiles ``latents.cu`` once per (dtype, arch) to a cubin for
+exactly that SM (no PTX: a driver older than NVRTC cannot JIT its PTX) and returns launchers that check
+their arguments. Host twins of every kernel: engine/schedule.py, engine/images.py.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ TYPES = {"float16": "1", "float32": "0"}  # -DSDT_HALF=
 BLOCK = 256
 
 
-def compile_ptx(dtype: str, compute_capability: int) -> bytes:
-    """NVRTC: latents.cu -> PTX for ``compute_<cc>`` with T = ``dtype``. Needs no GPU."""
+def _compile(dtype: str, arch: str, output: str) -> bytes:
+    """NVRTC: latents.cu with T = ``dtype`` for ``--gpu-architecture=arch``; ``output`` is "PTX" or "CUBIN"."""
     from sdturbo.engine.cuda import bindings, check
 
     if dtype not in TYPES:
@@ -24,22 +25,35 @@ def compile_ptx(dtype: str, compute_capability: int) -> bytes:
     _, _, nvrtc = bindings()
     src = SOURCE.read_bytes()
     prog = check(nvrtc.nvrtcCreateProgram(src, b"latents.cu", 0, [], []), "nvrtcCreateProgram")
-    opts = [
-        f"--gpu-architecture=compute_{compute_capability}".encode(),
-        f"-DSDT_HALF={TYPES[dtype]}".encode(),
-        b"--fmad=false",
-        b"--std=c++17",
-    ]
-    status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    log_size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-    log = b" " * log_size
-    check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
-    check(status, f"NVRTC compile of {SOURCE.name} ({dtype}, sm{compute_capability}): {log.decode(errors='replace')}")
-    size = check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
-    ptx = b" " * size
-    check(nvrtc.nvrtcGetPTX(prog, ptx), "nvrtcGetPTX")
-    check(nvrtc.nvrtcDestroyProgram(prog), "nvrtcDestroyProgram")
-    return ptx
+    try:
+        opts = [
+            f"--gpu-architecture={arch}".encode(),
+            f"-DSDT_HALF={TYPES[dtype]}".encode(),
+            b"--fmad=false",
+            b"--std=c++17",
+        ]
+        status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        log_size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * log_size
+        check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        check(status, f"NVRTC compile of {SOURCE.name} ({dtype}, {arch}): {log.decode(errors='replace')}")
+        size = check(getattr(nvrtc, f"nvrtcGet{output}Size")(prog), f"nvrtcGet{output}Size")
+        out = b" " * size
+        check(getattr(nvrtc, f"nvrtcGet{output}")(prog, out), f"nvrtcGet{output}")
+    finally:
+        check(nvrtc.nvrtcDestroyProgram(prog), "nvrtcDestroyProgram")
+    return out
+
+
+def compile_ptx(dtype: str, compute_capability: int) -> bytes:
+    """PTX for ``compute_<cc>`` (for inspection: what runs is the cubin). Needs no GPU."""
+    return _compile(dtype, f"compute_{compute_capability}", "PTX")
+
+
+def compile_cubin(dtype: str, compute_capability: int) -> bytes:
+    """Machine code for exactly ``sm_<cc>``. Loading it needs no PTX JIT in the driver, so a driver older
+    than this NVRTC (which emits a PTX ISA that driver cannot read) still runs it. Needs no GPU."""
+    return _compile(dtype, f"sm_{compute_capability}", "CUBIN")
 
 
 class Kernels:
@@ -57,12 +71,16 @@ class Kernels:
     )
 
     def __init__(self, dtype: str, compute_capability: int):
-        from sdturbo.engine.cuda import bindings, check
+        from sdturbo.engine.cuda import bindings, check, ensure_context
 
         driver, _, _ = bindings()
         self._driver, self._check = driver, check
         self.dtype = dtype
-        module = check(driver.cuModuleLoadData(compile_ptx(dtype, compute_capability)), "cuModuleLoadData")
+        ensure_context()  # the driver API loads a module into the current context: make sure there is one
+        cubin = compile_cubin(dtype, compute_capability)
+        module = check(
+            driver.cuModuleLoadData(cubin), f"cuModuleLoadData (latents.cu, {dtype}, sm_{compute_capability})"
+        )
         self._fn = {
             n: check(driver.cuModuleGetFunction(module, n.encode()), f"cuModuleGetFunction({n})") for n in self.NAMES
         }

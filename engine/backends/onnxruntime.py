@@ -62,6 +62,13 @@ class OnnxRuntimeBackend:
         missing = [p for p in providers if p not in onnxruntime.get_available_providers()]
         if missing:
             raise BackendError(f"onnxruntime here lacks {missing}; it has {onnxruntime.get_available_providers()}")
+        if "CUDAExecutionProvider" in providers and hasattr(onnxruntime, "preload_dlls"):
+            # onnxruntime-gpu finds CUDA and cuDNN from NVIDIA's pip packages only once they are loaded
+            # (importing torch does it too; a lean runtime has no torch).
+            try:
+                onnxruntime.preload_dlls()
+            except Exception as e:  # the session's own check below says what is missing
+                log.debug("onnxruntime.preload_dlls: %s", e)
         self._ort = onnxruntime
         self.name = "onnxruntime-cuda" if "CUDAExecutionProvider" in providers else "onnxruntime"
         self.precision = precision
@@ -97,4 +104,12 @@ class OnnxRuntimeBackend:
         dtypes = {t.name: np.dtype(t.dtype) for t in comp.spec.inputs}
         log.debug("loaded %s (%s) on %s", component, self.precision, session.get_providers())
         cuda = "CUDAExecutionProvider" in session.get_providers()
+        if "CUDAExecutionProvider" in self.providers and not cuda:
+            # ONNX Runtime falls back to the CPU when the CUDA provider fails to load (a missing cuDNN or
+            # CUDA library); a GPU backend that quietly runs on the CPU is refused instead.
+            raise BackendError(
+                f"onnxruntime could not use CUDA for {component} (the session runs on {session.get_providers()}); "
+                "see onnxruntime's messages above for the library it could not load "
+                "(onnxruntime-gpu needs CUDA 12/13 and cuDNN 9: pip install 'sdturbo[cuda]')"
+            )
         return (OrtCudaStage if cuda else OrtStage)(session, dtypes)

@@ -56,6 +56,7 @@ class EmulatedCuda:
     def __init__(self, compute_capability: int = 86):
         self.memory = mem = Memory()
         self.cc = compute_capability
+        self.context_current = False  # cudaSetDevice/cudaFree(0) in ensure_context; the driver API needs it
         self.streams: dict[int, object] = {}  # kernels are launched on a stream's address, as in CUDA
         streams = self.streams
 
@@ -92,6 +93,9 @@ class EmulatedCuda:
 
                 self.do(op)
 
+            def copy_d2d(self, dst: int, src: int, nbytes: int) -> None:
+                self.do(lambda: mem.view(dst, nbytes).__setitem__(slice(None), mem.view(src, nbytes).copy()))
+
             def copy_2d(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, rows: int) -> None:
                 def op():
                     for r in range(rows):
@@ -110,6 +114,9 @@ class EmulatedCuda:
                     fn()
                 finally:
                     self.ops, stream.recording = stream.recording, None
+                for ctx in EmulatedContext.enqueued_while_capturing:  # TensorRT: a captured context's state is frozen
+                    ctx.captured = True
+                EmulatedContext.enqueued_while_capturing.clear()
 
             def launch(self) -> None:
                 for op in self.ops:
@@ -120,6 +127,9 @@ class EmulatedCuda:
     def current_compute_capability(self, device: int = 0) -> int:
         return self.cc
 
+    def ensure_context(self, device: int = 0) -> None:
+        self.context_current = True
+
 
 class EmulatedTensorRT:
     """The TensorRT API calls TrtEngine makes (TensorRT 10/11, or TensorRT-RTX with ``rtx``), with
@@ -128,9 +138,12 @@ class EmulatedTensorRT:
     class ExecutionContextAllocationStrategy:
         USER_MANAGED = "user-managed"
 
+    class DynamicShapesKernelSpecializationStrategy:
+        LAZY, EAGER, NONE = "lazy", "eager", "none"
+
     def __init__(self, bundle: Bundle, cuda: EmulatedCuda, rtx: bool = False):
         self.bundle, self.cuda, self.rtx = bundle, cuda, rtx
-        self.contexts: dict[str, EmulatedContext] = {}
+        self.contexts: dict[str, list[EmulatedContext]] = {}  # every context made, per component
 
     def runtime(self, component: str):
         """A Runtime whose next deserialized plan is ``component``'s (the plan bytes themselves are not read)."""
@@ -144,12 +157,15 @@ class EmulatedTensorRT:
 
 
 class EmulatedCudaEngine:
-    device_memory_size = 1 << 20
-
     def __init__(self, trt: EmulatedTensorRT, component: str):
         self.trt, self.component = trt, component
-        if trt.rtx:
+        if not trt.cuda.context_current:
+            raise RuntimeError("deserialize_cuda_engine without a current CUDA context")
+        if trt.rtx:  # TensorRT-RTX engines have device_memory_size_v2 only
             self.create_runtime_config = self._runtime_config
+            self.device_memory_size_v2 = 1 << 20
+        else:
+            self.device_memory_size = 1 << 20
 
     def _runtime_config(self):
         class RuntimeCache:
@@ -160,6 +176,8 @@ class EmulatedCudaEngine:
                 return b"emulated runtime cache"
 
         class RuntimeConfig:
+            dynamic_shapes_kernel_specialization_strategy = "lazy"
+
             def set_execution_context_allocation_strategy(self, strategy):
                 self.strategy = strategy
 
@@ -172,13 +190,20 @@ class EmulatedCudaEngine:
         return RuntimeConfig()
 
     def create_execution_context(self, strategy_or_config):
+        if self.trt.rtx and strategy_or_config.dynamic_shapes_kernel_specialization_strategy != "eager":
+            raise AssertionError(
+                "TensorRT-RTX context without EAGER kernel specialisation: a generic kernel would be captured"
+            )
         ctx = EmulatedContext(self.trt.bundle, self.component, self.trt.cuda)
-        self.trt.contexts[self.component] = ctx
+        self.trt.contexts.setdefault(self.component, []).append(ctx)
         return ctx
 
 
 class EmulatedContext:
-    """An execution context: shapes and addresses as set, read when enqueued (as TensorRT records them)."""
+    """An execution context: shapes and addresses as set, read when enqueued (as TensorRT records them).
+    Once enqueued into a captured graph its shapes and addresses may not change (TensorRT's CUDA-graph rule)."""
+
+    enqueued_while_capturing: set = set()  # noqa: RUF012 (one emulated process)
 
     def __init__(self, bundle: Bundle, name: str, cuda: EmulatedCuda):
         self.name, self.cuda = name, cuda
@@ -188,17 +213,26 @@ class EmulatedContext:
         self.addresses: dict[str, int] = {}
         self.device_memory = None
         self.enqueued = 0
+        self.captured = False
+
+    def _frozen(self, what: str) -> None:
+        if self.captured:
+            raise AssertionError(f"{self.name}: {what} changed on a context a CUDA graph was captured with")
 
     def set_input_shape(self, name: str, shape) -> bool:
         spec = {t.name: t for t in self.spec.inputs}.get(name)
         if spec is None or len(shape) != len(spec.shape):
             return False
+        if self.shapes.get(name) != tuple(shape):
+            self._frozen(f"input shape {name}")
         self.shapes[name] = tuple(shape)
         return True
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         if name not in {t.name for t in (*self.spec.inputs, *self.spec.outputs)}:
             return False
+        if self.addresses.get(name) != ptr:
+            self._frozen(f"address of {name}")
         self.addresses[name] = ptr
         return True
 
@@ -209,6 +243,9 @@ class EmulatedContext:
         if missing or self.device_memory is None:
             raise AssertionError(f"{self.name} enqueued without context memory, shape or address for {missing}")
         mem = self.cuda.memory
+        stream = self.cuda.streams[stream_ptr]
+        if stream.recording is not None:
+            EmulatedContext.enqueued_while_capturing.add(self)
 
         def op():
             feeds = {t.name: mem.array(addresses[t.name], t.dtype, shapes[t.name]).copy() for t in self.spec.inputs}
@@ -218,7 +255,7 @@ class EmulatedContext:
                 mem.array(addresses[t.name], t.dtype, value.shape)[...] = value
             self.enqueued += 1
 
-        self.cuda.streams[stream_ptr].do(op)
+        stream.do(op)
         return True
 
 
@@ -226,6 +263,8 @@ class EmulatedKernels:
     """kernels/latents.cu in numpy, for one float type T: ``f`` widens to fp32, ``t`` rounds to T."""
 
     def __init__(self, dtype: str, cuda: EmulatedCuda):
+        if not cuda.context_current:
+            raise RuntimeError("cuModuleLoadData without a current CUDA context")
         self.T, self.mem, self.streams = np.dtype(dtype), cuda.memory, cuda.streams
 
     def t(self, v):

@@ -29,6 +29,19 @@ def test_compiles_without_fused_multiply_add(dtype, cc):
     assert "fma." not in ptx  # --fmad=false: the rounding of the reference's separate multiply and add
 
 
+@pytest.mark.skipif(NVRTC is not None, reason=f"NVRTC unavailable: {NVRTC}")
+@pytest.mark.parametrize("cc", [86, 90])
+def test_runs_from_a_cubin_for_the_exact_sm(cc):
+    """What is loaded is machine code for sm_<cc>, not PTX: a driver older than NVRTC cannot JIT NVRTC's PTX
+    (NVRTC 13.5 emits PTX ISA 9.5; a CUDA 13.0 driver reads up to 9.0), but runs a cubin for its own SM."""
+    from sdturbo.kernels import compile_cubin
+
+    cubin = compile_cubin("float16", cc)
+    assert cubin[:4] == b"\x7fELF"
+    assert all(n.encode() in cubin for n in NAMES)
+    assert b".version" not in cubin[:4096]  # no PTX text inside
+
+
 def test_bad_dtype():
     with pytest.raises(ValueError, match="bfloat16"):
         compile_ptx("bfloat16", 86)
@@ -59,6 +72,7 @@ def test_emulated_kernels_equal_host_twins(dtype):
     from tests.engine.emulated_gpu import EmulatedCuda, EmulatedKernels
 
     cuda = EmulatedCuda()
+    cuda.ensure_context()
     check_against_host_twins(lambda dt: EmulatedKernels(np.dtype(dt).name, cuda), cuda, dtype)
 
 

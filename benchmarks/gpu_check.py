@@ -1,0 +1,185 @@
+"""Validate and benchmark this engine on an NVIDIA GPU, into one results folder.
+
+    python -m sdturbo.benchmarks.gpu_check --out benchmarks/results/<gpu>     (from a checkout, for the tests)
+
+Steps, each recorded even when it fails (a failed step never stops the next):
+  1. device.json: the GPU, driver, CUDA, NVRTC and library versions;
+  2. tensorrt_probe.json: whether TensorRT (or TensorRT-RTX) builds and runs an engine for this GPU, with
+     the library's exact message if not (TensorRT-RTX lists RTX GPUs only: 7.5, 8.6, 8.9, 12.0);
+  3. gpu-tests.log: ``pytest -m gpu -rs`` (kernels vs host twins, TensorRT and ONNX Runtime CUDA vs
+     diffusers, graph replay, interleaved shapes, img2img, SDXL);
+  4. the benchmark (``sdturbo bench``) at 512x512 with every backend that runs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def device_info() -> dict:
+    from sdturbo.engine.cuda import bindings, check, current_compute_capability
+
+    from ..export.bundle_writer import tool_versions
+    from .bench import BENCH_TOOLS
+
+    info: dict = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if shutil.which("nvidia-smi"):
+        query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm"
+        r = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True)
+        info["nvidia_smi"] = r.stdout.strip() or r.stderr.strip()
+    driver, rt, nvrtc = bindings()
+    info["compute_capability"] = current_compute_capability()
+    info["cuda_driver_version"] = check(driver.cuDriverGetVersion())
+    info["cuda_runtime_version"] = check(rt.cudaRuntimeGetVersion())
+    info["nvrtc_version"] = ".".join(str(v) for v in check(nvrtc.nvrtcVersion()))
+    info["versions"] = tool_versions((*BENCH_TOOLS, "cuda-python", "cuda-bindings", "nvidia-cuda-nvrtc"))
+    return info
+
+
+def tensorrt_probe() -> dict:
+    """Build a one-layer engine for this GPU with the installed TensorRT flavour and run it."""
+    import numpy as np
+    from sdturbo.engine import cuda
+    from sdturbo.engine.backends.trt_lib import Logger, import_trt, network_flags
+
+    out: dict = {}
+    messages: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Capture(level=logging.DEBUG)
+    trt_log = logging.getLogger("sdturbo.engine.backends.trt_lib")
+    trt_log.addHandler(handler)
+    old_level = trt_log.level
+    trt_log.setLevel(logging.DEBUG)
+    try:
+        trt, flavour = import_trt()
+        out.update(library=flavour, version=trt.__version__)
+        cuda.ensure_context()
+        logger = Logger.get(trt)
+        builder = trt.Builder(logger)
+        network = builder.create_network(network_flags(trt))
+        x = network.add_input("x", trt.float16, (4, 256))
+        y = network.add_elementwise(x, x, trt.ElementWiseOperation.SUM).get_output(0)
+        y.name = "y"
+        network.mark_output(y)
+        config = builder.create_builder_config()
+        if flavour == "tensorrt-rtx":
+            from ..export.trt_build import rtx_target
+
+            config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+            config.num_compute_capabilities = 1
+            config.set_compute_capability(rtx_target(trt, None, f"sm{cuda.current_compute_capability()}"), 0)
+        plan = builder.build_serialized_network(network, config)
+        out["built"] = plan is not None
+        if plan is None:
+            raise RuntimeError("build_serialized_network returned None")
+        engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(memoryview(plan)))
+        out["deserialized"] = engine is not None
+        if engine is None:
+            raise RuntimeError("deserialize_cuda_engine returned None")
+        context = engine.create_execution_context()
+        if context is None:
+            raise RuntimeError("create_execution_context returned None")
+        stream = cuda.Stream()
+        host = cuda.PinnedArray((4, 256), np.float16)
+        host.array[...] = np.arange(4 * 256, dtype=np.float16).reshape(4, 256) / 256
+        dx, dy = cuda.DeviceBuffer(host.nbytes), cuda.DeviceBuffer(host.nbytes)
+        stream.copy_in(dx.ptr, host, host.nbytes)
+        context.set_tensor_address("x", dx.ptr)
+        context.set_tensor_address("y", dy.ptr)
+        out["enqueued"] = bool(context.execute_async_v3(stream.ptr))
+        result = cuda.PinnedArray((4, 256), np.float16)
+        stream.copy_out(result, dy.ptr, host.nbytes)
+        stream.synchronize()
+        out["correct"] = bool(np.array_equal(result.array, host.array * 2))
+        out["capturable"] = (
+            bool(context.is_stream_capturable(stream.ptr)) if hasattr(context, "is_stream_capturable") else None
+        )
+        out["runs"] = out["correct"]
+    except Exception as e:
+        out["runs"] = False
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()
+    finally:
+        trt_log.removeHandler(handler)
+        trt_log.setLevel(old_level)
+    out["messages"] = messages[-40:]
+    return out
+
+
+def step(name: str, out: Path, fn) -> None:
+    log.info("== %s", name)
+    t = time.perf_counter()
+    try:
+        fn()
+        log.info("== %s: done in %.0f s", name, time.perf_counter() - t)
+    except Exception:
+        log.exception("== %s failed after %.0f s", name, time.perf_counter() - t)
+        (out / f"{name}.error.txt").write_text(traceback.format_exc())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sdturbo.benchmarks.gpu_check", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--model", default="random:sd-turbo", help="benchmark model (default random:sd-turbo)")
+    p.add_argument("--batches", default="1,4,8,16", help="throughput sweep (default 1,4,8,16)")
+    p.add_argument("--steps", default="1,4", help="latency runs, one benchmark per step count (default 1,4)")
+    p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-fp16-compile")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip: device,probe,tests,bench")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+
+    def write(name, data):
+        (out / name).write_text(json.dumps(data, indent=2, default=str))
+
+    if "device" not in skip:
+        step("device", out, lambda: write("device.json", device_info()))
+    if "probe" not in skip:
+        step("probe", out, lambda: write("tensorrt_probe.json", tensorrt_probe()))
+    if "tests" not in skip:
+
+        def tests():
+            cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-rs", "-v", "-p", "no:cacheprovider", "tests"]
+            with open(out / "gpu-tests.log", "w") as f:
+                r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+            log.info("gpu tests: exit %d (see %s)", r.returncode, out / "gpu-tests.log")
+
+        step("tests", out, tests)
+    if "bench" not in skip:
+        for steps in (int(s) for s in args.steps.split(",")):
+
+            def bench(steps=steps):
+                from sdturbo.engine.cli import main as cli
+
+                sub = out / f"bench-{steps}step"
+                argv = ["bench", "--model", args.model, "--steps", str(steps), "--out", str(sub)]
+                argv += ["--compile-mode", args.compile_mode]
+                if steps == 1:
+                    argv += ["--batches", args.batches]
+                else:
+                    argv += ["--no-cold"]
+                if cli(argv) != 0:
+                    raise RuntimeError(f"sdturbo {' '.join(argv)} failed")
+
+            step(f"bench-{steps}step", out, bench)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
