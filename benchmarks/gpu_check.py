@@ -77,11 +77,10 @@ def tensorrt_probe() -> dict:
         network.mark_output(y)
         config = builder.create_builder_config()
         if flavour == "tensorrt-rtx":
-            from ..export.trt_build import rtx_target
-
+            # CURRENT, not our own check (engine/backends/trt_lib.py unsupported_here): the library's own answer
             config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
             config.num_compute_capabilities = 1
-            config.set_compute_capability(rtx_target(trt, None, f"sm{cuda.current_compute_capability()}"), 0)
+            config.set_compute_capability(trt.ComputeCapability.CURRENT, 0)
         plan = builder.build_serialized_network(network, config)
         out["built"] = plan is not None
         if plan is None:
@@ -89,7 +88,8 @@ def tensorrt_probe() -> dict:
         engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(memoryview(plan)))
         out["deserialized"] = engine is not None
         if engine is None:
-            raise RuntimeError("deserialize_cuda_engine returned None")
+            errors = [m for m in messages if "ERROR" in m or "Error" in m]
+            raise RuntimeError(f"deserialize_cuda_engine returned None: {errors[-1] if errors else 'no message'}")
         context = engine.create_execution_context()
         if context is None:
             raise RuntimeError("create_execution_context returned None")

@@ -26,10 +26,14 @@ def choose_backend(requested: str = "auto") -> str:
     except BackendError:  # no cuda-python: no GPU backend either
         return "onnxruntime"
     try:
-        from .backends.trt_lib import import_trt
+        from .backends.trt_lib import import_trt, unsupported_here
+        from .cuda import current_compute_capability
 
-        import_trt()
-        return "tensorrt"
+        trt, flavour = import_trt()
+        why = unsupported_here(trt, flavour, current_compute_capability())
+        if why is None:
+            return "tensorrt"
+        log.info("not using TensorRT: %s", why)
     except BackendError:
         pass
     return "onnxruntime-cuda" if _ort_cuda() else "onnxruntime"

@@ -165,6 +165,9 @@ class TrtPipeline:
         self.cuda.ensure_context()  # before TensorRT, the runtime cache and the kernels touch the GPU
         cc = self.cuda.current_compute_capability()
         self.flavour, self.version, open_engine = self._engine_loader(flavour)
+        why = self._unsupported(cc)
+        if why:
+            raise BackendError(why)
         self.device = f"sm{cc}"
         self.profile = profile or self._choose_profile(shape)
         self.cuda_graph = cuda_graph
@@ -197,6 +200,11 @@ class TrtPipeline:
         trt, flavour = import_trt(flavour)
         runtime = trt.Runtime(Logger.get(trt))
         return flavour, trt.__version__, lambda plan: TrtEngine(trt, runtime, plan, self.cuda)
+
+    def _unsupported(self, cc: int) -> str | None:
+        from .backends.trt_lib import import_trt, unsupported_here
+
+        return unsupported_here(import_trt(self.flavour)[0], self.flavour, cc)
 
     def _kernels(self, dtype: str, cc: int):
         from sdturbo.kernels import load_kernels

@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..engine.backends.trt_lib import Logger, compute_capability_enum, import_trt, network_flags
+from ..engine.backends.trt_lib import Logger, compute_capability_enum, import_trt, network_flags, unsupported_here
 from ..engine.bundle import Bundle, atomic_write
 from ..engine.engine_store import Profile, engine_dir, engine_key, find_engine
 from ..engine.errors import BackendError, BundleError, EngineMissing, InputError
@@ -34,22 +34,15 @@ def device_name(trt, flavour: str, compute_capability: int | None) -> tuple[str,
 
 
 def rtx_target(trt, target: int | None, device: str):
-    """TensorRT-RTX's ComputeCapability for the build: ``target``, or this GPU's own member; a GPU that the
-    library has no member for (SM90: H100/H200) is built for with CURRENT, and said so."""
+    """TensorRT-RTX's ComputeCapability for the build: ``target``, else this GPU's own member (an error naming
+    the ones it has for a GPU it cannot run on, such as SM90)."""
     if target is not None:
         return compute_capability_enum(trt, target)
-    member = f"SM{device.removeprefix('sm')}"
-    if member in trt.ComputeCapability.__members__:
-        return trt.ComputeCapability.__members__[member]
-    log.warning(
-        "%s %s has no target %s (its support matrix lists RTX GPUs: %s); building with "
-        "ComputeCapability.CURRENT for this GPU",
-        trt.__name__,
-        trt.__version__,
-        member,
-        ", ".join(m[2:] for m in trt.ComputeCapability.__members__ if m.startswith("SM")),
-    )
-    return trt.ComputeCapability.CURRENT
+    cc = int(device.removeprefix("sm"))
+    why = unsupported_here(trt, "tensorrt-rtx", cc)
+    if why:
+        raise BackendError(why)
+    return compute_capability_enum(trt, cc)
 
 
 def build_engines(

@@ -56,6 +56,24 @@ def compute_capability_enum(trt, cc: int):
     return trt.ComputeCapability.__members__[name]
 
 
+def unsupported_here(trt, flavour: str, compute_capability: int) -> str | None:
+    """Why engines of ``flavour`` cannot run on a GPU of ``compute_capability`` (None: they can).
+
+    TensorRT-RTX runs only on the GPUs its ``ComputeCapability`` enum names (RTX GPUs; SM80 too). Measured on
+    an H100 (SM90) with 1.7.1: an engine built there with CURRENT is refused at load with "The engine cannot
+    run on this GPU, which has compute capability 9.0. Supported compute capabilities: None"."""
+    if flavour != "tensorrt-rtx":
+        return None
+    members = [m for m in trt.ComputeCapability.__members__ if m.startswith("SM")]
+    if f"SM{compute_capability}" in members:
+        return None
+    return (
+        f"{trt.__name__} {trt.__version__} does not run on compute capability {compute_capability / 10:.1f} "
+        f"(it runs on {', '.join(f'{int(m[2:]) / 10:.1f}' for m in members)}); on this GPU use "
+        f"--backend onnxruntime-cuda, or TensorRT 10/11 from NVIDIA"
+    )
+
+
 class Logger:
     """A TensorRT logger that forwards to Python logging (created once per process: TensorRT keeps the first)."""
 

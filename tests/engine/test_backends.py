@@ -19,3 +19,42 @@ def test_a_cuda_session_that_falls_back_to_the_cpu_is_refused(tiny_bundle, monke
     backend = OnnxRuntimeBackend("fp32", ("CUDAExecutionProvider",))
     with pytest.raises(BackendError, match="could not use CUDA for text_encoder"):
         backend.load(Bundle(tiny_bundle), "text_encoder")
+
+
+def test_tensorrt_rtx_is_not_used_on_a_gpu_it_cannot_run_on(tiny_bundle, tmp_path, monkeypatch):
+    """Measured on an H100 (SM90): TensorRT-RTX 1.7 builds an engine with CURRENT, then refuses to load it. So on
+    such a GPU ``auto`` takes ONNX Runtime CUDA, and building or opening TensorRT-RTX engines fails at once,
+    naming the compute capability, instead of after minutes of building."""
+    import shutil
+
+    trt = pytest.importorskip("tensorrt_rtx")
+    from sdturbo.engine import cuda, runtime
+    from sdturbo.engine.backends.trt_lib import unsupported_here
+    from sdturbo.engine.engine_store import Profile
+    from sdturbo.export.trt_build import build_engines
+
+    assert unsupported_here(trt, "tensorrt-rtx", 89) is None
+    assert unsupported_here(trt, "tensorrt", 90) is None
+    assert "compute capability 9.0" in unsupported_here(trt, "tensorrt-rtx", 90)
+
+    monkeypatch.setattr(cuda, "gpu_available", lambda: True)
+    monkeypatch.setattr(cuda, "current_compute_capability", lambda device=0: 90)
+    monkeypatch.setattr(runtime, "_ort_cuda", lambda: True)
+    assert runtime.choose_backend("auto") == "onnxruntime-cuda"
+    monkeypatch.setattr(cuda, "current_compute_capability", lambda device=0: 89)
+    assert runtime.choose_backend("auto") == "tensorrt"
+
+    monkeypatch.setattr(cuda, "current_compute_capability", lambda device=0: 90)
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    with pytest.raises(BackendError, match=r"does not run on compute capability 9\.0"):
+        build_engines(path, "tensorrt-rtx", Profile.parse("1", "64x64"))
+    assert not (path / "engines").exists() or not any((path / "engines").rglob("*.plan"))
+
+
+def test_the_tensorrt_runtime_refuses_such_a_gpu_before_loading(tiny_bundle):
+    pytest.importorskip("tensorrt_rtx")
+    from tests.engine.emulated_gpu import EmulatedCuda, emulated_pipeline
+
+    with pytest.raises(BackendError, match=r"does not run on compute capability 9\.0"):
+        emulated_pipeline(tiny_bundle, EmulatedCuda(compute_capability=90))

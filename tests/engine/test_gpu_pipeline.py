@@ -18,7 +18,12 @@ def reason() -> str | None:
 
         if not gpu_available():
             return "needs an NVIDIA GPU with a CUDA driver"
-        import_trt()
+        from sdturbo.engine.backends.trt_lib import unsupported_here
+        from sdturbo.engine.cuda import current_compute_capability
+
+        why = unsupported_here(*import_trt(), current_compute_capability())
+        if why:
+            return why
     except Exception as e:  # no cuda-python, no TensorRT
         return f"needs TensorRT and cuda-python: {e}"
     import torch
