@@ -115,3 +115,21 @@ def test_tensorrt_rtx_runtime_caches_are_saved_next_to_the_plans(pipes):
 def test_requests_outside_the_profile_are_refused(pipes):
     with pytest.raises(BundleError, match="outside the engines' profile"):
         pipes["graph"](PROMPTS, height=256, width=64)
+
+
+def test_a_context_that_cannot_be_captured_turns_the_graph_off_loudly(bundles, caplog):
+    """Were TensorRT to say a context cannot be stream-captured, the request still succeeds, enqueue by
+    enqueue, with a warning naming the engines, and ``graph_status`` (shown by the benchmark) says why."""
+    from tests.engine.emulated_gpu import EmulatedContext
+
+    pipe = emulated_pipeline(bundles["sd-turbo"], EmulatedCuda(), rtx=True, cuda_graph=True)
+    EmulatedContext.is_stream_capturable = lambda self, stream: self.name != "unet"
+    try:
+        with caplog.at_level("WARNING"):
+            image = pipe(PROMPTS, height=64, width=64, seed=1)
+    finally:
+        del EmulatedContext.is_stream_capturable
+    assert not pipe.graphs and pipe.graph_status.startswith("off: ") and "unet" in pipe.graph_status
+    assert any("CUDA graph OFF" in r.message and "unet" in r.message for r in caplog.records)
+    want = Pipeline(bundles["sd-turbo"], OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=1)
+    np.testing.assert_array_equal(image, want)

@@ -176,3 +176,24 @@ def test_missing_trt_is_a_clear_error(monkeypatch, built):
     monkeypatch.setattr(importlib, "import_module", no_trt)
     with pytest.raises(BackendError, match="no usable TensorRT"):
         build_engines(path)
+
+
+def test_engines_built_without_the_capture_flag_are_rebuilt(built, tmp_path):
+    """TensorRT-RTX needs REQUIRE_USER_ALLOCATION for CUDA-graph capture; the flags are part of the key, so an
+    engine recorded without them (built before the flag was set) is stale, never loaded, and gets rebuilt."""
+    path, _ = built
+    copy = tmp_path / "b"
+    shutil.copytree(path, copy)
+    plans = build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("unet",))
+    record_path = plans[0].with_suffix(".json")
+    rec = json.loads(record_path.read_text())
+    assert rec["key"]["builder_flags"] == ["REQUIRE_USER_ALLOCATION"]
+    del rec["key"]["builder_flags"]
+    record_path.write_text(json.dumps(rec))
+    version = rec["key"]["library_version"]
+    with pytest.raises(BundleError, match="stale: other builder flags"):
+        find_engine(Bundle(copy), "unet", "tensorrt-rtx", version, f"sm{CC}", PROFILE)
+    before = plans[0].stat().st_mtime_ns
+    build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("unet",))
+    assert plans[0].stat().st_mtime_ns != before
+    assert json.loads(record_path.read_text())["key"]["builder_flags"] == ["REQUIRE_USER_ALLOCATION"]
