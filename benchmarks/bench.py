@@ -68,10 +68,18 @@ def available(dev: str) -> list[str]:
     return names
 
 
-def make(name: str, folder, bundle, dev: str, timer: StageTimer, step_seed: int | None = None, compile_mode=None):
+def make(
+    name: str,
+    folder,
+    bundle,
+    dev: str,
+    timer: StageTimer,
+    step_seed: int | None = None,
+    compile_mode: str = BenchConfig.compile_mode,
+):
     if name.startswith("diffusers-"):
-        compile_mode = (compile_mode or "max-autotune") if name.endswith("-compile") else None
-        return Diffusers(folder, dev, name.split("-")[1], timer, compile_mode=compile_mode, step_seed=step_seed)
+        mode = compile_mode if name.endswith("-compile") else None
+        return Diffusers(folder, dev, name.split("-")[1], timer, compile_mode=mode, step_seed=step_seed)
     backend, precision = name.removeprefix("sdturbo-").rsplit("-", 1)
     return Ours(bundle, backend, precision, timer)
 

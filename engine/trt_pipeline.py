@@ -342,7 +342,7 @@ class TrtPipeline:
 
     @property
     def graph_status(self) -> str:
-        """ "on", or "off: why" (for ``info`` and the benchmark's JSON)."""
+        """Either "on" or "off: why" (the benchmark's JSON reports it)."""
         return "on" if self.cuda_graph else f"off: {self.graph_off_reason}"
 
     def _contexts(self, B: int, H: int, W: int) -> dict[str, TrtContext]:

@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def device_name(trt, flavour: str, compute_capability: int | None) -> tuple[str, int | None]:
-    """("sm86", 86) for a target set ahead of time; else the current GPU's compute capability."""
+    """("sm86", 86): the device key and the compute capability to build for (None: TensorRT, which builds for
+    the GPU it runs on). TensorRT-RTX always gets one target, the one asked for, else this GPU's (left alone it
+    builds a portable engine for 8.6, 8.9 and 12.0, whatever GPU is here); a GPU it cannot run on (SM90) is an
+    error naming the ones it can."""
     if compute_capability is not None:
         if flavour != "tensorrt-rtx":
             raise InputError("--compute-capability needs --trt tensorrt-rtx (TensorRT builds for the GPU it runs on)")
@@ -30,19 +33,13 @@ def device_name(trt, flavour: str, compute_capability: int | None) -> tuple[str,
         return f"sm{compute_capability}", compute_capability
     from ..engine.cuda import current_compute_capability
 
-    return f"sm{current_compute_capability()}", None
-
-
-def rtx_target(trt, target: int | None, device: str):
-    """TensorRT-RTX's ComputeCapability for the build: ``target``, else this GPU's own member (an error naming
-    the ones it has for a GPU it cannot run on, such as SM90)."""
-    if target is not None:
-        return compute_capability_enum(trt, target)
-    cc = int(device.removeprefix("sm"))
-    why = unsupported_here(trt, "tensorrt-rtx", cc)
+    cc = current_compute_capability()
+    if flavour != "tensorrt-rtx":
+        return f"sm{cc}", None
+    why = unsupported_here(trt, flavour, cc)
     if why:
         raise BackendError(why)
-    return compute_capability_enum(trt, cc)
+    return f"sm{cc}", cc
 
 
 def build_engines(
@@ -117,11 +114,9 @@ def _build_one(
     config = builder.create_builder_config()
     for flag in key["builder_flags"]:
         config.set_flag(getattr(trt.BuilderFlag, flag))
-    if key["library"] == "tensorrt-rtx":
-        # One target, always: the one asked for, else this GPU. (Left alone, TensorRT-RTX builds a portable
-        # engine for 8.6, 8.9 and 12.0, whatever GPU is here.)
+    if target is not None:
         config.num_compute_capabilities = 1
-        config.set_compute_capability(rtx_target(trt, target, key["device"]), 0)
+        config.set_compute_capability(compute_capability_enum(trt, target), 0)
     config.builder_optimization_level = opt_level
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
@@ -161,7 +156,6 @@ def _build_one(
             "workspace_gb": workspace_gb,
             "strongly_typed": True,
             "target_compute_capability": target,
-            "flags": key["builder_flags"],
             "profile": asdict(profile),
         },
         # What TensorRT's network holds, read back from the parsed graph (not copied from the manifest).

@@ -74,6 +74,7 @@ class EmulatedCuda:
         class Stream:
             def __init__(self):
                 self.recording: list | None = None
+                self.captured_contexts: set = set()  # contexts enqueued during the capture under way
                 self.ptr = len(streams) + 1
                 streams[self.ptr] = self
 
@@ -114,9 +115,9 @@ class EmulatedCuda:
                     fn()
                 finally:
                     self.ops, stream.recording = stream.recording, None
-                for ctx in EmulatedContext.enqueued_while_capturing:  # TensorRT: a captured context's state is frozen
+                for ctx in stream.captured_contexts:  # TensorRT: a captured context's state is frozen
                     ctx.captured = True
-                EmulatedContext.enqueued_while_capturing.clear()
+                stream.captured_contexts.clear()
 
             def launch(self) -> None:
                 for op in self.ops:
@@ -203,8 +204,6 @@ class EmulatedContext:
     """An execution context: shapes and addresses as set, read when enqueued (as TensorRT records them).
     Once enqueued into a captured graph its shapes and addresses may not change (TensorRT's CUDA-graph rule)."""
 
-    enqueued_while_capturing: set = set()  # noqa: RUF012 (one emulated process)
-
     def __init__(self, bundle: Bundle, name: str, cuda: EmulatedCuda):
         self.name, self.cuda = name, cuda
         self.spec = bundle.component(PRECISION, name).spec
@@ -245,7 +244,7 @@ class EmulatedContext:
         mem = self.cuda.memory
         stream = self.cuda.streams[stream_ptr]
         if stream.recording is not None:
-            EmulatedContext.enqueued_while_capturing.add(self)
+            stream.captured_contexts.add(self)
 
         def op():
             feeds = {t.name: mem.array(addresses[t.name], t.dtype, shapes[t.name]).copy() for t in self.spec.inputs}

@@ -21,8 +21,8 @@ def reason() -> str | None:
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(reason() is not None, reason=str(reason()))]
-from tests.engine.test_gpu_pipeline import latents, rms  # noqa: E402
-from tests.engine.test_pipeline_parity import PROMPTS, H, W, reference_t2i  # noqa: E402
+from tests.engine.test_gpu_pipeline import diffusers_fp16_bar, latents, rms  # noqa: E402
+from tests.engine.test_pipeline_parity import PROMPTS, H, W  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,18 +35,11 @@ def cuda_pipe(tiny_bundle):
 @pytest.mark.parametrize("steps", [1, 4])
 def test_onnxruntime_cuda_matches_diffusers(steps, cuda_pipe, tiny_folder):
     """fp16 on CUDA: no further from diffusers fp32 than twice diffusers' own fp16 error, plus a level."""
-    import torch
-    from diffusers import AutoPipelineForText2Image
-
     lat = latents(steps)
     ours = cuda_pipe(PROMPTS, steps=steps, height=H, width=W, latents=lat)
-    refs = {}
-    for dt in (torch.float32, torch.float16):
-        pipe = AutoPipelineForText2Image.from_pretrained(tiny_folder, torch_dtype=dt).to("cuda")
-        refs[dt] = reference_t2i(pipe, steps, lat, dt)
-    bound = 2 * rms(refs[torch.float16], refs[torch.float32]) + 1.0
-    print(f"{steps} step(s): RMS ORT-CUDA vs diffusers fp32 {rms(ours, refs[torch.float32]):.3f}, bound {bound:.3f}")
-    assert rms(ours, refs[torch.float32]) <= bound
+    ref32, bound = diffusers_fp16_bar(tiny_folder, steps, lat)
+    print(f"{steps} step(s): RMS ORT-CUDA vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
+    assert rms(ours, ref32) <= bound
 
 
 def test_every_session_runs_on_cuda(cuda_pipe):

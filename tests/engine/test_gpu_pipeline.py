@@ -61,24 +61,30 @@ def rms(a, b):
     return float(np.sqrt(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
+def diffusers_fp16_bar(folder, steps: int, lat: np.ndarray) -> tuple[np.ndarray, float]:
+    """diffusers' fp32 image on CUDA, and the fp16 bar: twice diffusers' own fp16 error against it, plus a level."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    refs = {}
+    for dt in (torch.float32, torch.float16):
+        pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dt).to("cuda")
+        refs[dt] = reference_t2i(pipe, steps, lat, dt)
+    return refs[torch.float32], 2 * rms(refs[torch.float16], refs[torch.float32]) + 1.0
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 def test_tensorrt_matches_onnxruntime_and_diffusers(steps, pipes, tiny_bundle, tiny_folder):
     """fp16 engines: no further from diffusers fp32 than twice diffusers' own fp16 error, plus a level."""
-    import torch
-    from diffusers import AutoPipelineForText2Image
     from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
     from sdturbo.engine.pipeline import Pipeline
 
     lat = latents(steps)
     ours = pipes["graph"](PROMPTS, steps=steps, height=H, width=W, latents=lat)
     ort32 = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp32"))(PROMPTS, steps=steps, height=H, width=W, latents=lat)
-    refs = {}
-    for dt in (torch.float32, torch.float16):
-        pipe = AutoPipelineForText2Image.from_pretrained(tiny_folder, torch_dtype=dt).to("cuda")
-        refs[dt] = reference_t2i(pipe, steps, lat, dt)
-    bound = 2 * rms(refs[torch.float16], refs[torch.float32]) + 1.0
-    print(f"{steps} step(s): RMS TRT vs diffusers fp32 {rms(ours, refs[torch.float32]):.3f}, bound {bound:.3f}")
-    assert rms(ours, refs[torch.float32]) <= bound
+    ref32, bound = diffusers_fp16_bar(tiny_folder, steps, lat)
+    print(f"{steps} step(s): RMS TRT vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
+    assert rms(ours, ref32) <= bound
     assert rms(ours, ort32) <= bound
 
 
