@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import BundleError, InputError
+from .files import atomic_write, make_shareable  # noqa: F401  (re-exported: writers import them from here)
+from .integrity import verify
 from .schedule import SchedulerConfig
 from .spec import ComponentSpec, TensorSpec
 
@@ -22,28 +23,6 @@ MANIFEST = "manifest.json"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 COMPONENTS_XL = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 FAMILIES = ("sd-turbo", "sdxl-turbo")
-
-
-def make_shareable(path: Path) -> None:
-    """Give a folder made by mkdtemp (0700) or a file made private by a library the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        make_shareable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -95,18 +74,20 @@ class Bundle:
         self.config_hash: str = m["model"]["config_hash"]
         self.scheduler = SchedulerConfig.from_dict(m["scheduler"])
         self.vae_scale_factor: int = int(m["vae"]["scale_factor"])
+        if self.vae_scale_factor < 1 or self.vae_scale_factor & (self.vae_scale_factor - 1):
+            raise ValueError(f"vae.scale_factor {self.vae_scale_factor} (must be a positive power of two, e.g. 8)")
         self.latent_channels: int = int(m["vae"]["latent_channels"])
         self.family: str = m["model"].get("family", "sd-turbo")
         if self.family not in FAMILIES:
             raise ValueError(f"model.family {self.family!r} (this sdturbo serves {', '.join(FAMILIES)})")
         tok = m["tokenizer"]
-        self.tokenizer_file = self.root / tok["file"]
+        self.tokenizer_file = self._path(tok["file"])
         self.max_length, self.pad_id, self.pad_token = int(tok["max_length"]), int(tok["pad_id"]), tok["pad_token"]
+        entries = [t for t in (m["tokenizer"], m.get("tokenizer_2")) if t is not None]
         self.tokenizers = [
-            (self.root / t["file"], int(t["max_length"]), int(t["pad_id"]), t["pad_token"])
-            for t in (m["tokenizer"], m.get("tokenizer_2"))
-            if t is not None
+            (self._path(t["file"]), int(t["max_length"]), int(t["pad_id"]), t["pad_token"]) for t in entries
         ]
+        self.tokenizer_sha256 = {self._path(t["file"]): t.get("sha256") for t in entries}  # None: older bundles
         lim = m["limits"]
         self.limits = Limits(int(lim["max_batch"]), int(lim["min_size"]), int(lim["max_size"]))
         self.components: dict[str, dict[str, ComponentFile]] = {}
@@ -118,13 +99,20 @@ class Bundle:
                         tuple(TensorSpec.from_json(t) for t in c["inputs"]),
                         tuple(TensorSpec.from_json(t) for t in c["outputs"]),
                     ),
-                    onnx=self.root / c["onnx"],
-                    data=self.root / c["data"] if c.get("data") else None,
+                    onnx=self._path(c["onnx"]),
+                    data=self._path(c["data"]) if c.get("data") else None,
                     sha256=c["sha256"],
                     bytes=int(c["bytes"]),
                 )
                 for name, c in comps.items()
             }
+
+    def _path(self, rel: str) -> Path:
+        """A file named by the manifest: relative, and inside the bundle (no absolute paths, no '..')."""
+        parts = PurePosixPath(rel).parts
+        if not isinstance(rel, str) or not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+            raise ValueError(f"file path {rel!r} (paths must stay inside the bundle)")
+        return self.root.joinpath(*parts)
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -134,8 +122,9 @@ class Bundle:
     def precisions(self) -> tuple[str, ...]:
         return tuple(self.components)
 
-    def component(self, precision: str, name: str) -> ComponentFile:
-        """A component's files, checked to be present and of the recorded size."""
+    def component(self, precision: str, name: str, *, rehash: bool = False) -> ComponentFile:
+        """A component's files, checked to be present, of the recorded size and content (sha256: hashed once
+        per change of the files, see integrity.py; every time with ``rehash``)."""
         if precision not in self.components:
             raise BundleError(
                 f"bundle {self.root} has no {precision} ONNX (it has: {', '.join(self.precisions)}); "
@@ -154,7 +143,19 @@ class Bundle:
                 f"{comp.onnx} is {size} bytes but the manifest says {comp.bytes}: the file is "
                 f"truncated or was changed; export the bundle again"
             )
+        verify(files, comp.sha256, f"the {precision} {name} of bundle {self.root}", rehash=rehash)
         return comp
+
+    def prompt_tokenizers(self) -> list:
+        """The tokenizers, checked: present, of the recorded content (bundles that record it), readable."""
+        from .tokenizer import PromptTokenizer
+
+        for path, sha in self.tokenizer_sha256.items():
+            if not path.is_file():
+                raise BundleError(f"bundle {self.root} is missing {path.name}; export it again")
+            if sha is not None:
+                verify([path], sha, f"the tokenizer of bundle {self.root}")
+        return [PromptTokenizer(*t) for t in self.tokenizers]
 
     def check_request(self, batch: int, height: int, width: int) -> None:
         lim = self.limits

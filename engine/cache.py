@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -16,6 +19,23 @@ def cache_root() -> Path:
     return Path(base) / "sdturbo"
 
 
+def cache_folder(path: Path) -> Path:
+    """``path``, a folder under the cache root, made if missing and checked writable before anything is written
+    there: a cache root that is a file or read-only gets one line naming SDTURBO_CACHE."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(path, os.W_OK | os.X_OK) else "not writable"
+    except OSError as e:
+        problem = e.strerror or str(e)
+    if problem:
+        from .errors import InputError
+
+        env = os.environ.get("SDTURBO_CACHE")
+        fix = f"SDTURBO_CACHE={env} must name a writable folder" if env else "set SDTURBO_CACHE to a writable folder"
+        raise InputError(f"cannot use the cache folder {path} ({problem}); {fix}")
+    return path
+
+
 def bundle_dir_for(model: str) -> Path:
     """The cache folder of the bundle exported from ``model`` (a hub id, folder or random:<name>)."""
     key = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
@@ -23,13 +43,59 @@ def bundle_dir_for(model: str) -> Path:
     return cache_root() / "bundles" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
+def folder_stamp(folder: Path) -> str:
+    """A fingerprint of a model folder's files (names, sizes, mtimes; hidden ones left out): cheap enough for
+    every run, and different after any file in it is replaced or rewritten."""
+    entries = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        st = path.stat()
+        entries.append(f"{rel.as_posix()}\0{st.st_size}\0{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def random_model_folder(name: str) -> Path:
+    """Where ``random:<name>`` is built once, as an ordinary diffusers folder."""
+    return cache_root() / "models" / f"random-{name}"
+
+
+def local_model_folder(model: str) -> Path | None:
+    """The folder ``model`` names on this machine (a local folder, or a random model already built), else None."""
+    if model.startswith("random:"):
+        folder = random_model_folder(model.removeprefix("random:"))
+    else:
+        folder = Path(model).expanduser()
+    return folder if folder.is_dir() else None
+
+
 def ensure_bundle(model: str, precision: str) -> Path:
-    """The cached bundle of ``model`` holding ``precision``; exported once (needs the export extra)."""
+    """The cached bundle of ``model`` holding ``precision``; exported once (needs the export extra).
+
+    The cache follows the model's content: a local model folder whose files changed since the export, or a
+    cached bundle that fails its checks (a damaged file), is exported again, with a warning."""
     from .bundle import MANIFEST, Bundle
+    from .errors import BundleError
 
     path = bundle_dir_for(model)
-    if (path / MANIFEST).is_file() and precision in Bundle(path).precisions:
-        return path
+    force = False
+    if (path / MANIFEST).is_file():
+        try:
+            bundle = Bundle(path)
+            folder = local_model_folder(model)
+            if folder is not None and bundle.manifest["model"].get("source_stamp") != folder_stamp(folder):
+                log.warning("%s changed since its cached bundle was exported; exporting it again", model)
+                force = True
+            elif precision in bundle.precisions:
+                for name in bundle.component_names:
+                    bundle.component(precision, name)
+                bundle.prompt_tokenizers()
+                return path
+        except BundleError as e:
+            log.warning("the cached bundle of %s is damaged (%s); exporting it again", model, e)
+            force = True
+    cache_folder(path.parent)  # a cache root that is a file or read-only: one line, before the slow imports
     try:
         from ..export.bundle_writer import export_bundle
     except ImportError as e:
@@ -39,4 +105,4 @@ def ensure_bundle(model: str, precision: str) -> Path:
             f"exporting {model!r} needs PyTorch and diffusers ({e.name} is missing): "
             f"pip install 'sdturbo[export]', or pass --bundle with an exported bundle"
         ) from e
-    return export_bundle(model, path, precisions=(precision,))
+    return export_bundle(model, path, precisions=(precision,), force=force)

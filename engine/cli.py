@@ -1,4 +1,4 @@
-"""The ``sdturbo`` command: export, build, generate, info, bench. argparse lives here and only here."""
+"""The ``sdturbo`` command: export, build, generate, info, bench, check. argparse lives here and only here."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def parse_size(text: str) -> tuple[int, int]:
         parts *= 2
     if len(parts) != 2:
         raise InputError(f"--size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)")
+    for side, v in zip(("width", "height"), parts, strict=True):
+        if v <= 0:
+            raise InputError(f"--size {text!r}: {side} {v} is not allowed; each side is a positive number of pixels")
     return parts[0], parts[1]
 
 
@@ -46,24 +49,28 @@ def cmd_generate(args) -> None:
     import numpy as np
 
     from .cache import ensure_bundle
-    from .images import load_image, save_images
+    from .images import check_out_path, load_image, save_images
     from .runtime import choose_backend, default_precision, open_pipeline
 
     if args.bundle and args.model:
         raise InputError("give --model or --bundle, not both")
     prompts = args.prompt
     if args.batch is not None:
+        if args.batch < 1:
+            raise InputError(f"--batch {args.batch} is not allowed; give 1 or more (up to the bundle's max_batch)")
         if len(prompts) not in (1, args.batch):
             raise InputError(f"--batch {args.batch} does not match the {len(prompts)} prompts given")
         prompts = prompts * (args.batch // len(prompts))
+    check_out_path(args.out, len(prompts))
     width, height = parse_size(args.size) if args.size else (None, None)
     image = None
     if args.image:
-        image = load_image(args.image, (width, height) if width else None)
+        image = load_image(args.image, (width, height) if width is not None else None)
         height, width = image.shape[:2]
     elif args.strength is not None:
         raise InputError("--strength is for img2img; give --image too")
-    width, height = width or 512, height or 512
+    if width is None:
+        width, height = 512, 512
     latents = None
     if args.latents:
         try:
@@ -97,10 +104,15 @@ def cmd_generate(args) -> None:
 
 
 def cmd_build(args) -> None:
+    components = tuple(args.components.split(",")) if args.components else None
+    if args.ort_optimize:
+        from ..export.ort_optimize import optimize_bundle
+
+        optimize_bundle(args.bundle, components, provider=args.ort_provider, force=args.force)
+        return
     from ..export.trt_build import build_engines
     from .engine_store import Profile
 
-    components = tuple(args.components.split(",")) if args.components else None
     kwargs = {"components": components} if components else {}
     build_engines(
         args.bundle,
@@ -144,10 +156,27 @@ def cmd_bench(args) -> None:
     print(report.markdown(results))
 
 
+def cmd_check(args) -> int:
+    from ..export.check import check_bundle, format_reports
+
+    reports = check_bundle(
+        args.bundle,
+        tuple(args.components.split(",")) if args.components else None,
+        precision=args.precision,
+        optimized=args.optimized,
+        layerwise=args.layerwise,
+        size=parse_size(args.size),
+        batch=args.batch,
+        tolerance=args.tolerance,
+    )
+    print(format_reports(reports, args.tolerance))
+    return 0 if all(e.ok(args.tolerance) for r in reports for e in r.outputs) else 1
+
+
 def cmd_info(args) -> None:
     from .info import describe
 
-    print(describe(args.bundle))
+    print(describe(args.bundle, verify=args.verify))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
     b.add_argument("--components", help="comma-separated subset (default: all four)")
     b.add_argument("--force", action="store_true", help="rebuild even when engines are up to date")
+    b.add_argument(
+        "--ort-optimize",
+        action="store_true",
+        help="instead of TensorRT engines: ONNX Runtime transformer-optimized fp16 graphs (fused attention, "
+        "GroupNorm, ...), used by the onnxruntime backends when present; needs the fp32 ONNX",
+    )
+    b.add_argument(
+        "--ort-provider",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="with --ort-optimize: cuda (default; every fusion, some CUDA-only) or cpu (fusions with CPU kernels)",
+    )
     b.set_defaults(func=cmd_build)
+
+    c = sub.add_parser("check", help="compare each component's fp16 (or optimized) graph with its fp32 graph")
+    c.add_argument("bundle")
+    c.add_argument("--components", help="comma-separated subset (default: all)")
+    c.add_argument("--precision", default="fp16", help="graph to compare with fp32 (default fp16)")
+    c.add_argument("--optimized", choices=("cpu", "cuda"), help="compare the optimized graph for this provider instead")
+    c.add_argument("--layerwise", action="store_true", help="compare every shared tensor; name the first jump")
+    c.add_argument("--size", default="64x64", help="WIDTHxHEIGHT of the sample inputs (default 64x64)")
+    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--tolerance", type=float, default=1e-2, help="largest relative L2 error (default 0.01)")
+    c.set_defaults(func=cmd_check)
 
     n = sub.add_parser("bench", help="compare latency with the diffusers reference on the same weights")
     n.add_argument("--model", default="random:sd-turbo", help="model for every contender (default random:sd-turbo)")
@@ -223,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="show what a bundle holds")
     i.add_argument("bundle")
+    i.add_argument(
+        "--verify", action="store_true", help="hash every file again (default: only files changed since last checked)"
+    )
     i.set_defaults(func=cmd_info)
     return p
 
@@ -236,14 +291,19 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        args.func(args)
+        rc = args.func(args)
     except SdTurboError as e:
         print(f"sdturbo: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file system failure no check foresaw (disk full, ...): one line; -v for the traceback
+        if args.verbose:
+            raise
+        print(f"sdturbo: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("sdturbo: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 
 An engine is keyed by everything it depends on: the ONNX's sha256, the library and its version, the
 device (compute capability) and the shape profile. A record whose key differs from what is asked for
-is stale: it is rebuilt, or the error says which part of the key changed. Never loaded.
+is stale: it is rebuilt, or the error says which part of the key changed. Never loaded. A plan whose
+content does not match the sha256 in its record (damaged, even at the same size) is rebuilt like a missing
+one (EngineCorrupt; hashed once per change, see integrity.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .bundle import Bundle
-from .errors import BundleError, EngineMissing, InputError
+from .errors import BundleError, EngineCorrupt, EngineMissing, InputError, IntegrityError
+from .integrity import verify
 from .spec import axis_values
 
 
@@ -140,8 +143,14 @@ def find_engine(bundle: Bundle, component: str, flavour: str, version: str, devi
     why = stale_reason(rec, engine_key(bundle, component, flavour, version, device, profile))
     if why:
         raise BundleError(f"the {component} engine in {folder} is stale: {why}; {hint}")
+    if "plan_sha256" not in rec:
+        raise BundleError(f"the {component} engine in {folder} has no checksum (built by an older sdturbo); {hint}")
     if plan.stat().st_size != rec.get("plan_bytes"):
-        raise BundleError(f"{plan} is {plan.stat().st_size} bytes, its record says {rec.get('plan_bytes')}; {hint}")
+        raise EngineCorrupt(f"{plan} is {plan.stat().st_size} bytes, its record says {rec.get('plan_bytes')}")
+    try:
+        verify([plan], rec["plan_sha256"], f"the {component} engine")
+    except IntegrityError as e:
+        raise EngineCorrupt(str(e)) from e
     return plan
 
 

@@ -13,8 +13,16 @@ class BundleError(SdTurboError):
     """A bundle is missing, incomplete, corrupt, or of an unknown schema."""
 
 
+class IntegrityError(BundleError):
+    """A file's content does not match the sha256 recorded for it: changed or damaged since it was written."""
+
+
 class EngineMissing(BundleError):
     """No engine was built for this library, device and shape (as opposed to a stale or broken one)."""
+
+
+class EngineCorrupt(EngineMissing):
+    """An engine file that fails its checksum: rebuilt like a missing one, never loaded."""
 
 
 class BackendError(SdTurboError):

@@ -1,12 +1,18 @@
-"""``sdturbo info``: a readable summary of a bundle."""
+"""``sdturbo info``: a readable summary of a bundle, and whether each of its files is intact.
+
+Each component is checked for size and content (sha256; hashed once per change of its files, see
+integrity.py, or every time with ``verify``); the tokenizers for presence, content and readability."""
 
 from __future__ import annotations
 
 from .bundle import Bundle
 from .errors import BundleError
+from .integrity import verify as check_content
+from .tokenizer import PromptTokenizer
 
 
-def describe(path) -> str:
+def describe(path, verify: bool = False) -> str:
+    """The summary; ``verify`` hashes every file again instead of trusting stamps of earlier checks."""
     b = Bundle(path)
     m = b.manifest
     lines = [
@@ -23,14 +29,50 @@ def describe(path) -> str:
     for precision, comps in b.components.items():
         for name, comp in comps.items():
             try:
-                b.component(precision, name)
+                b.component(precision, name, rehash=verify)
                 state = "ok"
             except BundleError as e:
                 state = f"BROKEN: {e}"
             ins = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in comp.spec.inputs)
             lines.append(f"  {precision:5} {name:13} {comp.bytes / 1e6:9.1f} MB  {ins}  [{state}]")
+    lines += describe_tokenizers(b, verify)
     lines += describe_engines(b)
+    lines += describe_optimized(b)
     return "\n".join(lines)
+
+
+def describe_optimized(b: Bundle) -> list[str]:
+    """ONNX Runtime's optimized graphs (`sdturbo build --ort-optimize`): key, fused ops, state."""
+    from .backends.ort_optimized import list_optimized
+
+    records = list_optimized(b)
+    if not records:
+        return ["optimized:  none (ONNX Runtime fused graphs: `sdturbo build BUNDLE --ort-optimize`)"]
+    lines = ["optimized:  (ONNX Runtime transformer optimizer)"]
+    for rec in records:
+        fused = ", ".join(f"{k} {v}" for k, v in rec.get("fused", {}).items()) or "no fused ops"
+        lines.append(
+            f"  onnxruntime {rec.get('onnxruntime', '?')} {rec.get('provider', '?'):4} {rec.get('precision', '?'):4} "
+            f"{rec.get('component', '?'):14} {rec.get('bytes', 0) / 1e6:8.1f} MB  {fused}  [{rec['state']}]"
+        )
+    return lines
+
+
+def describe_tokenizers(b: Bundle, verify: bool = False) -> list[str]:
+    lines = ["tokenizers:"]
+    for path, *settings in b.tokenizers:
+        sha = b.tokenizer_sha256[path]
+        try:
+            if not path.is_file():
+                raise BundleError(f"{path.name} is missing")
+            if sha is not None:
+                check_content([path], sha, path.name, rehash=verify)
+            PromptTokenizer(path, *settings)
+            state = "ok" if sha is not None else "ok (readable; this bundle records no checksum for it)"
+        except BundleError as e:
+            state = f"BROKEN: {e}"
+        lines.append(f"  {path.name:27} [{state}]")
+    return lines
 
 
 def describe_engines(b: Bundle) -> list[str]:

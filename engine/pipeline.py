@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
-from .errors import BundleError
 from .images import to_model_image, to_uint8
 from .request import Request, build_request
 from .schedule import make_schedule
-from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +27,7 @@ class Pipeline:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.backend = backend
         b = self.bundle
-        for path, *_ in b.tokenizers:
-            if not path.is_file():
-                raise BundleError(f"bundle {b.root} is missing {path.name}; export it again")
-        self.tokenizers = [PromptTokenizer(*t) for t in b.tokenizers]
+        self.tokenizers = b.prompt_tokenizers()
         self._stages: dict = {}
         latent_spec = b.component(backend.precision, "unet").spec.inputs[0]
         self.dtype = np.dtype(latent_spec.dtype)  # latents live in the UNet's float type between steps
@@ -59,6 +54,11 @@ class Pipeline:
         return build_request(self.bundle, prompts, **kwargs)
 
     def run(self, req: Request) -> np.ndarray:
+        """Images as [B, H, W, 3] uint8: ``run_float``'s image, rounded."""
+        return to_uint8(self.run_float(req))
+
+    def run_float(self, req: Request) -> np.ndarray:
+        """The decoder's image before uint8: [B, 3, H, W] in about [-1, 1], in the VAE's float type."""
         b, dt = self.bundle, self.dtype
         img2img = req.image is not None
         sched = make_schedule(b.scheduler, req.steps, req.strength if img2img else 1.0)
@@ -75,7 +75,7 @@ class Pipeline:
             t = np.full((req.batch,), sched.timesteps[i], np.float32)
             eps = unet(sample=sched.scale_input(i, x), timestep=t, hidden_states=hidden, **cond)
             x = sched.step(i, eps, x, step_noise[i] if sched.ancestral else None)
-        return to_uint8(self.stage("vae_decoder")(latents=x))
+        return self.stage("vae_decoder")(latents=x)
 
     def encode_prompts(self, req: Request) -> tuple[np.ndarray, dict]:
         """Text conditioning: SD-Turbo's hidden states; SDXL's two encoders' hidden states side by side,
@@ -86,5 +86,4 @@ class Pipeline:
         h1 = self.stage("text_encoder")(input_ids=self.tokenizers[0](prompts))
         h2, pooled = self.stage("text_encoder_2")(input_ids=self.tokenizers[1](prompts))
         hidden = np.concatenate([h1, h2], axis=-1)  # [B, 77, D1 + D2]
-        sizes = np.array([req.height, req.width, 0, 0, req.height, req.width], np.float32)
-        return hidden, {"text_embeds": pooled, "time_ids": np.tile(sizes, (req.batch, 1)).astype(self.dtype)}
+        return hidden, {"text_embeds": pooled, "time_ids": req.time_ids().astype(self.dtype)}

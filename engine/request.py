@@ -9,7 +9,13 @@ import numpy as np
 
 from .bundle import Bundle
 from .errors import InputError
+from .images import check_pixels
 from .schedule import check_steps, make_schedule
+
+# The largest |value| allowed in caller's noise (latents, image_noise, step_noise). They are unit-variance
+# normal draws, whose peak over a billion values is about 6; a value past this bound is not noise and only
+# makes a garbage image.
+MAX_NOISE = 100.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,12 @@ class Request:
         step_noise = drawn[2:] if self.step_noise is None else list(self.step_noise)
         return noise, image_noise, step_noise
 
+    def time_ids(self) -> np.ndarray:
+        """SDXL's size conditioning, [B, 6] float32: original size (height, width), crop corner (0, 0), target
+        size (height, width), as diffusers builds it with no crop and original = target = the request's size.
+        Both pipelines (host and TensorRT) take it from here."""
+        return np.tile(np.array([self.height, self.width, 0, 0, self.height, self.width], np.float32), (self.batch, 1))
+
     def latent_shape(self, bundle: Bundle) -> tuple[int, int, int, int]:
         f = bundle.vae_scale_factor
         return (self.batch, bundle.latent_channels, self.height // f, self.width // f)
@@ -50,6 +62,8 @@ class Request:
         bad = [p for p in self.prompts if not isinstance(p, str)]
         if bad:
             raise InputError(f"prompts must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
+        for i, p in enumerate(self.prompts):
+            check_utf8(i, p)
         check_steps(self.steps)
         f = bundle.vae_scale_factor
         for side, v in (("height", self.height), ("width", self.width)):
@@ -60,29 +74,53 @@ class Request:
             raise InputError(f"seed {self.seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
         shape = self.latent_shape(bundle)
         for name in ("latents", "image_noise"):
-            arr = getattr(self, name)
-            if arr is not None and (not isinstance(arr, np.ndarray) or arr.shape != shape):
-                got = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise InputError(
-                    f"{name} has shape {got}; this request needs {shape} [batch, channels, height/{f}, width/{f}]"
-                )
-            if arr is not None and not np.isfinite(arr).all():
-                raise InputError(f"{name} holds NaN or infinite values")
+            if getattr(self, name) is not None:
+                check_noise(name, getattr(self, name), shape, f"[batch, channels, height/{f}, width/{f}]")
         if self.image is not None:
+            check_pixels(self.image)
             want = (self.batch, self.height, self.width, 3)
-            if not isinstance(self.image, np.ndarray) or self.image.shape != want or self.image.dtype != np.uint8:
-                got = (self.image.shape, self.image.dtype) if isinstance(self.image, np.ndarray) else type(self.image)
-                raise InputError(f"image is {got}; img2img needs uint8 {want} [batch, height, width, RGB]")
+            if self.image.shape != want:
+                raise InputError(
+                    f"image has shape {self.image.shape}; img2img needs {want} [batch, height, width, RGB]"
+                )
         elif self.image_noise is not None:
             raise InputError("image_noise is only used with an image (img2img)")
         sched = make_schedule(bundle.scheduler, self.steps, self.strength if self.image is not None else 1.0)
         if self.step_noise is not None:
             if not sched.ancestral:
                 raise InputError("step_noise is only used by ancestral schedulers (SDXL-Turbo)")
-            want = (sched.steps, *shape)
-            if not isinstance(self.step_noise, np.ndarray) or self.step_noise.shape != want:
-                got = self.step_noise.shape if isinstance(self.step_noise, np.ndarray) else type(self.step_noise)
-                raise InputError(f"step_noise has shape {got}; this request needs {want} [steps run, batch, ...]")
+            check_noise("step_noise", self.step_noise, (sched.steps, *shape), "[steps run, batch, ...]")
+
+
+def check_utf8(index: int, prompt: str) -> None:
+    """Refuse a prompt that is not valid Unicode text: a command-line argument that was not UTF-8 reaches
+    Python with its bad bytes as lone surrogates, which the tokenizer cannot take."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown = prompt.encode("utf-8", "surrogateescape")  # the bytes as given on the command line
+        except UnicodeEncodeError:
+            shown = prompt.encode("utf-8", "backslashreplace")
+        raise InputError(f"prompt {index} is not valid UTF-8: {shown!r}; give prompts as UTF-8 text") from None
+
+
+def check_noise(name: str, arr, want: tuple[int, ...], layout: str) -> None:
+    """Caller's noise: a float array of shape ``want``, finite, and no larger than unit-variance noise can be."""
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"{name} is a {type(arr).__name__}; give a float numpy array of shape {want} {layout}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(f"{name} has dtype {arr.dtype}; noise must be a float array (float32, float16 or float64)")
+    if arr.shape != want:
+        raise InputError(f"{name} has shape {arr.shape}; this request needs {want} {layout}")
+    if not np.isfinite(arr).all():
+        raise InputError(f"{name} holds NaN or infinite values")
+    peak = arr.flat[np.abs(arr).argmax()] if arr.size else 0
+    if abs(peak) > MAX_NOISE:
+        raise InputError(
+            f"{name} holds a value of {peak!s}; noise is unit-variance, so |x| <= {MAX_NOISE:g} is allowed "
+            f"(pass the noise before any sigma is applied)"
+        )
 
 
 def build_request(
@@ -104,7 +142,8 @@ def build_request(
     txt2img: ``latents`` is diffusers' ``latents`` argument (unit-variance noise before the initial
     sigma is applied). img2img (``image`` [B, H, W, 3] or [H, W, 3] uint8): ``latents`` is the noise
     added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
-    from ``seed`` (see ``draw_noise``). ``step_noise``: ancestral schedulers' per-step noise.
+    from ``seed`` (see ``draw_noise``). ``step_noise``: ancestral schedulers' per-step noise. Noise given must
+    be a float array, finite, with |x| <= ``MAX_NOISE``; ``image`` must be uint8.
     """
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     if isinstance(image, np.ndarray) and image.ndim == 3:

@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 
 from . import cuda as cuda_module
-from .bundle import Bundle, atomic_write
+from .bundle import Bundle
 from .engine_store import Profile, find_engine
 from .errors import BackendError, BundleError, EngineMissing
 from .images import to_model_image
+from .integrity import read_checked, write_checked
 from .request import Request, build_request
 from .schedule import MAX_STEPS, make_schedule
 from .spec import TensorSpec, axis_values
-from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
 WARMUP_RUNS = 3  # lazy initialisation (and TensorRT-RTX's JIT) must never land inside a capture
@@ -55,7 +55,8 @@ class TrtEngine:
         self.rtx = hasattr(self.engine, "create_runtime_config")
         if self.rtx:  # TensorRT-RTX: its JIT kernels cached across runs (one cache for every context)
             self.runtime_cache = self.engine.create_runtime_config().create_runtime_cache()
-            if self.cache_path.is_file() and not self.runtime_cache.deserialize(self.cache_path.read_bytes()):
+            data = read_checked(self.cache_path, "the runtime cache")
+            if data is not None and not self.runtime_cache.deserialize(data):
                 log.warning("ignoring unreadable runtime cache %s", self.cache_path)
         size = getattr(self.engine, "device_memory_size_v2", None)  # TensorRT >= 10.1 and TensorRT-RTX
         if size is None:
@@ -89,7 +90,7 @@ class TrtEngine:
     def save_runtime_cache(self) -> None:
         """TensorRT-RTX: keep the kernels it compiled for this GPU, so the next load skips that work."""
         if self.runtime_cache is not None:
-            atomic_write(self.cache_path, bytes(memoryview(self.runtime_cache.serialize())))
+            write_checked(self.cache_path, bytes(memoryview(self.runtime_cache.serialize())))
 
 
 class TrtContext:
@@ -160,7 +161,7 @@ class TrtPipeline:
     ):
         """``profile``: the engines to load; else the narrowest built one that covers ``shape`` (batch, H, W)."""
         self.bundle = b = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
-        self.tokenizers = [PromptTokenizer(*t) for t in b.tokenizers]
+        self.tokenizers = b.prompt_tokenizers()
         self.seq = self.tokenizers[0].max_length
         self.cuda.ensure_context()  # before TensorRT, the runtime cache and the kernels touch the GPU
         cc = self.cuda.current_compute_capability()
@@ -290,8 +291,7 @@ class TrtPipeline:
         self._put("ids", self.tokenizers[0](prompts))
         if "ids_2" in self.host:
             self._put("ids_2", self.tokenizers[1](prompts))
-            sizes = np.array([H, W, 0, 0, H, W], np.float32)  # original size, crop corner, target size
-            self._put("time_ids", np.tile(sizes, (B, 1)))
+            self._put("time_ids", req.time_ids())
         self._put("noise", noise)
         timesteps = self.host["timesteps"].array
         timesteps[: sched.steps, :B] = sched.timesteps[:, None]

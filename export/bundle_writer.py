@@ -8,7 +8,6 @@ rewrites the manifest last (the manifest is the commit point: see engine/bundle.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -19,8 +18,10 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..engine.bundle import MANIFEST, SCHEMA_VERSION, Bundle, atomic_write, make_shareable
+from ..engine.bundle import MANIFEST, SCHEMA_VERSION, Bundle
 from ..engine.errors import BundleError, InputError
+from ..engine.files import atomic_write, locked, make_shareable, remove_leftovers, replace_dir
+from ..engine.integrity import file_sha256, stamp
 from ..engine.spec import DTYPES, component_specs, component_specs_xl
 from .models import LoadedModel, load_model
 from .onnx_export import export_component
@@ -28,15 +29,6 @@ from .rss import PeakRss
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")  # export order matters: fp16 converts the loaded modules in place
-
-
-def file_sha256(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 EXPORT_TOOLS = ("sdturbo", "torch", "diffusers", "transformers", "onnx", "onnx-graphsurgeon", "tokenizers")
@@ -60,62 +52,91 @@ def export_bundle(
     max_size: int = 1024,
     force: bool = False,
 ) -> Path:
-    """Export ``model`` into the bundle folder ``out`` (created, or completed with missing precisions)."""
+    """Export ``model`` into the bundle folder ``out`` (created, or completed with missing precisions).
+
+    ``force`` replaces the bundle at ``out`` (never a folder that is not a bundle). One process writes a
+    bundle at a time: others wait for it, then use or complete what it wrote. Readers see the old bundle
+    or the new one at every moment."""
     out = Path(out)
     precisions = _check_args(precisions, max_batch, min_size, max_size)
-    existing = _existing(out, force)
-    todo = [p for p in precisions if existing is None or p not in existing.precisions]
-    if not todo:
-        log.info("bundle %s already has %s", out, ", ".join(precisions))
-        return out
-    lm = load_model(model, half="fp32" not in todo)
-    if existing is not None and existing.config_hash != lm.config_hash():
-        raise BundleError(
-            f"bundle {out} was exported from another model ({existing.model_id}); "
-            f"use another --out or --force to replace it"
-        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    make_shareable(tmp)
-    try:
-        components = _write_onnx(lm, tmp, [p for p in PRECISIONS if p in todo])
-        if existing is None:
-            manifest = _manifest(lm, tmp, max_batch, min_size, max_size)
-            manifest["components"] = components
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if force and out.exists():  # swap, then delete the old one
-                trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-                os.replace(out, trash)
-                os.replace(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
+    with locked(out, "is exporting"):
+        remove_leftovers(out.parent, f".{out.name}.tmp-*")
+        remove_leftovers(out.parent, f".{out.name}.old-*")
+        existing = _existing(out, force)
+        todo = [p for p in precisions if existing is None or p not in existing.precisions]
+        if not todo:
+            log.info("bundle %s already has %s", out, ", ".join(precisions))
+            return out
+        lm = load_model(model, half="fp32" not in todo)
+        if existing is not None:
+            _check_same_model(existing, lm, out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        make_shareable(tmp)
+        try:
+            components = _write_onnx(lm, tmp, [p for p in PRECISIONS if p in todo])
+            if existing is None:
+                manifest = _manifest(lm, tmp, max_batch, min_size, max_size)
+                manifest["components"] = components
+                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+                if force:
+                    replace_dir(tmp, out)  # out is absent, an empty folder or a bundle
+                else:
+                    _publish(tmp, out)
             else:
-                _publish(tmp, out)
-        else:
-            for p in todo:
-                dest = out / "onnx" / p
-                if dest.exists():  # left by an interrupted run: not in the manifest, so not in use
-                    shutil.rmtree(dest)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp / "onnx" / p, dest)
-            manifest = dict(existing.manifest)
-            manifest["components"] = {**manifest["components"], **components}
-            atomic_write(out / MANIFEST, json.dumps(manifest, indent=2))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                for p in todo:
+                    dest = out / "onnx" / p
+                    if dest.exists():  # left by an interrupted run: not in the manifest, so not in use
+                        shutil.rmtree(dest)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp / "onnx" / p, dest)
+                manifest = dict(existing.manifest)
+                manifest["components"] = {**manifest["components"], **components}
+                atomic_write(out / MANIFEST, json.dumps(manifest, indent=2))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _stamp_written(Bundle(out), todo)
     log.info("bundle ready: %s", out)
     return out
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished bundle into place; if another process published one first, keep theirs."""
+    """Rename the new bundle into place (``out`` is absent or an empty folder). A bundle put there meanwhile by
+    a writer that does not take the lock (an older sdturbo) is kept: it is the same model."""
     try:
         os.replace(tmp, out)
     except OSError as e:
         if not (out / MANIFEST).is_file():
             raise BundleError(
-                f"{out} appeared during the export and is not a bundle; remove it or choose another --out"
+                f"--out {out} appeared during the export and is not a bundle; choose another --out"
             ) from e
         log.info("another process exported %s first; using that one", out)
+
+
+def _check_same_model(existing: Bundle, lm: LoadedModel, out: Path) -> None:
+    """A precision is added only from the model the bundle was exported from, as it was then."""
+    if existing.config_hash != lm.config_hash():
+        raise BundleError(
+            f"bundle {out} was exported from another model ({existing.model_id}); "
+            f"use another --out or --force to replace it"
+        )
+    recorded = existing.manifest["model"].get("source_stamp")
+    if recorded is not None and recorded != lm.source_stamp():
+        raise BundleError(
+            f"bundle {out} was exported from {existing.model_id} before its files changed; a precision added now "
+            f"would not match the others: use --force to export it again, or another --out"
+        )
+
+
+def _stamp_written(bundle: Bundle, precisions: list[str]) -> None:
+    """The files just written hashed to their recorded sha256 as they were written: say so, so that the first
+    load does not hash them again (integrity.py)."""
+    for precision in precisions:
+        for comp in bundle.components[precision].values():
+            stamp([comp.onnx] + ([comp.data] if comp.data else []), comp.sha256)
+    for path, sha in bundle.tokenizer_sha256.items():
+        if sha is not None:
+            stamp([path], sha)
 
 
 def _check_args(precisions, max_batch, min_size, max_size) -> tuple[str, ...]:
@@ -131,14 +152,20 @@ def _check_args(precisions, max_batch, min_size, max_size) -> tuple[str, ...]:
 
 
 def _existing(out: Path, force: bool) -> Bundle | None:
-    if not out.exists() or force:
+    """The bundle at ``out`` to complete; None to write a new one (nothing there, an empty folder, or a bundle
+    to replace with ``force``). Anything else at ``out`` is the user's: refused, with or without ``force``."""
+    if not out.exists():
         return None
+    if not out.is_dir():
+        raise BundleError(f"--out {out} is a file, not a bundle folder; choose another --out")
     if not (out / MANIFEST).is_file():
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        if not any(out.iterdir()):
             return None
-        raise BundleError(f"{out} exists and is not a bundle; choose another --out or pass --force")
-    return Bundle(out)
+        raise BundleError(
+            f"--out {out} is a folder that is not a bundle (it has no {MANIFEST}); it is left as it is "
+            f"(--force replaces bundles only): choose another --out, or empty that folder"
+        )
+    return None if force else Bundle(out)
 
 
 def specs_for(lm: LoadedModel) -> dict:
@@ -203,10 +230,16 @@ def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_si
             "max_length": int(te.max_position_embeddings),
             "pad_id": int(t2.pad_token_id),
             "pad_token": str(t2.pad_token),
+            "sha256": file_sha256(root / "tokenizer_2.json"),
         }
     return {
         "schema_version": SCHEMA_VERSION,
-        "model": {"id": lm.model_id, "config_hash": lm.config_hash(), "family": lm.family},
+        "model": {
+            "id": lm.model_id,
+            "config_hash": lm.config_hash(),
+            "family": lm.family,
+            "source_stamp": lm.source_stamp(),
+        },
         "scheduler": {k: v for k, v in lm.scheduler_config.items() if k == "_class_name" or not k.startswith("_")},
         "vae": {
             "scaling_factor": float(vae.scaling_factor),
@@ -219,6 +252,7 @@ def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_si
             "max_length": int(te.max_position_embeddings),
             "pad_id": int(tok.pad_token_id),
             "pad_token": str(tok.pad_token),
+            "sha256": file_sha256(root / "tokenizer.json"),
         },
         **extra,
         "limits": {"max_batch": max_batch, "min_size": min_size, "max_size": max_size},

@@ -14,15 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.bundle import make_shareable
-from ..engine.cache import cache_root
+from ..engine.cache import cache_folder, folder_stamp, random_model_folder
 from ..engine.errors import InputError
+from ..engine.files import locked, remove_leftovers, replace_dir
 from .random_models import ALL_RANDOM, build_random
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,10 @@ class LoadedModel:
     family: str = "sd-turbo"  # or "sdxl-turbo"
     text_encoder_2: object = None  # SDXL: CLIPTextModelWithProjection
     tokenizer_2: object = None
+
+    def source_stamp(self) -> str:
+        """The model folder's fingerprint (engine/cache.py): a cached bundle is exported again when it changes."""
+        return folder_stamp(self.folder)
 
     def config_hash(self) -> str:
         """sha256 over the component configs: the same architecture and settings give the same hash."""
@@ -139,6 +143,9 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
 
     folder = resolve_model_folder(model)
     family = model_family(folder)
+    for sub in REQUIRED_XL if family == "sdxl-turbo" else REQUIRED:
+        if sub in WEIGHTS:
+            check_safetensors(folder / sub / WEIGHTS[sub])
     log.info("loading %s (%s) from %s", model, family, folder)
     # Eager attention exports as plain MatMul/Softmax in the model's dtype; the TorchScript exporter
     # lowers transformers' SDPA path with fp32 casts that leave fp16 graphs ill-typed.
@@ -162,23 +169,46 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
     )
 
 
+def check_safetensors(path: Path) -> None:
+    """Refuse a truncated or damaged safetensors file with one line naming it (the loaders raise a traceback
+    deep in their own code): its header must parse and describe exactly the bytes the file holds."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if 8 + n > size:
+                raise ValueError(f"its header claims {n} bytes")
+            header = json.loads(f.read(n))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise InputError(
+            f"model weights {path} are not a readable safetensors file ({e}); the file is truncated or corrupt"
+        ) from e
+    if 8 + n + end != size:
+        raise InputError(
+            f"model weights {path} are {size} bytes but their header describes {8 + n + end}: the file is "
+            f"truncated or corrupt; download or save the model again"
+        )
+
+
 def _random_folder(name: str) -> Path:
-    folder = cache_root() / "models" / f"random-{name}"
+    folder = random_model_folder(name)
     if (folder / "model_index.json").is_file():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    log.info("building random:%s once into %s", name, folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".random-{name}-", dir=folder.parent))
-    make_shareable(tmp)
-    try:
-        build_random(name).save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    cache_folder(folder.parent)
+    with locked(folder, "is building"):  # concurrent first runs: one builds, the others wait and use it
+        if (folder / "model_index.json").is_file():
+            return folder
+        remove_leftovers(folder.parent, f".random-{name}-*")
+        log.info("building random:%s once into %s", name, folder)
+        tmp = Path(tempfile.mkdtemp(prefix=f".random-{name}-", dir=folder.parent))
+        make_shareable(tmp)
+        try:
+            build_random(name).save_pretrained(tmp, safe_serialization=True)
+            replace_dir(tmp, folder)  # a folder there without model_index.json is a broken earlier build
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
 
 

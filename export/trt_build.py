@@ -7,6 +7,7 @@ where the graph keeps it). Engines, build records and the timing cache live in t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -16,7 +17,9 @@ from pathlib import Path
 from ..engine.backends.trt_lib import Logger, compute_capability_enum, import_trt, network_flags, unsupported_here
 from ..engine.bundle import Bundle, atomic_write
 from ..engine.engine_store import Profile, engine_dir, engine_key, find_engine
-from ..engine.errors import BackendError, BundleError, EngineMissing, InputError
+from ..engine.errors import BackendError, BundleError, EngineCorrupt, EngineMissing, InputError
+from ..engine.files import locked, remove_leftovers
+from ..engine.integrity import read_checked, stamp, write_checked
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,13 @@ def build_engines(
     device, target = device_name(trt, flavour, compute_capability)
     folder = engine_dir(bundle, flavour, trt.__version__, device, profile)
     folder.mkdir(parents=True, exist_ok=True)
+    with locked(folder, "is building engines in"):  # concurrent builds of one profile: one builds, one reuses
+        remove_leftovers(folder, ".*.plan.*")  # atomic_write's temporary files, left by a killed build
+        return _build_all(trt, bundle, flavour, device, target, profile, components, force, opt_level, workspace_gb)
+
+
+def _build_all(trt, bundle, flavour, device, target, profile, components, force, opt_level, workspace_gb) -> list[Path]:
+    folder = engine_dir(bundle, flavour, trt.__version__, device, profile)
     plans = []
     for i, name in enumerate(components, 1):
         key = engine_key(bundle, name, flavour, trt.__version__, device, profile)
@@ -74,6 +84,8 @@ def build_engines(
                 plans.append(find_engine(bundle, name, flavour, trt.__version__, device, profile))
                 log.info("[%d/%d] %s: engine up to date (%s)", i, len(components), name, plans[-1])
                 continue
+            except EngineCorrupt as e:
+                log.warning("[%d/%d] %s: %s; rebuilding it", i, len(components), name, e)
             except EngineMissing:
                 pass
             except BundleError as e:  # stale, corrupt record, or a plan of the wrong size
@@ -130,7 +142,7 @@ def _build_one(
     # and reading a timing cache without a GPU only fails noisily there.
     cache_path = folder.parent / "timing.cache" if key["library"] == "tensorrt" else None
     if cache_path is not None:
-        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        cache = config.create_timing_cache(read_checked(cache_path, "the timing cache") or b"")
         config.set_timing_cache(cache, ignore_mismatch=True)
     monitor = _progress_monitor(trt, name)
     if monitor is not None:
@@ -142,13 +154,16 @@ def _build_one(
     if serialized is None:
         raise BackendError(f"TensorRT failed to build {name} (see the [TRT] messages above)")
     data = bytes(memoryview(serialized))
+    sha256 = hashlib.sha256(data).hexdigest()
     plan = folder / f"{name}.plan"
     atomic_write(plan, data)
     if cache_path is not None:
-        atomic_write(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        write_checked(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    stamp([plan], sha256)
     record = {
         "key": key,
         "plan_bytes": len(data),
+        "plan_sha256": sha256,
         "build_seconds": round(seconds, 2),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "builder": {

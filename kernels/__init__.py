@@ -2,7 +2,8 @@
 
 ``load_kernels(dtype, compute_capability)`` compiles ``latents.cu`` once per (dtype, arch) to a cubin for
 exactly that SM (no PTX: a driver older than NVRTC cannot JIT its PTX) and returns launchers that check
-their arguments. Host twins of every kernel: engine/schedule.py, engine/images.py.
+their arguments. Host twins of every kernel: engine/schedule.py, engine/images.py. kernels/host.py builds the
+same source for the CPU (tests/kernels checks it against the host twins bit for bit without a GPU).
 """
 
 from __future__ import annotations
@@ -88,7 +89,10 @@ class Kernels:
     def _launch(self, name: str, n: int, stream: int, args: tuple, types: tuple) -> None:
         if n <= 0:
             raise ValueError(f"{name}: element count {n} must be positive")
-        grid = (n + BLOCK - 1) // BLOCK
+        self._enqueue(name, (n + BLOCK - 1) // BLOCK, stream, args, types)
+
+    def _enqueue(self, name: str, grid: int, stream: int, args: tuple, types: tuple) -> None:
+        """``grid`` blocks of BLOCK threads on ``stream`` (kernels/host.py runs them on the CPU instead)."""
         self._check(
             self._driver.cuLaunchKernel(self._fn[name], grid, 1, 1, BLOCK, 1, 1, 0, stream, (args, types), 0),
             f"launch {name}",

@@ -3,10 +3,15 @@
 // rounding (host twins: engine/schedule.py, engine/images.py): products that torch forms in the
 // model's dtype are rounded to it here too. Compiled with --fmad=false so no multiply-add is fused.
 // No headers: fp16 conversions are the PTX cvt instructions (round to nearest even), so NVRTC needs
-// no CUDA toolkit include path.
+// no CUDA toolkit include path. The CPU tests compile this same file with a C++ compiler (kernels/host.py),
+// host_shim.h standing in for CUDA: it defines SDT_HOST and the same conversions in C++.
 
 #if SDT_HALF
 typedef unsigned short T;
+#ifdef SDT_HOST
+__device__ __forceinline__ float f(T v) { return sdt_half_to_float(v); }
+__device__ __forceinline__ T t(float v) { return sdt_float_to_half_rn(v); }
+#else
 __device__ __forceinline__ float f(T v) {
     float out;
     asm("cvt.f32.f16 %0, %1;" : "=f"(out) : "h"(v));
@@ -17,6 +22,7 @@ __device__ __forceinline__ T t(float v) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out) : "f"(v));
     return out;
 }
+#endif
 #else
 typedef float T;
 __device__ __forceinline__ float f(T v) { return v; }

@@ -8,7 +8,8 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..errors import BackendError, BundleError
-from .ort_cache import cached_model, create_and_cache
+from .ort_cache import load_session
+from .ort_optimized import find_optimized, provider_key
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,12 @@ class OnnxRuntimeBackend:
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
         threads: int = 0,
         cache_optimized: bool = True,
+        fused: bool = True,
     ):
-        """``cache_optimized``: on the CPU, keep onnxruntime's optimized graphs in the bundle (ort_cache.py)."""
+        """``cache_optimized``: on the CPU, keep onnxruntime's optimized graphs in the bundle (ort_cache.py).
+        ``fused``: run the transformer-optimized graphs that `sdturbo build --ort-optimize` wrote for this
+        onnxruntime and provider where the bundle has valid ones (ort_optimized.py), else the plain graphs.
+        They compute the same function with fused kernels; `sdturbo check --optimized` measures how close."""
         try:
             import onnxruntime
         except ImportError as e:
@@ -75,21 +80,19 @@ class OnnxRuntimeBackend:
         self.providers = providers
         self.threads = threads
         self.cache_optimized = cache_optimized and providers == ("CPUExecutionProvider",)
+        self.fused = fused
 
     def _session(self, bundle: Bundle, comp, opts):
         providers = list(self.providers)
+        if self.fused:
+            key = provider_key(providers)
+            fused = find_optimized(bundle, comp.spec.name, self._ort.__version__, key, self.precision)
+            if fused is not None:
+                log.info("%s: the optimized graph for %s (%s)", comp.spec.name, key, fused)
+                return self._ort.InferenceSession(str(fused), opts, providers=providers)
         if not self.cache_optimized:
             return self._ort.InferenceSession(str(comp.onnx), opts, providers=providers)
-        version = self._ort.__version__
-        cached = cached_model(bundle, comp, version, self.precision)
-        if cached is not None:
-            opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-            try:
-                return self._ort.InferenceSession(str(cached), opts, providers=providers)
-            except Exception as e:  # a damaged cache is rebuilt from the bundle's ONNX, never fatal
-                log.warning("ignoring the cached optimized %s (%s)", comp.spec.name, e)
-                opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return create_and_cache(self._ort, opts, bundle, comp, version, self.precision, providers)
+        return load_session(self._ort, opts, bundle, comp, self._ort.__version__, self.precision, providers)
 
     def load(self, bundle: Bundle, component: str) -> OrtStage:
         comp = bundle.component(self.precision, component)

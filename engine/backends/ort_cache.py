@@ -8,7 +8,9 @@ layouts, so the cache is keyed like an engine: ONNX sha256, onnxruntime version,
 
 The record is written last: without a matching record the cached files are ignored and rewritten. It
 also holds the size and mtime of the bundle's ONNX files, so a replaced file is noticed without hashing
-gigabytes on every load.
+gigabytes on every load, and the sha256 of the cached files: a cached graph that does not match it (damaged
+in place, even at the same size) is rebuilt with a warning, never used (hashed once per change, see
+engine/integrity.py). One process writes a component's cache at a time; the others wait and load it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from ..bundle import Bundle, ComponentFile, atomic_write, make_shareable
+from ..bundle import Bundle, ComponentFile
+from ..errors import IntegrityError
+from ..files import atomic_write, locked, make_shareable, remove_leftovers
+from ..integrity import file_sha256, stamp, verify
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +65,36 @@ def cached_model(bundle: Bundle, comp: ComponentFile, ort_version: str, precisio
         rec = json.loads(record.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if rec.get("onnx_sha256") != comp.sha256 or rec.get("source") != source_stat(comp) or not model.is_file():
+    if rec.get("onnx_sha256") != comp.sha256 or rec.get("source") != source_stat(comp) or "sha256" not in rec:
         return None
-    data = model.with_name(model.name + ".data")
-    if data.is_file() and data.stat().st_size != rec.get("data_bytes"):
+    files = _cached_files(model, rec.get("data_bytes") is not None)
+    try:
+        verify(files, rec["sha256"], f"the cached optimized {comp.spec.name} graph")
+    except (IntegrityError, OSError) as e:
+        log.warning("%s; rebuilding it from the bundle's ONNX", e)
         return None
     return model
+
+
+def _cached_files(model: Path, with_data: bool) -> list[Path]:
+    return [model] + ([model.with_name(model.name + ".data")] if with_data else [])
+
+
+def load_session(ort, options, bundle: Bundle, comp: ComponentFile, ort_version: str, precision: str, providers):
+    """A session from the cached optimized graph when it is valid, else from the bundle's ONNX (caching the
+    optimized graph for next time)."""
+    model, _ = cache_paths(bundle, ort_version, precision, comp.spec.name)
+    with locked(model, "is optimizing"):
+        cached = cached_model(bundle, comp, ort_version, precision)
+        if cached is not None:
+            level = options.graph_optimization_level
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            try:
+                return ort.InferenceSession(str(cached), options, providers=providers)
+            except Exception as e:  # onnxruntime's own exceptions: rebuilt from the bundle's ONNX, never fatal
+                log.warning("ignoring the cached optimized %s (%s)", comp.spec.name, e)
+                options.graph_optimization_level = level
+        return create_and_cache(ort, options, bundle, comp, ort_version, precision, providers)
 
 
 def create_and_cache(
@@ -75,6 +104,7 @@ def create_and_cache(
     model, record = cache_paths(bundle, ort_version, precision, comp.spec.name)
     try:
         model.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(model.parent, f".{comp.spec.name}.tmp-*")  # the caller holds this component's lock
         tmp = Path(tempfile.mkdtemp(prefix=f".{comp.spec.name}.tmp-", dir=model.parent))
     except OSError as e:  # a read-only bundle: run without the cache
         log.info("not caching the optimized %s (%s)", comp.spec.name, e)
@@ -92,14 +122,17 @@ def create_and_cache(
                 make_shareable(f)
                 os.replace(f, model.parent / f.name)
         cached_data = model.parent / data.name
+        files = _cached_files(model, cached_data.is_file())
         rec = {
             "onnx_sha256": comp.sha256,
             "source": source_stat(comp),
             "onnxruntime": ort_version,
             "cpu": cpu_key(),
             "data_bytes": cached_data.stat().st_size if cached_data.is_file() else None,
+            "sha256": file_sha256(*files),
         }
         atomic_write(record, json.dumps(rec, indent=2))
+        stamp(files, rec["sha256"])
         log.info("cached the optimized %s graph in %s", comp.spec.name, model.parent)
         return session
     finally:

@@ -35,7 +35,7 @@ CASES = [
     (dict(prompts=["x"], latents=np.full((1, 4, 8, 8), np.nan, np.float32)), r"NaN"),
     (dict(prompts=["x"] * 5), r"batch 5 .*max_batch 4"),
     (dict(prompts=["x"], width=512), r"width 512 .*range 32-256"),
-    (dict(prompts=["x"], image=np.zeros((32, 32, 3), np.uint8)), r"image is .*\(1, 64, 64, 3\)"),
+    (dict(prompts=["x"], image=np.zeros((32, 32, 3), np.uint8)), r"image has shape \(1, 32, 32, 3\).*\(1, 64, 64, 3\)"),
     (dict(prompts=["x"], seed=-1), r"seed -1"),
 ]
 

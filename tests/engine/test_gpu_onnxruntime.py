@@ -22,7 +22,7 @@ def reason() -> str | None:
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(reason() is not None, reason=str(reason()))]
 from tests.engine.test_gpu_pipeline import diffusers_fp16_bar, latents, rms  # noqa: E402
-from tests.engine.test_pipeline_parity import PROMPTS, H, W  # noqa: E402
+from tests.reference import PROMPTS, H, W  # noqa: E402
 
 
 @pytest.fixture(scope="module")

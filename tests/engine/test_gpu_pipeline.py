@@ -32,7 +32,7 @@ def reason() -> str | None:
 
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(reason() is not None, reason=str(reason()))]
-from tests.engine.test_pipeline_parity import PROMPTS, H, W, reference_t2i  # noqa: E402  (the same work)
+from tests.reference import PROMPTS, SHAPE, H, W, diffusers_uint8, load  # noqa: E402  (the same work)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def diffusers_fp16_bar(folder, steps: int, lat: np.ndarray) -> tuple[np.ndarray,
 
     refs = {}
     for dt in (torch.float32, torch.float16):
-        pipe = AutoPipelineForText2Image.from_pretrained(folder, torch_dtype=dt).to("cuda")
-        refs[dt] = reference_t2i(pipe, steps, lat, dt)
+        pipe = load(AutoPipelineForText2Image, folder, dt, device="cuda")
+        refs[dt] = diffusers_uint8(pipe, PROMPTS, [lat], num_inference_steps=steps, height=H, width=W)
     return refs[torch.float32], 2 * rms(refs[torch.float16], refs[torch.float32]) + 1.0
 
 
@@ -138,17 +138,24 @@ def xl_pipes(xl_bundle, tmp_path_factory):
 def test_sdxl_tensorrt_matches_diffusers(steps, xl_pipes, xl_folder):
     """SDXL-Turbo (fp16 UNet, fp32 VAE, ancestral noise replayed): the fp16 bar as for SD-Turbo."""
     import torch
+    from diffusers import AutoPipelineForText2Image
 
-    from tests.sdxl.test_sdxl_parity import PROMPTS as XL_PROMPTS
-    from tests.sdxl.test_sdxl_parity import SHAPE, reference
-
-    lat = np.random.default_rng(steps).standard_normal(SHAPE, dtype=np.float32)
-    ref32, _ = reference(xl_folder, steps, lat, seed=5, dtype=torch.float32, device="cuda")
-    ref16, noise16 = reference(xl_folder, steps, lat, seed=5, dtype=torch.float16, device="cuda")
-    h, w = SHAPE[2] * 8, SHAPE[3] * 8
-    kw = dict(steps=steps, height=h, width=w, latents=lat, step_noise=noise16)
-    ours = xl_pipes["graph"](XL_PROMPTS, **kw)
-    np.testing.assert_array_equal(ours, xl_pipes["plain"](XL_PROMPTS, **kw))
+    rng = np.random.default_rng(steps)
+    noise = [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(1 + steps)]  # latents, then each step's
+    ref32, ref16 = (
+        diffusers_uint8(
+            load(AutoPipelineForText2Image, xl_folder, dt, device="cuda"),
+            PROMPTS,
+            noise,
+            num_inference_steps=steps,
+            height=H,
+            width=W,
+        )
+        for dt in (torch.float32, torch.float16)
+    )
+    kw = dict(steps=steps, height=H, width=W, latents=noise[0], step_noise=np.stack(noise[1:]))
+    ours = xl_pipes["graph"](PROMPTS, **kw)
+    np.testing.assert_array_equal(ours, xl_pipes["plain"](PROMPTS, **kw))
     bound = 2 * rms(ref16, ref32) + 1.0
     print(f"SDXL {steps} step(s): RMS TRT vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
     assert rms(ours, ref32) <= bound

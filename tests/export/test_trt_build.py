@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip i
 
 from sdturbo.engine.bundle import COMPONENTS, MANIFEST, Bundle
 from sdturbo.engine.engine_store import Profile, find_engine
-from sdturbo.engine.errors import BackendError, BundleError, InputError
+from sdturbo.engine.errors import BackendError, BundleError, EngineCorrupt, InputError
 from sdturbo.export.trt_build import build_engines
 
 CC = 86
@@ -63,7 +64,7 @@ def test_unchanged_engines_are_kept(built):
 def test_a_changed_onnx_is_rebuilt_never_loaded(built):
     """Change unet.onnx as a re-export would (new bytes, new hash in the manifest)."""
     import onnx
-    from sdturbo.export.bundle_writer import file_sha256
+    from sdturbo.engine.integrity import file_sha256
 
     path, plans = built
     bundle = Bundle(path)
@@ -197,3 +198,24 @@ def test_engines_built_without_the_capture_flag_are_rebuilt(built, tmp_path):
     build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("unet",))
     assert plans[0].stat().st_mtime_ns != before
     assert json.loads(record_path.read_text())["key"]["builder_flags"] == ["REQUIRE_USER_ALLOCATION"]
+
+
+def test_a_damaged_plan_is_rebuilt_never_loaded(built, tmp_path, caplog):
+    """A plan changed in place (same size, mtime set back) fails its recorded sha256: EngineCorrupt, which the
+    runtime and `sdturbo build` treat as missing (rebuilt with a warning), never loaded."""
+    path, _ = built
+    copy = shutil.copytree(path, tmp_path / "b")
+    plan = next((copy / "engines").glob(f"tensorrt-rtx-*-sm{CC}/*/vae_decoder.plan"))
+    version = json.loads(plan.with_suffix(".json").read_text())["key"]["library_version"]
+    find_engine(Bundle(copy), "vae_decoder", "tensorrt-rtx", version, f"sm{CC}", PROFILE)  # fine, and stamped
+    st = plan.stat()
+    with open(plan, "r+b") as f:
+        f.seek(st.st_size // 2)
+        f.write(bytes(255 - b for b in f.read(256)[:256]))
+    os.utime(plan, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(EngineCorrupt, match="does not match its recorded sha256"):
+        find_engine(Bundle(copy), "vae_decoder", "tensorrt-rtx", version, f"sm{CC}", PROFILE)
+    with caplog.at_level("WARNING"):
+        build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("vae_decoder",))
+    assert "vae_decoder" in caplog.text and "rebuilding it" in caplog.text
+    find_engine(Bundle(copy), "vae_decoder", "tensorrt-rtx", version, f"sm{CC}", PROFILE)

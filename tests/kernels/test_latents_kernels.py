@@ -1,6 +1,9 @@
-"""kernels/latents.cu: compiles with NVRTC on any machine; on a GPU, equals its host twins bit for bit."""
+"""kernels/latents.cu: compiles with NVRTC on any machine; equals its host twins bit for bit on a GPU, and on
+the CPU as compiled by a C++ compiler (kernels/host.py), so the CPU suite runs the kernel source itself."""
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import pytest
@@ -74,6 +77,92 @@ def test_emulated_kernels_equal_host_twins(dtype):
     cuda = EmulatedCuda()
     cuda.ensure_context()
     check_against_host_twins(lambda dt: EmulatedKernels(np.dtype(dt).name, cuda), cuda, dtype)
+
+
+class HostCuda:
+    """What check_against_host_twins asks of engine/cuda.py, in host memory: addresses are real ones, so the
+    host-compiled kernels read and write them. Every buffer lives as long as this object (nothing is freed
+    under a kernel); new ones are filled with 0xFF (NaN) so a read of memory nothing wrote shows."""
+
+    def __init__(self):
+        self.buffers: list[np.ndarray] = []
+        cuda = self
+
+        class DeviceBuffer:
+            def __init__(self, nbytes: int):
+                cuda.buffers.append(np.full(max(int(nbytes), 1), 0xFF, np.uint8))
+                self.ptr, self.nbytes = cuda.buffers[-1].ctypes.data, int(nbytes)
+
+        class PinnedArray:
+            def __init__(self, shape, dtype):
+                self.dtype = np.dtype(dtype)
+                self.array = np.zeros(shape, self.dtype)
+                self.nbytes = self.array.nbytes
+
+        class Stream:
+            ptr = 0
+
+            @staticmethod
+            def copy_in(dst: int, host: PinnedArray, nbytes: int) -> None:
+                ctypes.memmove(dst, host.array.ctypes.data, nbytes)
+
+            @staticmethod
+            def copy_out(host: PinnedArray, src: int, nbytes: int) -> None:
+                ctypes.memmove(host.array.ctypes.data, src, nbytes)
+
+            @staticmethod
+            def synchronize() -> None:
+                pass
+
+        self.DeviceBuffer, self.PinnedArray, self.Stream = DeviceBuffer, PinnedArray, Stream
+
+
+@pytest.fixture(scope="session")
+def host_kernels(tmp_path_factory):
+    """latents.cu built for the CPU, once per session, for each float type."""
+    from sdturbo.kernels.host import HostKernels, build, find_compiler
+
+    cxx = find_compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++, c++ or clang++ on the PATH, or $CXX): latents.cu cannot run on the CPU")
+    folder = tmp_path_factory.mktemp("latents-host")
+    return {dt: HostKernels(dt, build(dt, folder, cxx)) for dt in ("float16", "float32")}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_host_compiled_kernels_equal_host_twins(dtype, host_kernels):
+    """The same latents.cu a GPU runs, compiled by the host's C++ compiler: same host twins, bit for bit."""
+    check_against_host_twins(lambda dt: host_kernels[np.dtype(dt).name], HostCuda(), dtype)
+
+
+def test_host_fp16_conversions_round_to_nearest_even(host_kernels):
+    """The shim's fp16 conversions, through the cast kernels, against numpy's: every fp16 value widened;
+    every fp16 value, every midpoint between neighbours (ties go to even) and the floats either side of
+    each midpoint narrowed, with overflow to inf around 65520, subnormals and a sample of all fp32 bits."""
+    k, cuda = host_kernels["float16"], HostCuda()
+    s = cuda.Stream()
+
+    def run(kernel, values: np.ndarray, out_dtype) -> np.ndarray:
+        src, dst = cuda.DeviceBuffer(values.nbytes), cuda.DeviceBuffer(values.size * np.dtype(out_dtype).itemsize)
+        ctypes.memmove(src.ptr, values.ctypes.data, values.nbytes)
+        kernel(src.ptr, dst.ptr, values.size, s.ptr)
+        out = np.empty(values.size, out_dtype)
+        ctypes.memmove(out.ctypes.data, dst.ptr, out.nbytes)
+        return out
+
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    np.testing.assert_array_equal(run(k.to_float32, halves, np.float32), halves.astype(np.float32))
+
+    finite = np.sort(halves[np.isfinite(halves)].astype(np.float64))
+    finite = np.unique(np.concatenate([finite, [65520.0]]))  # the midpoint past the largest half
+    mids = ((finite[:-1] + finite[1:]) / 2).astype(np.float32)  # exact in fp32
+    above, below = np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf))
+    sample = np.random.default_rng(0).integers(0, 1 << 32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e-30, -1e-30, 65504, 65519.996, 70000, 2.0**-24], np.float32)
+    floats = np.concatenate([halves.astype(np.float32), mids, above, below, sample, special])
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = floats.astype(np.float16)
+    np.testing.assert_array_equal(run(k.from_float32, floats, np.float16), want)
 
 
 def check_against_host_twins(kernels, cuda, dtype):

@@ -1,0 +1,263 @@
+"""``sdturbo check``: how far each component's fp16 (or optimized) graph is from its fp32 graph.
+
+Both graphs run on the same inputs with polygraphy's ONNX Runtime runners, and polygraphy's comparator gives
+the error statistics of every output (absolute and relative: max, mean, median). The verdict is the
+relative L2 error, ``|test - ref| / |ref|``, against ``tolerance`` (1e-2 by default: fp16 rounding across a
+UNet is ~1e-3), and any non-finite value where fp32 is finite (an fp16 overflow) fails. With ``layerwise``
+every intermediate tensor the two graphs share (by name) is compared too, in the fp32 graph's order, and
+the first one whose error jumps is named: non-finite where fp32 is finite, or over the tolerance and more
+than ``JUMP`` times the worst error of that node's inputs. Tensors are matched by name and producer (same op,
+same inputs); fp32 tensors with finite values beyond fp16's range that fp16 holds as finite (attention masks
+of -3.4e38, clamped) are not counted as jumps.
+
+It runs on the CPU; optimized graphs for CUDA (fused ops with CUDA kernels only) need the CUDA provider.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.backends.ort_optimized import PROVIDERS, find_optimized
+from ..engine.bundle import Bundle
+from ..engine.errors import BackendError, BundleError, InputError
+
+log = logging.getLogger(__name__)
+
+JUMP = 10.0  # a layer's error "jumps" when it is this many times its inputs' worst (and over the tolerance)
+EXTERNAL_DATA_BYTES = 1_800_000_000
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class OutputError:
+    name: str
+    max_abs: float
+    mean_abs: float
+    median_abs: float
+    max_rel: float
+    mean_rel: float
+    rel_l2: float  # |test - ref| / |ref|; inf when test is not finite where ref is
+    nonfinite: int  # elements not finite in test but finite in ref
+    beyond_fp16: bool = False  # ref has finite values past fp16's range (masks of -3.4e38): clamped, not wrong
+
+    def ok(self, tolerance: float) -> bool:
+        return self.nonfinite == 0 and self.rel_l2 <= tolerance
+
+
+@dataclass(frozen=True)
+class ComponentReport:
+    component: str
+    test: str  # what was compared with fp32: "fp16" or "optimized-cpu" / "optimized-cuda"
+    outputs: tuple[OutputError, ...]
+    jump: str | None = None  # layerwise: the first tensor whose error jumps, and how
+    tensors: int = 0  # layerwise: tensors compared
+
+
+def rel_l2(test: np.ndarray, ref: np.ndarray) -> tuple[float, int]:
+    test, ref = test.astype(np.float64), ref.astype(np.float64)
+    bad = int((~np.isfinite(test) & np.isfinite(ref)).sum())
+    if bad:
+        return float("inf"), bad
+    return float(np.linalg.norm(test - ref) / max(np.linalg.norm(ref), 1e-30)), 0
+
+
+def sample_feeds(bundle: Bundle, precision: str, name: str, batch: int, height: int, width: int, seed: int):
+    """Inputs for component ``name`` at this size, in the fp32 graph's dtypes and in ``precision``'s."""
+    spec32 = bundle.component("fp32", name).spec
+    spec = bundle.component(precision, name).spec
+    f = bundle.vae_scale_factor
+    dims = {"batch": batch, "height": height, "width": width, "latent_height": height // f, "latent_width": width // f}
+    vocab = int(bundle.manifest.get("text", {}).get("vocab_size", 49408))
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in spec32.inputs:
+        shape = t.concrete(dims)
+        if t.dtype == "int32":
+            value = rng.integers(0, vocab, shape).astype(np.int32)
+        elif t.name == "timestep":
+            value = np.full(shape, 999.0, np.float32)
+        elif t.name == "time_ids":  # SDXL: original size, crop offset, target size
+            value = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (shape[0], 1))
+        elif t.name == "image":
+            value = rng.uniform(-1, 1, shape).astype(np.float32)
+        else:
+            value = rng.standard_normal(shape, dtype=np.float32)
+        feeds[t.name] = value
+    cast = {t.name: value.astype(t.dtype) for t, value in zip(spec.inputs, feeds.values(), strict=True)}
+    return feeds, cast
+
+
+def _runner(path: Path, provider: str, name: str, mark_all: bool, tmp: Path):
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    if mark_all:
+        import onnx
+        from polygraphy import constants
+        from polygraphy.backend.onnx import ModifyOutputs, OnnxFromPath
+
+        model = ModifyOutputs(OnnxFromPath(str(path)), outputs=constants.MARK_ALL)()
+        path = tmp / f"{name}.onnx"
+        big = model.ByteSize() >= EXTERNAL_DATA_BYTES
+        onnx.save(model, str(path), save_as_external_data=big, location=f"{name}.onnx.data")
+    return OnnxrtRunner(SessionFromOnnx(str(path), providers=[provider]), name=name)
+
+
+def _infer(runner, feeds):
+    from polygraphy.comparator.struct import IterationResult
+
+    with runner:
+        outputs = runner.infer(feeds)
+    return IterationResult({k: np.asarray(v) for k, v in outputs.items()}, runner_name=runner.name)
+
+
+def compare_graphs(ref: Path, test: Path, feeds_ref, feeds_test, provider: str = "cpu", layerwise: bool = False):
+    """Run ``ref`` and ``test`` on the same inputs (each in its own dtypes); polygraphy's statistics of every
+    output (and, with ``layerwise``, every shared tensor), the test's relative to the reference's."""
+    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator.struct import RunResults
+    from polygraphy.logger import G_LOGGER
+
+    quiet = G_LOGGER.verbosity(G_LOGGER.INFO if log.isEnabledFor(logging.DEBUG) else G_LOGGER.CRITICAL)
+    with quiet, tempfile.TemporaryDirectory(prefix="sdturbo-check-") as tmp:
+        runs = RunResults()
+        for path, name, feeds in ((test, "test", feeds_test), (ref, "fp32", feeds_ref)):
+            runs.append((name, [_infer(_runner(path, PROVIDERS[provider], name, layerwise, Path(tmp)), feeds)]))
+        got, want = runs["test"][0], runs["fp32"][0]
+        shared = [k for k in want if k in got and want[k].dtype.kind == "f" and got[k].shape == want[k].shape]
+        compare = CompareFunc.simple(
+            check_error_stat="max",
+            infinities_compare_equal=False,
+            find_output_func=lambda n, i, r: [n] if n in shared else [],
+        )
+        with np.errstate(over="ignore", invalid="ignore"):  # statistics of inf/NaN outputs: reported, not warned
+            result = Comparator.compare_accuracy(runs, compare_func=compare, comparisons=[(0, 1)])
+    result = result if hasattr(result, "values") else next(iter(result))  # polygraphy >= 0.53: one per function
+    (per_iteration,) = result.values()
+    stats = per_iteration[0]
+    errors = {}
+    for k in shared:
+        s, (l2, bad) = stats[k], rel_l2(got[k], want[k])
+        ref = want[k][np.isfinite(want[k])]
+        beyond = bool(ref.size) and float(np.abs(ref).max()) > FP16_MAX
+        errors[k] = OutputError(
+            k, s.max_absdiff, s.mean_absdiff, s.median_absdiff, s.max_reldiff, s.mean_reldiff, l2, bad, beyond
+        )
+    return errors, {k: (got[k], want[k]) for k in shared}
+
+
+def same_tensors(ref: Path, test: Path, names) -> list[str]:
+    """Of ``names``, those that mean the same in both graphs: made by nodes of the same type from the same
+    inputs (the fp16 export has casts the fp32 one has not, so one name can mean different tensors)."""
+    import onnx
+
+    def producers(path):
+        graph = onnx.load(str(path), load_external_data=False).graph
+        return {o: (n.op_type, tuple(n.input)) for n in graph.node for o in n.output}
+
+    a, b = producers(ref), producers(test)
+    return [k for k in names if a.get(k) == b.get(k)]
+
+
+def first_jump(ref: Path, errors: dict[str, OutputError], tolerance: float) -> str | None:
+    """The first tensor, in ``ref``'s node order, whose error jumps (see the module's notes), described."""
+    import onnx
+
+    graph = onnx.load(str(ref), load_external_data=False).graph
+    for node in graph.node:
+        worst_in = max((errors[i].rel_l2 for i in node.input if i in errors), default=0.0)
+        for out in node.output:
+            e = errors.get(out)
+            if e is None or (e.beyond_fp16 and not e.nonfinite):
+                continue
+            if e.nonfinite and np.isfinite(worst_in):
+                return f"{out} ({node.op_type} {node.name}): {e.nonfinite} non-finite values where fp32 is finite"
+            if e.rel_l2 > tolerance and e.rel_l2 > JUMP * worst_in:
+                return f"{out} ({node.op_type} {node.name}): relative error {e.rel_l2:.2e}, its inputs' {worst_in:.2e}"
+    return None
+
+
+def check_bundle(
+    path,
+    components: tuple[str, ...] | None = None,
+    precision: str = "fp16",
+    optimized: str | None = None,
+    layerwise: bool = False,
+    size: tuple[int, int] = (64, 64),
+    batch: int = 1,
+    tolerance: float = 1e-2,
+    seed: int = 0,
+) -> list[ComponentReport]:
+    """Compare each component's ``precision`` graph (or, with ``optimized`` = a provider, its optimized graph
+    for that provider) with its fp32 graph. ``size`` is (width, height)."""
+    try:
+        import onnxruntime
+        import polygraphy  # noqa: F401
+    except ImportError as e:
+        raise BackendError(f"sdturbo check needs polygraphy ({e.name} is missing): pip install 'sdturbo[dev]'") from e
+    if precision != "fp16":
+        raise InputError(f"--precision {precision!r} is not allowed; the fp32 graphs are the reference, so: fp16")
+    provider = optimized or "cpu"
+    if provider not in PROVIDERS:
+        raise InputError(f"--provider {provider!r} is not allowed; use one of {', '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in onnxruntime.get_available_providers():
+        raise BackendError(
+            f"onnxruntime here has no {PROVIDERS[provider]} (it has {onnxruntime.get_available_providers()}); "
+            "for CUDA: pip install 'sdturbo[cuda]'"
+        )
+    if not tolerance > 0:
+        raise InputError(f"--tolerance {tolerance} is not allowed; give a positive relative error, e.g. 0.01")
+    bundle = Bundle(path)
+    width, height = size
+    bundle.check_request(batch, height, width)
+    f = bundle.vae_scale_factor
+    if height % f or width % f:
+        raise InputError(f"--size {width}x{height} is not allowed; each side must be a multiple of {f}")
+    names = bundle.component_names if components is None else components
+    unknown = [c for c in names if c not in bundle.component_names]
+    if unknown:
+        raise InputError(f"--components {','.join(unknown)}: not in this bundle ({', '.join(bundle.component_names)})")
+    reports = []
+    for name in names:
+        ref = bundle.component("fp32", name).onnx
+        test = bundle.component(precision, name).onnx
+        if optimized:
+            test = find_optimized(bundle, name, onnxruntime.__version__, optimized, precision)
+            if test is None:
+                raise BundleError(
+                    f"bundle {bundle.root} has no valid optimized {name} for {optimized} and onnxruntime "
+                    f"{onnxruntime.__version__}: build it with `sdturbo build {bundle.root} --ort-optimize "
+                    f"--ort-provider {optimized}`"
+                )
+        feeds32, feeds = sample_feeds(bundle, precision, name, batch, height, width, seed)
+        errors, _ = compare_graphs(ref, test, feeds32, feeds, provider, layerwise)
+        outputs = tuple(errors[t.name] for t in bundle.component("fp32", name).spec.outputs)
+        if layerwise:
+            errors = {k: errors[k] for k in same_tensors(ref, test, errors)}
+        jump = first_jump(ref, errors, tolerance) if layerwise else None
+        label = f"optimized-{optimized}" if optimized else precision
+        reports.append(ComponentReport(name, label, outputs, jump, len(errors) if layerwise else 0))
+    return reports
+
+
+def format_reports(reports: list[ComponentReport], tolerance: float) -> str:
+    """A markdown table of the per-output statistics, a verdict per output, and the layerwise findings."""
+    lines = [
+        "| component | graph | output | max abs | mean abs | median abs | max rel | mean rel | rel L2 | non-finite | |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        for e in r.outputs:
+            verdict = "ok" if e.ok(tolerance) else "FAIL"
+            lines.append(
+                f"| {r.component} | {r.test} | {e.name} | {e.max_abs:.3e} | {e.mean_abs:.3e} | {e.median_abs:.3e} | "
+                f"{e.max_rel:.3e} | {e.mean_rel:.3e} | {e.rel_l2:.3e} | {e.nonfinite} | {verdict} |"
+            )
+    for r in reports:
+        if r.tensors:
+            lines.append(f"{r.component}: {r.tensors} tensors compared; first jump: {r.jump or 'none'}")
+    return "\n".join(lines)

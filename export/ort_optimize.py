@@ -1,0 +1,235 @@
+"""ONNX Runtime's transformer optimizer on a bundle: fused fp16 graphs for the ONNX Runtime backend.
+
+What ONNX Runtime's own Stable Diffusion pipeline does (``onnxruntime/transformers/models/stable_diffusion/
+optimize_pipeline.py``), on the bundle's graphs: fuse the **fp32** graph (the fusions match fp32 patterns; on
+our fp16 graphs the UNet's fail), then convert it to fp16 with onnxruntime's converter and its default list
+of ops kept in fp32, so the result has the same inputs and outputs as the bundle's fp16 graph (timestep
+stays float32). A component the fp16 bundle keeps in fp32 (SDXL's VAE, which overflows fp16) is fused and
+kept in fp32, as that pipeline does. Model types: ``clip`` for text encoders, ``unet``, ``vae``.
+
+Providers (one switch, ``provider``):
+
+- ``cuda`` (the default): every fusion that pipeline makes: MultiHeadAttention (packed QKV / KV in fp16, for
+  flash and memory-efficient attention), GroupNorm and SkipGroupNorm (NHWC), NhwcConv, BiasSplitGelu,
+  BiasAdd, SkipLayerNormalization, BiasGelu/QuickGelu. GroupNorm, SkipGroupNorm, NhwcConv, BiasSplitGelu
+  and BiasAdd have CUDA kernels only (onnxruntime 1.32): such a graph does not load on the CPU.
+- ``cpu``: only fusions with CPU kernels (MultiHeadAttention unpacked, SkipLayerNormalization, BiasGelu,
+  QuickGelu), for the CPU provider and for checking fused graphs against plain ones without a GPU.
+
+The ONNX-Runtime-level pass of that pipeline (``optimize_by_onnxruntime`` on a CUDA session) is not run here:
+it needs a GPU, and the backend's session applies the same optimizations (ORT_ENABLE_ALL) when it loads.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.backends.ort_optimized import PROVIDERS, RECIPE, check_optimized, graph_files, optimized_paths, sources
+from ..engine.bundle import Bundle
+from ..engine.errors import BackendError, InputError
+from ..engine.files import atomic_write, locked, make_shareable, remove_leftovers
+from ..engine.integrity import file_sha256, stamp
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPES = {
+    "text_encoder": "clip",
+    "text_encoder_2": "clip",
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
+CUDA_ONLY_FUSIONS = (  # FusionOptions switches whose fused ops have no CPU kernel (onnxruntime 1.32)
+    "enable_nhwc_conv",
+    "enable_group_norm",
+    "enable_skip_group_norm",
+    "enable_bias_splitgelu",
+    "enable_bias_add",
+    "enable_packed_qkv",
+    "enable_packed_kv",
+)
+EXTERNAL_DATA_BYTES = 1_800_000_000
+# Kept in fp32 beyond onnxruntime's defaults: the UNet's sinusoidal timestep embedding (timestep x frequency
+# reaches ~1000, where fp16 steps by 0.5: the sines would be noise), as diffusers and our fp16 export keep it.
+FP32_NODES = ("/model/time_proj/",)  # protobuf refuses files over 2 GiB
+
+
+def fusion_options(model_type: str, provider: str, float16: bool):
+    """The fusions ONNX Runtime's Stable Diffusion pipeline enables for ``model_type``, less those without
+    kernels for ``provider``."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    opts = FusionOptions(model_type)
+    if model_type == "unet":  # as optimize_pipeline.py: packed QKV/KV only in fp16 (its fused attention kernels)
+        opts.enable_packed_kv = float16 and opts.enable_packed_kv
+        opts.enable_packed_qkv = float16 and opts.enable_packed_qkv
+    if provider == "cpu":
+        for switch in CUDA_ONLY_FUSIONS:
+            if hasattr(opts, switch):
+                setattr(opts, switch, False)
+    return opts
+
+
+@contextlib.contextmanager
+def _numpy2_compatible():
+    """onnxruntime 1.32's UNet attention fusion reads the head count with ``int()`` of a 1-element array,
+    which numpy >= 2.4 refuses (TypeError). While the optimizer runs, read it with ``.item()`` instead."""
+    import onnxruntime.transformers  # noqa: F401  (puts the optimizer's own folder on sys.path)
+    from fusion_attention_unet import FusionAttentionUnet  # the module the optimizer itself imports
+
+    original = FusionAttentionUnet.get_num_heads
+
+    def get_num_heads(self, reshape_q, is_torch2=False):
+        if is_torch2:
+            parent = self.model.get_parent(reshape_q, 1)
+            if parent is not None and parent.op_type == "Concat" and len(parent.input) == 4:
+                value = self.model.get_constant_value(parent.input[2])
+                if isinstance(value, np.ndarray) and value.size == 1 and int(value.item()) > 0:
+                    return int(value.item())
+            return 0
+        return original(self, reshape_q, is_torch2)
+
+    FusionAttentionUnet.get_num_heads = get_num_heads
+    try:
+        yield
+    finally:
+        FusionAttentionUnet.get_num_heads = original
+
+
+def fused_op_counts(model) -> dict[str, int]:
+    """Operators of onnxruntime's contrib domain in ``model`` (an onnx ModelProto), counted."""
+    return dict(sorted(collections.Counter(n.op_type for n in model.graph.node if n.domain == "com.microsoft").items()))
+
+
+def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str) -> dict[str, int]:
+    """Fuse the fp32 graph ``src`` for ``provider`` and convert it to the float types of ``spec`` (the
+    component's contract in the target precision); write it to ``dst`` (an empty folder's file). Returns the
+    fused op counts."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model_type = MODEL_TYPES[name]
+    floats = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs) if t.dtype.startswith("float")}
+    float16 = "float16" in floats.values()
+    with _numpy2_compatible():
+        m = optimize_model(
+            str(src),
+            model_type=model_type,
+            num_heads=0,  # deduced from the graph
+            hidden_size=0,
+            opt_level=0,  # fusions only; the session optimizes the rest when it loads
+            optimization_options=fusion_options(model_type, provider, float16),
+            use_gpu=provider == "cuda",
+        )
+    if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
+        keep = [n.name for n in m.model.graph.node if n.name.startswith(FP32_NODES)]
+        m.convert_float_to_float16(
+            keep_io_types=[n for n, d in floats.items() if d == "float32"], node_block_list=keep or None
+        )
+    _check_contract(m.model, spec)
+    big = m.model.ByteSize() >= EXTERNAL_DATA_BYTES
+    m.save_model_to_file(str(dst), use_external_data_format=big)
+    return fused_op_counts(m.model)
+
+
+def _check_contract(model, spec) -> None:
+    """The optimized graph must take and return what the plain one does (names and element types)."""
+    import onnx
+
+    def types(values):
+        return [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name) for v in values]
+
+    inits = {i.name for i in model.graph.initializer}
+    got = (types(i for i in model.graph.input if i.name not in inits), types(model.graph.output))
+    want = ([(t.name, t.dtype) for t in spec.inputs], [(t.name, t.dtype) for t in spec.outputs])
+    if got != want:
+        raise BackendError(f"the optimized {spec.name} has inputs/outputs {got}, not the bundle's {want}")
+
+
+def optimize_component(bundle: Bundle, name: str, provider: str, precision: str = "fp16", force: bool = False) -> Path:
+    """Write component ``name``'s optimized graph into the bundle (unless a valid one is there), atomically:
+    built under a temporary name, renamed into place, the record written last, all under the lock."""
+    import onnxruntime
+
+    version = onnxruntime.__version__
+    model, record = optimized_paths(bundle, version, provider, precision, name)
+    src = bundle.component("fp32", name)  # checked: present, of the recorded size and content
+    spec = bundle.component(precision, name).spec
+    keys = sources(bundle, precision, name)
+    model.parent.mkdir(parents=True, exist_ok=True)
+    with locked(model, "is optimizing"):
+        _, why = check_optimized(bundle, name, version, provider, precision)
+        if why is None and not force:
+            log.info("the optimized %s is up to date (%s)", name, model)
+            return model
+        if why != "none was built":
+            log.warning("rebuilding the optimized %s: %s", name, "--force" if why is None else why)
+        remove_leftovers(model.parent, f".{name}.tmp-*")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=model.parent))
+        try:
+            start = time.perf_counter()
+            fused = optimize_graph(src.onnx, tmp / model.name, name, spec, provider)
+            seconds = time.perf_counter() - start
+            record.unlink(missing_ok=True)  # no record: the old files are never taken for the new ones
+            data = model.with_name(model.name + ".data")
+            built_data = (tmp / data.name).is_file()
+            if not built_data:
+                data.unlink(missing_ok=True)
+            for f in (tmp / data.name, tmp / model.name):
+                if f.is_file():
+                    make_shareable(f)
+                    os.replace(f, model.parent / f.name)
+            rec = {
+                "component": name,
+                "precision": precision,
+                "provider": provider,
+                "onnxruntime": version,
+                "sources": keys,
+                "recipe": RECIPE,
+                "fused": fused,
+                "seconds": round(seconds, 2),
+                "data_bytes": data.stat().st_size if built_data else None,
+            }
+            files = graph_files(model, rec)
+            rec["bytes"] = sum(f.stat().st_size for f in files)
+            rec["sha256"] = file_sha256(*files)
+            atomic_write(record, json.dumps(rec, indent=2))
+            stamp(files, rec["sha256"])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("optimized %s for %s in %.1f s: %s", name, provider, seconds, fused)
+    return model
+
+
+def optimize_bundle(
+    path, components: tuple[str, ...] | None = None, provider: str = "cuda", precision: str = "fp16", force=False
+) -> list[Path]:
+    """Optimized graphs of ``components`` (default: all the bundle has) for ``provider``."""
+    if provider not in PROVIDERS:
+        raise InputError(f"--ort-provider {provider!r} is not allowed; use one of {', '.join(PROVIDERS)}")
+    if precision != "fp16":
+        raise InputError(f"--precision {precision!r} is not allowed for optimized graphs; they are fp16")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime.transformers.optimizer  # noqa: F401
+    except ImportError as e:
+        raise BackendError(
+            f"optimizing needs onnx and onnxruntime ({e.name} is missing): pip install 'sdturbo[export]'"
+        ) from e
+    bundle = Bundle(path)
+    names = bundle.component_names if components is None else components
+    unknown = [c for c in names if c not in bundle.component_names]
+    if unknown:
+        raise InputError(
+            f"--components {','.join(unknown)} is not allowed; this bundle has {', '.join(bundle.component_names)}"
+        )
+    return [optimize_component(bundle, name, provider, precision, force) for name in names]

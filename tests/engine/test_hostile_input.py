@@ -1,0 +1,355 @@
+"""Hostile input: every case gets one line naming the value and what is allowed (exit 2 from the CLI), before
+any generation work; nothing is silently accepted or silently changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sdturbo.engine import cli, images
+from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+from sdturbo.engine.bundle import Bundle
+from sdturbo.engine.errors import BundleError, InputError
+from sdturbo.engine.images import load_image
+from sdturbo.engine.pipeline import Pipeline
+from sdturbo.engine.request import Request
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_bundle):
+    return Pipeline(tiny_bundle, OnnxRuntimeBackend())
+
+
+@pytest.fixture
+def no_generation(monkeypatch):
+    """Fail the test if the CLI gets as far as opening a pipeline: the checks must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generation started before the input was checked")
+
+    monkeypatch.setattr("sdturbo.engine.runtime.open_pipeline", refuse)
+
+
+def generate(capsys, tiny_bundle, *args) -> tuple[int, str]:
+    """``sdturbo generate`` in this process: (exit status, stderr)."""
+    rc = cli.main(["generate", "a cat", "--bundle", str(tiny_bundle), *args])
+    return rc, capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("sdturbo: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def unprivileged(cmd: list) -> list:
+    """``cmd`` run so that file permissions apply to it: as is for a user, without root's override for root."""
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: a read-only folder cannot be made here")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner", *cmd]
+
+
+def run_cli(*args, env=None, as_user=False):
+    cmd = [sys.executable, "-m", "sdturbo.engine.cli", *args]
+    return subprocess.run(
+        unprivileged(cmd) if as_user else cmd, capture_output=True, env=env, timeout=300, text=True, errors="replace"
+    )
+
+
+# -- prompts ---------------------------------------------------------------------------------------------
+
+
+def test_invalid_utf8_prompt_on_the_command_line(tiny_bundle):
+    """argv bytes that are not UTF-8 reach Python as surrogate escapes; tokenizers raised a TypeError on them."""
+    r = run_cli("generate", "ok", os.fsencode("a \udcffcat"), "--bundle", str(tiny_bundle), "--size", "64x64")
+    assert r.returncode == 2, r.stderr
+    line = one_line(r.stderr)
+    assert "prompt 1" in line and "UTF-8" in line and r"\xff" in line, line
+
+
+@pytest.mark.parametrize("prompt", ["a \udcffcat", "lone \ud800 surrogate"])
+def test_invalid_utf8_prompt_in_python(pipe, prompt):
+    with pytest.raises(InputError, match=r"prompt 0 .*not valid UTF-8"):
+        pipe.request([prompt], height=64, width=64)
+
+
+# -- sizes and batch --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size,match", [("0x0", "width 0"), ("0x64", "width 0"), ("64x0", "height 0"), ("-64x64", "width -64")]
+)
+def test_size_zero_or_negative_is_refused(capsys, tiny_bundle, no_generation, size, match):
+    """0 was taken as 'not given': 0x0 gave 512x512 and 0x64 gave 512x64."""
+    rc, err = generate(capsys, tiny_bundle, f"--size={size}")
+    line = one_line(err)
+    assert rc == 2 and f"--size {size!r}" in line and match in line and "positive" in line, line
+
+
+@pytest.mark.parametrize("batch", ["0", "-2"])
+def test_batch_below_one_is_named(capsys, tiny_bundle, no_generation, batch):
+    rc, err = generate(capsys, tiny_bundle, "--size", "64x64", "--batch", batch)
+    line = one_line(err)
+    assert rc == 2 and f"--batch {batch}" in line and "1 or more" in line, line
+
+
+# -- latents and noise ------------------------------------------------------------------------------------
+
+LATENT = (1, 4, 8, 8)  # a 64x64 request
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros(LATENT, np.int64),
+        np.zeros(LATENT, np.uint8),
+        np.zeros(LATENT, np.complex64),
+        np.zeros(LATENT, "datetime64[s]"),
+        np.zeros(LATENT, bool),
+        np.full(LATENT, "a"),
+        np.zeros(LATENT, object),
+    ],
+    ids=lambda a: str(a.dtype),
+)
+@pytest.mark.parametrize("name", ["latents", "image_noise"])
+def test_noise_of_a_non_float_dtype_is_refused(pipe, name, array):
+    kwargs = {name: array}
+    if name == "image_noise":
+        kwargs.update(image=np.zeros((64, 64, 3), np.uint8), steps=2)
+    with pytest.raises(InputError, match=rf"{name} has dtype {re.escape(str(array.dtype))}; .*float"):
+        pipe.request(["x"], height=64, width=64, **kwargs)
+
+
+def test_step_noise_is_checked_like_latents(xl_bundle):
+    xl = Pipeline(xl_bundle, OnnxRuntimeBackend())
+    for bad, match in [
+        (np.zeros((2, *LATENT), np.int32), "step_noise has dtype int32"),
+        (np.full((2, *LATENT), np.inf, np.float32), "step_noise holds NaN or infinite"),
+        (np.full((2, *LATENT), 1e30, np.float32), "step_noise holds a value of 1e\\+30"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            xl.request(["x"], height=64, width=64, steps=2, step_noise=bad)
+
+
+def test_noise_magnitude_bound(pipe):
+    """Unit-variance noise never reaches the bound; at it is allowed, just past it and 1e30 are refused."""
+    bound = np.float32(100)  # engine/request.py MAX_NOISE, documented in the README
+    pipe.request(["x"], height=64, width=64, latents=np.full(LATENT, -bound, np.float32))
+    for value in (np.nextafter(bound, np.float32(np.inf)), 1e30, -1e30):
+        latents = np.zeros(LATENT, np.float32)
+        latents[0, 1, 2, 3] = value
+        with pytest.raises(InputError, match=r"latents holds a value of -?1\S* .*\|x\| <= 100"):
+            pipe.request(["x"], height=64, width=64, latents=latents)
+
+
+@pytest.mark.parametrize(
+    "array,match",
+    [
+        (np.full(LATENT, "abc"), "latents has dtype <U3"),
+        (np.zeros(LATENT, np.int64), "latents has dtype int64"),
+        (np.full(LATENT, 1e30, np.float32), "latents holds a value of 1e+30; noise is unit-variance, so |x| <= 100"),
+    ],
+    ids=["strings", "int", "1e30"],
+)
+def test_cli_latents_file(capsys, tiny_bundle, tmp_path, array, match):
+    np.save(tmp_path / "noise.npy", array)
+    rc, err = generate(capsys, tiny_bundle, "--size", "64x64", "--latents", str(tmp_path / "noise.npy"))
+    assert rc == 2 and match in one_line(err), err
+
+
+# -- the image input --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((64, 64, 3), 0.5, np.float32),
+        np.full((1, 64, 64, 3), 0.5, np.float64),
+        np.full((64, 64, 3), 128, np.int64),
+        np.full((64, 64, 3), 30000, np.uint16),
+    ],
+    ids=lambda a: f"{a.dtype}{a.ndim}d",
+)
+def test_python_image_of_another_dtype_is_refused(pipe, image):
+    with pytest.raises(InputError, match=rf"image has dtype {image.dtype}; img2img needs uint8"):
+        pipe.request(["x"], height=64, width=64, image=image)
+
+
+def test_unchecked_request_with_a_float_image_is_refused(pipe):
+    """A Request made directly (not through ``request``) with a float image in [0, 1] became a nearly
+    flat image; the conversion to the model's input refuses it."""
+    req = Request(("x",), 64, 64, steps=2, image=np.full((1, 64, 64, 3), 0.5, np.float32))
+    with pytest.raises(InputError, match="image has dtype float32"):
+        pipe.run(req)
+
+
+def save_png(path, array, mode=None):
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    """Pillow's convert('RGB') clips 16-bit values to 255 (nearly all white); they are scaled 65535 -> 255."""
+    values = np.array([0, 128, 129, 257, 385, 386, 32767, 32768, 65279, 65535], np.uint16)
+    grid = np.resize(values, (8, 8)).astype(np.uint16)
+    path = save_png(tmp_path / "g16.png", grid)
+    assert Image.open(path).mode.startswith("I")
+    got = load_image(path)
+    want = ((grid.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257)
+    assert got.dtype == np.uint8 and got.shape == (8, 8, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(got[..., c], want)
+
+
+@pytest.mark.parametrize(
+    "array,mode", [(np.full((8, 8), 70000, np.int32), "32-bit integer"), (np.full((8, 8), 0.5, np.float32), "float")]
+)
+def test_images_that_cannot_convert_faithfully_are_refused(tmp_path, array, mode):
+    path = tmp_path / "image.tif"
+    Image.fromarray(array).save(path)
+    with pytest.raises(InputError, match=rf"image {path} has {mode} pixels .*8- or 16-bit"):
+        load_image(path)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A 64x32 photo tagged 'rotate 90 clockwise' (orientation 6) is 32 wide and 64 tall, as diffusers loads it."""
+    pixels = np.zeros((32, 64, 3), np.uint8)
+    pixels[:, :32] = (255, 0, 0)  # left half red
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=100)
+    got = load_image(path)
+    assert got.shape == (64, 32, 3)
+    assert got[:16, :, 0].mean() > 200 and got[-16:, :, 0].mean() < 50  # red on top after the turn
+
+
+@pytest.mark.parametrize("limit,kind", [(1000, "error"), (3000, "warning")])
+def test_decompression_bomb_is_one_line(capsys, tiny_bundle, tmp_path, monkeypatch, no_generation, limit, kind):
+    """Pillow refuses (over twice its limit) or warns (over it); both are refused. The limit is lowered so a
+    64x64 image is over it."""
+    path = save_png(tmp_path / "big.png", np.zeros((64, 64, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    rc, err = generate(capsys, tiny_bundle, "--image", str(path))
+    line = one_line(err)
+    assert rc == 2 and str(path) in line and "4096 pixels" in line and "too large" in line, (kind, line)
+
+
+# -- the output path --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("folder", "is a folder"),
+        ("x.foo", "extension '.foo'"),
+        ("x", "has no extension"),
+        ("afile/x.png", "is not a folder"),
+    ],
+)
+def test_bad_out_is_refused_before_generating(capsys, tiny_bundle, tmp_path, no_generation, name, match):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / name
+    rc, err = generate(capsys, tiny_bundle, "--size", "64x64", "--out", str(out))
+    line = one_line(err)
+    assert rc == 2 and match in line, line
+    if "extension" in match:
+        assert ".png" in line
+
+
+def test_several_images_whose_name_is_a_folder(tmp_path):
+    (tmp_path / "x-1.png").mkdir()
+    with pytest.raises(InputError, match=r"x-1.png: it is a folder"):
+        images.check_out_path(tmp_path / "x.png", 2)
+    assert images.check_out_path(tmp_path / "new" / "x.PNG", 2) == [
+        tmp_path / "new" / "x-0.PNG",
+        tmp_path / "new" / "x-1.PNG",
+    ]
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_out_that_is_read_only(tiny_bundle, tmp_path, what):
+    """A read-only folder to write in, or a read-only file to replace: refused before generating (it failed
+    with a traceback after the image was made)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if what == "file":
+        (ro / "x.png").write_bytes(b"")
+        (ro / "x.png").chmod(0o444)
+    else:
+        ro.chmod(0o555)
+    out = str(ro / "x.png")
+    r = run_cli("generate", "a cat", "--bundle", str(tiny_bundle), "--size", "64x64", "--out", out, as_user=True)
+    assert r.returncode == 2, r.stderr
+    line = one_line(r.stderr)
+    assert f"cannot write {out}" in line and "read-only" in line and "generated" not in r.stderr, r.stderr
+
+
+# -- bundles, model folders, the cache --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [0, -8, 12])
+def test_vae_scale_factor_must_be_a_power_of_two(tiny_bundle, tmp_path, factor):
+    shutil.copy(tiny_bundle / "manifest.json", tmp_path / "manifest.json")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["vae"]["scale_factor"] = factor
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"vae.scale_factor {factor} .*positive power of two"):
+        Bundle(tmp_path)
+
+
+def test_truncated_safetensors_in_a_model_folder(capsys, tiny_folder, tmp_path, monkeypatch):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path / "cache"))
+    rc = cli.main(["export", str(folder), "--out", str(tmp_path / "bundle"), "--precision", "fp32"])
+    line = one_line(capsys.readouterr().err)
+    assert rc == 2 and "unet" in line and str(weights) in line and "truncated or corrupt" in line, line
+
+
+def test_cache_that_is_a_file(capsys, tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("")
+    monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path / "cache"))
+    rc = cli.main(["generate", "a cat", "--model", "random:tiny", "--size", "64x64"])
+    line = one_line(capsys.readouterr().err)
+    assert rc == 2 and "SDTURBO_CACHE" in line and str(tmp_path / "cache") in line, line
+
+
+def test_cache_that_is_a_read_only_empty_folder(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o555)
+    env = {**os.environ, "SDTURBO_CACHE": str(cache)}
+    r = run_cli("generate", "a cat", "--model", "random:tiny", "--size", "64x64", env=env, as_user=True)
+    assert r.returncode == 2, r.stderr
+    line = one_line(r.stderr)
+    assert "SDTURBO_CACHE" in line and str(cache) in line and "writable" in line, line
+
+
+# -- the safety net ---------------------------------------------------------------------------------------
+
+
+def test_an_unexpected_os_error_is_one_line(capsys, monkeypatch):
+    def disk_full(args):
+        raise OSError(28, "No space left on device", "/somewhere/out.png")
+
+    monkeypatch.setattr(cli, "cmd_info", disk_full)
+    assert cli.main(["info", "x"]) == 1
+    assert "No space left on device" in one_line(capsys.readouterr().err)
+    with pytest.raises(OSError):
+        cli.main(["-v", "info", "x"])

@@ -1,0 +1,182 @@
+"""Nothing silently wrong: a bundle or cache file changed in place is found (sha256, hashed once per change),
+a damaged cache is rebuilt, never used, and a manifest cannot point outside its bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnxruntime
+import pytest
+from sdturbo.engine import integrity
+from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+from sdturbo.engine.backends.ort_cache import cache_paths, cached_model
+from sdturbo.engine.bundle import MANIFEST, Bundle
+from sdturbo.engine.cli import main
+from sdturbo.engine.errors import BundleError, InputError, IntegrityError
+from sdturbo.engine.info import describe
+from sdturbo.engine.pipeline import Pipeline
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    return shutil.copytree(tiny_bundle, tmp_path / "copy")
+
+
+def generate(path, precision="fp32"):
+    return Pipeline(path, OnnxRuntimeBackend(precision, cache_optimized=False))(["a cat"], height=64, width=64)
+
+
+def damage(path, offset_fraction=0.5, n=4096, keep_mtime=True):
+    """Overwrite ``n`` bytes in the middle of ``path`` in place: same size, same inode, mtime restored."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(int(st.st_size * offset_fraction))
+        f.write(os.urandom(min(n, st.st_size // 4)))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+
+
+def count_hashes(monkeypatch):
+    calls = []
+    real = integrity.file_sha256
+
+    def counting(*paths):
+        calls.append(paths)
+        return real(*paths)
+
+    monkeypatch.setattr(integrity, "file_sha256", counting)
+    return calls
+
+
+def test_a_component_changed_in_place_is_refused(bundle_copy, tmp_path, capsys):
+    generate(bundle_copy)  # verified and stamped
+    unet = Bundle(bundle_copy).components["fp32"]["unet"]
+    damage(unet.data or unet.onnx)  # same size, mtime set back: only the content (and ctime) differ
+    with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
+        generate(bundle_copy)
+    code = main(
+        ["generate", "a cat", "--bundle", str(bundle_copy), "--size", "64x64", "--out", str(tmp_path / "x.png")]
+    )
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    assert "sha256" in capsys.readouterr().err
+    report = describe(bundle_copy)
+    assert "fp32  unet" in report and "BROKEN" in report.split("fp32  unet")[1].splitlines()[0]
+
+
+def test_a_changed_recorded_sha256_is_refused(bundle_copy):
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    sha = manifest["components"]["fp32"]["vae_decoder"]["sha256"]
+    manifest["components"]["fp32"]["vae_decoder"]["sha256"] = sha[:-1] + ("0" if sha[-1] != "0" else "1")
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match="vae_decoder"):
+        Bundle(bundle_copy).component("fp32", "vae_decoder")
+
+
+def test_files_are_hashed_once_then_only_after_a_change(bundle_copy, monkeypatch):
+    calls = count_hashes(monkeypatch)
+    b = Bundle(bundle_copy)
+    b.component("fp32", "unet")
+    assert len(calls) == 1
+    b.component("fp32", "unet")
+    Bundle(bundle_copy).component("fp32", "unet")
+    assert len(calls) == 1  # the stamp stands for the hash
+    b.component("fp32", "unet", rehash=True)  # info --verify
+    assert len(calls) == 2
+    comp = b.components["fp32"]["unet"]
+    path = comp.data or comp.onnx
+    path.write_bytes(path.read_bytes())  # rewritten, same bytes: hashed again, and still fine
+    b.component("fp32", "unet")
+    assert len(calls) == 3
+
+
+def test_a_grown_component_is_refused_as_a_shrunk_one(bundle_copy):
+    comp = Bundle(bundle_copy).components["fp32"]["text_encoder"]
+    with open(comp.data or comp.onnx, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BundleError, match="bytes but the manifest says"):
+        Bundle(bundle_copy).component("fp32", "text_encoder")
+
+
+def test_export_stamps_what_it_wrote(tiny_bundle, monkeypatch):
+    calls = count_hashes(monkeypatch)
+    b = Bundle(tiny_bundle)
+    for name in b.component_names:
+        b.component("fp16", name)
+    b.prompt_tokenizers()
+    assert calls == []  # the first load after an export hashes nothing
+
+
+@pytest.mark.parametrize("rel", ["../../../../etc/hostname", "/etc/hostname", "onnx/../../x.onnx"])
+def test_manifest_paths_stay_inside_the_bundle(bundle_copy, rel):
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    manifest["components"]["fp32"]["unet"]["onnx"] = rel
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="must stay inside the bundle"):
+        Bundle(bundle_copy)
+
+
+def test_tokenizer_damage_is_found_and_reported(bundle_copy):
+    tok = bundle_copy / "tokenizer.json"
+    text = tok.read_text()
+    tok.write_text(text.replace('"model"', '"modle"', 1))
+    with pytest.raises(IntegrityError, match="tokenizer"):
+        Bundle(bundle_copy).prompt_tokenizers()
+    assert "tokenizer.json              [BROKEN" in describe(bundle_copy)
+    tok.unlink()
+    with pytest.raises(BundleError, match=r"missing tokenizer\.json"):
+        generate(bundle_copy)
+    assert "tokenizer.json              [BROKEN: tokenizer.json is missing]" in describe(bundle_copy)
+
+
+def test_info_says_ok_only_for_intact_files(bundle_copy):
+    report = describe(bundle_copy, verify=True)
+    assert "BROKEN" not in report and report.count("[ok]") == 8 + 1  # 4 components x 2 precisions, 1 tokenizer
+    comp = Bundle(bundle_copy).components["fp16"]["vae_encoder"]
+    path = comp.data or comp.onnx
+    path.write_bytes(os.urandom(path.stat().st_size))  # random bytes of the same size
+    line = next(x for x in describe(bundle_copy).splitlines() if "fp16  vae_encoder" in x)
+    assert "BROKEN" in line and "sha256" in line
+
+
+def test_a_damaged_ort_cache_is_rebuilt_never_used(bundle_copy, caplog):
+    fresh = generate(bundle_copy)
+    Pipeline(bundle_copy, OnnxRuntimeBackend()).load()  # writes the optimized graphs
+    b = Bundle(bundle_copy)
+    comp = b.component("fp32", "unet")
+    model, _ = cache_paths(b, onnxruntime.__version__, "fp32", "unet")
+    data = model.with_name(model.name + ".data")
+    damage(data if data.is_file() else model)
+    with caplog.at_level("WARNING"):
+        assert cached_model(b, comp, onnxruntime.__version__, "fp32") is None
+    assert "cached optimized unet graph" in caplog.text and "rebuilding" in caplog.text
+    out = Pipeline(bundle_copy, OnnxRuntimeBackend())(["a cat"], height=64, width=64)  # rebuilds the cache
+    np.testing.assert_array_equal(out, fresh)
+    assert cached_model(b, comp, onnxruntime.__version__, "fp32") == model
+
+
+def test_checked_cache_files(tmp_path, caplog):
+    path = tmp_path / "unet.runtime-cache"
+    integrity.write_checked(path, b"kernels" * 100)
+    assert integrity.read_checked(path, "the runtime cache") == b"kernels" * 100
+    damage(path, n=8)
+    with caplog.at_level("WARNING"):
+        assert integrity.read_checked(path, "the runtime cache") is None
+    assert "does not match its checksum" in caplog.text
+    assert not path.exists()  # made again by the next save
+    assert integrity.read_checked(path, "the runtime cache") is None
+
+
+def test_size_only_mode_is_a_choice_and_a_bad_mode_is_refused(bundle_copy, monkeypatch):
+    comp = Bundle(bundle_copy).components["fp32"]["vae_decoder"]
+    damage(comp.data or comp.onnx)
+    monkeypatch.setenv("SDTURBO_VERIFY", "size")
+    Bundle(bundle_copy).component("fp32", "vae_decoder")  # trusted at the right size: the documented risk
+    with pytest.raises(IntegrityError):
+        Bundle(bundle_copy).component("fp32", "vae_decoder", rehash=True)  # info --verify still hashes
+    monkeypatch.setenv("SDTURBO_VERIFY", "sha265")
+    with pytest.raises(InputError, match="SDTURBO_VERIFY='sha265' is not allowed"):
+        Bundle(bundle_copy).component("fp32", "vae_decoder")

@@ -1,0 +1,168 @@
+"""Nothing lost: --force replaces bundles only, and atomically; the --model cache follows the model's content
+and heals; concurrent first runs all succeed; killed runs' temporary folders are cleaned up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file, save_file
+from sdturbo.engine import files
+from sdturbo.engine.bundle import MANIFEST, Bundle
+from sdturbo.engine.cache import bundle_dir_for, ensure_bundle
+from sdturbo.engine.cli import main
+from sdturbo.engine.errors import BundleError
+from sdturbo.export import bundle_writer
+from sdturbo.export.bundle_writer import export_bundle
+
+
+def test_force_never_deletes_a_folder_that_is_not_a_bundle(tmp_path, tiny_folder, capsys):
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"precious")
+    for force in ([], ["--force"]):
+        code = main(["export", "random:tiny", "--out", str(out), "--precision", "fp32", *force])
+        err = capsys.readouterr().err
+        assert code == 2 and "is a folder that is not a bundle" in err and "left as it is" in err
+        assert "pass --force" not in err
+    assert (out / "holiday.jpg").read_bytes() == b"precious" and sorted(os.listdir(out)) == ["holiday.jpg"]
+
+
+def test_force_replaces_a_bundle_and_readers_always_see_one(tmp_path, tiny_bundle, monkeypatch):
+    out = shutil.copytree(tiny_bundle, tmp_path / "b")
+    (tmp_path / ".b.tmp-abc123" / "onnx").mkdir(parents=True)  # as a kill -9 during an export leaves them
+    (tmp_path / ".b.old-4242").mkdir()
+    (tmp_path / ".other.tmp-xyz").mkdir()  # another bundle's: not ours to remove
+    seen = []
+
+    def watched(real):
+        def call(*args, **kwargs):
+            seen.append((out / MANIFEST).is_file())
+            result = real(*args, **kwargs)
+            seen.append((out / MANIFEST).is_file())
+            return result
+
+        return call
+
+    # every rename and removal the swap makes is watched: a bundle must be at `out` before and after each
+    monkeypatch.setattr(files.os, "replace", watched(os.replace))
+    monkeypatch.setattr(files.shutil, "rmtree", watched(shutil.rmtree))
+    export_bundle("random:tiny", out, ("fp16",), force=True)
+    monkeypatch.undo()
+    assert seen and all(seen)
+    assert Bundle(out).precisions == ("fp16",)
+    # the old bundle is gone, and so are the leftovers of killed runs of this bundle
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-xyz", "b"]
+
+
+def test_exchange_swaps_two_folders(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not files._exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available here: replace_dir uses two renames")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_the_model_cache_follows_changes_and_heals(tmp_path, tiny_folder, caplog):
+    model = shutil.copytree(tiny_folder, tmp_path / "model")
+    first = Bundle(ensure_bundle(str(model), "fp32"))
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 1.01 for k, v in tensors.items()}, weights)  # new weights, same names and sizes
+    with caplog.at_level("WARNING"):
+        second = Bundle(ensure_bundle(str(model), "fp32"))
+    assert "changed since its cached bundle was exported" in caplog.text
+    assert second.root == first.root == bundle_dir_for(str(model))
+    assert second.components["fp32"]["vae_decoder"].sha256 != first.components["fp32"]["vae_decoder"].sha256
+    assert second.components["fp32"]["unet"].sha256 == first.components["fp32"]["unet"].sha256
+
+    caplog.clear()
+    comp = second.components["fp32"]["text_encoder"]
+    target = comp.data or comp.onnx
+    with open(target, "r+b") as f:  # damaged in the cache: the next run exports it again
+        f.seek(target.stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    with caplog.at_level("WARNING"):
+        assert ensure_bundle(str(model), "fp32") == second.root
+    assert "is damaged" in caplog.text and "exporting it again" in caplog.text
+    Bundle(second.root).component("fp32", "text_encoder")  # intact again
+
+
+def test_adding_a_precision_from_a_changed_model_is_refused(tmp_path, tiny_folder):
+    model = shutil.copytree(tiny_folder, tmp_path / "model")
+    out = export_bundle(str(model), tmp_path / "b", ("fp32",))
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(BundleError, match="before its files changed"):
+        export_bundle(str(model), out, ("fp16",))
+    assert Bundle(out).precisions == ("fp32",)
+
+
+def run_generate(cache: Path, precision: str, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "SDTURBO_CACHE": str(cache)}
+    args = ["generate", "a cat", "--model", "random:tiny", "--size", "64x64", "--precision", precision]
+    code = "import sys; from sdturbo.engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_concurrent_first_runs_all_succeed(tmp_path):
+    """Two first-time runs with a fresh cache, fp32 and fp16, started together: one builds the random model
+    and the bundle, the other waits, then adds its precision. Both make their image."""
+    cache = tmp_path / "cache"
+    procs = [run_generate(cache, p, tmp_path / f"{p}.png") for p in ("fp32", "fp16")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert (tmp_path / "fp32.png").is_file() and (tmp_path / "fp16.png").is_file()
+    bundles = list((cache / "bundles").iterdir())
+    assert [b.name for b in bundles if not b.name.startswith(".")] == [bundle_dir_for("random:tiny").name]
+    assert set(Bundle(cache / "bundles" / bundle_dir_for("random:tiny").name).precisions) == {"fp32", "fp16"}
+    leftovers = [p.name for p in (cache / "bundles").iterdir()] + [p.name for p in (cache / "models").iterdir()]
+    assert not [n for n in leftovers if ".tmp-" in n or ".old-" in n or n.startswith(".random-")]
+
+
+def test_precision_adds_wait_for_each_other(tmp_path, tiny_bundle, monkeypatch):
+    """While another process holds a bundle (here: a child that takes its lock as an export does), an export
+    into it waits, instead of changing files under the other one."""
+    out = shutil.copytree(tiny_bundle, tmp_path / "b")
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["components"]["fp16"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    marker = tmp_path / "holder-done"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from sdturbo.engine.files import locked\n"
+            "with locked(Path(sys.argv[1]), 'test'):\n"
+            "    print('held', flush=True); time.sleep(2); Path(sys.argv[2]).write_text('done')",
+            str(out),
+            str(marker),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ.copy(),
+    )
+    assert child.stdout.readline().strip() == "held"
+    waited = []
+    real = bundle_writer._existing
+    monkeypatch.setattr(bundle_writer, "_existing", lambda *a: waited.append(marker.exists()) or real(*a))
+    export_bundle("random:tiny", out, ("fp16",))
+    child.wait(timeout=30)
+    assert waited == [True]  # it looked at the bundle only once the other process was done with it
+    assert set(Bundle(out).precisions) == {"fp32", "fp16"}
+    assert json.loads((out / MANIFEST).read_text())["components"]["fp32"]

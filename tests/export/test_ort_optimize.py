@@ -1,0 +1,168 @@
+"""ONNX Runtime's transformer optimizer on the tiny bundle: the fused ops (counted), fused == plain where the
+CPU has kernels, the key, atomic writes, and a stale or damaged optimized graph refused, never used."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+from sdturbo.engine.backends.ort_optimized import find_optimized, optimized_paths
+from sdturbo.engine.bundle import Bundle
+from sdturbo.engine.cli import main
+from sdturbo.engine.info import describe
+from sdturbo.engine.pipeline import Pipeline
+from sdturbo.export import ort_optimize
+from sdturbo.export.check import check_bundle
+from sdturbo.export.ort_optimize import fused_op_counts, optimize_bundle
+
+VERSION = onnxruntime.__version__
+
+# What onnxruntime 1.32's optimizer makes of random:tiny (2 down/up blocks, 1 transformer block of 2 layers
+# per attention stage): every self-attention (packed QKV) and cross-attention (packed KV) becomes one
+# MultiHeadAttention, every GroupNorm (+ the residual Add before it) a GroupNorm/SkipGroupNorm (NHWC), every
+# Conv an NhwcConv, every GEGLU a BiasSplitGelu.
+CUDA_UNET = {
+    "BiasAdd": 4,
+    "BiasSplitGelu": 4,
+    "GroupNorm": 6,
+    "MultiHeadAttention": 8,
+    "NhwcConv": 25,
+    "SkipGroupNorm": 15,
+    "SkipLayerNormalization": 8,
+}
+CUDA_VAE_DECODER = {"GroupNorm": 14, "NhwcConv": 27, "SkipGroupNorm": 7}
+# For the CPU: self-attention becomes Attention (QKV in one MatMul), cross-attention MultiHeadAttention;
+# GEGLU a Gelu; no NHWC ops, no GroupNorm, no BiasAdd/BiasSplitGelu (no CPU kernels).
+CPU_UNET = {"Attention": 4, "Gelu": 4, "MultiHeadAttention": 4, "SkipLayerNormalization": 8}
+CPU_TEXT_ENCODER = {"BiasGelu": 2, "SkipLayerNormalization": 4}
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_bundle, tmp_path_factory):
+    """A copy of the tiny bundle with the CUDA graphs of the UNet and VAE decoder and the CPU graphs of the
+    text encoder and UNet."""
+    path = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("optimized") / "b")
+    optimize_bundle(path, ("unet", "vae_decoder"), provider="cuda")
+    optimize_bundle(path, ("text_encoder", "unet"), provider="cpu")
+    return path
+
+
+def load_graph(bundle, provider, name):
+    model, _ = optimized_paths(Bundle(bundle), VERSION, provider, "fp16", name)
+    return onnx.load(str(model))
+
+
+def io_types(graph):
+    inits = {i.name for i in graph.initializer}
+    return [(v.name, v.type.tensor_type.elem_type) for v in graph.input if v.name not in inits] + [
+        (v.name, v.type.tensor_type.elem_type) for v in graph.output
+    ]
+
+
+def test_cuda_graphs_have_the_fused_ops_and_the_fp16_contract(optimized):
+    for name, want in (("unet", CUDA_UNET), ("vae_decoder", CUDA_VAE_DECODER)):
+        model = load_graph(optimized, "cuda", name)
+        assert fused_op_counts(model) == want, name
+        _, record = optimized_paths(Bundle(optimized), VERSION, "cuda", "fp16", name)
+        assert json.loads(record.read_text())["fused"] == want
+        plain = onnx.load(str(Bundle(optimized).component("fp16", name).onnx), load_external_data=False)
+        assert io_types(model.graph) == io_types(plain.graph)  # float16 sample, float32 timestep, ...
+    # GroupNorm, NhwcConv, BiasSplitGelu, BiasAdd have CUDA kernels only: such a graph does not load here
+    model, _ = optimized_paths(Bundle(optimized), VERSION, "cuda", "fp16", "unet")
+    with pytest.raises(Exception, match=r"NOT_IMPLEMENTED|GroupNorm|NhwcConv|BiasSplitGelu|BiasAdd"):
+        onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+
+def test_cpu_graphs_are_fused_and_agree_with_the_plain_graphs(optimized, caplog):
+    assert fused_op_counts(load_graph(optimized, "cpu", "unet")) == CPU_UNET
+    assert fused_op_counts(load_graph(optimized, "cpu", "text_encoder")) == CPU_TEXT_ENCODER
+    plain = check_bundle(optimized, ("text_encoder", "unet"))
+    fused = check_bundle(optimized, ("text_encoder", "unet"), optimized="cpu")
+    for p, f in zip(plain, fused, strict=True):
+        (pe,), (fe,) = p.outputs, f.outputs
+        assert fe.nonfinite == 0 and fe.rel_l2 <= 3 * max(pe.rel_l2, 1e-3), (f.component, fe, pe)
+    with caplog.at_level(logging.INFO):
+        got = Pipeline(optimized, OnnxRuntimeBackend("fp16"))(["a cat"], height=64, width=64, steps=2)
+    assert "unet: the optimized graph for cpu" in caplog.text  # the backend used it
+    want = Pipeline(optimized, OnnxRuntimeBackend("fp16", fused=False))(["a cat"], height=64, width=64, steps=2)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+
+
+def test_a_stale_or_damaged_graph_is_refused_and_rebuilt(optimized, caplog):
+    b = Bundle(optimized)
+    model, record = optimized_paths(b, VERSION, "cpu", "fp16", "text_encoder")
+    assert model.parent == optimized / "ort-optimized" / f"{VERSION}-cpu" / "fp16"  # keyed: version, provider
+    rec = json.loads(record.read_text())
+    assert rec["sources"] == {p: b.components[p]["text_encoder"].sha256 for p in ("fp32", "fp16")}
+    assert (rec["onnxruntime"], rec["provider"]) == (VERSION, "cpu")
+    assert find_optimized(b, "text_encoder", "0.0.0", "cpu", "fp16") is None  # another onnxruntime: none
+    record.write_text(json.dumps({**rec, "sources": {**rec["sources"], "fp32": "0" * 64}}))
+    assert find_optimized(b, "text_encoder", VERSION, "cpu", "fp16") is None
+    assert "the bundle's ONNX changed" in caplog.text
+    record.write_text(json.dumps(rec))
+    assert find_optimized(b, "text_encoder", VERSION, "cpu", "fp16") == model
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damaged in place, same size
+    model.write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        Pipeline(optimized, OnnxRuntimeBackend("fp16")).load()
+    assert "does not match its recorded sha256" in caplog.text and "running the plain graph" in caplog.text
+    assert "text_encoder: the optimized graph" not in caplog.text  # never used
+    assert "BROKEN" in describe(optimized)  # sdturbo info shows it
+    optimize_bundle(optimized, ("text_encoder",), provider="cpu")  # rebuilt, with a warning
+    assert "rebuilding the optimized text_encoder" in caplog.text
+    assert find_optimized(b, "text_encoder", VERSION, "cpu", "fp16") == model
+    assert "BROKEN" not in describe(optimized)
+
+
+def test_writes_are_atomic(optimized, monkeypatch):
+    b = Bundle(optimized)
+    model, record = optimized_paths(b, VERSION, "cpu", "fp16", "text_encoder")
+    leftover = model.parent / ".text_encoder.tmp-killed"
+    leftover.mkdir()  # what a killed run leaves
+    before = (model.read_bytes(), record.read_text())
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed while optimizing")
+
+    monkeypatch.setattr(ort_optimize, "optimize_graph", fail)
+    with pytest.raises(RuntimeError, match="killed"):
+        optimize_bundle(optimized, ("text_encoder",), provider="cpu", force=True)
+    assert (model.read_bytes(), record.read_text()) == before  # the old graph stays whole and valid
+    assert not list(model.parent.glob(".text_encoder.tmp-*"))  # its own temporary and the leftover removed
+    assert find_optimized(b, "text_encoder", VERSION, "cpu", "fp16") == model
+
+
+def test_info_lists_optimized_graphs(optimized):
+    text = describe(optimized)
+    assert f"onnxruntime {VERSION} cuda fp16 unet" in text and "MultiHeadAttention 8" in text
+    assert "[valid]" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ort-optimize", "--components", "nope"], "--components nope is not allowed"),
+        (["--ort-optimize", "--components", "text_encoder_2"], "--components text_encoder_2 is not allowed"),
+    ],
+)
+def test_bad_build_input_is_one_line(tiny_bundle, capsys, args, message):
+    assert main(["build", str(tiny_bundle), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdturbo: error:") and message in err and "\n" not in err
+
+
+def test_a_bundle_without_fp32_cannot_be_optimized(tiny_bundle, tmp_path, capsys):
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["components"]["fp32"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["build", str(path), "--ort-optimize", "--components", "text_encoder"]) == 2
+    assert "has no fp32 ONNX" in capsys.readouterr().err
