@@ -25,6 +25,7 @@ import numpy as np
 from ..engine.backends.ort_optimized import PROVIDERS, find_optimized
 from ..engine.bundle import Bundle
 from ..engine.errors import BackendError, BundleError, InputError
+from ..engine.request import Request
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def sample_feeds(bundle: Bundle, precision: str, name: str, batch: int, height: 
         elif t.name == "timestep":
             value = np.full(shape, 999.0, np.float32)
         elif t.name == "time_ids":  # SDXL: original size, crop offset, target size
-            value = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (shape[0], 1))
+            value = Request(("",) * shape[0], height, width).time_ids()
         elif t.name == "image":
             value = rng.uniform(-1, 1, shape).astype(np.float32)
         else:
