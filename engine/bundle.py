@@ -23,6 +23,8 @@ MANIFEST = "manifest.json"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 COMPONENTS_XL = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 FAMILIES = ("sd-turbo", "sdxl-turbo")
+EXTERNAL_DATA_BYTES = 1_800_000_000  # graphs larger than this keep their weights in a .data file: protobuf
+# refuses files over 2 GiB; stay clear of it
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,17 @@ class Bundle:
     @property
     def component_names(self) -> tuple[str, ...]:
         return COMPONENTS_XL if self.family == "sdxl-turbo" else COMPONENTS
+
+    def select_components(self, names=None) -> tuple[str, ...]:
+        """``names`` (default: every component of this bundle's family), each checked to be one of them."""
+        names = tuple(names or self.component_names)
+        unknown = [c for c in names if c not in self.component_names]
+        if unknown:
+            raise InputError(
+                f"--components {','.join(unknown)} is not allowed: component {unknown[0]!r} is not in this bundle "
+                f"({', '.join(self.component_names)})"
+            )
+        return names
 
     @property
     def precisions(self) -> tuple[str, ...]:

@@ -23,14 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.backends.ort_optimized import PROVIDERS, find_optimized
-from ..engine.bundle import Bundle
+from ..engine.bundle import EXTERNAL_DATA_BYTES, Bundle
 from ..engine.errors import BackendError, BundleError, InputError
 from ..engine.request import Request
 
 log = logging.getLogger(__name__)
 
 JUMP = 10.0  # a layer's error "jumps" when it is this many times its inputs' worst (and over the tolerance)
-EXTERNAL_DATA_BYTES = 1_800_000_000
 FP16_MAX = 65504.0
 
 
@@ -218,12 +217,8 @@ def check_bundle(
     f = bundle.vae_scale_factor
     if height % f or width % f:
         raise InputError(f"--size {width}x{height} is not allowed; each side must be a multiple of {f}")
-    names = bundle.component_names if components is None else components
-    unknown = [c for c in names if c not in bundle.component_names]
-    if unknown:
-        raise InputError(f"--components {','.join(unknown)}: not in this bundle ({', '.join(bundle.component_names)})")
     reports = []
-    for name in names:
+    for name in bundle.select_components(components):
         ref = bundle.component("fp32", name).onnx
         test = bundle.component(precision, name).onnx
         if optimized:

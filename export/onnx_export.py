@@ -11,13 +11,13 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch
 
+from ..engine.bundle import EXTERNAL_DATA_BYTES
 from ..engine.spec import ComponentSpec
 from .wrappers import build_wrapper
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf refuses files over 2 GiB; stay clear of it
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int32": torch.int32}
 
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -34,11 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.backends.ort_optimized import PROVIDERS, RECIPE, check_optimized, graph_files, optimized_paths, sources
-from ..engine.bundle import Bundle
+from ..engine.backends.ort_cache import publish_graph
+from ..engine.backends.ort_optimized import PROVIDERS, RECIPE, check_optimized, optimized_paths, sources
+from ..engine.bundle import EXTERNAL_DATA_BYTES, Bundle
 from ..engine.errors import BackendError, InputError
-from ..engine.files import atomic_write, locked, make_shareable, remove_leftovers
-from ..engine.integrity import file_sha256, stamp
+from ..engine.files import locked, remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +56,9 @@ CUDA_ONLY_FUSIONS = (  # FusionOptions switches whose fused ops have no CPU kern
     "enable_packed_qkv",
     "enable_packed_kv",
 )
-EXTERNAL_DATA_BYTES = 1_800_000_000
 # Kept in fp32 beyond onnxruntime's defaults: the UNet's sinusoidal timestep embedding (timestep x frequency
 # reaches ~1000, where fp16 steps by 0.5: the sines would be noise), as diffusers and our fp16 export keep it.
-FP32_NODES = ("/model/time_proj/",)  # protobuf refuses files over 2 GiB
+FP32_NODES = ("/model/time_proj/",)
 
 
 def fusion_options(model_type: str, provider: str, float16: bool):
@@ -179,15 +176,6 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
             start = time.perf_counter()
             fused = optimize_graph(src.onnx, tmp / model.name, name, spec, provider)
             seconds = time.perf_counter() - start
-            record.unlink(missing_ok=True)  # no record: the old files are never taken for the new ones
-            data = model.with_name(model.name + ".data")
-            built_data = (tmp / data.name).is_file()
-            if not built_data:
-                data.unlink(missing_ok=True)
-            for f in (tmp / data.name, tmp / model.name):
-                if f.is_file():
-                    make_shareable(f)
-                    os.replace(f, model.parent / f.name)
             rec = {
                 "component": name,
                 "precision": precision,
@@ -197,13 +185,8 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
                 "recipe": RECIPE,
                 "fused": fused,
                 "seconds": round(seconds, 2),
-                "data_bytes": data.stat().st_size if built_data else None,
             }
-            files = graph_files(model, rec)
-            rec["bytes"] = sum(f.stat().st_size for f in files)
-            rec["sha256"] = file_sha256(*files)
-            atomic_write(record, json.dumps(rec, indent=2))
-            stamp(files, rec["sha256"])
+            publish_graph(tmp, model, record, rec)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("optimized %s for %s in %.1f s: %s", name, provider, seconds, fused)
@@ -226,10 +209,6 @@ def optimize_bundle(
             f"optimizing needs onnx and onnxruntime ({e.name} is missing): pip install 'sdturbo[export]'"
         ) from e
     bundle = Bundle(path)
-    names = bundle.component_names if components is None else components
-    unknown = [c for c in names if c not in bundle.component_names]
-    if unknown:
-        raise InputError(
-            f"--components {','.join(unknown)} is not allowed; this bundle has {', '.join(bundle.component_names)}"
-        )
-    return [optimize_component(bundle, name, provider, precision, force) for name in names]
+    return [
+        optimize_component(bundle, name, provider, precision, force) for name in bundle.select_components(components)
+    ]

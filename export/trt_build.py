@@ -60,48 +60,43 @@ def build_engines(
     profile = profile or Profile()
     trt, flavour = import_trt(flavour)
     profile.check(bundle)
-    components = tuple(components or bundle.component_names)
-    bad = [c for c in components if c not in bundle.component_names]
-    if bad:
-        raise InputError(f"component {bad[0]!r} is not known; allowed: {', '.join(bundle.component_names)}")
+    components = bundle.select_components(components)
     if not 0 <= opt_level <= 5:
         raise InputError(f"--opt-level {opt_level} is not allowed; use 0-5")
     device, target = device_name(trt, flavour, compute_capability)
     folder = engine_dir(bundle, flavour, trt.__version__, device, profile)
     folder.mkdir(parents=True, exist_ok=True)
+    n = len(components)
     with locked(folder, "is building engines in"):  # concurrent builds of one profile: one builds, one reuses
         remove_leftovers(folder, ".*.plan.*")  # atomic_write's temporary files, left by a killed build
-        return _build_all(trt, bundle, flavour, device, target, profile, components, force, opt_level, workspace_gb)
-
-
-def _build_all(trt, bundle, flavour, device, target, profile, components, force, opt_level, workspace_gb) -> list[Path]:
-    folder = engine_dir(bundle, flavour, trt.__version__, device, profile)
-    plans = []
-    for i, name in enumerate(components, 1):
-        key = engine_key(bundle, name, flavour, trt.__version__, device, profile)
-        if not force:
-            try:
-                plans.append(find_engine(bundle, name, flavour, trt.__version__, device, profile))
-                log.info("[%d/%d] %s: engine up to date (%s)", i, len(components), name, plans[-1])
-                continue
-            except EngineCorrupt as e:
-                log.warning("[%d/%d] %s: %s; rebuilding it", i, len(components), name, e)
-            except EngineMissing:
-                pass
-            except BundleError as e:  # stale, corrupt record, or a plan of the wrong size
-                log.info("[%d/%d] %s: rebuilding: %s", i, len(components), name, e)
-        log.info(
-            "[%d/%d] building %s for %s (%s %s, profile %s)",
-            i,
-            len(components),
-            name,
-            device,
-            flavour,
-            trt.__version__,
-            profile.tag,
-        )
-        plans.append(_build_one(trt, bundle, name, key, profile, target, opt_level, workspace_gb, folder))
+        plans = []
+        for i, name in enumerate(components, 1):
+            plan = None if force else _valid_engine(bundle, name, flavour, trt.__version__, device, profile, i, n)
+            if plan is None:
+                log.info(
+                    "[%d/%d] building %s for %s (%s %s, profile %s)",
+                    *(i, n, name, device, flavour, trt.__version__, profile.tag),
+                )
+                key = engine_key(bundle, name, flavour, trt.__version__, device, profile)
+                plan = _build_one(trt, bundle, name, key, profile, target, opt_level, workspace_gb, folder)
+            plans.append(plan)
     return plans
+
+
+def _valid_engine(bundle, name, flavour, version, device, profile, i, n) -> Path | None:
+    """The engine already built for ``name`` if it may be kept; None (and why, logged) when it must be built."""
+    try:
+        plan = find_engine(bundle, name, flavour, version, device, profile)
+    except EngineCorrupt as e:
+        log.warning("[%d/%d] %s: %s; rebuilding it", i, n, name, e)
+        return None
+    except EngineMissing:
+        return None
+    except BundleError as e:  # stale, corrupt record, or a plan of the wrong size
+        log.info("[%d/%d] %s: rebuilding: %s", i, n, name, e)
+        return None
+    log.info("[%d/%d] %s: engine up to date (%s)", i, n, name, plan)
+    return plan
 
 
 def _build_one(

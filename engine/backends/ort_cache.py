@@ -67,17 +67,39 @@ def cached_model(bundle: Bundle, comp: ComponentFile, ort_version: str, precisio
         return None
     if rec.get("onnx_sha256") != comp.sha256 or rec.get("source") != source_stat(comp) or "sha256" not in rec:
         return None
-    files = _cached_files(model, rec.get("data_bytes") is not None)
     try:
-        verify(files, rec["sha256"], f"the cached optimized {comp.spec.name} graph")
+        verify(graph_files(model, rec), rec["sha256"], f"the cached optimized {comp.spec.name} graph")
     except (IntegrityError, OSError) as e:
         log.warning("%s; rebuilding it from the bundle's ONNX", e)
         return None
     return model
 
 
-def _cached_files(model: Path, with_data: bool) -> list[Path]:
-    return [model] + ([model.with_name(model.name + ".data")] if with_data else [])
+def graph_files(model: Path, rec: dict) -> list[Path]:
+    """The files of a graph written by ``publish_graph``: ``model``, and its external data if the record has any."""
+    return [model] + ([model.with_name(model.name + ".data")] if rec.get("data_bytes") is not None else [])
+
+
+def publish_graph(tmp: Path, model: Path, record: Path, rec: dict) -> dict:
+    """Move the graph written in the folder ``tmp`` under ``model``'s name (with its ``.data``, if any) in as
+    ``model``, then write ``rec`` plus the files' size and sha256 as its record, last, and stamp the files
+    (integrity.py). The old record goes first: no record ever describes files it was not written for."""
+    record.unlink(missing_ok=True)
+    data = model.with_name(model.name + ".data")
+    built_data = (tmp / data.name).is_file()
+    if not built_data:
+        data.unlink(missing_ok=True)
+    for f in (tmp / data.name, tmp / model.name):
+        if f.is_file():
+            make_shareable(f)
+            os.replace(f, model.parent / f.name)
+    rec = {**rec, "data_bytes": data.stat().st_size if built_data else None}
+    files = graph_files(model, rec)
+    rec["bytes"] = sum(f.stat().st_size for f in files)
+    rec["sha256"] = file_sha256(*files)
+    atomic_write(record, json.dumps(rec, indent=2))
+    stamp(files, rec["sha256"])
+    return rec
 
 
 def load_session(ort, options, bundle: Bundle, comp: ComponentFile, ort_version: str, precision: str, providers):
@@ -116,23 +138,8 @@ def create_and_cache(
         )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         session = ort.InferenceSession(str(comp.onnx), options, providers=providers)
-        data = tmp / (model.name + ".data")
-        for f in (data, tmp / model.name):
-            if f.is_file():
-                make_shareable(f)
-                os.replace(f, model.parent / f.name)
-        cached_data = model.parent / data.name
-        files = _cached_files(model, cached_data.is_file())
-        rec = {
-            "onnx_sha256": comp.sha256,
-            "source": source_stat(comp),
-            "onnxruntime": ort_version,
-            "cpu": cpu_key(),
-            "data_bytes": cached_data.stat().st_size if cached_data.is_file() else None,
-            "sha256": file_sha256(*files),
-        }
-        atomic_write(record, json.dumps(rec, indent=2))
-        stamp(files, rec["sha256"])
+        rec = {"onnx_sha256": comp.sha256, "source": source_stat(comp), "onnxruntime": ort_version, "cpu": cpu_key()}
+        publish_graph(tmp, model, record, rec)
         log.info("cached the optimized %s graph in %s", comp.spec.name, model.parent)
         return session
     finally:

@@ -26,6 +26,7 @@ from ..bundle import Bundle
 from ..errors import BundleError, IntegrityError
 from ..files import locked
 from ..integrity import verify
+from .ort_cache import graph_files
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ def optimized_paths(bundle: Bundle, ort_version: str, provider: str, precision: 
     """(graph, record) of component ``name``'s optimized graph."""
     folder = bundle.root / FOLDER / f"{ort_version}-{provider}" / precision
     return folder / f"{name}.onnx", folder / f"{name}.json"
-
-
-def graph_files(model: Path, rec: dict) -> list[Path]:
-    return [model] + ([model.with_name(model.name + ".data")] if rec.get("data_bytes") is not None else [])
 
 
 def sources(bundle: Bundle, precision: str, name: str) -> dict[str, str]:
@@ -79,6 +76,15 @@ def why_not_valid(bundle: Bundle, rec: dict, name: str) -> str | None:
     return None
 
 
+def damage(model: Path, rec: dict, name: str) -> str | None:
+    """None when the files of a valid record hash to its sha256 (once per change), else what is wrong."""
+    try:
+        verify(graph_files(model, rec), rec["sha256"], f"the optimized {name} graph")
+    except (IntegrityError, OSError) as e:
+        return str(e)
+    return None
+
+
 def check_optimized(
     bundle: Bundle, name: str, ort_version: str, provider: str, precision: str
 ) -> tuple[Path, str | None]:
@@ -90,13 +96,7 @@ def check_optimized(
         rec = json.loads(record.read_text())
     except (OSError, ValueError) as e:
         return model, f"its record {record} is unreadable ({e})"
-    why = why_not_valid(bundle, rec, name)
-    if why is None:
-        try:
-            verify(graph_files(model, rec), rec["sha256"], f"the optimized {name} graph")
-        except (IntegrityError, OSError) as e:
-            why = str(e)
-    return model, why
+    return model, why_not_valid(bundle, rec, name) or damage(model, rec, name)
 
 
 def find_optimized(bundle: Bundle, name: str, ort_version: str, provider: str, precision: str) -> Path | None:
@@ -129,12 +129,8 @@ def list_optimized(bundle: Bundle) -> list[dict]:
         except (OSError, ValueError):
             out.append({"path": str(record), "state": "BROKEN: unreadable record"})
             continue
-        why = why_not_valid(bundle, rec, record.stem)
-        state = "valid" if why is None else f"STALE: {why}"
-        if why is None:
-            try:
-                verify(graph_files(model, rec), rec["sha256"], f"the optimized {record.stem} graph")
-            except (IntegrityError, OSError) as e:
-                state = f"BROKEN: {e}"
+        stale = why_not_valid(bundle, rec, record.stem)
+        broken = None if stale else damage(model, rec, record.stem)
+        state = f"STALE: {stale}" if stale else f"BROKEN: {broken}" if broken else "valid"
         out.append({**rec, "component": record.stem, "path": str(model), "state": state})
     return out
