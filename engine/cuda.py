@@ -136,6 +136,14 @@ class Stream:
         kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         check(rt.cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, width, rows, kind, self.handle), "D2D 2D copy")
 
+    def fill(self, dst: int, byte: int, nbytes: int) -> None:
+        """Set ``nbytes`` of device memory at ``dst`` to ``byte``."""
+        check(self._rt.cudaMemsetAsync(dst, byte, nbytes, self.handle), "cudaMemsetAsync")
+
+    def enqueue(self, fn) -> None:
+        """Call ``fn``, which enqueues work on this stream from the host (an ONNX Runtime run on it)."""
+        fn()
+
     def synchronize(self) -> None:
         check(self._rt.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 

@@ -55,11 +55,13 @@ class OnnxRuntimeBackend:
         threads: int = 0,
         cache_optimized: bool = True,
         fused: bool = True,
+        provider_options: dict[str, dict[str, str]] | None = None,
     ):
         """``cache_optimized``: on the CPU, keep onnxruntime's optimized graphs in the bundle (ort_cache.py).
         ``fused``: run the transformer-optimized graphs that `sdturbo build --ort-optimize` wrote for this
         onnxruntime and provider where the bundle has valid ones (ort_optimized.py), else the plain graphs.
-        They compute the same function with fused kernels; `sdturbo check --optimized` measures how close."""
+        They compute the same function with fused kernels; `sdturbo check --optimized` measures how close.
+        ``provider_options``: per provider name, its options (the device pipeline's CUDA stream)."""
         try:
             import onnxruntime
         except ImportError as e:
@@ -81,11 +83,12 @@ class OnnxRuntimeBackend:
         self.threads = threads
         self.cache_optimized = cache_optimized and providers == ("CPUExecutionProvider",)
         self.fused = fused
+        self.provider_options = provider_options or {}
 
     def _session(self, bundle: Bundle, comp, opts):
-        providers = list(self.providers)
+        providers = [(p, self.provider_options[p]) if p in self.provider_options else p for p in self.providers]
         if self.fused:
-            key = provider_key(providers)
+            key = provider_key(self.providers)
             fused = find_optimized(bundle, comp.spec.name, self._ort.__version__, key, self.precision)
             if fused is not None:
                 log.info("%s: the optimized graph for %s (%s)", comp.spec.name, key, fused)
@@ -95,6 +98,13 @@ class OnnxRuntimeBackend:
         return load_session(self._ort, opts, bundle, comp, self._ort.__version__, self.precision, providers)
 
     def load(self, bundle: Bundle, component: str) -> OrtStage:
+        session = self.session(bundle, component)
+        dtypes = {t.name: np.dtype(t.dtype) for t in bundle.component(self.precision, component).spec.inputs}
+        cuda = "CUDAExecutionProvider" in session.get_providers()
+        return (OrtCudaStage if cuda else OrtStage)(session, dtypes)
+
+    def session(self, bundle: Bundle, component: str):
+        """The checked onnxruntime session of ``component``: on CUDA when CUDA was asked for, else an error."""
         comp = bundle.component(self.precision, component)
         opts = self._ort.SessionOptions()
         opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -104,10 +114,8 @@ class OnnxRuntimeBackend:
             session = self._session(bundle, comp, opts)
         except Exception as e:  # onnxruntime raises its own exception types for a bad file
             raise BundleError(f"cannot load {comp.onnx}: {e}; the file is corrupt, export the bundle again") from e
-        dtypes = {t.name: np.dtype(t.dtype) for t in comp.spec.inputs}
         log.debug("loaded %s (%s) on %s", component, self.precision, session.get_providers())
-        cuda = "CUDAExecutionProvider" in session.get_providers()
-        if "CUDAExecutionProvider" in self.providers and not cuda:
+        if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in session.get_providers():
             # ONNX Runtime falls back to the CPU when the CUDA provider fails to load (a missing cuDNN or
             # CUDA library); a GPU backend that quietly runs on the CPU is refused instead.
             raise BackendError(
@@ -115,4 +123,4 @@ class OnnxRuntimeBackend:
                 "see onnxruntime's messages above for the library it could not load "
                 "(onnxruntime-gpu needs CUDA 12/13 and cuDNN 9: pip install 'sdturbo[cuda]')"
             )
-        return (OrtCudaStage if cuda else OrtStage)(session, dtypes)
+        return session

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.bundle import Bundle
+from sdturbo.engine.ort_pipeline import OrtCudaPipeline
 from sdturbo.engine.trt_pipeline import PRECISION, TrtEngine, TrtPipeline
 
 F32 = np.float32
@@ -103,6 +104,12 @@ class EmulatedCuda:
                         mem.view(dst + r * dst_pitch, width)[:] = mem.view(src + r * src_pitch, width)
 
                 self.do(op)
+
+            def fill(self, dst: int, byte: int, nbytes: int) -> None:
+                self.do(lambda: mem.view(dst, nbytes).__setitem__(slice(None), byte))
+
+            def enqueue(self, fn) -> None:
+                self.do(fn)
 
             def synchronize(self) -> None:
                 if self.recording is not None:
@@ -351,3 +358,23 @@ def emulated_pipeline(bundle, cuda: EmulatedCuda | None = None, rtx: bool = Fals
 
     EmulatedTrtPipeline.cuda = cuda
     return EmulatedTrtPipeline(bundle, **kwargs)
+
+
+def emulated_ort_pipeline(bundle, cuda: EmulatedCuda | None = None, **kwargs) -> OrtCudaPipeline:
+    """An OrtCudaPipeline whose GPU is ``cuda``: its sessions are the CPU provider's, bound by IO binding to
+    the host addresses behind the emulated device buffers (bounds-checked when bound), and each run is
+    enqueued on the emulated stream, so a capture records it and a graph replays it."""
+    cuda = cuda or EmulatedCuda()
+
+    class EmulatedOrtCudaPipeline(OrtCudaPipeline):
+        providers = ("CPUExecutionProvider",)
+        ort_device = "cpu"
+
+        def _address(self, ptr, nbytes):
+            return cuda.memory.view(ptr, nbytes).ctypes.data
+
+        def _kernels(self, dtype, cc):
+            return EmulatedKernels(dtype, cuda)
+
+    EmulatedOrtCudaPipeline.cuda = cuda
+    return EmulatedOrtCudaPipeline(bundle, **kwargs)
