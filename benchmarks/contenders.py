@@ -16,20 +16,47 @@ import numpy as np
 
 from .timers import StageTimer, TimedStage
 
+VARIANTS = {
+    "": "the default: on ONNX Runtime, the bundle's optimized graphs where built",
+    "unfused": "ONNX Runtime on the plain graphs (no `sdturbo build --ort-optimize` graphs)",
+    "host": "ONNX Runtime CUDA driven stage by stage from the host (the pipeline before the device-resident one)",
+}
+
+
+def parse_ours(name: str) -> tuple[str, str, str]:
+    """``sdturbo-<backend>[-<variant>]-<precision>`` -> (backend, variant, precision)."""
+    rest, precision = name.removeprefix("sdturbo-").rsplit("-", 1)
+    for variant in VARIANTS:
+        if variant and rest.endswith(f"-{variant}"):
+            return rest.removesuffix(f"-{variant}"), variant, precision
+    return rest, "", precision
+
 
 class Ours:
-    """This engine through one of its backends."""
+    """This engine through one of its backends (``variant``: one of VARIANTS)."""
 
-    def __init__(self, bundle, backend: str, precision: str, timer: StageTimer):
+    def __init__(self, bundle, backend: str, precision: str, timer: StageTimer, variant: str = ""):
         self.bundle, self.backend, self.precision, self.timer = bundle, backend, precision, timer
-        self.name = f"sdturbo-{backend}-{precision}"
+        self.variant = variant
+        self.name = f"sdturbo-{backend}{f'-{variant}' if variant else ''}-{precision}"
         self.pipe = None
 
     def load(self, shape: tuple[int, int, int] = (1, 512, 512)) -> None:
         from sdturbo.engine.runtime import open_pipeline
 
-        self.pipe = open_pipeline(self.bundle, self.backend, self.precision, shape=shape).load()
+        if self.variant == "host":
+            from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+            from sdturbo.engine.pipeline import Pipeline
+
+            backend = OnnxRuntimeBackend(self.precision, ("CUDAExecutionProvider",))
+            self.pipe = Pipeline(self.bundle, backend).load()
+        else:
+            fused = self.variant != "unfused"
+            self.pipe = open_pipeline(self.bundle, self.backend, self.precision, shape=shape, fused=fused).load()
         self.graph_status = getattr(self.pipe, "graph_status", None)
+        self.graphs_used = getattr(self.pipe, "graphs_used", None) or getattr(
+            getattr(self.pipe, "backend", None), "graphs", None
+        )
         stages = getattr(self.pipe, "_stages", None)  # host pipelines; TensorRT runs as one graph
         for name in stages or ():  # SDXL's second text encoder counts as text encoding
             stages[name] = TimedStage(stages[name], name.removesuffix("_2"), self.timer)

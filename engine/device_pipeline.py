@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,30 @@ def spec_of(component_spec, name: str) -> TensorSpec:
         if t.name == name:
             return t
     raise BundleError(f"the manifest's {component_spec.name} has no tensor {name!r}")
+
+
+PROBE_PROMPTS = ("a", "a photograph of an astronaut riding a horse on the moon, detailed, soft light, 35mm")
+
+
+def probe_request(req: Request) -> Request:
+    """A request of the same shape, steps and strength as ``req`` with every input changed: each prompt
+    swapped for one of another length, other noise, the image mirrored (checks a captured graph)."""
+    prompts = tuple(PROBE_PROMPTS[len(p.split()) <= 3] for p in req.prompts)
+    seed = req.seed + 1 if isinstance(req.seed, int) else tuple(s + 1 for s in req.seed)
+
+    def negated(a):
+        return None if a is None else -a
+
+    image = None if req.image is None else np.ascontiguousarray(req.image[:, :, ::-1])
+    return replace(
+        req,
+        prompts=prompts,
+        seed=seed,
+        latents=negated(req.latents),
+        image=image,
+        image_noise=negated(req.image_noise),
+        step_noise=negated(req.step_noise),
+    )
 
 
 class DevicePipeline:
@@ -169,10 +194,31 @@ class DevicePipeline:
         return self  # components load in __init__
 
     def run(self, req: Request) -> np.ndarray:
-        b, s = self.bundle, self.stream
+        s = self.stream
         B, H, W = req.batch, req.height, req.width
         img2img = req.image is not None
-        sched = make_schedule(b.scheduler, req.steps, req.strength if img2img else 1.0)
+        sched = make_schedule(self.bundle.scheduler, req.steps, req.strength if img2img else 1.0)
+        self._inputs(req, sched)
+        key = (B, H, W, sched.steps, req.strength if img2img else None)
+        ctx = self._contexts(B, H, W)
+        enqueue = lambda: self._enqueue(ctx, sched, B, H, W, img2img)  # noqa: E731
+        if not self.cuda_graph:
+            enqueue()
+        elif key in self.graphs:
+            self.graphs[key].launch()
+        elif not self._capture(key, req, sched, ctx, enqueue):
+            return self.run(req)  # the graph is off now
+        pixels = self.host["pixels"]
+        s.copy_out(pixels, self.dev["pixels"].ptr, B * H * W * 3)
+        s.synchronize()  # the one host wait: for the pixels
+        self._first_run_done()
+        return pixels.array.reshape(-1)[: B * H * W * 3].reshape(B, H, W, 3).copy()
+
+    def _inputs(self, req: Request, sched) -> None:
+        """Copy ``req``'s ids, noise, timesteps (and image) into their device buffers, on the stream."""
+        b, s = self.bundle, self.stream
+        B = req.batch
+        img2img = req.image is not None
         noise, image_noise, step_noise = req.noises(b, sched)
         prompts = list(req.prompts)
         self._put("ids", self.tokenizers[0](prompts))
@@ -191,25 +237,14 @@ class DevicePipeline:
         if img2img:
             self._put("image_noise", image_noise)
             self._put("image_in", to_model_image(req.image, self.dtype))  # then to the encoder's dtype, as diffusers
-        key = (B, H, W, sched.steps, req.strength if img2img else None)
-        ctx = self._contexts(B, H, W)
-        enqueue = lambda: self._enqueue(ctx, sched, B, H, W, img2img)  # noqa: E731
-        if not self.cuda_graph:
-            enqueue()
-        elif key in self.graphs:
-            self.graphs[key].launch()
-        elif not self._capture(key, ctx, enqueue, B * H * W * 3):
-            return self.run(req)  # the graph is off now; the inputs were copied in on the stream, in order
-        pixels = self.host["pixels"]
-        s.copy_out(pixels, self.dev["pixels"].ptr, B * H * W * 3)
-        s.synchronize()  # the one host wait: for the pixels
-        self._first_run_done()
-        return pixels.array.reshape(-1)[: B * H * W * 3].reshape(B, H, W, 3).copy()
 
-    def _capture(self, key: tuple, ctx: dict, enqueue, nbytes: int) -> bool:
-        """Warm up, capture ``enqueue`` as a graph, and replay it once against the eager run it was
-        captured from: a graph whose pixels differ from those is never used. False: the graph is off."""
-        s = self.stream
+    def _capture(self, key: tuple, req: Request, sched, ctx: dict, enqueue) -> bool:
+        """Warm up, capture ``enqueue`` as a graph, and check it before use: replayed on a probe request (other
+        prompts of another length, other noise, the image mirrored) and on ``req``, from buffers poisoned in
+        between, it must give the pixels the eager chain gives for each, byte for byte. So a graph that skips
+        work, or replays a value computed on the host at capture time (what a library's host-side step under
+        capture would leave), is never used. False: the graph is off, with the reason."""
+        s, nbytes = self.stream, req.batch * req.height * req.width * 3
         for _ in range(WARMUP_RUNS):
             enqueue()
         s.synchronize()
@@ -217,20 +252,29 @@ class DevicePipeline:
         if refused:
             self._graph_off(f"{self.name} says the {', '.join(refused)} context(s) cannot be stream-captured")
             return False
-        eager = self._pixels(nbytes)
-        self._poison(int(eager[0]) ^ 0xFF)
+        probe = probe_request(req)
+        eager = {"request": self._pixels(nbytes)}
+        self._inputs(probe, sched)
+        enqueue()
+        eager["probe"] = self._pixels(nbytes)
         try:
             graph = self.cuda.Graph(s, enqueue)
         except self.capture_errors as e:
             s.synchronize()
             self._graph_off(f"capturing the chain failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             return False
-        graph.launch()
-        replayed = self._pixels(nbytes)
-        if not np.array_equal(eager, replayed):
-            differ = int(np.count_nonzero(eager != replayed))
-            self._graph_off(f"the captured graph's pixels differ from the eager run's ({differ} of {nbytes} bytes)")
-            return False
+        for which, inputs in (("probe", probe), ("request", req)):
+            self._inputs(inputs, sched)
+            self._poison(int(eager[which][0]) ^ 0xFF)
+            graph.launch()
+            replayed = self._pixels(nbytes)
+            if not np.array_equal(eager[which], replayed):
+                differ = int(np.count_nonzero(eager[which] != replayed))
+                self._graph_off(
+                    f"the captured graph's pixels differ from the eager run's on the {which} "
+                    f"({differ} of {nbytes} bytes)"
+                )
+                return False
         self.graphs[key] = graph
         return True
 

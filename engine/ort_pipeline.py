@@ -106,6 +106,7 @@ class OrtCudaPipeline(DevicePipeline):
             log.info("loading %s (%s, %s)", name, self.name, precision)
             session = backend.session(b, name)
             components[name] = OrtComponent(name, session, run_options, self.ort_device, self._address)
+        self.graphs_used = backend.graphs  # component -> "optimized" or "plain" (the benchmark reports it)
         self._setup(profile, cuda_graph, components)
 
     @property

@@ -84,6 +84,7 @@ class OnnxRuntimeBackend:
         self.cache_optimized = cache_optimized and providers == ("CPUExecutionProvider",)
         self.fused = fused
         self.provider_options = provider_options or {}
+        self.graphs: dict[str, str] = {}  # component -> the graph its session runs ("optimized" or "plain")
 
     def _session(self, bundle: Bundle, comp, opts):
         providers = [(p, self.provider_options[p]) if p in self.provider_options else p for p in self.providers]
@@ -92,7 +93,9 @@ class OnnxRuntimeBackend:
             fused = find_optimized(bundle, comp.spec.name, self._ort.__version__, key, self.precision)
             if fused is not None:
                 log.info("%s: the optimized graph for %s (%s)", comp.spec.name, key, fused)
+                self.graphs[comp.spec.name] = "optimized"
                 return self._ort.InferenceSession(str(fused), opts, providers=providers)
+        self.graphs[comp.spec.name] = "plain"
         if not self.cache_optimized:
             return self._ort.InferenceSession(str(comp.onnx), opts, providers=providers)
         return load_session(self._ort, opts, bundle, comp, self._ort.__version__, self.precision, providers)

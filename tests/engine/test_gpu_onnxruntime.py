@@ -1,4 +1,4 @@
-"""GPU-only: ONNX Runtime on CUDA (onnxruntime-gpu) against diffusers and the CPU provider.
+"""GPU-only: ONNX Runtime on CUDA (onnxruntime-gpu), device-resident and host-driven, against diffusers.
 
 Skipped with a reason without an NVIDIA GPU, onnxruntime-gpu's CUDA provider or CUDA torch. The CPU check that
 a CUDA session quietly falling back to the CPU is refused is in tests/engine/test_backends.py.
@@ -26,30 +26,87 @@ from tests.reference import PROMPTS, H, W  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def cuda_pipe(tiny_bundle):
+def pipes(tiny_bundle):
+    """The device-resident pipeline, replayed as one CUDA graph and enqueued run by run, and the host-driven
+    one (stage by stage, IO binding per call) on the same fp16 graphs."""
+    from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+    from sdturbo.engine.ort_pipeline import OrtCudaPipeline
+    from sdturbo.engine.pipeline import Pipeline
+
+    shape = (2, 128, 128)
+    return {
+        "graph": OrtCudaPipeline(tiny_bundle, "fp16", shape=shape, cuda_graph=True),
+        "plain": OrtCudaPipeline(tiny_bundle, "fp16", shape=shape, cuda_graph=False),
+        "host": Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16", ("CUDAExecutionProvider",))),
+    }
+
+
+def test_open_pipeline_gives_the_device_resident_pipeline(tiny_bundle):
+    from sdturbo.engine.ort_pipeline import OrtCudaPipeline
     from sdturbo.engine.runtime import open_pipeline
 
-    return open_pipeline(tiny_bundle, "onnxruntime-cuda", "fp16").load(img2img=True)
+    assert isinstance(open_pipeline(tiny_bundle, "onnxruntime-cuda", shape=(1, 64, 64)), OrtCudaPipeline)
 
 
 @pytest.mark.parametrize("steps", [1, 4])
-def test_onnxruntime_cuda_matches_diffusers(steps, cuda_pipe, tiny_folder):
+def test_onnxruntime_cuda_matches_diffusers(steps, pipes, tiny_folder):
     """fp16 on CUDA: no further from diffusers fp32 than twice diffusers' own fp16 error, plus a level."""
     lat = latents(steps)
-    ours = cuda_pipe(PROMPTS, steps=steps, height=H, width=W, latents=lat)
     ref32, bound = diffusers_fp16_bar(tiny_folder, steps, lat)
-    print(f"{steps} step(s): RMS ORT-CUDA vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
-    assert rms(ours, ref32) <= bound
+    for mode in ("graph", "host"):
+        ours = pipes[mode](PROMPTS, steps=steps, height=H, width=W, latents=lat)
+        print(f"{steps} step(s), {mode}: RMS ORT-CUDA vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
+        assert rms(ours, ref32) <= bound, mode
 
 
-def test_every_session_runs_on_cuda(cuda_pipe):
-    for name, stage in cuda_pipe._stages.items():
-        assert stage._session.get_providers()[0] == "CUDAExecutionProvider", name
+def test_every_session_runs_on_cuda_on_the_pipelines_stream(pipes):
+    pipe = pipes["graph"]
+    for name, component in pipe.engines.items():
+        assert component.session.get_providers()[0] == "CUDAExecutionProvider", name
+        options = component.session.get_provider_options()["CUDAExecutionProvider"]
+        assert int(options["user_compute_stream"]) == pipe.stream.ptr, name
 
 
-def test_onnxruntime_cuda_img2img_equals_itself_and_is_an_image(cuda_pipe):
+def test_the_whole_chain_is_captured_and_replays_as_it_ran(pipes):
+    """The capture itself must work on this onnxruntime (else graph_status says why), and every replay equals
+    the run-by-run enqueue, byte for byte, across steps."""
+    for steps in (1, 2, 4):
+        a = pipes["graph"](PROMPTS, steps=steps, height=H, width=W, seed=3)
+        b = pipes["plain"](PROMPTS, steps=steps, height=H, width=W, seed=3)
+        np.testing.assert_array_equal(a, b)
+    assert pipes["graph"].graph_status == "on"
+
+
+def test_repeated_calls_have_no_stale_buffers(pipes):
+    """Interleave prompts, seeds, sizes and batch sizes; each replay equals a plain run."""
+    calls = [(PROMPTS, 1, 64, 96), (PROMPTS[:1], 2, 64, 64), (PROMPTS, 3, 128, 64), (PROMPTS[::-1], 1, 64, 96)]
+    for _ in range(2):
+        for prompts, seed, h, w in calls:
+            got = pipes["graph"](prompts, height=h, width=w, seed=seed)
+            np.testing.assert_array_equal(got, pipes["plain"](prompts, height=h, width=w, seed=seed))
+    assert not np.array_equal(
+        pipes["graph"](PROMPTS[:1], height=64, width=64, seed=1),
+        pipes["graph"](PROMPTS[:1], height=64, width=64, seed=2),
+    )
+
+
+def test_onnxruntime_cuda_img2img_replays_as_it_ran(pipes):
     image = np.random.default_rng(0).integers(0, 256, (2, H, W, 3), dtype=np.uint8)
     kw = dict(steps=2, height=H, width=W, image=image, strength=0.5, seed=9)
-    a, b = cuda_pipe(PROMPTS, **kw), cuda_pipe(PROMPTS, **kw)
+    a, b = pipes["graph"](PROMPTS, **kw), pipes["plain"](PROMPTS, **kw)
     np.testing.assert_array_equal(a, b)
     assert a.std() > 0
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_on_onnxruntime_cuda_matches_diffusers(steps, xl_bundle, xl_folder):
+    """SDXL-Turbo (fp16 UNet, fp32 VAE cast around, ancestral noise replayed): the fp16 bar as for SD-Turbo."""
+    from sdturbo.engine.ort_pipeline import OrtCudaPipeline
+
+    from tests.engine.test_gpu_pipeline import sdxl_fp16_reference
+
+    pipe = OrtCudaPipeline(xl_bundle, "fp16", shape=(2, H, W))
+    kw, ref32, bound = sdxl_fp16_reference(xl_folder, steps)
+    ours = pipe(PROMPTS, **kw)
+    print(f"SDXL {steps} step(s): RMS ORT-CUDA vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
+    assert rms(ours, ref32) <= bound

@@ -171,3 +171,33 @@ def _cells(fn) -> list:
         out.append(value)
         out.append(getattr(value, "component", None))
     return out
+
+
+def test_a_graph_replaying_a_value_computed_at_capture_is_never_used(tiny_bundle, caplog):
+    """The failure a replay of the same request cannot show: a step that ran on the host during the capture
+    (here the text encoder, whose hidden states the graph then restores as they were at capture) replays
+    correctly for the inputs it was captured with only. The probe request (other prompts, other noise)
+    catches it, and the image comes from the eager chain."""
+    cuda = EmulatedCuda()
+    pipe = emulated_ort_pipeline(tiny_bundle, cuda, shape=SHAPE)
+    text_encoder = pipe.engines["text_encoder"]
+    stream_type = type(pipe.stream)
+    plain = stream_type.enqueue
+
+    def host_step_under_capture(self, fn):
+        if self.recording is None or text_encoder not in _cells(fn):
+            return plain(self, fn)
+        fn()  # runs now, on the inputs in the buffers at capture time
+        hidden = cuda.memory.view(pipe.dev["hidden"].ptr, pipe.dev["hidden"].nbytes)
+        snapshot = hidden.copy()
+        self.recording.append(lambda: hidden.__setitem__(slice(None), snapshot))
+
+    stream_type.enqueue = host_step_under_capture
+    try:
+        with caplog.at_level("WARNING"):
+            image = pipe(PROMPTS, height=64, width=64, seed=5)
+    finally:
+        stream_type.enqueue = plain
+    assert not pipe.graphs and "differ from the eager run's on the request" in pipe.graph_status
+    want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=5)
+    np.testing.assert_array_equal(image, want)
