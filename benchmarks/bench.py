@@ -169,6 +169,21 @@ def run(cfg: BenchConfig) -> dict:
     }
 
 
+def device_stage_times(contender, prompts, latents, cfg: BenchConfig, step_noise=None) -> dict | None:
+    """A device pipeline's stages (DevicePipeline.stage_times, CUDA events between the stages of an eager run,
+    no graph): the median of ``cfg.runs`` runs, "other" as measured there (uint8), plus "eager_total"; None for
+    the host pipelines and diffusers, whose stages are timed inside the measured runs."""
+    pipe = getattr(contender, "pipe", None)
+    if not hasattr(pipe, "stage_times"):
+        return None
+    kw = {} if step_noise is None else {"step_noise": step_noise}
+    req = pipe.request(prompts, steps=cfg.steps, height=cfg.height, width=cfg.width, latents=latents, **kw)
+    runs = [pipe.stage_times(req) for _ in range(max(cfg.runs, 1))]
+    out = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in (*TIMED, "other")}
+    out["eager_total"] = float(np.median([sum(r.values()) for r in runs]))
+    return out
+
+
 def ort_optimized(model: str) -> None:
     """ONNX Runtime's optimized fp16 graphs for CUDA in ``model``'s bundle (they need its fp32 graphs too), once.
     A failure is logged: the contender then runs the plain graphs, and its "graphs" entry says so."""
@@ -186,7 +201,10 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
     sync = _sync(dev)
     mem = Memory(dev)
     t = time.perf_counter()
-    contender.load() if isinstance(contender, Diffusers) else contender.load((cfg.batch, cfg.height, cfg.width))
+    if isinstance(contender, Diffusers):
+        contender.load()
+    else:
+        contender.load((cfg.batch, cfg.height, cfg.width), max_batch=max(cfg.batch, *cfg.batches))
     load_s = time.perf_counter() - t
     warm, e2e, stages = [], [], []
     for i in range(cfg.warmup + cfg.runs):
@@ -202,6 +220,9 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
             run["other"] = ms - sum(run.values())  # tokenizer, noise, uint8, copies: the rest of this run
             stages.append(run)
     st = {k: float(np.median([r[k] for r in stages])) for k in (*TIMED, "other")}
+    device_stages = device_stage_times(contender, prompts, latents, cfg, step_noise)
+    if device_stages:  # a device pipeline runs as one graph: its stages are timed in eager runs apart
+        st = device_stages
     st["unet_per_step"] = st["unet"] / cfg.steps
     return {
         "name": contender.name,

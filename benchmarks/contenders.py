@@ -41,7 +41,9 @@ class Ours:
         self.name = f"sdturbo-{backend}{f'-{variant}' if variant else ''}-{precision}"
         self.pipe = None
 
-    def load(self, shape: tuple[int, int, int] = (1, 512, 512)) -> None:
+    def load(self, shape: tuple[int, int, int] = (1, 512, 512), max_batch: int = 1) -> None:
+        """``shape``: the latency run's; ONNX Runtime CUDA allocates for ``max_batch`` (the throughput sweep's),
+        TensorRT builds static engines for ``shape`` only."""
         from sdturbo.engine.runtime import open_pipeline
 
         if self.variant == "host":
@@ -52,6 +54,8 @@ class Ours:
             self.pipe = Pipeline(self.bundle, backend).load()
         else:
             fused = self.variant != "unfused"
+            if self.backend == "onnxruntime-cuda":
+                shape = (max(shape[0], max_batch), *shape[1:])
             self.pipe = open_pipeline(self.bundle, self.backend, self.precision, shape=shape, fused=fused).load()
         self.graph_status = getattr(self.pipe, "graph_status", None)
         self.graphs_used = getattr(self.pipe, "graphs_used", None) or getattr(

@@ -25,7 +25,7 @@ def bindings():
             from cuda import nvrtc
         except ImportError as e:
             raise BackendError(
-                "cuda-python is not installed: pip install 'sdturbo[tensorrt]' (or [tensorrt-rtx])"
+                "cuda-python is not installed: pip install 'sdturbo[cuda]' (or [tensorrt], [tensorrt-rtx])"
             ) from e
     return driver, runtime, nvrtc
 
@@ -146,6 +146,22 @@ class Stream:
 
     def synchronize(self) -> None:
         check(self._rt.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+
+
+class Event:
+    """A CUDA event with timing, recorded on a stream (the benchmark's per-stage times)."""
+
+    def __init__(self):
+        _, rt, _ = bindings()
+        self._rt = rt
+        self.handle = check(rt.cudaEventCreate(), "cudaEventCreate")
+
+    def record(self, stream: Stream) -> None:
+        check(self._rt.cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
+
+    def ms_since(self, start: Event) -> float:
+        """Milliseconds from ``start`` to this event (both recorded and complete)."""
+        return float(check(self._rt.cudaEventElapsedTime(start.handle, self.handle), "cudaEventElapsedTime"))
 
 
 class Graph:

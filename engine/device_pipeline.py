@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +288,29 @@ class DevicePipeline:
             if name not in inputs:
                 self.stream.fill(buf.ptr, pixel_byte if name == "pixels" else 0xFF, buf.nbytes)
 
+    def stage_times(self, req: Request) -> dict[str, float]:
+        """Milliseconds per stage of one eager run of ``req`` (no graph), from CUDA events recorded between
+        the stages: text_encoder (both of SDXL's), vae_encoder (img2img), unet (every step), scheduler (the
+        kernels around each step), vae_decoder (with its casts), other (uint8). For the benchmark: the graph's
+        own end-to-end time is measured apart; these tell where it goes."""
+        img2img = req.image is not None
+        sched = make_schedule(self.bundle.scheduler, req.steps, req.strength if img2img else 1.0)
+        self._inputs(req, sched)
+        ctx = self._contexts(req.batch, req.height, req.width)
+        marks = [("start", self.cuda.Event())]
+        marks[0][1].record(self.stream)
+
+        def mark(stage: str) -> None:
+            marks.append((stage, self.cuda.Event()))
+            marks[-1][1].record(self.stream)
+
+        self._enqueue(ctx, sched, req.batch, req.height, req.width, img2img, mark)
+        self.stream.synchronize()
+        out: dict[str, float] = {}
+        for (_, begin), (stage, end) in pairwise(marks):
+            out[stage] = out.get(stage, 0.0) + end.ms_since(begin)
+        return out
+
     def _pixels(self, nbytes: int) -> np.ndarray:
         pixels = self.host["pixels"]
         self.stream.copy_out(pixels, self.dev["pixels"].ptr, nbytes)
@@ -321,9 +345,11 @@ class DevicePipeline:
             }
         return self.contexts[key]
 
-    def _enqueue(self, e: dict, sched, B: int, H: int, W: int, img2img: bool) -> None:
-        """Everything one request does on the stream, in order, with this shape's contexts ``e``; captured once."""
+    def _enqueue(self, e: dict, sched, B: int, H: int, W: int, img2img: bool, mark=None) -> None:
+        """Everything one request does on the stream, in order, with this shape's contexts ``e``; captured once.
+        ``mark(stage)``, where given, is called as each stage's work has been enqueued (stage_times)."""
         s, d = self.stream, self.dev
+        mark = mark or (lambda stage: None)
         k = self.kernels[self.dtype.name]
         f = self.bundle.vae_scale_factor
         n = B * self.bundle.latent_channels * (H // f) * (W // f)
@@ -331,10 +357,12 @@ class DevicePipeline:
         if "text_encoder_2" in e:
             e["text_encoder_2"].enqueue(s)
             self._concat_hidden(B)
+        mark("text_encoder")
         if img2img:
             e["vae_encoder"].enqueue(s)
             if self.binds["vae_encoder"]["latents"] != "encoded":
                 k.from_float32(d["encoded_vae"].ptr, d["encoded"].ptr, n, s.ptr)
+            mark("vae_encoder")
             k.add_noise(d["encoded"].ptr, d["noise"].ptr, d["x"].ptr, float(sched.sigmas[0]), n, s.ptr)
         else:
             k.init_latents(d["noise"].ptr, d["x"].ptr, sched.init_noise_sigma, n, s.ptr)
@@ -343,18 +371,23 @@ class DevicePipeline:
             sigma = sched.sigmas[i]
             k.scale_input(d["x"].ptr, d["x_in"].ptr, float(np.sqrt(sigma**2 + np.float32(1))), n, s.ptr)
             s.copy_d2d(d["timestep"].ptr, d["timesteps"].ptr + i * bmax * 4, B * 4)
+            mark("scheduler")
             e["unet"].enqueue(s)
+            mark("unet")
             if sched.ancestral:
                 up, down = sched.sigma_up_down(i)
                 noise_ptr = d["step_noise"].ptr + i * self.latent_max * self.dtype.itemsize
                 k.ancestral_step(d["x"].ptr, d["eps"].ptr, noise_ptr, float(sigma), float(down), float(up), n, s.ptr)
             else:
                 k.euler_step(d["x"].ptr, d["eps"].ptr, float(sigma), float(sched.sigmas[i + 1]), n, s.ptr)
+            mark("scheduler")
         if self.binds["vae_decoder"]["latents"] != "x":
             k.to_float32(d["x"].ptr, d["x_vae"].ptr, n, s.ptr)
         e["vae_decoder"].enqueue(s)
+        mark("vae_decoder")
         image_dtype = self.buffer_specs["image_out"][1]
         self.kernels[np.dtype(image_dtype).name].to_uint8(d["image_out"].ptr, d["pixels"].ptr, B, H, W, s.ptr)
+        mark("other")
 
     def _concat_hidden(self, B: int) -> None:
         """hidden[..., :D1] = hidden_1, hidden[..., D1:] = hidden_2: two row-strided device copies."""

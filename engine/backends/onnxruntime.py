@@ -68,7 +68,16 @@ class OnnxRuntimeBackend:
             raise BackendError("onnxruntime is not installed: pip install 'sdturbo[cpu]'") from e
         missing = [p for p in providers if p not in onnxruntime.get_available_providers()]
         if missing:
-            raise BackendError(f"onnxruntime here lacks {missing}; it has {onnxruntime.get_available_providers()}")
+            how = ""
+            if "CUDAExecutionProvider" in missing:
+                how = (
+                    "; for CUDA install onnxruntime-gpu: pip install 'sdturbo[cuda]' (uninstall the CPU-only "
+                    "onnxruntime first: both install the same module, and the CPU one may shadow it)"
+                )
+            raise BackendError(
+                f"onnxruntime {onnxruntime.__version__} here lacks {', '.join(missing)}; it has "
+                f"{', '.join(onnxruntime.get_available_providers())}{how}"
+            )
         if "CUDAExecutionProvider" in providers and hasattr(onnxruntime, "preload_dlls"):
             # onnxruntime-gpu finds CUDA and cuDNN from NVIDIA's pip packages only once they are loaded
             # (importing torch does it too; a lean runtime has no torch).

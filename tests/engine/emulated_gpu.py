@@ -16,6 +16,8 @@ What this cannot show: TensorRT's own numerics, CUDA graph capture rules, timing
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.bundle import Bundle
@@ -130,7 +132,18 @@ class EmulatedCuda:
                 for op in self.ops:
                     op()
 
+        class Event:
+            def __init__(self):
+                self.time = None
+
+            def record(self, stream) -> None:
+                stream.do(lambda: setattr(self, "time", time.perf_counter()))
+
+            def ms_since(self, start) -> float:
+                return 1e3 * (self.time - start.time)
+
         self.DeviceBuffer, self.PinnedArray, self.Stream, self.Graph = DeviceBuffer, PinnedArray, Stream, Graph
+        self.Event = Event
 
     def current_compute_capability(self, device: int = 0) -> int:
         return self.cc

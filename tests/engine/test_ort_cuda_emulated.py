@@ -201,3 +201,24 @@ def test_a_graph_replaying_a_value_computed_at_capture_is_never_used(tiny_bundle
     assert not pipe.graphs and "differ from the eager run's on the request" in pipe.graph_status
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=5)
     np.testing.assert_array_equal(image, want)
+
+
+def test_stage_times_cover_every_stage_and_leave_the_next_image_alone(pipes):
+    """The benchmark's per-stage times for a device pipeline: one eager run with events between the stages."""
+    pipe = pipes["graph"]
+    want = pipe(PROMPTS, height=64, width=64, seed=4, steps=2)
+    times = pipe.stage_times(pipe.request(PROMPTS, height=64, width=64, seed=4, steps=2))
+    assert set(times) == {"text_encoder", "scheduler", "unet", "vae_decoder", "other"}
+    assert all(v >= 0 for v in times.values()) and times["unet"] > 0
+    np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=4, steps=2), want)
+
+
+def test_onnxruntime_cuda_without_onnxruntime_gpu_says_how_to_install_it(tiny_bundle):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    from sdturbo.engine.errors import BackendError
+
+    with pytest.raises(BackendError, match=r"lacks CUDAExecutionProvider.*pip install 'sdturbo\[cuda\]'"):
+        OnnxRuntimeBackend("fp16", ("CUDAExecutionProvider",))
