@@ -27,3 +27,8 @@ class EngineCorrupt(EngineMissing):
 
 class BackendError(SdTurboError):
     """A backend is not installed, cannot run here, or failed."""
+
+
+class CaptureRefused(BackendError):
+    """onnxruntime will not create a session for CUDA graphs: some of the graph runs off the CUDA provider
+    through host copies (Memcpy nodes), which a captured graph would replay with stale values."""

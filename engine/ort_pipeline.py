@@ -10,11 +10,13 @@ TensorRT runtime does:
   component, made once), so nothing is copied between the host and the device but ids and noise in and
   pixels out, and the host waits once per request;
 - the whole chain (sessions and kernels) is captured as one CUDA graph per (batch, size, steps,
-  strength), not ONNX Runtime's own per-session graphs (``enable_cuda_graph``): each of those replays with
-  a stream synchronisation after it, a host wait per session run. ONNX Runtime does not promise that a
-  run can be captured from outside; so a capture that fails turns the graph off with a warning, and a
-  graph whose first replay does not give the eager run's pixels byte for byte is never used
-  (DevicePipeline._capture). ``graph_status`` says which happened.
+  strength), not ONNX Runtime's own per-session graphs: each of those replays with a stream
+  synchronisation after it, a host wait per session run. Sessions are still created with
+  ``enable_cuda_graph`` (and never capture themselves): onnxruntime then refuses a graph that needs host
+  copies, and frees its staging buffers in a way a capture cannot record (``provider_options``). ONNX
+  Runtime does not promise that a run can be captured from outside; so a refused session, a capture that
+  fails, or a graph whose replays do not give the eager runs' pixels byte for byte (DevicePipeline._capture)
+  turns the graph off with a warning, and ``graph_status`` says why.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from . import cuda as cuda_module
 from .bundle import Bundle
 from .device_pipeline import DevicePipeline
 from .engine_store import Profile
+from .errors import CaptureRefused
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -98,36 +101,52 @@ class OrtCudaPipeline(DevicePipeline):
         lo = b.limits.min_size
         profile = Profile((1, batch, batch), (min(lo, height), height, height), (min(lo, width), width, width))
         profile.check(b)
-        backend = self._backend(precision, fused)
+        backend = self._backend(precision, fused, capture=cuda_graph)
         run_options = backend._ort.RunOptions()
         run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        components = {}
+        run_options.add_run_config_entry("gpu_graph_id", "-1")  # onnxruntime's own capture: never
+        components, refused = {}, []
         for name in b.component_names:
             log.info("loading %s (%s, %s)", name, self.name, precision)
-            session = backend.session(b, name)
+            try:
+                session = backend.session(b, name)
+            except CaptureRefused as e:
+                log.warning("%s; %s runs without the CUDA graph", e, name)
+                refused.append((name, str(e)))
+                session = self._backend(precision, fused, capture=False).session(b, name)
             components[name] = OrtComponent(name, session, run_options, self.ort_device, self._address)
         self.graphs_used = backend.graphs  # component -> "optimized" or "plain" (the benchmark reports it)
         self._setup(profile, cuda_graph, components)
+        if refused and self.cuda_graph:
+            names = ", ".join(name for name, _ in refused)
+            self._graph_off(f"onnxruntime refuses CUDA graphs for {names} (host copies in the graph): {refused[0][1]}")
 
-    @property
-    def provider_options(self) -> dict[str, dict[str, str]]:
-        """The CUDA provider on this pipeline's stream. ONNX Runtime's own CUDA graphs stay off (the whole
-        chain is captured instead); buffers in its arena grow only as much as asked (no doubling)."""
+    def provider_options(self, capture: bool = True) -> dict[str, dict[str, str]]:
+        """The CUDA provider on this pipeline's stream; its arena grows only as much as asked (no doubling).
+
+        ``capture``: ``enable_cuda_graph``, for what it checks and changes, not for onnxruntime's own graphs
+        (every run passes ``gpu_graph_id`` -1: onnxruntime never captures; the whole chain is captured
+        instead). With it, onnxruntime refuses to create a session whose graph needs host copies (Memcpy
+        nodes: values that would be replayed stale) or other providers (CaptureRefused), and it frees the
+        pinned staging buffers of a run after a stream synchronisation instead of from a host callback on
+        the stream, which a capture would record and every replay would run again (a double free); that
+        synchronisation fails under capture, which turns the graph off cleanly."""
         return {
             "CUDAExecutionProvider": {
                 "device_id": "0",
                 "user_compute_stream": str(self.stream.ptr),
                 "has_user_compute_stream": "1",
-                "enable_cuda_graph": "0",
+                "enable_cuda_graph": "1" if capture else "0",
                 "arena_extend_strategy": "kSameAsRequested",
                 "cudnn_conv_algo_search": "EXHAUSTIVE",  # once, during warm-up, before any capture
             }
         }
 
-    def _backend(self, precision: str, fused: bool):
+    def _backend(self, precision: str, fused: bool, capture: bool):
         from .backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(precision, self.providers, fused=fused, provider_options=self.provider_options)
+        options = self.provider_options(capture)
+        return OnnxRuntimeBackend(precision, self.providers, fused=fused, provider_options=options)
 
     def _address(self, ptr: int, nbytes: int) -> int:
         """The address onnxruntime is given for ``nbytes`` at device address ``ptr`` (the same, on a GPU)."""

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 
 from ..bundle import Bundle
-from ..errors import BackendError, BundleError
+from ..errors import BackendError, BundleError, CaptureRefused
 from .ort_cache import load_session
 from .ort_optimized import find_optimized, provider_key
 
@@ -125,6 +125,8 @@ class OnnxRuntimeBackend:
         try:
             session = self._session(bundle, comp, opts)
         except Exception as e:  # onnxruntime raises its own exception types for a bad file
+            if "graph capture feature" in str(e):
+                raise CaptureRefused(f"onnxruntime will not run {component} under a CUDA graph: {e}") from e
             raise BundleError(f"cannot load {comp.onnx}: {e}; the file is corrupt, export the bundle again") from e
         log.debug("loaded %s (%s) on %s", component, self.precision, session.get_providers())
         if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in session.get_providers():

@@ -96,11 +96,12 @@ def test_requests_beyond_the_buffers_are_refused(pipes):
 
 def test_sessions_run_on_the_pipelines_stream_without_a_sync(pipes):
     pipe = pipes["graph"]
-    options = pipe.provider_options["CUDAExecutionProvider"]
+    options = pipe.provider_options()["CUDAExecutionProvider"]
     assert options["user_compute_stream"] == str(pipe.stream.ptr)
-    assert options["enable_cuda_graph"] == "0"
+    assert options["enable_cuda_graph"] == "1"  # for its checks: every run opts out of onnxruntime's own capture
     run_options = next(iter(pipe.engines.values())).run_options
     assert run_options.get_run_config_entry("disable_synchronize_execution_providers") == "1"
+    assert run_options.get_run_config_entry("gpu_graph_id") == "-1"
 
 
 def test_a_shape_outside_the_bundle_is_refused_when_opened(tiny_bundle):
@@ -222,3 +223,30 @@ def test_onnxruntime_cuda_without_onnxruntime_gpu_says_how_to_install_it(tiny_bu
 
     with pytest.raises(BackendError, match=r"lacks CUDAExecutionProvider.*pip install 'sdturbo\[cuda\]'"):
         OnnxRuntimeBackend("fp16", ("CUDAExecutionProvider",))
+
+
+def test_a_session_onnxruntime_refuses_for_cuda_graphs_turns_the_graph_off(tiny_bundle, monkeypatch, caplog):
+    """onnxruntime refuses to create a session with ``enable_cuda_graph`` when its graph needs host copies
+    (values a replay would reuse stale): that component is opened without it, the chain runs enqueue by
+    enqueue, and ``graph_status`` names the component."""
+    from sdturbo.engine.errors import CaptureRefused
+
+    opened = []
+    session = OnnxRuntimeBackend.session
+
+    def refuse_unet(self, bundle, component):
+        capture = self.provider_options.get("CUDAExecutionProvider", {}).get("enable_cuda_graph") == "1"
+        opened.append((component, capture))
+        if component == "unet" and capture:
+            raise CaptureRefused("onnxruntime will not run unet under a CUDA graph: ... have not been partitioned")
+        return session(self, bundle, component)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "session", refuse_unet)
+    with caplog.at_level("WARNING"):
+        pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE)
+    assert ("unet", True) in opened and ("unet", False) in opened and ("text_encoder", False) not in opened
+    assert pipe.graph_status.startswith("off: onnxruntime refuses CUDA graphs for unet")
+    image = pipe(PROMPTS, height=64, width=64, seed=2)
+    assert not pipe.graphs
+    want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=2)
+    np.testing.assert_array_equal(image, want)
