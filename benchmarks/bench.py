@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import modes
 from .contenders import Diffusers, Ours, ancestral_noise, parse_ours
 from .timers import StageTimer, percentile
 
@@ -42,6 +43,8 @@ class BenchConfig:
     cold: bool = True
     compile_mode: str = "max-autotune"  # torch.compile's mode for the diffusers-*-compile contender
     out: str = "benchmarks/results/latest"
+    modes: tuple[str, ...] = ()  # opt-in modes, each against diffusers doing the same: tiny-vae, prompt-cache
+    paired_runs: int = 5  # the modes' targets measured in pairs too (benchmarks/modes.py); 0: not
 
 
 def device() -> str:
@@ -77,10 +80,13 @@ def make(
     timer: StageTimer,
     step_seed: int | None = None,
     compile_mode: str = BenchConfig.compile_mode,
+    tiny_vae=None,
 ):
     if name.startswith("diffusers-"):
         mode = compile_mode if name.endswith("-compile") else None
-        return Diffusers(folder, dev, name.split("-")[1], timer, compile_mode=mode, step_seed=step_seed)
+        variant = next((v for _, v in modes.MODES.values() if name.endswith(f"-{v}")), "")
+        dtype = name.split("-")[1]
+        return Diffusers(folder, dev, dtype, timer, mode, step_seed, variant=variant, tiny_vae=tiny_vae)
     backend, variant, precision = parse_ours(name)
     return Ours(bundle, backend, precision, timer, variant)
 
@@ -91,15 +97,22 @@ def run(cfg: BenchConfig) -> dict:
     from sdturbo.export.bundle_writer import tool_versions
     from sdturbo.export.models import model_family, resolve_model_folder
 
-    from .floors import floor_ms, machine_rates, stage_flops
+    from .floors import floor_ms, machine_rates, stage_flops, tiny_vae_flops
 
     dev = device()
     names = list(cfg.contenders) or available(dev)
+    names += modes.contenders(cfg.modes, names)
+    tiny = any(modes.mode_of(n) == "tiny-vae" for n in names)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     folder = resolve_model_folder(cfg.model)
     ancestral = model_family(folder) == "sdxl-turbo"  # EulerAncestral: noise added at every step after the first
-    bundle = {p: ensure_bundle(cfg.model, p) for p in {n.rsplit("-", 1)[1] for n in names if n.startswith("sdturbo")}}
+    precisions = {n.rsplit("-", 1)[1] for n in names if n.startswith("sdturbo")}
+    bundle = {p: ensure_bundle(cfg.model, p, tiny_vae=tiny) for p in precisions}
+    tiny_folder = None
+    if tiny:  # diffusers + AutoencoderTiny loads the tiny VAE the bundle was exported from
+        path = next(iter(bundle.values()), None) or ensure_bundle(cfg.model, "fp32", tiny_vae=True)
+        tiny_folder = modes.tiny_vae_folder(path)
     if "sdturbo-onnxruntime-cuda-fp16" in names:
         ort_optimized(cfg.model)
     prompts = [cfg.prompt] * cfg.batch
@@ -112,26 +125,28 @@ def run(cfg: BenchConfig) -> dict:
     log.info("measuring this machine's matmul rate and copy bandwidth")
     rates = machine_rates(dev)
     flops = stage_flops(folder, cfg.batch, cfg.height, cfg.width)
+    if tiny:
+        flops["tiny_vae_decoder"] = tiny_vae_flops(Path(tiny_folder), cfg.batch, cfg.height, cfg.width)
     bytes_per_param = 2 if dev == "cuda" else 4
     floors = {s: floor_ms(v["flops"], v["params"] * bytes_per_param, rates) for s, v in flops.items()}
     floors["end_to_end"] = floors["text_encoder"] + cfg.steps * floors["unet_step"] + floors["vae_decoder"]
 
-    results, reference = [], None
+    results, references = [], {}  # mode -> its reference: the first of its contenders (diffusers' where it ran)
     failed = []
     for name in names:
         log.info("contender %s", name)
         timer = StageTimer(cuda=dev == "cuda" and name.startswith("diffusers"))
         precision = name.rsplit("-", 1)[1]
         try:
-            contender = make(name, folder, bundle.get(precision), dev, timer, step_seed, cfg.compile_mode)
+            contender = make(name, folder, bundle.get(precision), dev, timer, step_seed, cfg.compile_mode, tiny_folder)
             res = measure(contender, cfg, prompts, latents, timer, dev, step_noise)
         except Exception as e:  # one contender that cannot run here is reported, the others still run
             log.exception("contender %s failed", name)
             failed.append({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]})
             continue
-        res["floor_ms"] = floors
+        res["floor_ms"] = mode_floors = modes.floors_for(name, floors, cfg.steps)
         res["over_floor"] = {
-            k: res["stages_ms"][k] / floors[s]
+            k: res["stages_ms"][k] / mode_floors[s]
             for k, s in (
                 ("text_encoder", "text_encoder"),
                 ("unet_per_step", "unet_step"),
@@ -139,26 +154,40 @@ def run(cfg: BenchConfig) -> dict:
             )
             if res["stages_ms"].get(k)
         }
-        res["over_floor"]["end_to_end"] = res["e2e_ms"]["median"] / floors["end_to_end"]
+        res["over_floor"]["end_to_end"] = res["e2e_ms"]["median"] / mode_floors["end_to_end"]
         image = res.pop("image")
         res["image"] = save_images(image[:1], out / f"{name}.png")[0].name
-        if reference is None:
-            reference = (name, image)
+        reference = references.setdefault(modes.mode_of(name), (name, image))
         value = psnr(image, reference[1])
         res["psnr_vs_reference_db"] = None if value == float("inf") else value  # null: identical (JSON has no inf)
-        if cfg.cold:
+        if cfg.cold and modes.mode_of(name) == modes.FULL:
             res["cold_start"] = cold_start(name, folder, bundle.get(precision), dev, cfg)
         contender.close()
         results.append(res)
-    if reference is None:
+    if not references:
         raise RuntimeError(f"no contender ran: {failed}")
-    ref_ms = results[0]["e2e_ms"]["median"]
-    for r in results:
-        r["speedup_vs_reference"] = ref_ms / r["e2e_ms"]["median"]
+    modes.compare(results, {m: ref[0] for m, ref in references.items()})
+    paired = {}
+    if cfg.modes and cfg.paired_runs:
+        log.info("the modes' targets, measured in pairs")
+        precision_of = {n: n.rsplit("-", 1)[1] for n in names}
+
+        def build(name, timer):
+            b = bundle.get(precision_of[name])
+            return make(name, folder, b, dev, timer, step_seed, cfg.compile_mode, tiny_folder)
+
+        def call(c, suffix):
+            asked = prompts if suffix is None else [f"{p} {suffix}" for p in prompts]
+            return c(asked, latents, cfg.steps, cfg.height, cfg.width, step_noise)
+
+        size = (cfg.batch, cfg.height, cfg.width)
+        paired = modes.paired(cfg.modes, names, build, size, call, cfg.paired_runs, _sync(dev))
     return {
         "schema": SCHEMA,
         "config": asdict(cfg),
-        "reference": reference[0],
+        "reference": references.get(modes.FULL, next(iter(references.values())))[0],
+        "modes": modes.summary(results),
+        "paired": paired,
         "machine": machine(dev),
         "versions": tool_versions(BENCH_TOOLS),
         "rates": rates,
@@ -204,7 +233,7 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
     if isinstance(contender, Diffusers):
         contender.load()
     else:
-        contender.load((cfg.batch, cfg.height, cfg.width), max_batch=max(cfg.batch, *cfg.batches))
+        contender.load((cfg.batch, cfg.height, cfg.width), max_batch=max((cfg.batch, *cfg.batches)))
     load_s = time.perf_counter() - t
     warm, e2e, stages = [], [], []
     for i in range(cfg.warmup + cfg.runs):

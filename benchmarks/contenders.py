@@ -20,6 +20,8 @@ VARIANTS = {
     "": "the default: on ONNX Runtime, the bundle's optimized graphs where built",
     "unfused": "ONNX Runtime on the plain graphs (no `sdturbo build --ort-optimize` graphs)",
     "host": "ONNX Runtime CUDA driven stage by stage from the host (the pipeline before the device-resident one)",
+    "tiny": "the tiny VAE (--vae tiny; benchmarks/modes.py): compared with diffusers + AutoencoderTiny",
+    "cached": "every timed request a prompt-cache hit (benchmarks/modes.py): compared with diffusers' prompt_embeds",
 }
 
 
@@ -51,19 +53,25 @@ class Ours:
             from sdturbo.engine.pipeline import Pipeline
 
             backend = OnnxRuntimeBackend(self.precision, ("CUDAExecutionProvider",))
-            self.pipe = Pipeline(self.bundle, backend).load()
+            self.pipe = Pipeline(self.bundle, backend, prompt_cache=0).load()
         else:
             fused = self.variant != "unfused"
             if self.backend == "onnxruntime-cuda":
                 shape = (max(shape[0], max_batch), *shape[1:])
-            self.pipe = open_pipeline(self.bundle, self.backend, self.precision, shape=shape, fused=fused).load()
+            modes = {  # the prompt cache only where it is the thing measured: off everywhere else
+                "vae": "tiny" if self.variant == "tiny" else "full",
+                "prompt_cache": 64 if self.variant == "cached" else 0,
+            }
+            self.pipe = open_pipeline(
+                self.bundle, self.backend, self.precision, shape=shape, fused=fused, **modes
+            ).load()
         self.graph_status = getattr(self.pipe, "graph_status", None)
         self.graphs_used = getattr(self.pipe, "graphs_used", None) or getattr(
             getattr(self.pipe, "backend", None), "graphs", None
         )
         stages = getattr(self.pipe, "_stages", None)  # host pipelines; TensorRT runs as one graph
-        for name in stages or ():  # SDXL's second text encoder counts as text encoding
-            stages[name] = TimedStage(stages[name], name.removesuffix("_2"), self.timer)
+        for name in stages or ():  # SDXL's second text encoder counts as text encoding; the tiny VAE as the VAE
+            stages[name] = TimedStage(stages[name], name.removesuffix("_2").removeprefix("tiny_"), self.timer)
 
     def __call__(self, prompts, latents, steps: int, height: int, width: int, step_noise=None) -> np.ndarray:
         kw = {} if step_noise is None else {"step_noise": step_noise}
@@ -75,7 +83,9 @@ class Ours:
 
 
 class Diffusers:
-    """diffusers' AutoPipelineForText2Image, eager or with torch.compile on the UNet and VAE decoder."""
+    """diffusers' AutoPipelineForText2Image, eager or with torch.compile on the UNet and VAE decoder; with
+    ``variant`` "tiny", given ``vae=AutoencoderTiny`` from ``tiny_vae`` (a folder); with "embeds", given
+    ``prompt_embeds`` (SDXL: and ``pooled_prompt_embeds``) computed once per prompt list, on its first call."""
 
     def __init__(
         self,
@@ -85,12 +95,15 @@ class Diffusers:
         timer: StageTimer,
         compile_mode: str | None = None,
         step_seed: int | None = None,
+        variant: str = "",
+        tiny_vae=None,
     ):
         """``compile_mode``: torch.compile's mode for the UNet and VAE decoder (None: eager)."""
         self.folder, self.device, self.dtype, self.timer = folder, device, dtype, timer
         self.compile_mode = compile_mode
         self.step_seed = step_seed  # None: no generator (SD-Turbo's Euler steps add no noise)
-        self.name = f"diffusers-{dtype}" + ("-compile" if compile_mode else "")
+        self.variant, self.tiny_vae, self._embeds = variant, tiny_vae, {}
+        self.name = f"diffusers-{dtype}" + ("-compile" if compile_mode else "") + (f"-{variant}" if variant else "")
         self.pipe = None
 
     def load(self) -> None:
@@ -100,6 +113,10 @@ class Diffusers:
 
         dtype = getattr(torch, {"fp16": "float16", "fp32": "float32"}[self.dtype])
         xl = {"add_watermarker": False} if model_family(Path(self.folder)) == "sdxl-turbo" else {}  # pixels as made
+        if self.variant == "tiny":
+            from diffusers import AutoencoderTiny
+
+            xl["vae"] = AutoencoderTiny.from_pretrained(self.tiny_vae, torch_dtype=dtype)
         pipe = AutoPipelineForText2Image.from_pretrained(self.folder, torch_dtype=dtype, **xl).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if self.compile_mode:
@@ -137,9 +154,10 @@ class Diffusers:
         import torch
 
         lat = torch.from_numpy(latents).to(self.device, self._torch_dtype)
+        text = self.embeds(prompts) if self.variant == "embeds" else {"prompt": list(prompts)}
         with torch.inference_mode():
             out = self.pipe(
-                list(prompts),
+                **text,
                 num_inference_steps=steps,
                 guidance_scale=0.0,
                 height=height,
@@ -149,6 +167,20 @@ class Diffusers:
                 output_type="np",
             ).images
         return (out * 255).round().astype(np.uint8)
+
+    def embeds(self, prompts) -> dict:
+        """The pipeline's own ``encode_prompt`` output for ``prompts``, computed on the first call only."""
+        import torch
+
+        key = tuple(prompts)
+        if key not in self._embeds:
+            kw = dict(prompt=list(prompts), device=self.device, num_images_per_prompt=1)
+            kw["do_classifier_free_guidance"] = False
+            with torch.inference_mode():
+                out = self.pipe.encode_prompt(**kw)
+            xl = len(out) == 4  # SDXL: (embeds, negative, pooled, negative pooled)
+            self._embeds[key] = {"prompt_embeds": out[0], **({"pooled_prompt_embeds": out[2]} if xl else {})}
+        return self._embeds[key]
 
     def close(self) -> None:
         self.pipe = None

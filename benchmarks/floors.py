@@ -109,3 +109,19 @@ def _best(fn, cuda: bool, repeats: int) -> float:
 
 def floor_ms(flops: float, weight_bytes: float, rates: dict[str, float]) -> float:
     return 1e3 * max(flops / (rates["matmul_tflops"] * 1e12), weight_bytes / (rates["copy_gbps"] * 1e9))
+
+
+def tiny_vae_flops(folder: Path, batch: int, height: int, width: int) -> dict[str, float]:
+    """FLOPs and parameters of an AutoencoderTiny's decoder (``folder``: its config) for one call at this size,
+    counted on the meta device as ``stage_flops`` counts the full VAE's."""
+    from diffusers import AutoencoderTiny
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        vae = AutoencoderTiny.from_config(AutoencoderTiny.load_config(folder)).eval()
+        f = 2 ** (len(vae.config.decoder_block_out_channels) - 1)
+        lat = torch.zeros(batch, vae.config.latent_channels, height // f, width // f)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            vae.decode(lat)
+    params = sum(p.numel() for p in vae.decoder.parameters())
+    return {"flops": float(counter.get_total_flops()), "params": float(params)}

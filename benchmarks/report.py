@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import modes
+
 
 def markdown(results: dict) -> str:
     cfg, m = results["config"], results["machine"]
@@ -19,7 +21,7 @@ def markdown(results: dict) -> str:
         "| e2e / floor | load s | cold start s | peak MB | PSNR vs ref dB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["contenders"]:
+    for r in (r for r in results["contenders"] if r.get("mode", modes.FULL) == modes.FULL):  # modes: apart
         e, s = r["e2e_ms"], r["stages_ms"]
         cold = r.get("cold_start", {}).get("process_s")
         lines.append(
@@ -44,7 +46,10 @@ def markdown(results: dict) -> str:
     if tp:
         lines += ["", "| contender | batch | images/s |", "|---|---|---|"]
         lines += [f"| {n} | {b} | {'-' if v is None else f'{v:.2f}'} |" for n, b, v in tp]
-    return "\n".join(lines)
+    flops = results.get("flops", {}).get("tiny_vae_decoder")
+    if flops:
+        lines += ["", f"tiny VAE decoder: {flops['flops'] / 1e9:.1f} GFLOP, {flops['params'] / 1e6:.2f} M parameters"]
+    return "\n".join(lines) + modes.markdown(results)
 
 
 def _db(value) -> str:

@@ -22,6 +22,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 COMPONENTS_XL = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+TINY_VAE = ("tiny_vae_decoder", "tiny_vae_encoder")  # present when the manifest has a "tiny_vae" entry
+VAES = ("full", "tiny")  # the decoder (and encoder) a pipeline runs: the model's own VAE, or the tiny one
 FAMILIES = ("sd-turbo", "sdxl-turbo")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # graphs larger than this keep their weights in a .data file: protobuf
 # refuses files over 2 GiB; stay clear of it
@@ -34,6 +36,14 @@ class ComponentFile:
     data: Path | None
     sha256: str
     bytes: int  # onnx + data
+
+
+@dataclass(frozen=True)
+class TinyVae:
+    """The manifest's record of the tiny autoencoder exported beside the full VAE (``export --tiny-vae``)."""
+
+    source: str  # what it was exported from: a hub id, a folder, or random:<name>
+    scaling_factor: float  # applied inside its graphs, as diffusers' pipelines apply it (TAESD: 1.0)
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class Bundle:
         self.tokenizer_sha256 = {self._path(t["file"]): t.get("sha256") for t in entries}  # None: older bundles
         lim = m["limits"]
         self.limits = Limits(int(lim["max_batch"]), int(lim["min_size"]), int(lim["max_size"]))
+        tiny = m.get("tiny_vae")
+        self.tiny_vae = None if tiny is None else TinyVae(str(tiny["source"]), float(tiny["scaling_factor"]))
         self.components: dict[str, dict[str, ComponentFile]] = {}
         for precision, comps in m["components"].items():
             self.components[precision] = {
@@ -118,7 +130,22 @@ class Bundle:
 
     @property
     def component_names(self) -> tuple[str, ...]:
-        return COMPONENTS_XL if self.family == "sdxl-turbo" else COMPONENTS
+        return (COMPONENTS_XL if self.family == "sdxl-turbo" else COMPONENTS) + (TINY_VAE if self.tiny_vae else ())
+
+    def vae_components(self, vae: str) -> tuple[str, str]:
+        """(decoder, encoder) of ``vae``: "full" (the default: diffusers' own image) or "tiny"."""
+        if vae not in VAES:
+            raise InputError(f"vae {vae!r} is not allowed; use one of {', '.join(VAES)}")
+        if vae == "full":
+            return "vae_decoder", "vae_encoder"
+        if self.tiny_vae is None:
+            source = "madebyollin/taesdxl" if self.family == "sdxl-turbo" else "madebyollin/taesd"
+            raise BundleError(
+                f"bundle {self.root} has no tiny VAE; add one with `sdturbo export {self.model_id} --out {self.root} "
+                f"--tiny-vae {source}` (or a local AutoencoderTiny folder; offline: --tiny-vae random:"
+                f"{source.split('/')[1]})"
+            )
+        return TINY_VAE
 
     def select_components(self, names=None) -> tuple[str, ...]:
         """``names`` (default: every component of this bundle's family), each checked to be one of them."""

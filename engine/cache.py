@@ -70,8 +70,9 @@ def local_model_folder(model: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def ensure_bundle(model: str, precision: str) -> Path:
-    """The cached bundle of ``model`` holding ``precision``; exported once (needs the export extra).
+def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
+    """The cached bundle of ``model`` holding ``precision`` (and with ``tiny_vae``, a tiny autoencoder: the
+    model's own TAESD, added when missing); exported once (needs the export extra).
 
     The cache follows the model's content: a local model folder whose files changed since the export, or a
     cached bundle that fails its checks (a damaged file), is exported again, with a warning."""
@@ -87,7 +88,7 @@ def ensure_bundle(model: str, precision: str) -> Path:
             if folder is not None and bundle.manifest["model"].get("source_stamp") != folder_stamp(folder):
                 log.warning("%s changed since its cached bundle was exported; exporting it again", model)
                 force = True
-            elif precision in bundle.precisions:
+            elif precision in bundle.precisions and (bundle.tiny_vae is not None or not tiny_vae):
                 for name in bundle.component_names:
                     bundle.component(precision, name)
                 bundle.prompt_tokenizers()
@@ -105,4 +106,4 @@ def ensure_bundle(model: str, precision: str) -> Path:
             f"exporting {model!r} needs PyTorch and diffusers ({e.name} is missing): "
             f"pip install 'sdturbo[export]', or pass --bundle with an exported bundle"
         ) from e
-    return export_bundle(model, path, precisions=(precision,), force=force)
+    return export_bundle(model, path, precisions=(precision,), force=force, tiny_vae="auto" if tiny_vae else None)

@@ -1,4 +1,4 @@
-"""The ``sdturbo`` command: export, build, generate, info, bench, check. argparse lives here and only here."""
+"""The ``sdturbo`` command: export, build, generate, info, bench, check, serve. argparse lives here and only here."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def cmd_export(args) -> None:
         min_size=args.min_size,
         max_size=args.max_size,
         force=args.force,
+        tiny_vae=args.tiny_vae,
     )
 
 
@@ -50,6 +51,7 @@ def cmd_generate(args) -> None:
 
     from .cache import ensure_bundle
     from .images import check_out_path, load_image, save_images
+    from .prompt_cache import DEFAULT_SIZE as DEFAULT_PROMPT_CACHE
     from .runtime import choose_backend, default_precision, open_pipeline
 
     if args.bundle and args.model:
@@ -80,9 +82,15 @@ def cmd_generate(args) -> None:
     backend = choose_backend(args.backend)
     precision = args.precision or default_precision(backend)
     start = time.perf_counter()
-    bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, precision)
+    bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, precision, tiny_vae=args.vae == "tiny")
     pipe = open_pipeline(
-        bundle, backend, precision, shape=(len(prompts), height, width), cuda_graph=not args.no_cuda_graph
+        bundle,
+        backend,
+        precision,
+        shape=(len(prompts), height, width),
+        cuda_graph=not args.no_cuda_graph,
+        vae=args.vae,
+        prompt_cache=0 if args.no_prompt_cache else DEFAULT_PROMPT_CACHE,
     )
     request = pipe.request(
         prompts,
@@ -149,6 +157,7 @@ def cmd_bench(args) -> None:
         cold=not args.no_cold,
         compile_mode=args.compile_mode,
         out=args.out,
+        modes=tuple(args.modes.split(",")) if args.modes else (),
     )
     results = run(cfg)
     for path in report.write(results, Path(args.out)):
@@ -179,6 +188,32 @@ def cmd_info(args) -> None:
     print(describe(args.bundle, verify=args.verify))
 
 
+def cmd_serve(args) -> int:
+    from .bundle import Bundle
+    from .cache import ensure_bundle
+    from .runtime import choose_backend, default_precision, open_pipeline
+    from .serve import check_settings, default_size
+    from .serve_triton import ServeConfig, check_ports, import_pytriton, serve
+
+    cfg = ServeConfig(
+        max_batch=args.max_batch,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        host=args.host,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+    )
+    import_pytriton()  # missing, or a port taken: one line now, not after the model has loaded
+    check_ports(cfg)
+    backend = choose_backend(args.backend)
+    precision = args.precision or default_precision(backend)
+    bundle = Bundle(args.bundle or ensure_bundle(args.model, precision))
+    check_settings(bundle, cfg.max_batch, cfg.max_queue_delay_ms / 1000)
+    side = default_size(bundle)
+    pipe = open_pipeline(bundle, backend, precision, shape=(cfg.max_batch, side, side))
+    return serve(pipe, cfg, verbose=args.verbose)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdturbo", description="Fast SD-Turbo: export, build, generate.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -192,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-size", type=int, default=64, help="smallest image side in pixels (default 64)")
     e.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (default 1024)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle")
+    e.add_argument(
+        "--tiny-vae",
+        metavar="SOURCE",
+        help="also export a tiny autoencoder (TAESD) beside the full VAE, or add it to an existing bundle: a hub id "
+        "(madebyollin/taesd, madebyollin/taesdxl), a local AutoencoderTiny folder, random:taesd / random:taesdxl, "
+        "or auto (the model's own)",
+    )
     e.set_defaults(func=cmd_export)
 
     g = sub.add_parser("generate", help="make images from a prompt")
@@ -212,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (default): TensorRT on a GPU with TensorRT, else ONNX Runtime (CUDA, then CPU)",
     )
     g.add_argument("--no-cuda-graph", action="store_true", help="TensorRT: enqueue stage by stage, no CUDA graph")
+    g.add_argument(
+        "--vae",
+        choices=("full", "tiny"),
+        default="full",
+        help="full (default: diffusers' image) or tiny: the bundle's tiny autoencoder (TAESD), much faster, "
+        "blurrier; --model adds the model's own TAESD to its cached bundle",
+    )
+    g.add_argument(
+        "--no-prompt-cache", action="store_true", help="run the text encoder for every prompt (same images either way)"
+    )
     g.add_argument("--precision", choices=("fp32", "fp16"), help="ONNX precision (default: fp32 on a CPU, else fp16)")
     g.add_argument("--out", default="out.png", help="output PNG; several images get -0, -1, ... (default out.png)")
     g.set_defaults(func=cmd_generate)
@@ -271,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile mode for diffusers-fp16-compile (default max-autotune; 'default' compiles faster)",
     )
     n.add_argument("--out", default="benchmarks/results/latest", help="folder for results.json, .md, plot, images")
+    n.add_argument(
+        "--modes",
+        help="also tiny-vae and/or prompt-cache (comma-separated): ours and diffusers doing the same, reported apart",
+    )
     n.set_defaults(func=cmd_bench)
 
     i = sub.add_parser("info", help="show what a bundle holds")
@@ -279,6 +335,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify", action="store_true", help="hash every file again (default: only files changed since last checked)"
     )
     i.set_defaults(func=cmd_info)
+
+    v = sub.add_parser("serve", help="serve a model on Triton Inference Server (HTTP, gRPC: KServe v2)")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", help="an exported bundle folder")
+    src.add_argument("--model", help="model to export and cache on first use (hub id, folder, random:...)")
+    v.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime"),
+        help="as for generate (default auto)",
+    )
+    v.add_argument("--precision", choices=("fp32", "fp16"), help="ONNX precision (default: fp32 on a CPU, else fp16)")
+    v.add_argument("--max-batch", type=int, default=4, help="most requests run as one batch (default 4)")
+    v.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=0.0,
+        help="how long a request waits for others of its size, steps and strength when the pipeline is idle "
+        "(default 0: at once; requests that arrive while a batch runs are batched anyway)",
+    )
+    v.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1: this host)")
+    v.add_argument("--http-port", type=int, default=8000)
+    v.add_argument("--grpc-port", type=int, default=8001)
+    v.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics (default 8002)")
+    v.set_defaults(func=cmd_serve)
     return p
 
 

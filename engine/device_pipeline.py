@@ -21,6 +21,7 @@ per-shape context with ``enqueue(stream)`` and ``capturable(stream)``) and says 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -31,37 +32,46 @@ import numpy as np
 
 from . import cuda as cuda_module
 from .bundle import Bundle
+from .device_cache import DevicePromptRows
 from .engine_store import Profile
 from .errors import BundleError
 from .images import to_model_image
+from .pipeline import check_vae_request
+from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
 from .request import Request, build_request
 from .schedule import MAX_STEPS, make_schedule
 from .spec import TensorSpec, axis_values
 
 log = logging.getLogger(__name__)
+_PIPELINES = itertools.count()  # one prompt-cache identity per device pipeline
 WARMUP_RUNS = 3  # lazy initialisation (TensorRT-RTX's JIT, cuDNN's algorithm search) never lands in a capture
 
 
-def bindings(family: str, latent_dtype: str, specs: dict) -> dict[str, dict[str, str]]:
+def bindings(
+    family: str, latent_dtype: str, specs: dict, decoder: str = "vae_decoder", encoder: str = "vae_encoder"
+) -> dict[str, dict[str, str]]:
     """Each component tensor -> the device buffer it reads or writes (every address fixed once per context).
 
     A VAE whose latents are not in the latents' dtype (SDXL's fp32 VAE) gets buffers of its own,
-    filled and drained by cast kernels."""
+    filled and drained by cast kernels. ``decoder``/``encoder``: the VAE's components (the full VAE's, or the
+    tiny VAE's, whose encoder takes no posterior noise)."""
     xl = family == "sdxl-turbo"
     out = {
         "text_encoder": {"input_ids": "ids", "hidden_states": "hidden_1" if xl else "hidden"},
         "unet": {"sample": "x_in", "timestep": "timestep", "hidden_states": "hidden", "noise_pred": "eps"},
-        "vae_decoder": {"image": "image_out"},
-        "vae_encoder": {"image": "image_in", "noise": "image_noise"},
+        decoder: {"image": "image_out"},
+        encoder: {"image": "image_in"},
     }
     if xl:
         out["text_encoder_2"] = {"input_ids": "ids_2", "hidden_states": "hidden_2", "text_embeds": "pooled"}
         out["unet"].update(text_embeds="pooled", time_ids="time_ids")
-    dec_in = spec_of(specs["vae_decoder"], "latents").dtype
-    out["vae_decoder"]["latents"] = "x" if dec_in == latent_dtype else "x_vae"
-    if "vae_encoder" in specs:
-        enc_out = spec_of(specs["vae_encoder"], "latents").dtype
-        out["vae_encoder"]["latents"] = "encoded" if enc_out == latent_dtype else "encoded_vae"
+    dec_in = spec_of(specs[decoder], "latents").dtype
+    out[decoder]["latents"] = "x" if dec_in == latent_dtype else "x_vae"
+    if encoder in specs:
+        enc_out = spec_of(specs[encoder], "latents").dtype
+        out[encoder]["latents"] = "encoded" if enc_out == latent_dtype else "encoded_vae"
+        if any(t.name == "noise" for t in specs[encoder].inputs):
+            out[encoder]["noise"] = "image_noise"
     return out
 
 
@@ -114,22 +124,39 @@ class DevicePipeline:
         self.engines = components
         self.specs = {name: b.component(self.precision, name).spec for name in self.engines}
         self.dtype = np.dtype(spec_of(self.specs["unet"], "sample").dtype)
-        self.binds = bindings(b.family, self.dtype.name, self.specs)
+        self.binds = bindings(b.family, self.dtype.name, self.specs, self.decoder, self.encoder)
         self.ancestral = b.scheduler.ancestral
         cc = self.cuda.current_compute_capability()
-        float_types = {self.dtype.name, spec_of(self.specs["vae_decoder"], "image").dtype}
+        float_types = {self.dtype.name, spec_of(self.specs[self.decoder], "image").dtype}
         self.kernels = {dt: self._kernels(dt, cc) for dt in sorted(float_types)}
         self._allocate()
+        shas = tuple(b.components[self.precision][n].sha256 for n in self.engines if n.startswith("text_encoder"))
+        # Whose outputs the prompt cache holds: this pipeline's own, as its rows live in its own device pool
+        self.encoder_id = (self.name, next(_PIPELINES), self.precision, profile.tag, *shas)
+        cache = self.prompt_cache
+        self.cached_rows = DevicePromptRows(cache, self.cuda, self.buffer_specs) if cache.enabled else None
         self.graphs: dict[tuple, object] = {}
         self.contexts: dict[tuple, dict] = {}  # (batch, height, width) -> one context per component
 
-    def _prepare(self, bundle: Bundle | str | Path) -> None:
-        """The bundle, its tokenizers, a current CUDA context (before anything touches the GPU) and the stream."""
+    def _prepare(
+        self, bundle: Bundle | str | Path, vae: str = "full", prompt_cache: int | PromptCache = DEFAULT_SIZE
+    ) -> None:
+        """The bundle, its tokenizers, the VAE to run ("full" or "tiny"), the prompt cache (a size, 0: off, or
+        one to share), a current CUDA context (before anything touches the GPU) and the stream."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        self.vae = vae
+        self.decoder, self.encoder = self.bundle.vae_components(vae)
+        self.prompt_cache = as_prompt_cache(prompt_cache)
         self.tokenizers = self.bundle.prompt_tokenizers()
         self.seq = self.tokenizers[0].max_length
         self.cuda.ensure_context()
         self.stream = self.cuda.Stream()
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        """What this pipeline opens: the text encoders, the UNet and the chosen VAE's decoder and encoder."""
+        encoders = tuple(n for n in self.bundle.component_names if n.startswith("text_encoder"))
+        return (*encoders, "unet", self.decoder, self.encoder)
 
     def _kernels(self, dtype: str, cc: int):
         from sdturbo.kernels import load_kernels
@@ -182,10 +209,11 @@ class DevicePipeline:
         req = build_request(self.bundle, prompts, **kwargs)
         if not self.profile.covers(req.batch, req.height, req.width):
             raise BundleError(self._outside(req))
-        if req.image is not None and "vae_encoder" not in self.engines:
+        if req.image is not None and self.encoder not in self.engines:
             raise BundleError(
-                f"img2img needs the vae_encoder, which this {self.name} pipeline lacks: {self.encoder_hint}"
+                f"img2img needs the {self.encoder}, which this {self.name} pipeline lacks: {self.encoder_hint}"
             )
+        check_vae_request(self.vae, req)
         return req
 
     def __call__(self, prompts, **kwargs) -> np.ndarray:
@@ -195,36 +223,48 @@ class DevicePipeline:
         return self  # components load in __init__
 
     def run(self, req: Request) -> np.ndarray:
+        """A prompt-cache hit (every prompt's rows cached at this batch size) copies the rows in from the
+        cache's device pool and replays a second graph per shape, captured without the text encoders; a miss
+        runs the whole chain and then copies its rows into the pool."""
         s = self.stream
         B, H, W = req.batch, req.height, req.width
         img2img = req.image is not None
         sched = make_schedule(self.bundle.scheduler, req.steps, req.strength if img2img else 1.0)
-        self._inputs(req, sched)
-        key = (B, H, W, sched.steps, req.strength if img2img else None)
+        ids = [tok(list(req.prompts)) for tok in self.tokenizers]  # [B, 77] int32 each
+        keys = PromptCache.keys(self.encoder_id, ids)
+        hit = self.prompt_cache.lookup(keys)
+        slots = None if hit is None else [e.slot for e in hit]
+        self._inputs(req, sched, ids)
+        if slots is not None:
+            self.cached_rows.load(s, self.dev, slots)
+        key = (B, H, W, sched.steps, req.strength if img2img else None, slots is not None)
         ctx = self._contexts(B, H, W)
-        enqueue = lambda: self._enqueue(ctx, sched, B, H, W, img2img)  # noqa: E731
+        enqueue = lambda: self._enqueue(ctx, sched, B, H, W, img2img, encode=slots is None)  # noqa: E731
         if not self.cuda_graph:
             enqueue()
         elif key in self.graphs:
             self.graphs[key].launch()
-        elif not self._capture(key, req, sched, ctx, enqueue):
+        elif not self._capture(key, req, sched, ctx, enqueue, slots):
             return self.run(req)  # the graph is off now
+        if slots is None and self.cached_rows is not None:
+            self.cached_rows.store(s, self.dev, keys)
         pixels = self.host["pixels"]
         s.copy_out(pixels, self.dev["pixels"].ptr, B * H * W * 3)
         s.synchronize()  # the one host wait: for the pixels
         self._first_run_done()
         return pixels.array.reshape(-1)[: B * H * W * 3].reshape(B, H, W, 3).copy()
 
-    def _inputs(self, req: Request, sched) -> None:
-        """Copy ``req``'s ids, noise, timesteps (and image) into their device buffers, on the stream."""
+    def _inputs(self, req: Request, sched, ids: list[np.ndarray] | None = None) -> None:
+        """Copy ``req``'s ids (``ids``: its tokens, where already made), noise, timesteps (and image) into their
+        device buffers, on the stream."""
         b, s = self.bundle, self.stream
         B = req.batch
         img2img = req.image is not None
         noise, image_noise, step_noise = req.noises(b, sched)
-        prompts = list(req.prompts)
-        self._put("ids", self.tokenizers[0](prompts))
+        ids = ids or [tok(list(req.prompts)) for tok in self.tokenizers]
+        self._put("ids", ids[0])
         if "ids_2" in self.host:
-            self._put("ids_2", self.tokenizers[1](prompts))
+            self._put("ids_2", ids[1])
             self._put("time_ids", req.time_ids())
         self._put("noise", noise)
         timesteps = self.host["timesteps"].array
@@ -236,16 +276,30 @@ class DevicePipeline:
                 steps[i, : step.size] = step.ravel()
             s.copy_in(self.dev["step_noise"].ptr, self.host["step_noise"], sched.steps * steps[0].nbytes)
         if img2img:
-            self._put("image_noise", image_noise)
+            if "image_noise" in self.host:  # the full VAE's posterior; the tiny VAE's encoder takes none
+                self._put("image_noise", image_noise)
             self._put("image_in", to_model_image(req.image, self.dtype))  # then to the encoder's dtype, as diffusers
 
-    def _capture(self, key: tuple, req: Request, sched, ctx: dict, enqueue) -> bool:
+    def _capture(self, key: tuple, req: Request, sched, ctx: dict, enqueue, slots: list[int] | None = None) -> bool:
         """Warm up, capture ``enqueue`` as a graph, and check it before use: replayed on a probe request (other
         prompts of another length, other noise, the image mirrored) and on ``req``, from buffers poisoned in
         between, it must give the pixels the eager chain gives for each, byte for byte. So a graph that skips
         work, or replays a value computed on the host at capture time (what a library's host-side step under
-        capture would leave), is never used. False: the graph is off, with the reason."""
+        capture would leave), is never used. False: the graph is off, with the reason.
+
+        With ``slots`` (a prompt-cache hit: a graph without the text encoders) the text encoders' outputs are
+        inputs too, never poisoned: the request's copied in from the cache, the probe's made by the text
+        encoders run eagerly."""
         s, nbytes = self.stream, req.batch * req.height * req.width * 3
+        keep = self.cached_rows.inputs if slots is not None else ()
+
+        def feed(r: Request) -> None:
+            self._inputs(r, sched)
+            if slots is not None and r is req:
+                self.cached_rows.load(s, self.dev, slots)
+            elif slots is not None:
+                self._encode_text(ctx, r.batch)
+
         for _ in range(WARMUP_RUNS):
             enqueue()
         s.synchronize()
@@ -255,7 +309,7 @@ class DevicePipeline:
             return False
         probe = probe_request(req)
         eager = {"request": self._pixels(nbytes)}
-        self._inputs(probe, sched)
+        feed(probe)
         enqueue()
         eager["probe"] = self._pixels(nbytes)
         try:
@@ -265,8 +319,8 @@ class DevicePipeline:
             self._graph_off(f"capturing the chain failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             return False
         for which, inputs in (("probe", probe), ("request", req)):
-            self._inputs(inputs, sched)
-            self._poison(int(eager[which][0]) ^ 0xFF)
+            feed(inputs)
+            self._poison(int(eager[which][0]) ^ 0xFF, keep)
             graph.launch()
             replayed = self._pixels(nbytes)
             if not np.array_equal(eager[which], replayed):
@@ -279,11 +333,11 @@ class DevicePipeline:
         self.graphs[key] = graph
         return True
 
-    def _poison(self, pixel_byte: int) -> None:
-        """Fill every buffer the chain computes (not its inputs) with 0xFF bytes, NaN in fp16 and fp32, and
-        the pixels with ``pixel_byte``: a replay that skips work, or reads what an eager run left behind,
-        cannot then come out equal to the eager pixels."""
-        inputs = set(self.host) - {"pixels"}
+    def _poison(self, pixel_byte: int, keep: tuple[str, ...] = ()) -> None:
+        """Fill every buffer the chain computes (not its inputs, nor ``keep``) with 0xFF bytes, NaN in fp16 and
+        fp32, and the pixels with ``pixel_byte``: a replay that skips work, or reads what an eager run left
+        behind, cannot then come out equal to the eager pixels. (The prompt cache's pools are not among them.)"""
+        inputs = (set(self.host) - {"pixels"}) | set(keep)
         for name, buf in self.dev.items():
             if name not in inputs:
                 self.stream.fill(buf.ptr, pixel_byte if name == "pixels" else 0xFF, buf.nbytes)
@@ -345,22 +399,21 @@ class DevicePipeline:
             }
         return self.contexts[key]
 
-    def _enqueue(self, e: dict, sched, B: int, H: int, W: int, img2img: bool, mark=None) -> None:
+    def _enqueue(self, e: dict, sched, B: int, H: int, W: int, img2img: bool, mark=None, encode: bool = True) -> None:
         """Everything one request does on the stream, in order, with this shape's contexts ``e``; captured once.
-        ``mark(stage)``, where given, is called as each stage's work has been enqueued (stage_times)."""
+        ``mark(stage)``, where given, is called as each stage's work has been enqueued (stage_times).
+        ``encode`` False: no text encoders (a prompt-cache hit: their outputs are in place already)."""
         s, d = self.stream, self.dev
         mark = mark or (lambda stage: None)
         k = self.kernels[self.dtype.name]
         f = self.bundle.vae_scale_factor
         n = B * self.bundle.latent_channels * (H // f) * (W // f)
-        e["text_encoder"].enqueue(s)
-        if "text_encoder_2" in e:
-            e["text_encoder_2"].enqueue(s)
-            self._concat_hidden(B)
+        if encode:
+            self._encode_text(e, B)
         mark("text_encoder")
         if img2img:
-            e["vae_encoder"].enqueue(s)
-            if self.binds["vae_encoder"]["latents"] != "encoded":
+            e[self.encoder].enqueue(s)
+            if self.binds[self.encoder]["latents"] != "encoded":
                 k.from_float32(d["encoded_vae"].ptr, d["encoded"].ptr, n, s.ptr)
             mark("vae_encoder")
             k.add_noise(d["encoded"].ptr, d["noise"].ptr, d["x"].ptr, float(sched.sigmas[0]), n, s.ptr)
@@ -381,13 +434,20 @@ class DevicePipeline:
             else:
                 k.euler_step(d["x"].ptr, d["eps"].ptr, float(sigma), float(sched.sigmas[i + 1]), n, s.ptr)
             mark("scheduler")
-        if self.binds["vae_decoder"]["latents"] != "x":
+        if self.binds[self.decoder]["latents"] != "x":
             k.to_float32(d["x"].ptr, d["x_vae"].ptr, n, s.ptr)
-        e["vae_decoder"].enqueue(s)
+        e[self.decoder].enqueue(s)
         mark("vae_decoder")
         image_dtype = self.buffer_specs["image_out"][1]
         self.kernels[np.dtype(image_dtype).name].to_uint8(d["image_out"].ptr, d["pixels"].ptr, B, H, W, s.ptr)
         mark("other")
+
+    def _encode_text(self, e: dict, B: int) -> None:
+        """The text encoders, into the UNet's ``hidden`` (SDXL: both, side by side, and ``pooled``)."""
+        e["text_encoder"].enqueue(self.stream)
+        if "text_encoder_2" in e:
+            e["text_encoder_2"].enqueue(self.stream)
+            self._concat_hidden(B)
 
     def _concat_hidden(self, B: int) -> None:
         """hidden[..., :D1] = hidden_1, hidden[..., D1:] = hidden_2: two row-strided device copies."""

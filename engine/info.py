@@ -24,6 +24,9 @@ def describe(path, verify: bool = False) -> str:
         f"({b.scheduler.timestep_spacing}, {b.scheduler.prediction_type})",
         f"limits     batch <= {b.limits.max_batch}, sides {b.limits.min_size}-{b.limits.max_size} px "
         f"(multiples of {b.vae_scale_factor})",
+        f"tiny vae   {b.tiny_vae.source} (scaling_factor {b.tiny_vae.scaling_factor:g}; generate --vae tiny)"
+        if b.tiny_vae
+        else f"tiny vae   none (add one: sdturbo export {b.model_id} --out {b.root} --tiny-vae SOURCE)",
         "onnx:",
     ]
     for precision, comps in b.components.items():
@@ -34,7 +37,7 @@ def describe(path, verify: bool = False) -> str:
             except BundleError as e:
                 state = f"BROKEN: {e}"
             ins = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in comp.spec.inputs)
-            lines.append(f"  {precision:5} {name:13} {comp.bytes / 1e6:9.1f} MB  {ins}  [{state}]")
+            lines.append(f"  {precision:5} {name:16} {comp.bytes / 1e6:9.1f} MB  {ins}  [{state}]")
     lines += describe_tokenizers(b, verify)
     lines += describe_engines(b)
     lines += describe_optimized(b)

@@ -31,6 +31,7 @@ from .bundle import Bundle
 from .device_pipeline import DevicePipeline
 from .engine_store import Profile
 from .errors import CaptureRefused
+from .prompt_cache import DEFAULT_SIZE, PromptCache
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,18 @@ class OrtCudaPipeline(DevicePipeline):
         shape: tuple[int, int, int] = (1, 512, 512),
         cuda_graph: bool = True,
         fused: bool = True,
+        vae: str = "full",
+        prompt_cache: int | PromptCache = DEFAULT_SIZE,
     ):
         """``shape``: the largest (batch, height, width) a request may have; every buffer is allocated
-        for it once. ``fused``: the bundle's ``--ort-optimize`` graphs for CUDA where valid."""
+        for it once. ``fused``: the bundle's ``--ort-optimize`` graphs for CUDA where valid. ``vae``: "full" or
+        "tiny"; ``prompt_cache``: prompts whose text-encoder outputs are kept on the GPU (0: off)."""
         from .errors import InputError
 
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r} is not allowed for onnxruntime-cuda; use one of {PRECISIONS}")
         self.precision = precision
-        self._prepare(bundle)
+        self._prepare(bundle, vae, prompt_cache)
         b = self.bundle
         batch, height, width = (int(v) for v in shape)
         lo = b.limits.min_size
@@ -106,7 +110,7 @@ class OrtCudaPipeline(DevicePipeline):
         run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         run_options.add_run_config_entry("gpu_graph_id", "-1")  # onnxruntime's own capture: never
         components, refused = {}, []
-        for name in b.component_names:
+        for name in self.component_names:
             log.info("loading %s (%s, %s)", name, self.name, precision)
             try:
                 session = backend.session(b, name)

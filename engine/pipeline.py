@@ -1,7 +1,10 @@
 """The chain: prompt -> text encoder -> UNet x steps with Euler updates -> VAE decoder -> uint8 pixels.
 
 This is the host-driven pipeline used by host backends (ONNX Runtime). Each stage's arrays are numpy;
-the schedule is computed before any stage runs.
+the schedule is computed before any stage runs. Two switches, each off the reference path only when asked:
+``vae="tiny"`` decodes (and encodes) with the tiny autoencoder instead of the full VAE (a different, blurrier
+image: diffusers' with ``vae=AutoencoderTiny``), and the prompt cache (on by default: the same image bit for
+bit) skips the text encoders for prompts seen recently (prompt_cache.py).
 """
 
 from __future__ import annotations
@@ -13,21 +16,48 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
+from .errors import InputError
 from .images import to_model_image, to_uint8
+from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
 from .request import Request, build_request
 from .schedule import make_schedule
 
 log = logging.getLogger(__name__)
 
 
+def check_vae_request(vae: str, req: Request) -> None:
+    """What only the full VAE takes: noise for its posterior (the tiny VAE's encoder draws none)."""
+    if vae == "tiny" and req.image_noise is not None:
+        raise InputError(
+            "image_noise samples the full VAE's posterior; the tiny VAE's encoder draws no noise: leave it out "
+            "with vae='tiny'"
+        )
+
+
 class Pipeline:
     """Generate images from a bundle with a host backend. Stages load on first use."""
 
-    def __init__(self, bundle: Bundle | str | Path, backend):
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        backend,
+        vae: str = "full",
+        prompt_cache: int | PromptCache = DEFAULT_SIZE,
+    ):
+        """``vae``: "full" (the model's own VAE) or "tiny" (the bundle's tiny autoencoder, `export --tiny-vae`).
+        ``prompt_cache``: how many prompts' text-encoder outputs to keep (0: off), or a cache to share."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.backend = backend
         b = self.bundle
+        self.vae = vae
+        self.decoder, self.encoder = b.vae_components(vae)
+        for name in (self.decoder, self.encoder):
+            b.component(backend.precision, name)  # present in this precision (a clear error now, not at first use)
         self.tokenizers = b.prompt_tokenizers()
+        self.text_encoders = [n for n in b.component_names if n.startswith("text_encoder")]
+        self.prompt_cache = as_prompt_cache(prompt_cache)
+        shas = tuple(b.components[backend.precision][n].sha256 for n in self.text_encoders)
+        self.encoder_id = (backend.name, backend.precision, *shas)  # whose outputs the cache holds
         self._stages: dict = {}
         latent_spec = b.component(backend.precision, "unet").spec.inputs[0]
         self.dtype = np.dtype(latent_spec.dtype)  # latents live in the UNet's float type between steps
@@ -40,9 +70,8 @@ class Pipeline:
 
     def load(self, img2img: bool = False) -> Pipeline:
         """Load every stage now instead of on first use."""
-        for name in self.bundle.component_names:
-            if name != "vae_encoder" or img2img:
-                self.stage(name)
+        for name in (*self.text_encoders, "unet", self.decoder, *([self.encoder] if img2img else [])):
+            self.stage(name)
         return self
 
     def __call__(self, prompts: str | Sequence[str], **kwargs) -> np.ndarray:
@@ -51,7 +80,9 @@ class Pipeline:
 
     def request(self, prompts: str | Sequence[str], **kwargs) -> Request:
         """A checked Request for this bundle; the keyword arguments are ``build_request``'s."""
-        return build_request(self.bundle, prompts, **kwargs)
+        req = build_request(self.bundle, prompts, **kwargs)
+        check_vae_request(self.vae, req)
+        return req
 
     def run(self, req: Request) -> np.ndarray:
         """Images as [B, H, W, 3] uint8: ``run_float``'s image, rounded."""
@@ -68,22 +99,41 @@ class Pipeline:
         if not img2img:
             x = sched.noise_latents(noise)  # [B, 4, h, w]
         else:
-            init = self.stage("vae_encoder")(image=to_model_image(req.image, dt), noise=enc_noise).astype(dt)
+            inputs = {"image": to_model_image(req.image, dt)}
+            if self.vae == "full":  # the tiny encoder is deterministic: its posterior draw goes unused
+                inputs["noise"] = enc_noise
+            init = self.stage(self.encoder)(**inputs).astype(dt)
             x = sched.add_noise(init, noise)
         unet = self.stage("unet")
         for i in range(sched.steps):
             t = np.full((req.batch,), sched.timesteps[i], np.float32)
             eps = unet(sample=sched.scale_input(i, x), timestep=t, hidden_states=hidden, **cond)
             x = sched.step(i, eps, x, step_noise[i] if sched.ancestral else None)
-        return self.stage("vae_decoder")(latents=x)
+        return self.stage(self.decoder)(latents=x)
 
     def encode_prompts(self, req: Request) -> tuple[np.ndarray, dict]:
         """Text conditioning: SD-Turbo's hidden states; SDXL's two encoders' hidden states side by side,
-        the second one's pooled projection, and its size conditioning (original, crop, target)."""
+        the second one's pooled projection, and its size conditioning (original, crop, target). From the
+        prompt cache when every prompt of the request is there."""
         prompts = list(req.prompts)
+        ids = [tok(prompts) for tok in self.tokenizers]  # [B, 77] int32 each
+        keys = self.prompt_cache.keys(self.encoder_id, ids)
+        cached = self.prompt_cache.lookup(keys)
+        if cached is not None:
+            outputs = tuple(np.stack(rows) for rows in zip(*(e.value for e in cached), strict=True))
+        else:
+            outputs = self.run_text_encoders(ids)
+            for i, key in enumerate(keys if self.prompt_cache.enabled else ()):
+                self.prompt_cache.store(key, tuple(o[i].copy() for o in outputs))  # copies: the cache's own
         if self.bundle.family == "sd-turbo":
-            return self.stage("text_encoder")(input_ids=self.tokenizers[0](prompts)), {}  # [B, 77, D]
-        h1 = self.stage("text_encoder")(input_ids=self.tokenizers[0](prompts))
-        h2, pooled = self.stage("text_encoder_2")(input_ids=self.tokenizers[1](prompts))
-        hidden = np.concatenate([h1, h2], axis=-1)  # [B, 77, D1 + D2]
+            return outputs[0], {}  # [B, 77, D]
+        hidden, pooled = outputs
         return hidden, {"text_embeds": pooled, "time_ids": req.time_ids().astype(self.dtype)}
+
+    def run_text_encoders(self, ids: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        """(hidden states,) for SD-Turbo; (both encoders' hidden states side by side, pooled) for SDXL."""
+        if self.bundle.family == "sd-turbo":
+            return (self.stage("text_encoder")(input_ids=ids[0]),)
+        h1 = self.stage("text_encoder")(input_ids=ids[0])
+        h2, pooled = self.stage("text_encoder_2")(input_ids=ids[1])
+        return np.concatenate([h1, h2], axis=-1), pooled  # [B, 77, D1 + D2], [B, P]

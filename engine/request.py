@@ -24,7 +24,7 @@ class Request:
     height: int
     width: int
     steps: int = 1
-    seed: int = 0
+    seed: int | tuple[int, ...] = 0  # image i uses seed + i; or one seed per image (a server's batch of requests)
     latents: np.ndarray | None = None  # [B, C, h, w] unit-variance noise (txt2img) / added noise (img2img)
     image: np.ndarray | None = None  # img2img: [B, H, W, 3] uint8
     strength: float = 0.5
@@ -70,8 +70,12 @@ class Request:
             if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
                 raise InputError(f"{side} {v!r} is not allowed; use a positive multiple of {f}")
         bundle.check_request(self.batch, self.height, self.width)
-        if not isinstance(self.seed, (int, np.integer)) or not 0 <= self.seed < 2**63:
-            raise InputError(f"seed {self.seed!r} is not allowed; use an integer from 0 to 2**63 - 1")
+        seeds = self.seed if isinstance(self.seed, tuple) else (self.seed,)
+        if isinstance(self.seed, tuple) and len(seeds) != self.batch:
+            raise InputError(f"{len(seeds)} seeds for {self.batch} prompts; give one seed, or one per prompt")
+        for s in seeds:
+            if not isinstance(s, (int, np.integer)) or not 0 <= s < 2**63:
+                raise InputError(f"seed {s!r} is not allowed; use an integer from 0 to 2**63 - 1")
         shape = self.latent_shape(bundle)
         for name in ("latents", "image_noise"):
             if getattr(self, name) is not None:
@@ -130,7 +134,7 @@ def build_request(
     steps: int = 1,
     height: int = 512,
     width: int = 512,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     latents: np.ndarray | None = None,
     image: np.ndarray | None = None,
     strength: float = 0.5,
@@ -142,27 +146,31 @@ def build_request(
     txt2img: ``latents`` is diffusers' ``latents`` argument (unit-variance noise before the initial
     sigma is applied). img2img (``image`` [B, H, W, 3] or [H, W, 3] uint8): ``latents`` is the noise
     added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
-    from ``seed`` (see ``draw_noise``). ``step_noise``: ancestral schedulers' per-step noise. Noise given must
-    be a float array, finite, with |x| <= ``MAX_NOISE``; ``image`` must be uint8.
+    from ``seed`` (see ``draw_noise``; a sequence of seeds gives each prompt its own). ``step_noise``:
+    ancestral schedulers' per-step noise. Noise given must be a float array, finite, with |x| <= ``MAX_NOISE``;
+    ``image`` must be uint8.
     """
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     if isinstance(image, np.ndarray) and image.ndim == 3:
         image = np.broadcast_to(image, (len(prompts), *image.shape))
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        seed = tuple(seed)
     req = Request(prompts, height, width, steps, seed, latents, image, strength, image_noise, step_noise)
     req.check(bundle)
     return req
 
 
-def draw_noise(seed: int, shape: tuple[int, ...], draws: int = 1) -> list[np.ndarray]:
+def draw_noise(seed: int | Sequence[int], shape: tuple[int, ...], draws: int = 1) -> list[np.ndarray]:
     """``draws`` float32 standard-normal arrays of ``shape`` [B, ...].
 
-    Image i of a batch uses numpy's PCG64 generator seeded with ``seed + i`` and draws its slices in
-    order, so image i equals a batch-1 request with seed ``seed + i``. (diffusers draws with torch's
-    generator instead; pass ``latents`` to reproduce one of its images exactly.)
+    Image i of a batch uses numpy's PCG64 generator seeded with ``seed + i`` (or ``seed[i]`` when given one
+    seed per image) and draws its slices in order, so image i equals a batch-1 request with that seed.
+    (diffusers draws with torch's generator instead; pass ``latents`` to reproduce one of its images exactly.)
     """
+    seeds = [seed + i for i in range(shape[0])] if isinstance(seed, (int, np.integer)) else list(seed)
     out = [np.empty(shape, np.float32) for _ in range(draws)]
     for i in range(shape[0]):
-        rng = np.random.Generator(np.random.PCG64(seed + i))
+        rng = np.random.Generator(np.random.PCG64(seeds[i]))
         for arr in out:
             arr[i] = rng.standard_normal(shape[1:], dtype=np.float32)
     return out

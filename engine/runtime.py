@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .bundle import Bundle
 from .errors import BackendError
+from .prompt_cache import DEFAULT_SIZE as DEFAULT_PROMPT_CACHE
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime")
@@ -57,11 +58,19 @@ def open_pipeline(
     shape: tuple[int, int, int] = (1, 512, 512),
     build: bool = True,
     cuda_graph: bool = True,
+    fused: bool = True,
+    vae: str = "full",
+    prompt_cache=DEFAULT_PROMPT_CACHE,
 ):
-    """A loaded pipeline for ``bundle``. With TensorRT and ``build``, engines missing for ``shape``
-    (batch, height, width) are built first (static profile), then loaded."""
+    """A loaded pipeline for ``bundle``. ``vae``: "full" (the default) or "tiny" (the bundle's tiny autoencoder);
+    ``prompt_cache``: prompts whose text-encoder outputs are kept (0: off), or a PromptCache to share.
+    With TensorRT and ``build``, engines missing for ``shape``
+    (batch, height, width) are built first (static profile), then loaded. On ONNX Runtime CUDA, ``shape``
+    is the largest request: the device-resident pipeline allocates its buffers for it once. ``fused``: ONNX
+    Runtime runs the bundle's `--ort-optimize` graphs where valid (False: the plain graphs)."""
     backend = choose_backend(backend)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+    modes = {"vae": vae, "prompt_cache": prompt_cache}
     if backend == "tensorrt":
         if precision not in (None, "fp16"):
             raise BackendError(f"TensorRT engines are built from the fp16 ONNX; precision {precision!r} is not allowed")
@@ -69,7 +78,7 @@ def open_pipeline(
         from .trt_pipeline import TrtPipeline
 
         try:
-            return TrtPipeline(bundle, shape=shape, cuda_graph=cuda_graph)
+            return TrtPipeline(bundle, shape=shape, cuda_graph=cuda_graph, **modes)
         except EngineMissing:
             if not build:
                 raise
@@ -79,9 +88,12 @@ def open_pipeline(
             b, h, w = shape
             log.info("building TensorRT engines for batch %d at %dx%d (once; cached in the bundle)", b, w, h)
             build_engines(bundle.root, profile=Profile((b, b, b), (h, h, h), (w, w, w)))
-            return TrtPipeline(Bundle(bundle.root), shape=shape, cuda_graph=cuda_graph)
+            return TrtPipeline(Bundle(bundle.root), shape=shape, cuda_graph=cuda_graph, **modes)
+    if backend == "onnxruntime-cuda":
+        from .ort_pipeline import OrtCudaPipeline
+
+        return OrtCudaPipeline(bundle, precision or "fp16", shape=shape, cuda_graph=cuda_graph, fused=fused, **modes)
     from .backends.onnxruntime import OnnxRuntimeBackend
     from .pipeline import Pipeline
 
-    providers = ("CUDAExecutionProvider",) if backend == "onnxruntime-cuda" else ("CPUExecutionProvider",)
-    return Pipeline(bundle, OnnxRuntimeBackend(precision or default_precision(backend), providers))
+    return Pipeline(bundle, OnnxRuntimeBackend(precision or default_precision(backend), fused=fused), **modes)

@@ -112,3 +112,21 @@ def component_specs_xl(seq_len: int, hidden: int, hidden_2: int, pooled: int, la
         ),
     ]
     return {s.name: s for s in specs}
+
+
+def tiny_vae_specs(latent_channels: int) -> dict[str, ComponentSpec]:
+    """The tiny autoencoder's two components (TAESD: diffusers' AutoencoderTiny), beside the full VAE, in the
+    precision's float type for both families (diffusers runs AutoencoderTiny in the pipeline dtype: its
+    ``force_upcast`` is False, SDXL's included).
+
+    The decoder takes denoised latents and applies 1/scaling_factor inside (1.0 for TAESD), as diffusers'
+    pipelines do; it returns an image in about [-1, 1] (TAESD's [0, 1] output times 2 minus 1, unclamped). The
+    encoder takes an image in [-1, 1] and returns its latents times scaling_factor: deterministic, with no
+    posterior to sample (diffusers reads ``.latents`` and draws no noise for it)."""
+    latent = TensorSpec("latents", FLOAT, ("batch", latent_channels, "latent_height", "latent_width"))
+    image = TensorSpec("image", FLOAT, ("batch", 3, "height", "width"))
+    specs = [
+        ComponentSpec("tiny_vae_decoder", (latent,), (image,)),
+        ComponentSpec("tiny_vae_encoder", (image,), (latent,)),
+    ]
+    return {s.name: s for s in specs}

@@ -16,6 +16,7 @@ from .device_pipeline import DevicePipeline, bindings, spec_of
 from .engine_store import Profile, find_engine
 from .errors import BackendError, BundleError, EngineMissing
 from .integrity import read_checked, write_checked
+from .prompt_cache import DEFAULT_SIZE, PromptCache
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -127,9 +128,13 @@ class TrtPipeline(DevicePipeline):
         profile: Profile | None = None,
         cuda_graph: bool = True,
         shape: tuple[int, int, int] | None = None,
+        vae: str = "full",
+        prompt_cache: int | PromptCache = DEFAULT_SIZE,
     ):
-        """``profile``: the engines to load; else the narrowest built one that covers ``shape`` (batch, H, W)."""
-        self._prepare(bundle)
+        """``profile``: the engines to load; else the narrowest built one that covers ``shape`` (batch, H, W).
+        ``vae``: "full" or "tiny" (the bundle's tiny VAE, whose engines are built like the others');
+        ``prompt_cache``: prompts whose text-encoder outputs are kept on the GPU (0: off)."""
+        self._prepare(bundle, vae, prompt_cache)
         b = self.bundle
         cc = self.cuda.current_compute_capability()
         self.flavour, self.version, open_engine = self._engine_loader(flavour)
@@ -139,11 +144,11 @@ class TrtPipeline(DevicePipeline):
         self.device = f"sm{cc}"
         self.profile = profile or self._choose_profile(shape)
         engines = {}
-        for name in b.component_names:
+        for name in self.component_names:
             try:
                 plan = find_engine(b, name, self.flavour, self.version, self.device, self.profile)
             except BundleError:
-                if name == "vae_encoder":  # optional: only img2img needs it
+                if name == self.encoder:  # optional: only img2img needs it
                     continue
                 raise
             engines[name] = open_engine(plan)

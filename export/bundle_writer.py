@@ -22,10 +22,10 @@ from ..engine.bundle import MANIFEST, SCHEMA_VERSION, Bundle
 from ..engine.errors import BundleError, InputError
 from ..engine.files import atomic_write, locked, make_shareable, remove_leftovers, replace_dir
 from ..engine.integrity import file_sha256, stamp
-from ..engine.spec import DTYPES, component_specs, component_specs_xl
+from ..engine.spec import component_specs, component_specs_xl
 from .models import LoadedModel, load_model
-from .onnx_export import export_component
-from .rss import PeakRss
+from .onnx_export import export_record
+from .tiny_vae import AUTO, default_source, load_tiny_vae, same_source, write_tiny_onnx
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")  # export order matters: fp16 converts the loaded modules in place
@@ -51,12 +51,16 @@ def export_bundle(
     min_size: int = 64,
     max_size: int = 1024,
     force: bool = False,
+    tiny_vae: str | None = None,
 ) -> Path:
     """Export ``model`` into the bundle folder ``out`` (created, or completed with missing precisions).
 
     ``force`` replaces the bundle at ``out`` (never a folder that is not a bundle). One process writes a
     bundle at a time: others wait for it, then use or complete what it wrote. Readers see the old bundle
-    or the new one at every moment."""
+    or the new one at every moment. ``tiny_vae``: a tiny autoencoder's source (export/tiny_vae.py), exported
+    beside the full VAE into every precision of the bundle (added to an existing bundle without exporting the
+    model again; ``"auto"``: the model's own TAESD); a bundle that has one exports it into precisions added
+    later too."""
     out = Path(out)
     precisions = _check_args(precisions, max_batch, min_size, max_size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,40 +68,97 @@ def export_bundle(
         remove_leftovers(out.parent, f".{out.name}.tmp-*")
         remove_leftovers(out.parent, f".{out.name}.old-*")
         existing = _existing(out, force)
-        todo = [p for p in precisions if existing is None or p not in existing.precisions]
-        if not todo:
+        todo = [p for p in PRECISIONS if p in precisions and (existing is None or p not in existing.precisions)]
+        if tiny_vae == AUTO:  # the model's own TAESD, unless the bundle has a tiny VAE already
+            has = existing is not None and existing.tiny_vae is not None
+            tiny_vae = None if has else default_source(model, existing.family if existing else None)
+        tiny_source, tiny_todo = _tiny_plan(existing, tiny_vae, todo, out)
+        if not todo and not tiny_todo:
             log.info("bundle %s already has %s", out, ", ".join(precisions))
             return out
-        lm = load_model(model, half="fp32" not in todo)
-        if existing is not None:
+        lm = load_model(model, half="fp32" not in todo) if todo else None
+        if existing is not None and lm is not None:
             _check_same_model(existing, lm, out)
+        elif existing is not None:
+            _check_same_id(existing, model, out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         make_shareable(tmp)
         try:
-            components = _write_onnx(lm, tmp, [p for p in PRECISIONS if p in todo])
+            components = _write_onnx(lm, tmp, todo) if todo else {}
+            tiny = None
+            if tiny_todo:
+                tiny = load_tiny_vae(tiny_source)
+                if lm is not None:
+                    vae = lm.vae.config
+                    channels, scale = vae.latent_channels, 2 ** (len(vae.block_out_channels) - 1)
+                else:
+                    channels, scale = existing.latent_channels, existing.vae_scale_factor
+                for p, comps in write_tiny_onnx(tiny, tmp, tiny_todo, channels, scale).items():
+                    components.setdefault(p, {}).update(comps)
             if existing is None:
                 manifest = _manifest(lm, tmp, max_batch, min_size, max_size)
                 manifest["components"] = components
+                if tiny is not None:
+                    manifest["tiny_vae"] = tiny.manifest_entry()
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
                 if force:
                     replace_dir(tmp, out)  # out is absent, an empty folder or a bundle
                 else:
                     _publish(tmp, out)
             else:
-                for p in todo:
-                    dest = out / "onnx" / p
-                    if dest.exists():  # left by an interrupted run: not in the manifest, so not in use
-                        shutil.rmtree(dest)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(tmp / "onnx" / p, dest)
-                manifest = dict(existing.manifest)
-                manifest["components"] = {**manifest["components"], **components}
-                atomic_write(out / MANIFEST, json.dumps(manifest, indent=2))
+                _complete(existing, out, tmp, todo, components, tiny)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        _stamp_written(Bundle(out), todo)
+        _stamp_written(Bundle(out), components, tokenizers=existing is None)
     log.info("bundle ready: %s", out)
     return out
+
+
+def _complete(existing: Bundle, out: Path, tmp: Path, todo: list[str], components: dict, tiny) -> None:
+    """Move what was written under ``tmp`` into the existing bundle, then commit it in its manifest: new
+    precisions as whole folders, a tiny VAE added to an existing precision file by file (new names, not in the
+    manifest until it is rewritten, so not in use)."""
+    for p in todo:
+        dest = out / "onnx" / p
+        if dest.exists():  # left by an interrupted run: not in the manifest, so not in use
+            shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / "onnx" / p, dest)
+    for p, comps in components.items():
+        if p not in todo:
+            for entry in comps.values():
+                for rel in filter(None, (entry["onnx"], entry["data"])):
+                    os.replace(tmp / rel, out / rel)
+    manifest = dict(existing.manifest)
+    old = manifest["components"]
+    manifest["components"] = {p: {**old.get(p, {}), **components.get(p, {})} for p in (*old, *components)}
+    if tiny is not None:
+        manifest["tiny_vae"] = tiny.manifest_entry()
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2))
+
+
+def _tiny_plan(existing: Bundle | None, source: str | None, todo: list[str], out: Path) -> tuple[str | None, list]:
+    """(source, precisions) of the tiny VAE to export now: every precision the bundle will have for a new one,
+    the new precisions for the one a bundle already has. One tiny VAE per bundle: another source is refused."""
+    have = existing.tiny_vae if existing is not None else None
+    if have is not None:
+        if source is not None and not same_source(source, have.source):
+            raise BundleError(
+                f"bundle {out} already has a tiny VAE from {have.source}; to use {source} instead, export the "
+                f"bundle again with --force, or into another --out"
+            )
+        return have.source, todo
+    if source is None:
+        return None, []
+    return source, [p for p in PRECISIONS if p in todo or (existing is not None and p in existing.precisions)]
+
+
+def _check_same_id(existing: Bundle, model: str, out: Path) -> None:
+    """Adding only a tiny VAE loads no model: the model named must be the one the bundle was exported from."""
+    if not same_source(model, existing.model_id):
+        raise BundleError(
+            f"bundle {out} was exported from {existing.model_id}, not {model}; give that model, or another --out"
+        )
 
 
 def _publish(tmp: Path, out: Path) -> None:
@@ -128,13 +189,15 @@ def _check_same_model(existing: Bundle, lm: LoadedModel, out: Path) -> None:
         )
 
 
-def _stamp_written(bundle: Bundle, precisions: list[str]) -> None:
-    """The files just written hashed to their recorded sha256 as they were written: say so, so that the first
-    load does not hash them again (integrity.py)."""
-    for precision in precisions:
-        for comp in bundle.components[precision].values():
+def _stamp_written(bundle: Bundle, written: dict, tokenizers: bool) -> None:
+    """The files just written (``written``: precision -> components; the tokenizers of a new bundle) hashed to
+    their recorded sha256 as they were written: say so, so that the first load does not hash them again
+    (integrity.py). Files written earlier are left to be checked."""
+    for precision, names in written.items():
+        for name in names:
+            comp = bundle.components[precision][name]
             stamp([comp.onnx] + ([comp.data] if comp.data else []), comp.sha256)
-    for path, sha in bundle.tokenizer_sha256.items():
+    for path, sha in bundle.tokenizer_sha256.items() if tokenizers else ():
         if sha is not None:
             stamp([path], sha)
 
@@ -195,25 +258,7 @@ def _write_onnx(lm: LoadedModel, root: Path, precisions: list[str]) -> dict:
             done += 1
             log.info("[%d/%d] exporting %s (%s)", done, total, name, precision)
             spec = specs[name].resolve(precision)
-            path = folder / f"{name}.onnx"
-            start, rss = time.perf_counter(), PeakRss()
-            data = export_component(lm, spec, path)
-            seconds, peak = time.perf_counter() - start, rss.peak_mb()
-            files = [path] + ([data] if data else [])
-            for f in files:
-                make_shareable(f)
-            components.setdefault(precision, {})[name] = {
-                "onnx": f"onnx/{precision}/{path.name}",
-                "data": f"onnx/{precision}/{data.name}" if data else None,
-                "sha256": file_sha256(*files),
-                "bytes": sum(f.stat().st_size for f in files),
-                "inputs": [t.to_json() for t in spec.inputs],
-                "outputs": [t.to_json() for t in spec.outputs],
-                "dtype": DTYPES[precision],
-                "export_seconds": round(seconds, 2),
-                "export_peak_rss_mb": peak,
-            }
-            log.info("    %s (%s): %.1f s, peak RSS %s MB", name, precision, seconds, peak)
+            components.setdefault(precision, {})[name] = export_record(lm, spec, folder, precision)
     return components
 
 

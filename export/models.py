@@ -100,7 +100,7 @@ def resolve_model_folder(model: str) -> Path:
         name = model.removeprefix("random:")
         if name not in ALL_RANDOM:
             raise InputError(f"unknown random model {model!r}; allowed: {', '.join('random:' + n for n in ALL_RANDOM)}")
-        return _random_folder(name)
+        return random_folder(name)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -191,21 +191,23 @@ def check_safetensors(path: Path) -> None:
         )
 
 
-def _random_folder(name: str) -> Path:
+def random_folder(name: str, build=build_random, marker: str = "model_index.json") -> Path:
+    """random:<name> built once by ``build(name)`` (anything with ``save_pretrained``), complete once it has
+    ``marker``: a pipeline's model_index.json, or a single model's config.json (export/tiny_vae.py)."""
     folder = random_model_folder(name)
-    if (folder / "model_index.json").is_file():
+    if (folder / marker).is_file():
         return folder
     cache_folder(folder.parent)
     with locked(folder, "is building"):  # concurrent first runs: one builds, the others wait and use it
-        if (folder / "model_index.json").is_file():
+        if (folder / marker).is_file():
             return folder
         remove_leftovers(folder.parent, f".random-{name}-*")
         log.info("building random:%s once into %s", name, folder)
         tmp = Path(tempfile.mkdtemp(prefix=f".random-{name}-", dir=folder.parent))
         make_shareable(tmp)
         try:
-            build_random(name).save_pretrained(tmp, safe_serialization=True)
-            replace_dir(tmp, folder)  # a folder there without model_index.json is a broken earlier build
+            build(name).save_pretrained(tmp, safe_serialization=True)
+            replace_dir(tmp, folder)  # a folder there without the marker is a broken earlier build
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

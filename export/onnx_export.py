@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import onnx_graphsurgeon as gs
 import torch
 
 from ..engine.bundle import EXTERNAL_DATA_BYTES
-from ..engine.spec import ComponentSpec
+from ..engine.files import make_shareable
+from ..engine.integrity import file_sha256
+from ..engine.spec import DTYPES, ComponentSpec
+from .rss import PeakRss
 from .wrappers import build_wrapper
 
 log = logging.getLogger(__name__)
@@ -52,14 +56,15 @@ def sample_inputs(spec: ComponentSpec, dims: dict[str, int], vocab_size: int, se
     return out
 
 
-def export_component(model, spec: ComponentSpec, path: Path) -> Path | None:
+def export_component(model, spec: ComponentSpec, path: Path, dims=None, wrapper=None) -> Path | None:
     """Write ``spec`` (resolved to one precision) of ``model`` to ``path``; returns the data file, if any.
 
-    The model's modules must already be in the spec's float dtype.
+    The model's modules must already be in the spec's float dtype. ``wrapper`` and ``dims``: a module and
+    trace sizes given by the caller (the tiny VAE, exported without the model: export/tiny_vae.py).
     """
-    dims = trace_dims(model)
-    wrapper = build_wrapper(spec.name, model).eval()
-    args = sample_inputs(spec, dims, model.text_encoder.config.vocab_size)
+    dims = dims or trace_dims(model)
+    wrapper = (wrapper or build_wrapper(spec.name, model)).eval()
+    args = sample_inputs(spec, dims, model.text_encoder.config.vocab_size if model is not None else 1)
     dynamic_axes = {
         t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*spec.inputs, *spec.outputs)
     }
@@ -88,6 +93,29 @@ def export_component(model, spec: ComponentSpec, path: Path) -> Path | None:
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
     log.info("exported %s -> %s (%.1f MB of weights)", spec.name, path, weight_bytes / 1e6)
     return data
+
+
+def export_record(model, spec: ComponentSpec, folder: Path, precision: str, dims=None, wrapper=None) -> dict:
+    """Export ``spec`` (resolved to ``precision``) into ``folder``; its manifest entry: files, sha256, contract."""
+    path = folder / f"{spec.name}.onnx"
+    start, rss = time.perf_counter(), PeakRss()
+    data = export_component(model, spec, path, dims, wrapper)
+    seconds, peak = time.perf_counter() - start, rss.peak_mb()
+    files = [path] + ([data] if data else [])
+    for f in files:
+        make_shareable(f)
+    log.info("    %s (%s): %.1f s, peak RSS %s MB", spec.name, precision, seconds, peak)
+    return {
+        "onnx": f"onnx/{precision}/{path.name}",
+        "data": f"onnx/{precision}/{data.name}" if data else None,
+        "sha256": file_sha256(*files),
+        "bytes": sum(f.stat().st_size for f in files),
+        "inputs": [t.to_json() for t in spec.inputs],
+        "outputs": [t.to_json() for t in spec.outputs],
+        "dtype": DTYPES[precision],
+        "export_seconds": round(seconds, 2),
+        "export_peak_rss_mb": peak,
+    }
 
 
 def _clean_small(model: onnx.ModelProto, spec: ComponentSpec, path: Path) -> tuple[Path | None, int]:

@@ -46,6 +46,8 @@ MODEL_TYPES = {
     "unet": "unet",
     "vae_decoder": "vae",
     "vae_encoder": "vae",
+    "tiny_vae_decoder": "vae",  # convolutions and ReLUs: little to fuse, but the same fp16 conversion
+    "tiny_vae_encoder": "vae",
 }
 CUDA_ONLY_FUSIONS = (  # FusionOptions switches whose fused ops have no CPU kernel (onnxruntime 1.32)
     "enable_nhwc_conv",

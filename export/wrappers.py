@@ -67,6 +67,30 @@ class VaeEncoder(torch.nn.Module):
         return (dist.mean + dist.std * noise) * self.scale
 
 
+class TinyVaeDecoder(torch.nn.Module):
+    """AutoencoderTiny's decoder as diffusers' pipelines call it: latents / scaling_factor in, its output out."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, latents):  # [B, 4, h, w] -> [B, 3, 8h, 8w] in about [-1, 1]
+        return self.vae.decode(latents / self.scale, return_dict=False)[0]
+
+
+class TinyVaeEncoder(torch.nn.Module):
+    """AutoencoderTiny's encoder as diffusers' img2img pipelines use it: ``.latents`` times scaling_factor."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scale = float(vae.config.scaling_factor)
+
+    def forward(self, image):  # [B, 3, H, W] in [-1, 1] -> [B, 4, H/8, W/8] scaled latents
+        return self.vae.encode(image, return_dict=False)[0] * self.scale
+
+
 def build_wrapper(name: str, model) -> torch.nn.Module:
     """The wrapper for component ``name`` of a LoadedModel."""
     if model.family == "sdxl-turbo":

@@ -65,3 +65,36 @@ def xl_model(xl_folder):
     from sdturbo.export.models import load_model
 
     return load_model("random:sdxl-tiny")
+
+
+TINY_VAE = "random:taesd-tiny"  # AutoencoderTiny's architecture, small: 16 channels, one block per stage
+
+
+@pytest.fixture(scope="session")
+def taesd_folder(cache_dir):
+    from sdturbo.export.tiny_vae import resolve_tiny_vae_folder
+
+    return resolve_tiny_vae_folder(TINY_VAE)
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_bundle(tiny_folder, taesd_folder, tmp_path_factory):
+    """random:tiny exported with the tiny VAE in one go (a new bundle's path)."""
+    from sdturbo.export.bundle_writer import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-taesd"
+    return export_bundle(
+        "random:tiny", out, ("fp32", "fp16"), max_batch=4, min_size=32, max_size=256, tiny_vae=TINY_VAE
+    )
+
+
+@pytest.fixture(scope="session")
+def xl_tiny_vae_bundle(xl_bundle, taesd_folder, tmp_path_factory):
+    """A copy of the SDXL tiny bundle with the tiny VAE added to it (an existing bundle's path: no model export)."""
+    import shutil
+
+    from sdturbo.export.bundle_writer import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "sdxl-tiny-taesd"
+    shutil.copytree(xl_bundle, out)
+    return export_bundle("random:sdxl-tiny", out, ("fp32", "fp16"), tiny_vae=TINY_VAE)

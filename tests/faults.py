@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from sdturbo.engine.prompt_cache import PromptCache
 from sdturbo.engine.schedule import Schedule
 
 ERROR = 1e-3
@@ -48,6 +49,7 @@ def stage_input(component: str, name: str) -> Callable:
 
 def _on_stage(component: str, wrap) -> Callable:
     def apply(pipe, monkeypatch) -> None:
+        monkeypatch.setattr(pipe, "prompt_cache", PromptCache(0))  # a cached prompt would skip the faulty stage
         original = pipe.stage
         monkeypatch.setattr(pipe, "stage", lambda name: wrap(original(name)) if name == component else original(name))
 

@@ -43,10 +43,11 @@ class Case:
     def steps_run(self) -> int:
         return self.steps if self.strength is None else int(self.steps * self.strength)
 
-    def noise(self, ancestral: bool) -> list[np.ndarray]:
-        """The unit-normal tensors diffusers draws, in its order: img2img's posterior sample and added noise
-        (txt2img: the initial latents), then one per step run for an ancestral scheduler."""
-        count = (1 if self.strength is None else 2) + self.steps_run * ancestral
+    def noise(self, ancestral: bool, posterior: bool = True) -> list[np.ndarray]:
+        """The unit-normal tensors diffusers draws, in its order: img2img's posterior sample (not with the tiny
+        VAE, ``posterior`` False: its encoder has no distribution) and added noise (txt2img: the initial
+        latents), then one per step run for an ancestral scheduler."""
+        count = (1 if self.strength is None else 1 + posterior) + self.steps_run * ancestral
         rng = np.random.default_rng(self.steps)
         return [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(count)]
 
@@ -58,14 +59,17 @@ class Case:
             kw.update(image=[Image.fromarray(i) for i in input_images()], strength=self.strength)
         return kw
 
-    def our_kwargs(self, noise: list[np.ndarray]) -> dict:
+    def our_kwargs(self, noise: list[np.ndarray], posterior: bool = True) -> dict:
         """``build_request``'s arguments that put each of diffusers' draws where diffusers uses it."""
         kw = dict(steps=self.steps, height=H, width=W)
         if self.strength is None:
             kw["latents"], step_noise = noise[0], noise[1:]
-        else:
+        elif posterior:
             kw.update(image=input_images(), strength=self.strength, image_noise=noise[0], latents=noise[1])
             step_noise = noise[2:]
+        else:
+            kw.update(image=input_images(), strength=self.strength, latents=noise[0])
+            step_noise = noise[1:]
         if step_noise:
             kw["step_noise"] = np.stack(step_noise)
         return kw
@@ -85,10 +89,12 @@ CASES = (TXT2IMG_1, TXT2IMG_4, IMG2IMG)
 
 
 class References:
-    """diffusers' images for a model folder, each computed once: ``image(case, dtype)``."""
+    """diffusers' images for a model folder, each computed once: ``image(case, dtype)``. With ``tiny_vae`` (an
+    AutoencoderTiny folder), diffusers' pipelines given ``vae=AutoencoderTiny`` of it, in the same dtype."""
 
-    def __init__(self, folder, ancestral: bool):
-        self.folder, self.ancestral = folder, ancestral
+    def __init__(self, folder, ancestral: bool, tiny_vae=None):
+        self.folder, self.ancestral, self.tiny_vae = folder, ancestral, tiny_vae
+        self.posterior = tiny_vae is None  # the full VAE's encoder samples a posterior; the tiny one's does not
         self._pipes: dict = {}
         self._images: dict = {}
 
@@ -99,9 +105,10 @@ class References:
 
             cls = AutoPipelineForText2Image if case.strength is None else AutoPipelineForImage2Image
             if (cls, dtype) not in self._pipes:
-                self._pipes[(cls, dtype)] = load(cls, self.folder, dtype)
+                self._pipes[(cls, dtype)] = load(cls, self.folder, dtype, tiny_vae=self.tiny_vae)
             pipe = self._pipes[(cls, dtype)]
-            self._images[key] = diffusers_image(pipe, PROMPTS, case.noise(self.ancestral), **case.diffusers_kwargs())
+            noise = case.noise(self.ancestral, self.posterior)
+            self._images[key] = diffusers_image(pipe, PROMPTS, noise, **case.diffusers_kwargs())
         return self._images[key]
 
 
@@ -133,10 +140,16 @@ def given_noise(tensors: Sequence[np.ndarray]) -> Iterator[None]:
     assert not queue, f"diffusers drew {len(tensors) - len(queue)} of the {len(tensors)} noise tensors given"
 
 
-def load(pipeline_class, folder, dtype: torch.dtype, device: str = "cpu"):
-    """A diffusers pipeline in ``dtype``. In float64 its VAE stays in float64 for img2img's encoding too
-    (``force_upcast`` is there for float16's overflow, and would make the float64 reference's encoder fp32)."""
-    pipe = pipeline_class.from_pretrained(folder, torch_dtype=dtype, add_watermarker=False).to(device)
+def load(pipeline_class, folder, dtype: torch.dtype, device: str = "cpu", tiny_vae=None):
+    """A diffusers pipeline in ``dtype`` (with ``vae=AutoencoderTiny`` from the folder ``tiny_vae``, if given). In
+    float64 its VAE stays in float64 for img2img's encoding too (``force_upcast`` is there for float16's
+    overflow, and would make the float64 reference's encoder fp32)."""
+    kw = {}
+    if tiny_vae is not None:
+        from diffusers import AutoencoderTiny
+
+        kw["vae"] = AutoencoderTiny.from_pretrained(tiny_vae, torch_dtype=dtype)
+    pipe = pipeline_class.from_pretrained(folder, torch_dtype=dtype, add_watermarker=False, **kw).to(device)
     if dtype == torch.float64:
         pipe.vae.register_to_config(force_upcast=False)
     pipe.set_progress_bar_config(disable=True)
@@ -205,14 +218,15 @@ def parity(ours: np.ndarray, reference: np.ndarray, exact: np.ndarray, factor: f
 FACTOR = 2.0  # flash-attention's: no more than twice the reference's own error at the same precision
 
 
-def our_request(pipe, case: Case, ancestral: bool):
-    return pipe.request(PROMPTS, **case.our_kwargs(case.noise(ancestral=ancestral)))
+def our_request(pipe, case: Case, reference: References):
+    noise = case.noise(reference.ancestral, reference.posterior)
+    return pipe.request(PROMPTS, **case.our_kwargs(noise, reference.posterior))
 
 
 def check_precision(pipe, reference: References, case: Case, dtype: torch.dtype, label: str, record_property):
     """Our float image within FACTOR x diffusers' own error at ``dtype``; for fp32 also the uint8 pixels held to
     the float error (PSNR against diffusers reported, not asserted)."""
-    req = our_request(pipe, case, reference.ancestral)
+    req = our_request(pipe, case, reference)
     exact, ref = reference.image(case, torch.float64), reference.image(case, dtype)
     result = parity(pipe.run_float(req), ref, exact, FACTOR)
     record_property("error_ratio", result.ours / result.reference)
@@ -233,7 +247,7 @@ def check_fault_fails(pipe, reference: References, faults: dict, where: str, lab
     """A 0.1% error injected at ``where`` alone fails the fp32 parity check."""
     inject, kind = faults[where]
     case = TXT2IMG_4 if kind == "txt2img" else IMG2IMG
-    req = our_request(pipe, case, reference.ancestral)
+    req = our_request(pipe, case, reference)
     exact, ref = reference.image(case, torch.float64), reference.image(case, torch.float32)
     inject(pipe, monkeypatch)
     result = parity(pipe.run_float(req), ref, exact, FACTOR)

@@ -87,23 +87,25 @@ def test_interleaved_requests_leave_no_stale_state(pipes):
     ]
     graph = pipes["graph"]
     captured = []
-    for _ in range(2):
+    for _ in range(3):  # round 1 fills the prompt cache; round 2 captures its hits' graphs too
         for prompts, seed, h, w, steps in calls:
             got = graph(prompts, height=h, width=w, seed=seed, steps=steps)
             np.testing.assert_array_equal(got, pipes["host"](prompts, height=h, width=w, seed=seed, steps=steps))
         captured.append(set(graph.graphs))
-    assert captured[0] == captured[1]  # the second round only replays
+    assert captured[1] == captured[2]  # the third round only replays
 
 
 def test_the_graph_replays_engines_instead_of_rerunning_python(pipes):
     graph = pipes["graph"]
-    graph(PROMPTS, height=64, width=64, seed=1)
+    for _ in range(2):  # the second, a prompt-cache hit, captures the graph without the text encoders
+        graph(PROMPTS, height=64, width=64, seed=1)
     contexts = {n: c.context for n, c in graph.contexts[(2, 64, 64)].items()}
     before = {n: c.enqueued for n, c in contexts.items()}
     calls = graph.graphs.copy()
     graph(PROMPTS, height=64, width=64, seed=2)
     assert graph.graphs == calls  # no new capture
-    assert all(c.enqueued == before[n] + 1 for n, c in contexts.items() if n != "vae_encoder")
+    cached = {n for n in contexts if n.startswith("text_encoder")}  # a hit: the text encoders do not run
+    assert all(c.enqueued == before[n] + (n not in cached) for n, c in contexts.items() if n != "vae_encoder")
 
 
 def test_tensorrt_rtx_runtime_caches_are_saved_next_to_the_plans(pipes):

@@ -11,7 +11,7 @@ from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.bundle import MANIFEST, Bundle
 from sdturbo.engine.errors import BundleError, InputError
 from sdturbo.engine.pipeline import Pipeline
-from sdturbo.export import bundle_writer
+from sdturbo.export import bundle_writer, onnx_export
 from sdturbo.export.bundle_writer import export_bundle
 
 
@@ -31,7 +31,7 @@ class Boom(RuntimeError):
 
 
 def interrupt_after(monkeypatch, n: int):
-    real, calls = bundle_writer.export_component, []
+    real, calls = onnx_export.export_component, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -39,7 +39,7 @@ def interrupt_after(monkeypatch, n: int):
             raise Boom("interrupted")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bundle_writer, "export_component", flaky)
+    monkeypatch.setattr(onnx_export, "export_component", flaky)
 
 
 def test_interrupted_export_leaves_nothing(tmp_path, tiny_folder, monkeypatch):

@@ -1,0 +1,210 @@
+"""`sdturbo serve`: a Batcher (serve.py) behind NVIDIA Triton Inference Server, through nvidia-pytriton.
+
+Triton owns HTTP and gRPC (KServe v2), health, metrics and the checks of each input's type and shape. Its own
+dynamic batcher is off: it fails a whole batch when one request in it is bad, and it batches by shape, not by
+the values of width, height, steps and strength. So Triton hands each request to its own model instance, and the
+Batcher groups the requests of all instances. Twice the largest batch in instances lets one batch fill while
+another runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sysconfig
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BackendError, InputError, SdTurboError
+from .serve import DTYPES, INPUTS, OUTPUT, Batcher, default_size, parse, warm_up
+
+log = logging.getLogger(__name__)
+MODEL = "sdturbo"
+START_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_batch: int = 4
+    max_queue_delay_ms: float = 0.0
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    drain_timeout_s: int = 60  # SIGTERM: how long in-flight requests may take to finish
+
+    def __post_init__(self):
+        for name in ("http_port", "grpc_port", "metrics_port"):
+            v = getattr(self, name)
+            if not 1 <= v <= 65535:
+                raise InputError(f"--{name.replace('_', '-')} {v} is not allowed; use a port from 1 to 65535")
+        ports = [self.http_port, self.grpc_port, self.metrics_port]
+        if len(set(ports)) != 3:
+            raise InputError(f"--http-port, --grpc-port and --metrics-port must differ; got {ports}")
+
+
+def use_own_libpython() -> None:
+    """Make Triton's Python backend stub load this interpreter's libpython, not the system's: a pyenv or venv
+    Python otherwise gets the system's libpython under its own standard library, and the model fails to load
+    (``'_thread.RLock' object has no attribute '_recursion_count'``). The server inherits our environment."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    library = sysconfig.get_config_var("LDLIBRARY")
+    if not libdir or not library or not (Path(libdir) / library).is_file():
+        log.warning("no shared libpython beside this Python (%s/%s); Triton's stub uses the system's", libdir, library)
+        return
+    paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    if paths[:1] != [libdir]:
+        os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *[p for p in paths if p != libdir]])
+
+
+def import_pytriton():
+    try:
+        import pytriton.model_config as model_config
+        import pytriton.triton as triton
+    except ImportError as e:
+        raise BackendError(
+            f"sdturbo serve needs nvidia-pytriton ({e.name} is missing): pip install 'sdturbo[serve]'"
+        ) from e
+    return triton, model_config
+
+
+def tensors(model_config):
+    """The model's inputs and output as pytriton Tensors, from serve.INPUTS / OUTPUT."""
+    dtype = {name: (bytes if name == "BYTES" else t) for name, t in DTYPES.items()}
+    inputs = [
+        model_config.Tensor(name=f.name, dtype=dtype[f.datatype], shape=f.shape, optional=f.optional) for f in INPUTS
+    ]
+    return inputs, [model_config.Tensor(name=OUTPUT.name, dtype=dtype[OUTPUT.datatype], shape=OUTPUT.shape)]
+
+
+def infer_function(batcher: Batcher):
+    """pytriton's callable: Triton's batcher is off, so ``requests`` holds one request. A bad one raises its
+    own error (Triton answers that request with it); a good one waits for its batch."""
+
+    def infer(requests):
+        try:
+            futures = [batcher.submit(parse(batcher.pipe, r.data)) for r in requests]
+            return [{OUTPUT.name: f.result()} for f in futures]
+        except SdTurboError as e:
+            raise type(e)(str(e)) from None  # the client sees the message, not our stack
+
+    return infer
+
+
+def check_ports(cfg: ServeConfig) -> None:
+    """Each port free on the host, or an InputError now (tritonserver would fail to bind it much later)."""
+    for option, port in (
+        ("--http-port", cfg.http_port),
+        ("--grpc-port", cfg.grpc_port),
+        ("--metrics-port", cfg.metrics_port),
+    ):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((cfg.host, port))
+            except OSError as e:
+                raise InputError(
+                    f"{option} {port} is not free on {cfg.host} ({e.strerror}); choose another port"
+                ) from e
+
+
+def serve(pipe, cfg: ServeConfig, verbose: bool = False) -> int:
+    """Warm up, start Triton, serve until SIGTERM or SIGINT; then let in-flight requests finish and return 0
+    (1 when the server stopped on its own)."""
+    triton, model_config = import_pytriton()
+    check_ports(cfg)
+    stop = threading.Event()
+    handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    batcher = Batcher(pipe, cfg.max_batch, cfg.max_queue_delay_ms / 1000)
+    try:
+        side = default_size(pipe.bundle)
+        log.info("warming up (batch 1 and %d at %dx%d)", cfg.max_batch, side, side)
+        warm_up(pipe, cfg.max_batch, side)
+        return 0 if stop.is_set() else _serve(triton, model_config, batcher, cfg, stop, verbose)
+    finally:
+        batcher.close(timeout=cfg.drain_timeout_s)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        st = batcher.stats
+        log.info(
+            "served %d images in %d batches (sizes %s); %d batches failed",
+            st.images,
+            st.batches,
+            st.sizes,
+            st.failed_batches,
+        )
+
+
+def _serve(triton, model_config, batcher: Batcher, cfg: ServeConfig, stop: threading.Event, verbose: bool) -> int:
+    use_own_libpython()
+    if not verbose:
+        logging.getLogger("pytriton").setLevel(logging.WARNING)
+    _allow_drain(cfg.drain_timeout_s)
+    server = _start(triton, model_config, batcher, cfg, verbose)
+    bundle = batcher.pipe.bundle
+    log.info(
+        "serving %s (%s) as model %r on %s: HTTP port %d, gRPC port %d, metrics port %d; max batch %d",
+        *(bundle.root, bundle.family, MODEL, cfg.host, cfg.http_port, cfg.grpc_port, cfg.metrics_port, cfg.max_batch),
+    )
+    rc = 0
+    try:
+        while not stop.wait(1.0):
+            if not server.is_alive():
+                log.error("the Triton server stopped on its own")
+                rc = 1
+                break
+        log.info("stopping: in-flight requests finish first (up to %d s)", cfg.drain_timeout_s)
+    finally:
+        server.stop()  # tritonserver takes no new requests, waits for those in flight, then exits
+    return rc
+
+
+def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bool):
+    """A running Triton with the model loaded. The model goes into the repository before tritonserver starts,
+    so /v2/health/ready turns true only once it is loaded (pytriton's default loads it into a running, already
+    ready server). pytriton's model instances start in parallel and look for the first one's handshake socket
+    for one second only, which a loaded machine can miss: then the model fails to load, and we start again."""
+    config = triton.TritonConfig(
+        http_address=cfg.host,
+        grpc_address=cfg.host,
+        metrics_address=cfg.host,
+        http_port=cfg.http_port,
+        grpc_port=cfg.grpc_port,
+        metrics_port=cfg.metrics_port,
+        exit_timeout_secs=cfg.drain_timeout_s,
+        log_verbose=1 if verbose else None,
+    )
+    inputs, outputs = tensors(model_config)
+    policy = triton.TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        server = triton.Triton(config=config, triton_lifecycle_policy=policy)
+        try:
+            server.bind(
+                model_name=MODEL,
+                infer_func=[infer_function(batcher)] * (2 * cfg.max_batch),
+                inputs=inputs,
+                outputs=outputs,
+                config=model_config.ModelConfig(batching=False),
+                strict=True,
+            )
+            server.run()
+            return server
+        except Exception as e:  # pytriton's own error types; tritonserver's log above says why
+            server.stop()
+            if attempt == START_ATTEMPTS:
+                raise BackendError(f"Triton did not load the model in {START_ATTEMPTS} attempts: {e}") from e
+            log.warning(
+                "Triton did not load the model (%s); starting it again (%d of %d)", e, attempt + 1, START_ATTEMPTS
+            )
+
+
+def _allow_drain(seconds: int) -> None:
+    """pytriton kills tritonserver when it has not exited 30 s after SIGINT, even while Triton still waits for
+    in-flight requests (``exit_timeout_secs``): give it the drain time and a margin."""
+    from pytriton.server import triton_server
+
+    if hasattr(triton_server, "SERVER_OUTPUT_TIMEOUT_SECS"):
+        triton_server.SERVER_OUTPUT_TIMEOUT_SECS = max(triton_server.SERVER_OUTPUT_TIMEOUT_SECS, seconds + 15)
