@@ -26,14 +26,26 @@ A, B, C = "a red cube on a table", "an astronaut riding a horse", "a bowl of sou
 SHAPE = (2, 64, 96)
 
 
-@pytest.fixture(scope="module", params=["sd-turbo", "sdxl-turbo"])
-def bundle(request, tiny_vae_bundle, xl_tiny_vae_bundle, tmp_path_factory):
-    """A tiny-VAE bundle with TensorRT-RTX engines for every component, the tiny VAE's included."""
-    src = {"sd-turbo": tiny_vae_bundle, "sdxl-turbo": xl_tiny_vae_bundle}[request.param]
-    path = tmp_path_factory.mktemp(f"modes-{request.param}") / "b"
-    shutil.copytree(src, path)
+# Both runtimes share DevicePipeline, where the two modes live; TensorRT's own part (which engines it opens) does
+# not depend on the family, so SDXL-Turbo runs on the ONNX Runtime CUDA emulation only (no engines to build).
+KINDS = [("sd-turbo", "tensorrt"), ("sd-turbo", "onnxruntime-cuda"), ("sdxl-turbo", "onnxruntime-cuda")]
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(tiny_vae_bundle, tmp_path_factory):
+    """The SD-Turbo tiny-VAE bundle with TensorRT-RTX engines for every component, the tiny VAE's included."""
+    path = tmp_path_factory.mktemp("modes-trt") / "b"
+    shutil.copytree(tiny_vae_bundle, path)
     build_engines(path, "tensorrt-rtx", Profile.parse("1-2", "64-96"), compute_capability=86, opt_level=0)
     return path
+
+
+@pytest.fixture(params=KINDS, ids=["-".join(k) for k in KINDS])
+def case(request, trt_bundle, xl_tiny_vae_bundle, tiny_vae_bundle):
+    family, kind = request.param
+    if kind == "tensorrt":
+        return trt_bundle, kind
+    return {"sd-turbo": tiny_vae_bundle, "sdxl-turbo": xl_tiny_vae_bundle}[family], kind
 
 
 class CountingSession:
@@ -59,8 +71,8 @@ def device(kind: str, bundle, **kw):
     return pipe
 
 
-@pytest.mark.parametrize("kind", ["tensorrt", "onnxruntime-cuda"])
-def test_the_tiny_vae_equals_the_host_pipeline(bundle, kind):
+def test_the_tiny_vae_equals_the_host_pipeline(case):
+    bundle, kind = case
     host = Pipeline(bundle, OnnxRuntimeBackend("fp16"), vae="tiny", prompt_cache=0)
     graph = device(kind, bundle, vae="tiny", prompt_cache=0)
     assert {"tiny_vae_decoder", "tiny_vae_encoder"} <= set(graph.engines) and "vae_decoder" not in graph.engines
@@ -74,10 +86,10 @@ def test_the_tiny_vae_equals_the_host_pipeline(bundle, kind):
         graph.request([A], height=64, width=96, image=image[0], steps=2, image_noise=np.zeros((1, 4, 8, 12)))
 
 
-@pytest.mark.parametrize("kind", ["tensorrt", "onnxruntime-cuda"])
-def test_prompt_cache_hits_skip_the_text_encoders_and_change_no_pixel(bundle, kind):
+def test_prompt_cache_hits_skip_the_text_encoders_and_change_no_pixel(case):
     """Hits, misses and an eviction in turn, replayed as graphs and enqueued without one: every image equals the
     host pipeline's without a cache; a hit runs no text encoder and captures its own graph once per shape."""
+    bundle, kind = case
     host = Pipeline(bundle, OnnxRuntimeBackend("fp16"), prompt_cache=0)
     pipes = {
         "graph": device(kind, bundle, prompt_cache=3),
