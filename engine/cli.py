@@ -215,6 +215,8 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .runtime import BACKENDS
+
     p = argparse.ArgumentParser(prog="sdturbo", description="Fast SD-Turbo: export, build, generate.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
@@ -250,10 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--backend",
         default="auto",
-        choices=("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime"),
+        choices=BACKENDS,
         help="auto (default): TensorRT on a GPU with TensorRT, else ONNX Runtime (CUDA, then CPU)",
     )
-    g.add_argument("--no-cuda-graph", action="store_true", help="TensorRT: enqueue stage by stage, no CUDA graph")
+    g.add_argument("--no-cuda-graph", action="store_true", help="GPU pipelines: enqueue stage by stage, no CUDA graph")
     g.add_argument(
         "--vae",
         choices=("full", "tiny"),
@@ -343,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--backend",
         default="auto",
-        choices=("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime"),
+        choices=BACKENDS,
         help="as for generate (default auto)",
     )
     v.add_argument("--precision", choices=("fp32", "fp16"), help="ONNX precision (default: fp32 on a CPU, else fp16)")

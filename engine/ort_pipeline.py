@@ -109,7 +109,7 @@ class OrtCudaPipeline(DevicePipeline):
         run_options = backend._ort.RunOptions()
         run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         run_options.add_run_config_entry("gpu_graph_id", "-1")  # onnxruntime's own capture: never
-        components, refused = {}, []
+        components, refused, plain = {}, [], None
         for name in self.component_names:
             log.info("loading %s (%s, %s)", name, self.name, precision)
             try:
@@ -117,7 +117,8 @@ class OrtCudaPipeline(DevicePipeline):
             except CaptureRefused as e:
                 log.warning("%s; %s runs without the CUDA graph", e, name)
                 refused.append((name, str(e)))
-                session = self._backend(precision, fused, capture=False).session(b, name)
+                plain = plain or self._backend(precision, fused, capture=False)
+                session = plain.session(b, name)
             components[name] = OrtComponent(name, session, run_options, self.ort_device, self._address)
         self.graphs_used = backend.graphs  # component -> "optimized" or "plain" (the benchmark reports it)
         self._setup(profile, cuda_graph, components)
