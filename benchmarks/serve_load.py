@@ -239,7 +239,9 @@ def direct_phase(bundle: str, cfg: LoadConfig, precision: str, url: str) -> tupl
     from ..engine.runtime import open_pipeline
     from ..engine.serve import default_size, warm_up
 
-    pipe = open_pipeline(bundle, cfg.backend, precision, shape=(1, cfg.height, cfg.width))
+    # opened as `serve` opens its own: any batch up to the server's (on TensorRT, engines for batch 1 to it)
+    shape = (cfg.max_batch, cfg.height, cfg.width)
+    pipe = open_pipeline(bundle, cfg.backend, precision, shape=shape, any_batch=True)
     if cfg.warm_like_server:  # the same state as the server's pipeline (ONNX Runtime's memory after big shapes)
         warm_up(pipe, cfg.max_batch, default_size(pipe.bundle))
     kw = dict(steps=cfg.steps, height=cfg.height, width=cfg.width)

@@ -210,7 +210,7 @@ def cmd_serve(args) -> int:
     bundle = Bundle(args.bundle or ensure_bundle(args.model, precision))
     check_settings(bundle, cfg.max_batch, cfg.max_queue_delay_ms / 1000)
     side = default_size(bundle)
-    pipe = open_pipeline(bundle, backend, precision, shape=(cfg.max_batch, side, side))
+    pipe = open_pipeline(bundle, backend, precision, shape=(cfg.max_batch, side, side), any_batch=True)
     return serve(pipe, cfg, verbose=args.verbose)
 
 

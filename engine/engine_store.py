@@ -167,9 +167,12 @@ def built_profiles(bundle: Bundle, flavour: str, version: str, device: str) -> l
     return out
 
 
-def select_profile(profiles: list[Profile], batch: int, height: int, width: int) -> Profile | None:
-    """The profile to serve a request with: an exact static one, else the narrowest range covering it."""
-    covering = [p for p in profiles if p.covers(batch, height, width)]
+def select_profile(
+    profiles: list[Profile], batch: int, height: int, width: int, any_batch: bool = False
+) -> Profile | None:
+    """The profile to serve a request with: an exact static one, else the narrowest range covering it.
+    ``any_batch``: one that covers every batch from 1 to ``batch`` (a server batches what arrives)."""
+    covering = [p for p in profiles if p.covers(batch, height, width) and (not any_batch or p.covers(1, height, width))]
     if not covering:
         return None
 

@@ -61,11 +61,13 @@ def open_pipeline(
     fused: bool = True,
     vae: str = "full",
     prompt_cache=DEFAULT_PROMPT_CACHE,
+    any_batch: bool = False,
 ):
     """A loaded pipeline for ``bundle``. ``vae``: "full" (the default) or "tiny" (the bundle's tiny autoencoder);
     ``prompt_cache``: prompts whose text-encoder outputs are kept (0: off), or a PromptCache to share.
     With TensorRT and ``build``, engines missing for ``shape``
-    (batch, height, width) are built first (static profile), then loaded. On ONNX Runtime CUDA, ``shape``
+    (batch, height, width) are built first (static profile; with ``any_batch``, the batch range 1 to its
+    batch, for servers), then loaded. On ONNX Runtime CUDA, ``shape``
     is the largest request: the device-resident pipeline allocates its buffers for it once. ``fused``: ONNX
     Runtime runs the bundle's `--ort-optimize` graphs where valid (False: the plain graphs)."""
     backend = choose_backend(backend)
@@ -74,21 +76,9 @@ def open_pipeline(
     if backend == "tensorrt":
         if precision not in (None, "fp16"):
             raise BackendError(f"TensorRT engines are built from the fp16 ONNX; precision {precision!r} is not allowed")
-        from .errors import EngineMissing
         from .trt_pipeline import TrtPipeline
 
-        try:
-            return TrtPipeline(bundle, shape=shape, cuda_graph=cuda_graph, **modes)
-        except EngineMissing:
-            if not build:
-                raise
-            from ..export.trt_build import build_engines
-            from .engine_store import Profile
-
-            b, h, w = shape
-            log.info("building TensorRT engines for batch %d at %dx%d (once; cached in the bundle)", b, w, h)
-            build_engines(bundle.root, profile=Profile((b, b, b), (h, h, h), (w, w, w)))
-            return TrtPipeline(Bundle(bundle.root), shape=shape, cuda_graph=cuda_graph, **modes)
+        return TrtPipeline.open(bundle, shape, any_batch=any_batch, build=build, cuda_graph=cuda_graph, **modes)
     if backend == "onnxruntime-cuda":
         from .ort_pipeline import OrtCudaPipeline
 

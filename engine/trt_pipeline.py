@@ -130,8 +130,10 @@ class TrtPipeline(DevicePipeline):
         shape: tuple[int, int, int] | None = None,
         vae: str = "full",
         prompt_cache: int | PromptCache = DEFAULT_SIZE,
+        any_batch: bool = False,
     ):
-        """``profile``: the engines to load; else the narrowest built one that covers ``shape`` (batch, H, W).
+        """``profile``: the engines to load; else the narrowest built one that covers ``shape`` (batch, H, W),
+        and with ``any_batch`` every batch from 1 up to it too (a server's, which batches what arrives).
         ``vae``: "full" or "tiny" (the bundle's tiny VAE, whose engines are built like the others');
         ``prompt_cache``: prompts whose text-encoder outputs are kept on the GPU (0: off)."""
         self._prepare(bundle, vae, prompt_cache)
@@ -142,7 +144,7 @@ class TrtPipeline(DevicePipeline):
         if why:
             raise BackendError(why)
         self.device = f"sm{cc}"
-        self.profile = profile or self._choose_profile(shape)
+        self.profile = profile or self._choose_profile(shape, any_batch)
         engines = {}
         for name in self.component_names:
             try:
@@ -154,6 +156,37 @@ class TrtPipeline(DevicePipeline):
             engines[name] = open_engine(plan)
         self._caches_saved = False
         self._setup(self.profile, cuda_graph, engines)
+
+    @classmethod
+    def open(
+        cls,
+        bundle: Bundle | str | Path,
+        shape: tuple[int, int, int],
+        any_batch: bool = False,
+        build: bool = True,
+        **kwargs,
+    ):
+        """A pipeline for requests up to ``shape`` (with ``any_batch``, of every batch from 1 up to its batch):
+        with ``build``, the engines are built first when the bundle has none for it (once; kept in the bundle),
+        for exactly that shape, or for the batch range 1 to its batch with ``any_batch``."""
+        bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        try:
+            return cls(bundle, shape=shape, any_batch=any_batch, **kwargs)
+        except EngineMissing:
+            if not build:
+                raise
+        b, h, w = (int(v) for v in shape)
+        lo = 1 if any_batch else b
+        profile = Profile((lo, lo, b), (h, h, h), (w, w, w))
+        log.info("building TensorRT engines for profile %s (once; kept in the bundle)", profile.tag)
+        cls._build(bundle.root, profile)
+        return cls(Bundle(bundle.root), shape=shape, any_batch=any_batch, **kwargs)
+
+    @staticmethod
+    def _build(root: Path, profile: Profile) -> None:
+        from ..export.trt_build import build_engines
+
+        build_engines(root, profile=profile)
 
     def _engine_loader(self, flavour: str | None):
         """(flavour, library version, plan -> engine)."""
@@ -168,16 +201,21 @@ class TrtPipeline(DevicePipeline):
 
         return unsupported_here(import_trt(self.flavour)[0], self.flavour, cc)
 
-    def _choose_profile(self, shape: tuple[int, int, int] | None) -> Profile:
+    def _choose_profile(self, shape: tuple[int, int, int] | None, any_batch: bool = False) -> Profile:
         from .engine_store import built_profiles, select_profile
 
         profiles = built_profiles(self.bundle, self.flavour, self.version, self.device)
-        chosen = select_profile(profiles, *shape) if shape else (profiles[0] if len(profiles) == 1 else None)
+        if shape:
+            chosen = select_profile(profiles, *shape, any_batch=any_batch)
+        else:
+            chosen = profiles[0] if len(profiles) == 1 else None
         if chosen is None:
+            what = "this request"
+            if shape:
+                what = f"{f'batch 1-{shape[0]}' if any_batch else f'batch {shape[0]}'} at {shape[2]}x{shape[1]}"
             have = ", ".join(p.tag for p in profiles) or "none"
             raise EngineMissing(
-                f"no {self.flavour} {self.version} engines on {self.device} for "
-                f"{f'batch {shape[0]} at {shape[2]}x{shape[1]}' if shape else 'this request'} "
+                f"no {self.flavour} {self.version} engines on {self.device} for {what} "
                 f"(built profiles: {have}); run `sdturbo build {self.bundle.root} --batch --size`"
             )
         return chosen

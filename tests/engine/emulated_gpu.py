@@ -357,6 +357,12 @@ def emulated_pipeline(bundle, cuda: EmulatedCuda | None = None, rtx: bool = Fals
     """A TrtPipeline whose GPU is ``cuda`` (a fresh emulation by default) and whose TensorRT is
     ``EmulatedTensorRT``: engines are found and checked in the bundle as usual (built with TensorRT-RTX
     for the emulated compute capability) and loaded through the runtime's own TrtEngine."""
+    return emulated_trt_class(cuda, rtx)(bundle, **kwargs)
+
+
+def emulated_trt_class(cuda: EmulatedCuda | None = None, rtx: bool = False) -> type[TrtPipeline]:
+    """TrtPipeline on the emulated GPU ``cuda``, as a class (``open`` builds missing engines with TensorRT-RTX
+    for the emulated compute capability, as on a GPU for the GPU's)."""
     cuda = cuda or EmulatedCuda()
 
     class EmulatedTrtPipeline(TrtPipeline):
@@ -369,8 +375,15 @@ def emulated_pipeline(bundle, cuda: EmulatedCuda | None = None, rtx: bool = Fals
         def _kernels(self, dtype, cc):
             return EmulatedKernels(dtype, cuda)
 
+        @staticmethod
+        def _build(root, profile):
+            from sdturbo.export.trt_build import build_engines
+
+            cc = cuda.current_compute_capability()
+            build_engines(root, "tensorrt-rtx", profile, compute_capability=cc, opt_level=0)
+
     EmulatedTrtPipeline.cuda = cuda
-    return EmulatedTrtPipeline(bundle, **kwargs)
+    return EmulatedTrtPipeline
 
 
 def emulated_ort_pipeline(bundle, cuda: EmulatedCuda | None = None, **kwargs) -> OrtCudaPipeline:

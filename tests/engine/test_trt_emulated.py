@@ -9,6 +9,7 @@ step order or stale buffer shows. The real GPU path is tests/engine/test_gpu_pip
 from __future__ import annotations
 
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -17,11 +18,11 @@ pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip i
 
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.engine_store import Profile
-from sdturbo.engine.errors import BundleError
+from sdturbo.engine.errors import BundleError, EngineMissing
 from sdturbo.engine.pipeline import Pipeline
 from sdturbo.export.trt_build import build_engines
 
-from tests.engine.emulated_gpu import EmulatedCuda, emulated_pipeline
+from tests.engine.emulated_gpu import EmulatedCuda, emulated_pipeline, emulated_trt_class
 
 PROMPTS = ["a red cube on a table", "an astronaut riding a horse"]
 PROFILE = Profile.parse("1-2", "64-128")
@@ -135,3 +136,50 @@ def test_a_context_that_cannot_be_captured_turns_the_graph_off_loudly(bundles, c
     assert any("CUDA graph OFF" in r.message and "unet" in r.message for r in caplog.records)
     want = Pipeline(bundles["sd-turbo"], OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=1)
     np.testing.assert_array_equal(image, want)
+
+
+def test_open_builds_one_static_profile_and_a_server_gets_every_batch_up_to_its_largest(tiny_bundle, tmp_path):
+    """``open`` builds the engines a bundle lacks: for exactly the shape asked, or, with ``any_batch`` (what
+    `sdturbo serve` asks for), for batches 1 to the largest: a static batch-2 profile does not do for a server,
+    whose batches are as many requests as arrive."""
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    cls = emulated_trt_class(EmulatedCuda(), rtx=True)
+    static = cls.open(path, (2, 64, 64))
+    assert static.profile.tag == "b2_64x64"
+    with pytest.raises(BundleError, match=r"batch 1 at 64x64 is outside the engines' profile b2_64x64"):
+        static(PROMPTS[:1], height=64, width=64)
+    server = cls.open(path, (2, 64, 64), any_batch=True)
+    assert server.profile.tag == "b1-2_64x64"
+    host = Pipeline(path, OnnxRuntimeBackend("fp16"))
+    for prompts in (PROMPTS[:1], PROMPTS):
+        want = host(prompts, height=64, width=64, seed=3)
+        np.testing.assert_array_equal(server(prompts, height=64, width=64, seed=3), want)
+    assert cls.open(path, (2, 64, 64)).profile.tag == "b2_64x64"  # the exact static one is still preferred
+    assert cls.open(path, (1, 64, 64)).profile.tag == "b1-2_64x64"  # nothing built: the range covers it
+    with pytest.raises(EngineMissing, match=r"for batch 1-2 at 96x64 \(built profiles: b1-2_64x64, b2_64x64\)"):
+        cls.open(path, (2, 64, 96), any_batch=True, build=False)
+
+
+def test_sdturbo_serve_on_tensorrt_builds_engines_for_batch_1_to_its_max_batch(tiny_bundle, tmp_path, monkeypatch):
+    """`sdturbo serve --backend tensorrt` on a bundle without engines builds them for every batch the server
+    may run (1 to --max-batch), and its warm-up runs batch 1 and the max batch (the server itself is not
+    started here: tests/serve/test_triton.py serves for real on the CPU)."""
+    from sdturbo.engine import cli, serve_triton, trt_pipeline
+
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    monkeypatch.setattr(trt_pipeline, "TrtPipeline", emulated_trt_class(EmulatedCuda(), rtx=True))
+    batchers = []
+    monkeypatch.setattr(serve_triton, "_serve", lambda triton, mc, batcher, *rest: batchers.append(batcher) or 0)
+    ports = []
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(str(s.getsockname()[1]))
+    argv = ["serve", "--bundle", str(path), "--backend", "tensorrt", "--max-batch", "2", "--host", "127.0.0.1"]
+    argv += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    assert cli.main(argv) == 0
+    pipe = batchers[0].pipe
+    assert pipe.profile.tag == "b1-2_256x256"
+    assert {key[:3] for key in pipe.graphs} >= {(1, 256, 256), (2, 256, 256)}
