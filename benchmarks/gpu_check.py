@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,4,8,16", help="throughput sweep (default 1,4,8,16)")
     p.add_argument("--steps", default="1,4", help="latency runs, one benchmark per step count (default 1,4)")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-fp16-compile")
+    p.add_argument("--contenders", default="", help="comma-separated, as for sdturbo bench (default: all that run)")
     p.add_argument("--skip", default="", help="comma-separated steps to skip: device,probe,tests,bench")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 sub = out / f"bench-{steps}step"
                 argv = ["bench", "--model", args.model, "--steps", str(steps), "--out", str(sub)]
                 argv += ["--compile-mode", args.compile_mode]
+                if args.contenders:
+                    argv += ["--contenders", args.contenders]
                 if steps == 1:
                     argv += ["--batches", args.batches]
                 else:
