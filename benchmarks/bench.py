@@ -65,8 +65,8 @@ def available(dev: str) -> list[str]:
         if choose_backend("auto") == "tensorrt":
             names.append("sdturbo-tensorrt-fp16")
         if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            names += ["sdturbo-onnxruntime-cuda-fp16", "sdturbo-onnxruntime-cuda-unfused-fp16"]
-            names.append("sdturbo-onnxruntime-cuda-host-fp16")
+            names += ["sdturbo-onnxruntime-cuda-fp16", "sdturbo-onnxruntime-cuda-sessiongraphs-fp16"]
+            names += ["sdturbo-onnxruntime-cuda-unfused-fp16", "sdturbo-onnxruntime-cuda-host-fp16"]
     else:
         names.append("sdturbo-onnxruntime-fp32")
     return names
@@ -113,7 +113,10 @@ def run(cfg: BenchConfig) -> dict:
     if tiny:  # diffusers + AutoencoderTiny loads the tiny VAE the bundle was exported from
         path = next(iter(bundle.values()), None) or ensure_bundle(cfg.model, "fp32", tiny_vae=True)
         tiny_folder = modes.tiny_vae_folder(path)
-    if "sdturbo-onnxruntime-cuda-fp16" in names:
+    fused = [
+        n for n in names if n.startswith("sdturbo-onnxruntime-cuda-") and parse_ours(n)[1] in ("", "sessiongraphs")
+    ]
+    if fused:  # ONNX Runtime's optimized graphs for CUDA, built before any run
         ort_optimized(cfg.model)
     prompts = [cfg.prompt] * cfg.batch
     shape = (cfg.batch, 4, cfg.height // 8, cfg.width // 8)

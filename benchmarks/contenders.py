@@ -20,6 +20,8 @@ VARIANTS = {
     "": "the default: on ONNX Runtime, the bundle's optimized graphs where built",
     "unfused": "ONNX Runtime on the plain graphs (no `sdturbo build --ort-optimize` graphs)",
     "host": "ONNX Runtime CUDA driven stage by stage from the host (the pipeline before the device-resident one)",
+    "sessiongraphs": "ONNX Runtime CUDA device-resident, with onnxruntime's own CUDA graph per session (the second "
+    "tier), not the whole chain's",
     "tiny": "the tiny VAE (--vae tiny; benchmarks/modes.py): compared with diffusers + AutoencoderTiny",
     "cached": "every timed request a prompt-cache hit (benchmarks/modes.py): compared with diffusers' prompt_embeds",
 }
@@ -62,8 +64,9 @@ class Ours:
                 "vae": "tiny" if self.variant == "tiny" else "full",
                 "prompt_cache": 64 if self.variant == "cached" else 0,
             }
+            graph = "sessions" if self.variant == "sessiongraphs" else True
             self.pipe = open_pipeline(
-                self.bundle, self.backend, self.precision, shape=shape, fused=fused, **modes
+                self.bundle, self.backend, self.precision, shape=shape, fused=fused, cuda_graph=graph, **modes
             ).load()
         self.graph_status = getattr(self.pipe, "graph_status", None)
         self.graphs_used = getattr(self.pipe, "graphs_used", None) or getattr(

@@ -147,6 +147,16 @@ class Stream:
     def synchronize(self) -> None:
         check(self._rt.cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
 
+    def end_capture(self) -> None:
+        """End a capture left open on this stream (a library's run that failed under its own capture), and
+        drop what it recorded; nothing when none is open."""
+        rt = self._rt
+        status = check(rt.cudaStreamIsCapturing(self.handle), "cudaStreamIsCapturing")
+        if status != rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusNone:
+            err, graph = rt.cudaStreamEndCapture(self.handle)
+            if int(getattr(err, "value", err)) == 0 and graph:
+                rt.cudaGraphDestroy(graph)
+
 
 class Event:
     """A CUDA event with timing, recorded on a stream (the benchmark's per-stage times)."""

@@ -312,11 +312,12 @@ class DevicePipeline:
         feed(probe)
         enqueue()
         eager["probe"] = self._pixels(nbytes)
+        what = self._graph_label()
         try:
-            graph = self.cuda.Graph(s, enqueue)
+            graph = self._make_graph(enqueue)
         except self.capture_errors as e:
             s.synchronize()
-            self._graph_off(f"capturing the chain failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            self._graph_off(f"capturing {what} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             return False
         for which, inputs in (("probe", probe), ("request", req)):
             feed(inputs)
@@ -332,6 +333,13 @@ class DevicePipeline:
                 return False
         self.graphs[key] = graph
         return True
+
+    def _make_graph(self, enqueue):
+        """What replays ``enqueue``'s work: here one CUDA graph of it, captured now."""
+        return self.cuda.Graph(self.stream, enqueue)
+
+    def _graph_label(self) -> str:
+        return "the chain"
 
     def _poison(self, pixel_byte: int, keep: tuple[str, ...] = ()) -> None:
         """Fill every buffer the chain computes (not its inputs, nor ``keep``) with 0xFF bytes, NaN in fp16 and

@@ -9,19 +9,24 @@ TensorRT runtime does:
 - inputs and outputs are bound by address to buffers allocated once (an IO binding per shape and
   component, made once), so nothing is copied between the host and the device but ids and noise in and
   pixels out, and the host waits once per request;
-- the whole chain (sessions and kernels) is captured as one CUDA graph per (batch, size, steps,
-  strength), not ONNX Runtime's own per-session graphs: each of those replays with a stream
-  synchronisation after it, a host wait per session run. Sessions are still created with
-  ``enable_cuda_graph`` (and never capture themselves): onnxruntime then refuses a graph that needs host
-  copies, and frees its staging buffers in a way a capture cannot record (``provider_options``). ONNX
-  Runtime does not promise that a run can be captured from outside; so a refused session, a capture that
+- CUDA graphs, in two tiers. First the whole chain (sessions and kernels) as one CUDA graph per (batch,
+  size, steps, strength): one launch per request. ONNX Runtime does not promise that a run can be captured
+  from outside, so the sessions are created with ``enable_cuda_graph`` (which makes onnxruntime refuse a
+  graph that needs host copies, and free its staging buffers in a way a capture cannot record) and every run
+  passes ``gpu_graph_id`` -1 (onnxruntime never captures on its own). A refused session, a capture that
   fails, or a graph whose replays do not give the eager runs' pixels byte for byte (DevicePipeline._capture)
-  turns the graph off with a warning, and ``graph_status`` says why.
+  ends that tier, with a warning; then each session replays onnxruntime's own CUDA graph (one per session
+  and shape: the context's ``gpu_graph_id``), with the kernels launched between them and still one host
+  wait (onnxruntime >= 1.27 honours ``disable_synchronize_execution_providers`` on a replay: no wait after
+  each), checked the same way. If that fails too, every run is enqueued as it comes. ``graph_status`` says
+  which tier runs and why.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,20 +35,26 @@ from . import cuda as cuda_module
 from .bundle import Bundle
 from .device_pipeline import DevicePipeline
 from .engine_store import Profile
-from .errors import CaptureRefused
+from .errors import CaptureRefused, InputError
 from .prompt_cache import DEFAULT_SIZE, PromptCache
 from .request import Request
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp16", "fp32")
+GRAPH_MODES = (True, False, "chain", "sessions")  # True is "chain": the whole chain, else per-session graphs
+_GRAPH_IDS = itertools.count(1)  # onnxruntime's gpu_graph_id: one per session and shape (-1: none, 0: its default)
 
 
 class OrtComponent:
-    """One component's onnxruntime session; each shape's context is an IO binding made once."""
+    """One component's onnxruntime session; each shape's context is an IO binding made once. ``graph_options``
+    (graph id -> run options) where the session was created with ``enable_cuda_graph``, so it may keep a CUDA
+    graph of its own per shape (one id per context), else None; ``graphs_on``: runs use them now."""
 
-    def __init__(self, name: str, session, run_options, device: str, address):
+    def __init__(self, name: str, session, run_options, device: str, address, graph_options=None):
         self.name, self.session, self.run_options = name, session, run_options
         self.device, self.address = device, address
+        self.graph_options = graph_options
+        self.graphs_on = False
 
     def context(self, spec, dims: dict[str, int], addresses: dict[str, int]) -> OrtContext:
         binding = self.session.io_binding()
@@ -53,25 +64,45 @@ class OrtComponent:
                 dtype = np.dtype(t.dtype)
                 ptr = self.address(addresses[t.name], int(np.prod(shape)) * dtype.itemsize)
                 bind(t.name, self.device, 0, dtype, list(shape), ptr)
-        return OrtContext(self, binding)
+        own = self.graph_options(next(_GRAPH_IDS)) if self.graph_options else None
+        return OrtContext(self, binding, own)
 
 
 class OrtContext:
-    def __init__(self, component: OrtComponent, binding):
-        self.component, self.binding = component, binding
+    def __init__(self, component: OrtComponent, binding, graph_options=None):
+        self.component, self.binding, self.graph_options = component, binding, graph_options
         self.name = component.name
 
     def enqueue(self, stream) -> None:
         c = self.component
-        stream.enqueue(lambda: c.session.run_with_iobinding(self.binding, c.run_options))
+        options = self.graph_options if c.graphs_on and self.graph_options is not None else c.run_options
+        stream.enqueue(lambda: c.session.run_with_iobinding(self.binding, options))
 
     def capturable(self, stream) -> bool:
         return True  # ONNX Runtime cannot say in advance; a failed capture turns the graph off instead
 
 
+class SessionGraphs:
+    """The second tier: onnxruntime's own CUDA graph per session at this shape, the kernels launched between
+    them. The first launch is each session's warm-up runs and capture (onnxruntime does both within the run
+    of a new ``gpu_graph_id``); later ones replay them. Checked before use like a chain graph."""
+
+    def __init__(self, pipe: OrtCudaPipeline, enqueue):
+        self.pipe, self.enqueue = pipe, enqueue
+        try:
+            self.launch()
+        except BaseException:
+            pipe.stream.end_capture()  # a run that failed during onnxruntime's own capture may leave it open
+            raise
+
+    def launch(self) -> None:
+        with self.pipe.session_graphs():
+            self.enqueue()
+
+
 class OrtCudaPipeline(DevicePipeline):
     """Same requests and results as ``Pipeline``; runs the bundle's ONNX with ONNX Runtime's CUDA provider,
-    device-resident, replayed as one CUDA graph."""
+    device-resident, replayed as one CUDA graph (or, where that cannot be, with onnxruntime's own per session)."""
 
     cuda = cuda_module
     name = "ONNX Runtime CUDA"
@@ -86,16 +117,18 @@ class OrtCudaPipeline(DevicePipeline):
         bundle: Bundle | str | Path,
         precision: str = "fp16",
         shape: tuple[int, int, int] = (1, 512, 512),
-        cuda_graph: bool = True,
+        cuda_graph: bool | str = True,
         fused: bool = True,
         vae: str = "full",
         prompt_cache: int | PromptCache = DEFAULT_SIZE,
     ):
         """``shape``: the largest (batch, height, width) a request may have; every buffer is allocated
-        for it once. ``fused``: the bundle's ``--ort-optimize`` graphs for CUDA where valid. ``vae``: "full" or
-        "tiny"; ``prompt_cache``: prompts whose text-encoder outputs are kept on the GPU (0: off)."""
-        from .errors import InputError
-
+        for it once. ``cuda_graph``: True (or "chain"): the whole chain as one graph, else onnxruntime's own
+        per session; "sessions": those only; False: none. ``fused``: the bundle's ``--ort-optimize`` graphs
+        for CUDA where valid. ``vae``: "full" or "tiny"; ``prompt_cache``: prompts whose text-encoder
+        outputs are kept on the GPU (0: off)."""
+        if not any(cuda_graph is m for m in GRAPH_MODES[:2]) and cuda_graph not in GRAPH_MODES[2:]:
+            raise InputError(f"cuda_graph {cuda_graph!r} is not allowed; use one of {GRAPH_MODES}")
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r} is not allowed for onnxruntime-cuda; use one of {PRECISIONS}")
         self.precision = precision
@@ -105,37 +138,93 @@ class OrtCudaPipeline(DevicePipeline):
         lo = b.limits.min_size
         profile = Profile((1, batch, batch), (min(lo, height), height, height), (min(lo, width), width, width))
         profile.check(b)
-        backend = self._backend(precision, fused, capture=cuda_graph)
-        run_options = backend._ort.RunOptions()
-        run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        run_options.add_run_config_entry("gpu_graph_id", "-1")  # onnxruntime's own capture: never
+        capture = cuda_graph is not False
+        backend = self._backend(precision, fused, capture=capture)
         components, refused, plain = {}, [], None
         for name in self.component_names:
             log.info("loading %s (%s, %s)", name, self.name, precision)
             try:
-                session = backend.session(b, name)
+                session, own = self._open(backend, name, capture), capture
             except CaptureRefused as e:
-                log.warning("%s; %s runs without the CUDA graph", e, name)
+                log.warning("%s; %s runs without CUDA graphs", e, name)
                 refused.append((name, str(e)))
                 plain = plain or self._backend(precision, fused, capture=False)
-                session = plain.session(b, name)
-            components[name] = OrtComponent(name, session, run_options, self.ort_device, self._address)
+                session, own = self._open(plain, name, False), False
+            components[name] = OrtComponent(
+                name, session, self._run_options(-1), self.ort_device, self._address, self._run_options if own else None
+            )
         self.graphs_used = backend.graphs  # component -> "optimized" or "plain" (the benchmark reports it)
-        self._setup(profile, cuda_graph, components)
-        if refused and self.cuda_graph:
+        self._setup(profile, capture, components)
+        self.graph_kind = ("chain" if cuda_graph in (True, "chain") else "sessions") if capture else None
+        if self.graph_kind == "sessions":
+            self.graph_off_reason = "the whole chain's graph was not asked for (cuda_graph='sessions')"
+        if refused and capture:
             names = ", ".join(name for name, _ in refused)
             self._graph_off(f"onnxruntime refuses CUDA graphs for {names} (host copies in the graph): {refused[0][1]}")
+
+    def _open(self, backend, name: str, graphs: bool):
+        """``name``'s session; ``graphs``: it was asked to keep CUDA graphs of its own (``enable_cuda_graph``)."""
+        return backend.session(self.bundle, name)
+
+    def _run_options(self, graph_id: int):
+        """Run options: no wait for the GPU at the end of a run; ``graph_id`` -1: onnxruntime captures and
+        replays nothing of its own; another: the CUDA graph it keeps under that id (captured on first use)."""
+        options = self._ort.RunOptions()
+        options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
+
+    @contextmanager
+    def session_graphs(self):
+        """Runs enqueued in this block use each session's own CUDA graph (where it may have one)."""
+        for c in self.engines.values():
+            c.graphs_on = True
+        try:
+            yield
+        finally:
+            for c in self.engines.values():
+                c.graphs_on = False
+
+    def _make_graph(self, enqueue):
+        return SessionGraphs(self, enqueue) if self.graph_kind == "sessions" else super()._make_graph(enqueue)
+
+    def _graph_label(self) -> str:
+        return "the sessions' own graphs" if self.graph_kind == "sessions" else super()._graph_label()
+
+    def _graph_off(self, reason: str) -> None:
+        """The whole chain's graph off: onnxruntime's own per session instead, where a session may have them;
+        those off too: none."""
+        if self.graph_kind == "chain" and any(c.graph_options for c in self.engines.values()):
+            log.warning(
+                "whole-chain CUDA graph OFF for %s: %s; using onnxruntime's own CUDA graph per session instead",
+                self.bundle.root,
+                reason,
+            )
+            self.graph_kind, self.graph_off_reason = "sessions", reason
+            self.graphs.clear()
+            return
+        self.graph_kind = None
+        super()._graph_off(reason)
+
+    @property
+    def graph_status(self) -> str:
+        """ "on" (the whole chain, one graph), "sessions: why the chain is not" (onnxruntime's own graph per
+        session) or "off: why"."""
+        if self.cuda_graph and self.graph_kind == "sessions":
+            return f"sessions: {self.graph_off_reason}"
+        return super().graph_status
 
     def provider_options(self, capture: bool = True) -> dict[str, dict[str, str]]:
         """The CUDA provider on this pipeline's stream; its arena grows only as much as asked (no doubling).
 
-        ``capture``: ``enable_cuda_graph``, for what it checks and changes, not for onnxruntime's own graphs
-        (every run passes ``gpu_graph_id`` -1: onnxruntime never captures; the whole chain is captured
-        instead). With it, onnxruntime refuses to create a session whose graph needs host copies (Memcpy
-        nodes: values that would be replayed stale) or other providers (CaptureRefused), and it frees the
-        pinned staging buffers of a run after a stream synchronisation instead of from a host callback on
-        the stream, which a capture would record and every replay would run again (a double free); that
-        synchronisation fails under capture, which turns the graph off cleanly."""
+        ``capture``: ``enable_cuda_graph``. For the whole chain's graph, for what it checks and changes (its
+        runs pass ``gpu_graph_id`` -1: onnxruntime captures nothing of its own); for the second tier, for
+        onnxruntime's own graph per session and shape. With it, onnxruntime refuses to create a session
+        whose graph needs host copies (Memcpy nodes: values that would be replayed stale) or other providers
+        (CaptureRefused), and it frees the pinned staging buffers of a run after a stream synchronisation
+        instead of from a host callback on the stream, which a capture would record and every replay would
+        run again (a double free); that synchronisation fails under capture, which ends the chain's graph
+        cleanly."""
         return {
             "CUDAExecutionProvider": {
                 "device_id": "0",
@@ -151,7 +240,9 @@ class OrtCudaPipeline(DevicePipeline):
         from .backends.onnxruntime import OnnxRuntimeBackend
 
         options = self.provider_options(capture)
-        return OnnxRuntimeBackend(precision, self.providers, fused=fused, provider_options=options)
+        backend = OnnxRuntimeBackend(precision, self.providers, fused=fused, provider_options=options)
+        self._ort = backend._ort
+        return backend
 
     def _address(self, ptr: int, nbytes: int) -> int:
         """The address onnxruntime is given for ``nbytes`` at device address ``ptr`` (the same, on a GPU)."""

@@ -57,7 +57,7 @@ def open_pipeline(
     precision: str | None = None,
     shape: tuple[int, int, int] = (1, 512, 512),
     build: bool = True,
-    cuda_graph: bool = True,
+    cuda_graph: bool | str = True,
     fused: bool = True,
     vae: str = "full",
     prompt_cache=DEFAULT_PROMPT_CACHE,
@@ -68,7 +68,8 @@ def open_pipeline(
     With TensorRT and ``build``, engines missing for ``shape``
     (batch, height, width) are built first (static profile; with ``any_batch``, the batch range 1 to its
     batch, for servers), then loaded. On ONNX Runtime CUDA, ``shape``
-    is the largest request: the device-resident pipeline allocates its buffers for it once. ``fused``: ONNX
+    is the largest request: the device-resident pipeline allocates its buffers for it once, and
+    ``cuda_graph`` may also be "sessions" (onnxruntime's own graph per session, not the whole chain's). ``fused``: ONNX
     Runtime runs the bundle's `--ort-optimize` graphs where valid (False: the plain graphs)."""
     backend = choose_backend(backend)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)

@@ -27,8 +27,9 @@ from tests.reference import PROMPTS, H, W  # noqa: E402
 
 @pytest.fixture(scope="module")
 def pipes(tiny_bundle):
-    """The device-resident pipeline, replayed as one CUDA graph and enqueued run by run, and the host-driven
-    one (stage by stage, IO binding per call) on the same fp16 graphs."""
+    """The device-resident pipeline, replayed as one CUDA graph, with onnxruntime's own graph per session, and
+    enqueued run by run, and the host-driven one (stage by stage, IO binding per call) on the same fp16
+    graphs."""
     from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
     from sdturbo.engine.ort_pipeline import OrtCudaPipeline
     from sdturbo.engine.pipeline import Pipeline
@@ -36,6 +37,7 @@ def pipes(tiny_bundle):
     shape = (2, 128, 128)
     return {
         "graph": OrtCudaPipeline(tiny_bundle, "fp16", shape=shape, cuda_graph=True),
+        "sessions": OrtCudaPipeline(tiny_bundle, "fp16", shape=shape, cuda_graph="sessions"),
         "plain": OrtCudaPipeline(tiny_bundle, "fp16", shape=shape, cuda_graph=False),
         "host": Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16", ("CUDAExecutionProvider",))),
     }
@@ -53,7 +55,7 @@ def test_onnxruntime_cuda_matches_diffusers(steps, pipes, tiny_folder):
     """fp16 on CUDA: no further from diffusers fp32 than twice diffusers' own fp16 error, plus a level."""
     lat = latents(steps)
     ref32, bound = diffusers_fp16_bar(tiny_folder, steps, lat)
-    for mode in ("graph", "host"):
+    for mode in ("graph", "sessions", "host"):
         ours = pipes[mode](PROMPTS, steps=steps, height=H, width=W, latents=lat)
         print(f"{steps} step(s), {mode}: RMS ORT-CUDA vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
         assert rms(ours, ref32) <= bound, mode
@@ -77,13 +79,25 @@ def test_the_whole_chain_is_captured_and_replays_as_it_ran(pipes):
     assert pipes["graph"].graph_status == "on"
 
 
+def test_each_sessions_own_graph_replays_as_it_ran(pipes):
+    """The second tier: onnxruntime's own CUDA graph per session and shape, captured by onnxruntime and checked
+    by us; every replay equals the run-by-run enqueue, byte for byte, across steps."""
+    for steps in (1, 2, 4):
+        a = pipes["sessions"](PROMPTS, steps=steps, height=H, width=W, seed=3)
+        b = pipes["plain"](PROMPTS, steps=steps, height=H, width=W, seed=3)
+        np.testing.assert_array_equal(a, b)
+    assert pipes["sessions"].graph_status.startswith("sessions: ")
+
+
 def test_repeated_calls_have_no_stale_buffers(pipes):
     """Interleave prompts, seeds, sizes and batch sizes; each replay equals a plain run."""
     calls = [(PROMPTS, 1, 64, 96), (PROMPTS[:1], 2, 64, 64), (PROMPTS, 3, 128, 64), (PROMPTS[::-1], 1, 64, 96)]
     for _ in range(2):
         for prompts, seed, h, w in calls:
-            got = pipes["graph"](prompts, height=h, width=w, seed=seed)
-            np.testing.assert_array_equal(got, pipes["plain"](prompts, height=h, width=w, seed=seed))
+            want = pipes["plain"](prompts, height=h, width=w, seed=seed)
+            for mode in ("graph", "sessions"):
+                got = pipes[mode](prompts, height=h, width=w, seed=seed)
+                np.testing.assert_array_equal(got, want, err_msg=mode)
     assert not np.array_equal(
         pipes["graph"](PROMPTS[:1], height=64, width=64, seed=1),
         pipes["graph"](PROMPTS[:1], height=64, width=64, seed=2),
@@ -95,6 +109,7 @@ def test_onnxruntime_cuda_img2img_replays_as_it_ran(pipes):
     kw = dict(steps=2, height=H, width=W, image=image, strength=0.5, seed=9)
     a, b = pipes["graph"](PROMPTS, **kw), pipes["plain"](PROMPTS, **kw)
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(pipes["sessions"](PROMPTS, **kw), b)
     assert a.std() > 0
 
 

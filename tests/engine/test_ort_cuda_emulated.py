@@ -32,6 +32,7 @@ def pipes(tiny_bundle, xl_bundle, family):
     cuda = EmulatedCuda()
     return {
         "graph": emulated_ort_pipeline(path, cuda, shape=SHAPE, cuda_graph=True),
+        "sessions": emulated_ort_pipeline(path, cuda, shape=SHAPE, cuda_graph="sessions"),
         "plain": emulated_ort_pipeline(path, cuda, shape=SHAPE, cuda_graph=False),
         "host": Pipeline(path, OnnxRuntimeBackend("fp16")),
     }
@@ -41,30 +42,34 @@ def pipes(tiny_bundle, xl_bundle, family):
 def test_txt2img_equals_the_host_pipeline(pipes, steps):
     kw = dict(steps=steps, height=64, width=96, seed=11)
     want = pipes["host"](PROMPTS, **kw)
-    for mode in ("graph", "plain"):
+    for mode in ("graph", "sessions", "plain"):
         np.testing.assert_array_equal(pipes[mode](PROMPTS, **kw), want, err_msg=mode)
     assert want.std() > 0  # an image, not a constant
     assert pipes["graph"].graph_status == "on"
+    assert pipes["sessions"].graph_status.startswith("sessions: ")
 
 
 def test_img2img_equals_the_host_pipeline(pipes):
     image = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     kw = dict(steps=4, height=64, width=64, image=image, strength=0.5, seed=9)
     want = pipes["host"](PROMPTS, **kw)
-    np.testing.assert_array_equal(pipes["graph"](PROMPTS, **kw), want)
-    np.testing.assert_array_equal(pipes["plain"](PROMPTS, **kw), want)
+    for mode in ("graph", "sessions", "plain"):
+        np.testing.assert_array_equal(pipes[mode](PROMPTS, **kw), want, err_msg=mode)
 
 
-def test_interleaved_requests_leave_no_stale_state(pipes):
-    """Prompts, seeds, sizes (up to the allocated maximum), batches and steps in turn, twice over: each
-    replayed graph equals the host pipeline, so nothing from an earlier request leaks into a later one."""
+@pytest.mark.parametrize("mode", ["graph", "sessions"])
+def test_interleaved_requests_leave_no_stale_state(pipes, mode):
+    """Prompts, seeds, sizes (up to the allocated maximum), batches and steps in turn, three times over: each
+    replayed graph equals the host pipeline, so nothing from an earlier request leaks into a later one. With
+    onnxruntime's own graphs, each session replays the graph of its shape (one ``gpu_graph_id`` per shape:
+    a graph replays the shapes and addresses it was captured with)."""
     calls = [
         (PROMPTS, 1, 64, 96, 1),
         (PROMPTS[:1], 2, 64, 64, 2),
         (PROMPTS, 3, 128, 128, 1),
         (PROMPTS[::-1], 1, 64, 96, 1),
     ]
-    graph = pipes["graph"]
+    graph = pipes[mode]
     captured = []
     for _ in range(3):  # round 1 fills the prompt cache; round 2 captures its hits' graphs too
         for prompts, seed, h, w, steps in calls:
@@ -72,6 +77,13 @@ def test_interleaved_requests_leave_no_stale_state(pipes):
             np.testing.assert_array_equal(got, pipes["host"](prompts, height=h, width=w, seed=seed, steps=steps))
         captured.append(set(graph.graphs))
     assert captured[1] == captured[2]  # the third round only replays
+    assert graph.graph_status == "on" if mode == "graph" else graph.graph_status.startswith("sessions: ")
+    if mode == "sessions":
+        for prompts, _, h, w, _ in calls:  # each shape's contexts: a graph each, under its own id, replayed
+            for name, ctx in graph.contexts[(len(prompts), h, w)].items():
+                if name in ("unet", "vae_decoder"):  # (the text encoders do not run on a prompt-cache hit)
+                    graph_id = int(ctx.graph_options.get_run_config_entry("gpu_graph_id"))
+                    assert graph_id in ctx.component.session.captured and ctx.component.session.replays > 0
 
 
 def test_a_captured_request_replays_without_enqueueing_again(pipes, monkeypatch):
@@ -105,16 +117,53 @@ def test_sessions_run_on_the_pipelines_stream_without_a_sync(pipes):
     assert run_options.get_run_config_entry("gpu_graph_id") == "-1"
 
 
+def test_each_shape_has_its_own_graph_id_in_each_session(pipes):
+    """onnxruntime keeps one CUDA graph per session and ``gpu_graph_id``, replayed at the shapes and addresses
+    it was captured with: each context (component and shape) has an id of its own, its runs never wait."""
+    pipe = pipes["sessions"]
+    for shape in ((1, 64, 64), (2, 64, 96)):
+        pipe(PROMPTS[: shape[0]], height=shape[1], width=shape[2], seed=1)
+    for name in pipe.engines:
+        options = [pipe.contexts[shape][name].graph_options for shape in pipe.contexts]
+        ids = [int(o.get_run_config_entry("gpu_graph_id")) for o in options]
+        assert len(set(ids)) == len(ids) and min(ids) > 0, (name, ids)
+        assert all(o.get_run_config_entry("disable_synchronize_execution_providers") == "1" for o in options)
+
+
 def test_a_shape_outside_the_bundle_is_refused_when_opened(tiny_bundle):
     with pytest.raises(InputError, match="height range"):
         emulated_ort_pipeline(tiny_bundle, shape=(1, 100, 64))
     with pytest.raises(InputError, match="precision 'int8'"):
         emulated_ort_pipeline(tiny_bundle, precision="int8")
+    with pytest.raises(InputError, match=r"cuda_graph 'yes' is not allowed; use one of \(True, False, 'chain'"):
+        emulated_ort_pipeline(tiny_bundle, cuda_graph="yes")
 
 
-def test_a_capture_that_fails_turns_the_graph_off_loudly(tiny_bundle, caplog):
-    """ONNX Runtime may refuse work under a capture (an allocation, a host copy): the request still
-    succeeds, enqueue by enqueue, with a warning, and ``graph_status`` says why."""
+@pytest.mark.parametrize(
+    "message",
+    [  # onnxruntime's words, newer and older
+        "This session cannot use the graph capture feature as requested by the user as all compute graph nodes "
+        "have not been partitioned to the CUDAExecutionProvider",
+        "This session cannot use the CUDA Graph feature as requested by the user as the model has control flow "
+        "nodes which can't be supported by CUDA Graphs.",
+    ],
+)
+def test_onnxruntimes_refusal_of_cuda_graphs_is_told_apart_from_a_bad_file(tiny_bundle, monkeypatch, message):
+    from sdturbo.engine.bundle import Bundle
+    from sdturbo.engine.errors import CaptureRefused
+
+    def refuse(*args):
+        raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : {message}")
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "_session", refuse)
+    with pytest.raises(CaptureRefused, match="onnxruntime will not run unet under a CUDA graph"):
+        OnnxRuntimeBackend("fp16").session(Bundle(tiny_bundle), "unet")
+
+
+def test_a_chain_capture_that_fails_falls_back_to_each_sessions_own_graph(tiny_bundle, caplog):
+    """ONNX Runtime may refuse work under a capture from outside (an allocation, a host copy): the request
+    still succeeds, with a warning, each session replaying onnxruntime's own CUDA graph from then on, and
+    ``graph_status`` says why the chain is not one graph."""
     cuda = EmulatedCuda()
     pipe = emulated_ort_pipeline(tiny_bundle, cuda, shape=SHAPE)
     stream_type = type(pipe.stream)
@@ -132,18 +181,19 @@ def test_a_capture_that_fails_turns_the_graph_off_loudly(tiny_bundle, caplog):
             again = pipe(PROMPTS, height=64, width=64, seed=1)
     finally:
         stream_type.enqueue = plain
-    assert not pipe.graphs and pipe.graph_status.startswith("off: capturing the chain failed: CUDA failure 900")
-    assert any("CUDA graph OFF" in r.message for r in caplog.records)
+    assert pipe.graph_status.startswith("sessions: capturing the chain failed: CUDA failure 900")
+    assert any("whole-chain CUDA graph OFF" in r.message for r in caplog.records)
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=1)
     np.testing.assert_array_equal(image, want)
     np.testing.assert_array_equal(again, want)
+    assert pipe.engines["unet"].session.replays > 0 and pipe.engines["vae_decoder"].session.replays > 0
 
 
 @pytest.mark.parametrize("broken", ["skips the UNet", "replays the first step only"])
 def test_a_graph_whose_replay_differs_is_never_used(tiny_bundle, caplog, broken):
     """A graph that does not recompute what the eager run computed (here: one that leaves out the UNet's
     runs, or stops after the first of 2 steps) is caught on its first replay, against the eager pixels, and
-    dropped: the image comes from the eager chain, and the graph is off, with the reason."""
+    dropped: the image comes from the sessions' own graphs (checked the same way), with the reason."""
     cuda = EmulatedCuda()
     pipe = emulated_ort_pipeline(tiny_bundle, cuda, shape=SHAPE)
     unet = pipe.engines["unet"]
@@ -160,7 +210,7 @@ def test_a_graph_whose_replay_differs_is_never_used(tiny_bundle, caplog, broken)
     cuda.Graph = BrokenGraph
     with caplog.at_level("WARNING"):
         image = pipe(PROMPTS, height=64, width=64, seed=3, steps=2)
-    assert not pipe.graphs and "differ from the eager run" in pipe.graph_status
+    assert pipe.graph_status.startswith("sessions: the captured graph's pixels differ from the eager run's")
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=3, steps=2)
     np.testing.assert_array_equal(image, want)
 
@@ -179,7 +229,7 @@ def test_a_graph_replaying_a_value_computed_at_capture_is_never_used(tiny_bundle
     """The failure a replay of the same request cannot show: a step that ran on the host during the capture
     (here the text encoder, whose hidden states the graph then restores as they were at capture) replays
     correctly for the inputs it was captured with only. The probe request (other prompts, other noise)
-    catches it, and the image comes from the eager chain."""
+    catches it, and the image comes from the sessions' own graphs."""
     cuda = EmulatedCuda()
     pipe = emulated_ort_pipeline(tiny_bundle, cuda, shape=SHAPE)
     text_encoder = pipe.engines["text_encoder"]
@@ -200,7 +250,7 @@ def test_a_graph_replaying_a_value_computed_at_capture_is_never_used(tiny_bundle
             image = pipe(PROMPTS, height=64, width=64, seed=5)
     finally:
         stream_type.enqueue = plain
-    assert not pipe.graphs and "differ from the eager run's on the request" in pipe.graph_status
+    assert pipe.graph_status.startswith("sessions: the captured graph's pixels differ from the eager run's on the")
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=5)
     np.testing.assert_array_equal(image, want)
 
@@ -226,10 +276,10 @@ def test_onnxruntime_cuda_without_onnxruntime_gpu_says_how_to_install_it(tiny_bu
         OnnxRuntimeBackend("fp16", ("CUDAExecutionProvider",))
 
 
-def test_a_session_onnxruntime_refuses_for_cuda_graphs_turns_the_graph_off(tiny_bundle, monkeypatch, caplog):
+def test_a_session_onnxruntime_refuses_for_cuda_graphs_runs_without(tiny_bundle, monkeypatch, caplog):
     """onnxruntime refuses to create a session with ``enable_cuda_graph`` when its graph needs host copies
-    (values a replay would reuse stale): that component is opened without it, the chain runs enqueue by
-    enqueue, and ``graph_status`` names the component."""
+    (values a replay would reuse stale): that component is opened without it and runs as it comes, the
+    chain is not one graph, the other sessions replay their own, and ``graph_status`` names the component."""
     from sdturbo.engine.errors import CaptureRefused
 
     opened = []
@@ -246,8 +296,55 @@ def test_a_session_onnxruntime_refuses_for_cuda_graphs_turns_the_graph_off(tiny_
     with caplog.at_level("WARNING"):
         pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE)
     assert ("unet", True) in opened and ("unet", False) in opened and ("text_encoder", False) not in opened
-    assert pipe.graph_status.startswith("off: onnxruntime refuses CUDA graphs for unet")
-    image = pipe(PROMPTS, height=64, width=64, seed=2)
-    assert not pipe.graphs
+    assert pipe.graph_status.startswith("sessions: onnxruntime refuses CUDA graphs for unet")
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=2)
+    for _ in range(2):
+        np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=2), want)
+    assert pipe.engines["unet"].graph_options is None and not hasattr(pipe.engines["unet"].session, "replays")
+    assert pipe.engines["vae_decoder"].session.replays > 0
+
+
+def test_a_sessions_graph_whose_replay_differs_is_never_used(tiny_bundle, caplog, monkeypatch):
+    """Were onnxruntime's own graph of a session to replay wrong (here: the UNet's replays do nothing), the
+    check catches it as it catches a chain graph: no graph is used from then on, and the image is right."""
+    from tests.engine.emulated_gpu import EmulatedOrtGraphs
+
+    pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE, cuda_graph="sessions")
+    unet, real = pipe.engines["unet"].session, EmulatedOrtGraphs.run_with_iobinding
+
+    def unet_replays_nothing(self, binding, run_options):
+        if self is unet and int(run_options.get_run_config_entry("gpu_graph_id")) in self.captured:
+            return None
+        return real(self, binding, run_options)
+
+    monkeypatch.setattr(EmulatedOrtGraphs, "run_with_iobinding", unet_replays_nothing)
+    with caplog.at_level("WARNING"):
+        images = [pipe(PROMPTS, height=64, width=64, seed=6, steps=2) for _ in range(2)]
+    assert pipe.graph_status.startswith("off: the captured graph's pixels differ from the eager run's")
+    want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=6, steps=2)
+    for image in images:
+        np.testing.assert_array_equal(image, want)
+
+
+def test_a_session_whose_own_capture_fails_leaves_no_capture_open(tiny_bundle, caplog, monkeypatch):
+    """A session whose run fails during onnxruntime's own capture (say, an allocation it may not make then)
+    can leave the stream capturing: the capture is ended, no graph is used, and the image is right."""
+    from tests.engine.emulated_gpu import EmulatedOrtGraphs
+
+    pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE, cuda_graph="sessions")
+    real = EmulatedOrtGraphs.run_with_iobinding
+
+    def fail_in_capture(self, binding, run_options):
+        graph_id = int(run_options.get_run_config_entry("gpu_graph_id"))
+        if graph_id != -1 and graph_id not in self.captured and self is pipe.engines["unet"].session:
+            pipe.stream.recording = []  # onnxruntime began its capture on the stream, then failed
+            raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing; expr=cudaMalloc")
+        return real(self, binding, run_options)
+
+    monkeypatch.setattr(EmulatedOrtGraphs, "run_with_iobinding", fail_in_capture)
+    with caplog.at_level("WARNING"):
+        image = pipe(PROMPTS, height=64, width=64, seed=8)
+    assert pipe.graph_status.startswith("off: capturing the sessions' own graphs failed: CUDA failure 900")
+    assert pipe.stream.recording is None
+    want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=8)
     np.testing.assert_array_equal(image, want)
