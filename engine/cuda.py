@@ -156,6 +156,7 @@ class Stream:
             err, graph = rt.cudaStreamEndCapture(self.handle)
             if int(getattr(err, "value", err)) == 0 and graph:
                 rt.cudaGraphDestroy(graph)
+        rt.cudaGetLastError()  # reset this runtime's last error for the thread (later calls start clean)
 
 
 class Event:
@@ -188,6 +189,7 @@ class Graph:
             fn()
         except BaseException:
             rt.cudaStreamEndCapture(stream.handle)  # end the broken capture; the error that broke it is the one raised
+            rt.cudaGetLastError()  # and reset this runtime's last error for the thread (later calls start clean)
             raise
         graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
         self._graph = graph
