@@ -11,12 +11,14 @@ first's (two strided device copies), its pooled output bound straight to the UNe
 ``time_ids`` buffer, per-step noise for the ancestral step, and casts around the fp32 VAE.
 
 Every buffer's dtype and shape comes from the manifest's I/O specs, and every component tensor is bound
-to a named buffer (``bindings``), so a component whose precision differs from the latents' is cast, not
-misread. The CUDA calls go through ``self.cuda`` (engine/cuda.py); tests/engine/emulated_gpu.py puts a
+to a named buffer (engine/device_buffers.py), so a component whose precision differs from the latents' is
+cast, not misread. The CUDA calls go through ``self.cuda`` (engine/cuda.py); tests/engine/emulated_gpu.py puts a
 host emulation there so the CPU test suite runs this orchestration against ONNX Runtime.
 
-A subclass opens the components (``_open``: name -> something whose ``context(dims, addresses)`` gives a
-per-shape context with ``enqueue(stream)`` and ``capturable(stream)``) and says which shapes it covers.
+A subclass opens the components (name -> something whose ``context(spec, dims, addresses)`` gives a
+per-shape context with ``enqueue(stream)`` and ``capturable(stream)``), says which shapes it covers, and may
+say what replays a request's work instead of one captured graph (``_make_graph``: ONNX Runtime's own per
+session, engine/ort_pipeline.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 
 from . import cuda as cuda_module
 from .bundle import Bundle
+from .device_buffers import HOST_BUFFERS, bindings, buffer_specs, spec_of
 from .device_cache import DevicePromptRows
 from .engine_store import Profile
 from .errors import BundleError
@@ -40,46 +43,11 @@ from .pipeline import check_vae_request
 from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
 from .request import Request, build_request
 from .schedule import MAX_STEPS, make_schedule
-from .spec import TensorSpec, axis_values
+from .spec import axis_values
 
 log = logging.getLogger(__name__)
 _PIPELINES = itertools.count()  # one prompt-cache identity per device pipeline
 WARMUP_RUNS = 3  # lazy initialisation (TensorRT-RTX's JIT, cuDNN's algorithm search) never lands in a capture
-
-
-def bindings(
-    family: str, latent_dtype: str, specs: dict, decoder: str = "vae_decoder", encoder: str = "vae_encoder"
-) -> dict[str, dict[str, str]]:
-    """Each component tensor -> the device buffer it reads or writes (every address fixed once per context).
-
-    A VAE whose latents are not in the latents' dtype (SDXL's fp32 VAE) gets buffers of its own,
-    filled and drained by cast kernels. ``decoder``/``encoder``: the VAE's components (the full VAE's, or the
-    tiny VAE's, whose encoder takes no posterior noise)."""
-    xl = family == "sdxl-turbo"
-    out = {
-        "text_encoder": {"input_ids": "ids", "hidden_states": "hidden_1" if xl else "hidden"},
-        "unet": {"sample": "x_in", "timestep": "timestep", "hidden_states": "hidden", "noise_pred": "eps"},
-        decoder: {"image": "image_out"},
-        encoder: {"image": "image_in"},
-    }
-    if xl:
-        out["text_encoder_2"] = {"input_ids": "ids_2", "hidden_states": "hidden_2", "text_embeds": "pooled"}
-        out["unet"].update(text_embeds="pooled", time_ids="time_ids")
-    dec_in = spec_of(specs[decoder], "latents").dtype
-    out[decoder]["latents"] = "x" if dec_in == latent_dtype else "x_vae"
-    if encoder in specs:
-        enc_out = spec_of(specs[encoder], "latents").dtype
-        out[encoder]["latents"] = "encoded" if enc_out == latent_dtype else "encoded_vae"
-        if any(t.name == "noise" for t in specs[encoder].inputs):
-            out[encoder]["noise"] = "image_noise"
-    return out
-
-
-def spec_of(component_spec, name: str) -> TensorSpec:
-    for t in (*component_spec.inputs, *component_spec.outputs):
-        if t.name == name:
-            return t
-    raise BundleError(f"the manifest's {component_spec.name} has no tensor {name!r}")
 
 
 PROBE_PROMPTS = ("a", "a photograph of an astronaut riding a horse on the moon, detailed, soft light, 35mm")
@@ -170,32 +138,13 @@ class DevicePipeline:
     # -- buffers ----------------------------------------------------------------------------------
 
     def _allocate(self) -> None:
-        """Every buffer once, at the profile's maximum: the component-bound ones sized from their specs."""
-        p, c, dt = self.profile, self.bundle.latent_channels, self.dtype
-        bmax = p.batch[2]
-        dmax = p.dims(2, self.bundle.vae_scale_factor)
-        lat = (bmax, c, dmax["latent_height"], dmax["latent_width"])
-        self.latent_max = int(np.prod(lat))
-        sizes = {
-            "noise": (lat, dt),
-            "x": (lat, dt),
-            "encoded": (lat, dt),
-            "timesteps": ((MAX_STEPS, bmax), np.float32),
-            "timestep": ((bmax,), np.float32),  # this step's row of timesteps, copied in on the device
-            "pixels": ((bmax, p.height[2], p.width[2], 3), np.uint8),
-        }
-        if self.ancestral:
-            sizes["step_noise"] = ((MAX_STEPS, *lat), dt)
-        for comp, binds in self.binds.items():
-            if comp not in self.engines:
-                continue
-            for tensor, buf in binds.items():
-                t = spec_of(self.specs[comp], tensor)
-                sizes.setdefault(buf, (t.concrete(dmax), np.dtype(t.dtype)))
+        """Every buffer once, at the profile's maximum (device_buffers.buffer_specs), and the pinned host twins
+        of those copied in and out."""
+        binds = {c: tensors for c, tensors in self.binds.items() if c in self.engines}
+        self.latent_max, sizes = buffer_specs(self.bundle, self.profile, self.dtype, self.ancestral, binds, self.specs)
         self.buffer_specs = sizes
         self.dev = {k: self.cuda.DeviceBuffer(int(np.prod(s)) * np.dtype(d).itemsize) for k, (s, d) in sizes.items()}
-        host = ("ids", "ids_2", "noise", "image_noise", "step_noise", "timesteps", "time_ids", "image_in", "pixels")
-        self.host = {k: self.cuda.PinnedArray(*sizes[k]) for k in host if k in sizes}
+        self.host = {k: self.cuda.PinnedArray(*sizes[k]) for k in HOST_BUFFERS if k in sizes}
 
     def _put(self, name: str, values: np.ndarray) -> None:
         """Copy ``values`` into the front of device buffer ``name``, through its pinned twin."""

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from . import cuda as cuda_module
 from .bundle import Bundle
-from .device_pipeline import DevicePipeline, bindings, spec_of
+from .device_buffers import bindings, spec_of
+from .device_pipeline import DevicePipeline
 from .engine_store import Profile, find_engine
 from .errors import BackendError, BundleError, EngineMissing
 from .integrity import read_checked, write_checked
