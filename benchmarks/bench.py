@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import modes
-from .contenders import Diffusers, Ours, ancestral_noise, parse_ours
+from .contenders import VARIANTS, Diffusers, Ours, ancestral_noise, parse_ours
 from .timers import StageTimer, percentile
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,50 @@ class BenchConfig:
     out: str = "benchmarks/results/latest"
     modes: tuple[str, ...] = ()  # opt-in modes, each against diffusers doing the same: tiny-vae, prompt-cache
     paired_runs: int = 5  # the modes' targets measured in pairs too (benchmarks/modes.py); 0: not
+
+    def __post_init__(self):
+        """Every value checked once, here: a bad one is named with what is allowed, before anything loads."""
+        from sdturbo.engine.errors import InputError
+        from sdturbo.engine.schedule import MAX_STEPS
+
+        def positive(option: str, value, low: int = 1) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{option} {value!r} is not allowed; give a whole number >= {low}")
+
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise InputError(f"--steps {self.steps} is not allowed; use 1 to {MAX_STEPS}")
+        for option, value, low in (("--batch", self.batch, 1), ("--runs", self.runs, 1), ("--warmup", self.warmup, 0)):
+            positive(option, value, low)
+        if not self.batches:
+            raise InputError("--batches is empty; give batch sizes, e.g. 1,4,8")
+        for b in self.batches:
+            positive("--batches", b)
+        if self.compile_mode not in COMPILE_MODES:
+            raise InputError(f"--compile-mode {self.compile_mode!r} is not allowed; use one of {COMPILE_MODES}")
+        for name in self.contenders:
+            check_contender(name)
+        modes.check(self.modes)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def check_contender(name: str) -> None:
+    """``diffusers-<fp16|fp32>[-<variant>]`` or ``sdturbo-<backend>[-<variant>]-<precision>``, else an InputError."""
+    from sdturbo.engine.errors import InputError
+    from sdturbo.engine.runtime import BACKENDS
+
+    extra = ("", "-compile", *(f"-{theirs}" for _, theirs in modes.MODES.values()))
+    ok = name in {f"diffusers-{p}{c}" for p in ("fp16", "fp32") for c in extra}
+    if name.startswith("sdturbo-") and name.count("-") >= 2:
+        backend, _, precision = parse_ours(name)
+        ok = backend in BACKENDS and backend != "auto" and precision in ("fp16", "fp32")
+    if not ok:
+        raise InputError(
+            f"--contenders {name!r} is not allowed; use diffusers-<fp16|fp32>[-compile|-tiny|-embeds] or "
+            f"sdturbo-<{'|'.join(b for b in BACKENDS if b != 'auto')}>[-<variant>]-<fp16|fp32> (variants: "
+            f"{', '.join(v for v in VARIANTS if v)})"
+        )
 
 
 def device() -> str:

@@ -14,6 +14,15 @@ log = logging.getLogger("sdturbo")
 DEFAULT_MODEL = "stabilityai/sd-turbo"
 
 
+def parse_batches(text: str) -> tuple[int, ...]:
+    """``--batches 1,4,8`` -> (1, 4, 8); a part that is not a whole number is named."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in parts if not p.isdigit()]
+    if bad or not parts:
+        raise InputError(f"--batches {text!r} is not allowed; give batch sizes separated by commas, e.g. 1,4,8")
+    return tuple(int(p) for p in parts)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'WxH' or 'N' -> (width, height)."""
     try:
@@ -152,7 +161,7 @@ def cmd_bench(args) -> None:
         batch=args.batch,
         runs=args.runs,
         warmup=args.warmup,
-        batches=tuple(int(b) for b in args.batches.split(",")),
+        batches=parse_batches(args.batches),
         contenders=tuple(args.contenders.split(",")) if args.contenders else (),
         cold=not args.no_cold,
         compile_mode=args.compile_mode,

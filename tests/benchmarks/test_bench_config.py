@@ -1,0 +1,42 @@
+"""The benchmark's settings are checked before anything loads: a bad value is named with what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+from sdturbo.benchmarks.bench import BenchConfig
+from sdturbo.engine.cli import main
+from sdturbo.engine.errors import InputError
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"steps": 0}, r"--steps 0 is not allowed; use 1 to 4"),
+        ({"batch": 0}, r"--batch 0 is not allowed; give a whole number >= 1"),
+        ({"runs": 0}, r"--runs 0 is not allowed"),
+        ({"warmup": -1}, r"--warmup -1 is not allowed; give a whole number >= 0"),
+        ({"batches": ()}, r"--batches is empty"),
+        ({"batches": (1, 0)}, r"--batches 0 is not allowed"),
+        ({"compile_mode": "fast"}, r"--compile-mode 'fast' is not allowed; use one of \('default'"),
+        ({"contenders": ("sdturbo-foo-fp16",)}, r"--contenders 'sdturbo-foo-fp16' is not allowed"),
+        ({"contenders": ("sdturbo-onnxruntime-cuda-fused-fp16",)}, r"'sdturbo-onnxruntime-cuda-fused-fp16' is not"),
+        ({"contenders": ("diffusers-fp8",)}, r"--contenders 'diffusers-fp8' is not allowed"),
+        ({"modes": ("fast",)}, r"--modes fast is not allowed"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        BenchConfig(**kwargs)
+
+
+def test_every_contender_the_benchmark_knows_is_allowed():
+    names = [f"diffusers-{p}{v}" for p in ("fp16", "fp32") for v in ("", "-compile", "-tiny", "-embeds")]
+    names += ["sdturbo-tensorrt-fp16", "sdturbo-onnxruntime-fp32", "sdturbo-onnxruntime-tiny-fp32"]
+    names += [f"sdturbo-onnxruntime-cuda-{v}fp16" for v in ("", "sessiongraphs-", "unfused-", "host-", "cached-")]
+    assert BenchConfig(contenders=tuple(names)).contenders == tuple(names)
+
+
+@pytest.mark.parametrize("batches", ["", "1,x", "1,,4x"])
+def test_bench_batches_that_are_not_numbers_are_named(batches, capsys):
+    assert main(["bench", "--model", "random:tiny", "--batches", batches]) == 2
+    assert f"--batches {batches!r} is not allowed" in capsys.readouterr().err
