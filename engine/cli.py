@@ -15,10 +15,9 @@ DEFAULT_MODEL = "stabilityai/sd-turbo"
 
 
 def parse_batches(text: str) -> tuple[int, ...]:
-    """``--batches 1,4,8`` -> (1, 4, 8); a part that is not a whole number is named."""
+    """``--batches 1,4,8`` -> (1, 4, 8); ``""`` -> () (no throughput sweep); a part that is not a number is named."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in parts if not p.isdigit()]
-    if bad or not parts:
+    if any(not p.isdigit() for p in parts) or (text.strip() and not parts):
         raise InputError(f"--batches {text!r} is not allowed; give batch sizes separated by commas, e.g. 1,4,8")
     return tuple(int(p) for p in parts)
 
@@ -325,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--batch", type=int, default=1, help="batch of the latency runs (default 1)")
     n.add_argument("--runs", type=int, default=10, help="timed runs per contender (default 10)")
     n.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
-    n.add_argument("--batches", default="1", help="throughput sweep, e.g. 1,4,8,16 (default 1)")
+    n.add_argument("--batches", default="1", help="throughput sweep, e.g. 1,4,8,16 (default 1; '': none)")
     n.add_argument("--contenders", help="comma-separated subset (default: all available here)")
     n.add_argument("--no-cold", action="store_true", help="skip the process-start-to-first-image runs")
     n.add_argument(

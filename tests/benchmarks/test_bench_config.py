@@ -15,7 +15,6 @@ from sdturbo.engine.errors import InputError
         ({"batch": 0}, r"--batch 0 is not allowed; give a whole number >= 1"),
         ({"runs": 0}, r"--runs 0 is not allowed"),
         ({"warmup": -1}, r"--warmup -1 is not allowed; give a whole number >= 0"),
-        ({"batches": ()}, r"--batches is empty"),
         ({"batches": (1, 0)}, r"--batches 0 is not allowed"),
         ({"compile_mode": "fast"}, r"--compile-mode 'fast' is not allowed; use one of \('default'"),
         ({"contenders": ("sdturbo-foo-fp16",)}, r"--contenders 'sdturbo-foo-fp16' is not allowed"),
@@ -36,7 +35,14 @@ def test_every_contender_the_benchmark_knows_is_allowed():
     assert BenchConfig(contenders=tuple(names)).contenders == tuple(names)
 
 
-@pytest.mark.parametrize("batches", ["", "1,x", "1,,4x"])
+@pytest.mark.parametrize("batches", [",", "1,x", "1,,4x"])
 def test_bench_batches_that_are_not_numbers_are_named(batches, capsys):
     assert main(["bench", "--model", "random:tiny", "--batches", batches]) == 2
     assert f"--batches {batches!r} is not allowed" in capsys.readouterr().err
+
+
+def test_no_throughput_sweep_is_an_empty_batches():
+    from sdturbo.engine.cli import parse_batches
+
+    assert parse_batches("") == () and parse_batches("1, 4,8") == (1, 4, 8)
+    assert BenchConfig(batches=()).batches == ()
