@@ -114,7 +114,13 @@ def cmd_generate(args) -> None:
     log.info("ready in %.2f s", time.perf_counter() - start)
     start = time.perf_counter()
     images = pipe.run(request)
-    log.info("generated %d image(s) in %.3f s", len(images), time.perf_counter() - start)
+    graph = getattr(pipe, "graph_status", None)  # GPU pipelines: "on", "sessions: why", "off: why"
+    log.info(
+        "generated %d image(s) in %.3f s%s",
+        len(images),
+        time.perf_counter() - start,
+        f"; CUDA graph {graph}" * bool(graph),
+    )
     for path in save_images(images, args.out):
         print(path)
 
