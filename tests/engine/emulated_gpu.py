@@ -351,8 +351,9 @@ class EmulatedKernels:
         def op():
             img = self.mem.array(image, self.T, (batch, 3, height, width)).transpose(0, 2, 3, 1)
             v = np.clip(f(t(f(t(f(img) / F32(2))) + F32(0.5))), 0, 1)
+            out = self.mem.array(pixels, np.uint8, (batch, height, width, 3))
             with np.errstate(invalid="ignore"):  # NaN (a poisoned buffer a broken graph never wrote) casts anyhow
-                self.mem.array(pixels, np.uint8, (batch, height, width, 3))[...] = np.rint(v * F32(255)).astype(np.uint8)
+                out[...] = np.rint(v * F32(255)).astype(np.uint8)
 
         self.streams[stream].do(op)
 
