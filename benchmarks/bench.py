@@ -313,13 +313,21 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
             "runs": e2e,
         },
         "throughput": throughput(contender, cfg, sync),
+        "throughput_profile": getattr(contender, "sweep_profile", None),  # TensorRT: the sweep's engines
         "peak_memory_mb": mem.peak_mb(),
         "image": image,
     }
 
 
 def throughput(contender, cfg: BenchConfig, sync) -> list[dict]:
+    """Images per second at each of ``cfg.batches`` (3 runs after a warm-up each). A TensorRT contender runs
+    them on engines for every batch up to the largest (``Ours.for_sweep``; its profile is reported)."""
     out = []
+    if hasattr(contender, "for_sweep"):
+        try:
+            contender.sweep_profile = contender.for_sweep(cfg.batches, cfg.height, cfg.width)
+        except Exception as e:  # engines that cannot be built here: every batch says why
+            return [{"batch": b, "images_per_s": None, "error": f"{type(e).__name__}: {e}"[:300]} for b in cfg.batches]
     for b in cfg.batches:
         lat = np.random.default_rng(b).standard_normal((b, 4, cfg.height // 8, cfg.width // 8), dtype=np.float32)
         try:

@@ -80,6 +80,21 @@ class Ours:
         kw = {} if step_noise is None else {"step_noise": step_noise}
         return self.pipe(prompts, steps=steps, height=height, width=width, latents=latents, **kw)
 
+    def for_sweep(self, batches, height: int, width: int) -> str | None:
+        """Ready the pipeline for the throughput sweep's ``batches``. TensorRT's latency engines are static (the
+        latency run's batch only): the sweep gets engines for batch 1 to the largest, built once and kept in the
+        bundle. Returns their profile (None: the latency pipeline runs the sweep)."""
+        if self.backend != "tensorrt" or not batches:
+            return None
+        if all(self.pipe.profile.covers(b, height, width) for b in batches):
+            return None
+        from sdturbo.engine.runtime import open_pipeline
+
+        modes = {"vae": self.pipe.vae, "prompt_cache": self.pipe.prompt_cache}
+        shape = (max(batches), height, width)
+        self.pipe = open_pipeline(self.bundle, "tensorrt", self.precision, shape=shape, any_batch=True, **modes).load()
+        return self.pipe.profile.tag
+
     def close(self) -> None:
         self.pipe = None
         gc.collect()

@@ -42,7 +42,10 @@ def markdown(results: dict) -> str:
         "floors (ms, max of FLOPs / matmul rate and weights / copy bandwidth): "
         + ", ".join(f"{k} {v:.2f}" for k, v in floor.items()),
     ]
-    tp = [(r["name"], t["batch"], t["images_per_s"]) for r in results["contenders"] for t in r["throughput"]]
+    tp = []
+    for r in results["contenders"]:  # TensorRT's sweep runs on engines of their own: their profile is named
+        name = r["name"] + (f" (engines {r['throughput_profile']})" if r.get("throughput_profile") else "")
+        tp += [(name, t["batch"], t["images_per_s"]) for t in r["throughput"]]
     if tp:
         lines += ["", "| contender | batch | images/s |", "|---|---|---|"]
         lines += [f"| {n} | {b} | {'-' if v is None else f'{v:.2f}'} |" for n, b, v in tp]

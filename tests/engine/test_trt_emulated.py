@@ -183,3 +183,23 @@ def test_sdturbo_serve_on_tensorrt_builds_engines_for_batch_1_to_its_max_batch(t
     pipe = batchers[0].pipe
     assert pipe.profile.tag == "b1-2_256x256"
     assert {key[:3] for key in pipe.graphs} >= {(1, 256, 256), (2, 256, 256)}
+
+
+def test_the_benchmarks_tensorrt_sweep_gets_engines_for_every_batch(tiny_bundle, tmp_path, monkeypatch):
+    """The latency run's TensorRT engines are static (its batch only): the throughput sweep gets engines for
+    batch 1 to its largest (built once), each batch measured, and the report names their profile."""
+    from sdturbo.benchmarks.bench import BenchConfig, throughput
+    from sdturbo.benchmarks.contenders import Ours
+    from sdturbo.benchmarks.timers import StageTimer
+    from sdturbo.engine import trt_pipeline
+
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    monkeypatch.setattr(trt_pipeline, "TrtPipeline", emulated_trt_class(EmulatedCuda(), rtx=True))
+    ours = Ours(path, "tensorrt", "fp16", StageTimer())
+    ours.load((1, 64, 64), max_batch=2)
+    assert ours.pipe.profile.tag == "b1_64x64"
+    cfg = BenchConfig(height=64, width=64, batches=(1, 2), contenders=("sdturbo-tensorrt-fp16",))
+    rows = throughput(ours, cfg, lambda: None)
+    assert [r["batch"] for r in rows] == [1, 2] and all(r["images_per_s"] for r in rows), rows
+    assert ours.sweep_profile == "b1-2_64x64" == ours.pipe.profile.tag
