@@ -158,9 +158,13 @@ class OrtCudaPipeline(DevicePipeline):
         self.graph_kind = ("chain" if cuda_graph in (True, "chain") else "sessions") if capture else None
         if self.graph_kind == "sessions":
             self.graph_off_reason = "the whole chain's graph was not asked for (cuda_graph='sessions')"
-        if refused and capture:
+        if refused and capture:  # the chain cannot be one graph; the other sessions keep their own
             names = ", ".join(name for name, _ in refused)
-            self._graph_off(f"onnxruntime refuses CUDA graphs for {names} (host copies in the graph): {refused[0][1]}")
+            reason = f"onnxruntime refuses CUDA graphs for {names} (host copies in the graph): {refused[0][1]}"
+            if self.graph_kind == "sessions" and any(c.graph_options for c in components.values()):
+                self.graph_off_reason = reason
+            else:
+                self._graph_off(reason)
 
     def _open(self, backend, name: str, graphs: bool):
         """``name``'s session; ``graphs``: it was asked to keep CUDA graphs of its own (``enable_cuda_graph``)."""

@@ -276,7 +276,8 @@ def test_onnxruntime_cuda_without_onnxruntime_gpu_says_how_to_install_it(tiny_bu
         OnnxRuntimeBackend("fp16", ("CUDAExecutionProvider",))
 
 
-def test_a_session_onnxruntime_refuses_for_cuda_graphs_runs_without(tiny_bundle, monkeypatch, caplog):
+@pytest.mark.parametrize("cuda_graph", [True, "sessions"])
+def test_a_session_onnxruntime_refuses_for_cuda_graphs_runs_without(tiny_bundle, monkeypatch, caplog, cuda_graph):
     """onnxruntime refuses to create a session with ``enable_cuda_graph`` when its graph needs host copies
     (values a replay would reuse stale): that component is opened without it and runs as it comes, the
     chain is not one graph, the other sessions replay their own, and ``graph_status`` names the component."""
@@ -294,7 +295,7 @@ def test_a_session_onnxruntime_refuses_for_cuda_graphs_runs_without(tiny_bundle,
 
     monkeypatch.setattr(OnnxRuntimeBackend, "session", refuse_unet)
     with caplog.at_level("WARNING"):
-        pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE)
+        pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE, cuda_graph=cuda_graph)
     assert ("unet", True) in opened and ("unet", False) in opened and ("text_encoder", False) not in opened
     assert pipe.graph_status.startswith("sessions: onnxruntime refuses CUDA graphs for unet")
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=2)
