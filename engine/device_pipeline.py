@@ -189,12 +189,19 @@ class DevicePipeline:
         key = (B, H, W, sched.steps, req.strength if img2img else None, slots is not None)
         ctx = self._contexts(B, H, W)
         enqueue = lambda: self._enqueue(ctx, sched, B, H, W, img2img, encode=slots is None)  # noqa: E731
-        if not self.cuda_graph:
-            enqueue()
-        elif key in self.graphs:
-            self.graphs[key].launch()
-        elif not self._capture(key, req, sched, ctx, enqueue, slots):
-            return self.run(req)  # the graph is off now
+        while True:  # a graph that fails its capture or its check turns its tier off: the next one runs (or none)
+            scoped = key + self._graph_scope()
+            if not self.cuda_graph:
+                enqueue()
+                break
+            if scoped in self.graphs:
+                self.graphs[scoped].launch()
+                break
+            if self._capture(scoped, req, sched, ctx, enqueue, slots):
+                break  # its check's last replay was this request's
+            self._inputs(req, sched, ids)  # the check fed the probe's inputs
+            if slots is not None:
+                self.cached_rows.load(s, self.dev, slots)
         if slots is None and self.cached_rows is not None:
             self.cached_rows.store(s, self.dev, keys)
         pixels = self.host["pixels"]
@@ -282,6 +289,10 @@ class DevicePipeline:
                 return False
         self.graphs[key] = graph
         return True
+
+    def _graph_scope(self) -> tuple:
+        """What a graph's key adds to the request's shape: nothing here (a CUDA graph replays on any thread)."""
+        return ()
 
     def _make_graph(self, enqueue):
         """What replays ``enqueue``'s work: here one CUDA graph of it, captured now."""

@@ -17,15 +17,16 @@ TensorRT runtime does:
   fails, or a graph whose replays do not give the eager runs' pixels byte for byte (DevicePipeline._capture)
   ends that tier, with a warning; then each session replays onnxruntime's own CUDA graph (one per session
   and shape: the context's ``gpu_graph_id``), with the kernels launched between them and still one host
-  wait (onnxruntime >= 1.27 honours ``disable_synchronize_execution_providers`` on a replay: no wait after
-  each), checked the same way. If that fails too, every run is enqueued as it comes. ``graph_status`` says
-  which tier runs and why.
+  wait (onnxruntime releases since mid-2026 honour ``disable_synchronize_execution_providers`` on a replay,
+  onnxruntime PR #28686: no wait after each), checked the same way. If that fails too, every run is
+  enqueued as it comes. ``graph_status`` says which tier runs and why.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -160,7 +161,7 @@ class OrtCudaPipeline(DevicePipeline):
             self.graph_off_reason = "the whole chain's graph was not asked for (cuda_graph='sessions')"
         if refused and capture:  # the chain cannot be one graph; the other sessions keep their own
             names = ", ".join(name for name, _ in refused)
-            reason = f"onnxruntime refuses CUDA graphs for {names} (host copies in the graph): {refused[0][1]}"
+            reason = f"onnxruntime refuses CUDA graphs for {names}: {refused[0][1]}"
             if self.graph_kind == "sessions" and any(c.graph_options for c in components.values()):
                 self.graph_off_reason = reason
             else:
@@ -188,6 +189,11 @@ class OrtCudaPipeline(DevicePipeline):
         finally:
             for c in self.engines.values():
                 c.graphs_on = False
+
+    def _graph_scope(self) -> tuple:
+        """onnxruntime keeps its own graphs per thread: on another thread (a server's worker after a warm-up on
+        the main one) a session captures afresh, so that thread's graphs are checked afresh too."""
+        return (threading.get_ident(),) if self.graph_kind == "sessions" else ()
 
     def _make_graph(self, enqueue):
         return SessionGraphs(self, enqueue) if self.graph_kind == "sessions" else super()._make_graph(enqueue)

@@ -125,7 +125,8 @@ class OnnxRuntimeBackend:
         try:
             session = self._session(bundle, comp, opts)
         except Exception as e:  # onnxruntime raises its own exception types for a bad file
-            if "graph capture feature" in str(e) or "CUDA Graph feature" in str(e):  # newer, older onnxruntime
+            # onnxruntime's words: nodes on other providers (host copies), or control flow nodes
+            if "graph capture feature" in str(e) or "CUDA Graph feature" in str(e):
                 raise CaptureRefused(f"onnxruntime will not run {component} under a CUDA graph: {e}") from e
             raise BundleError(f"cannot load {comp.onnx}: {e}; the file is corrupt, export the bundle again") from e
         log.debug("loaded %s (%s) on %s", component, self.precision, session.get_providers())

@@ -16,6 +16,8 @@ What this cannot show: TensorRT's own numerics, CUDA graph capture rules, timing
 
 from __future__ import annotations
 
+import collections
+import threading
 import time
 
 import numpy as np
@@ -417,17 +419,19 @@ def emulated_ort_pipeline(bundle, cuda: EmulatedCuda | None = None, **kwargs) ->
 
 class EmulatedOrtGraphs:
     """An onnxruntime session created with ``enable_cuda_graph``, as the CUDA provider treats its runs: a run
-    with ``gpu_graph_id`` -1 just runs; the first run with another id runs ``MIN_RUNS`` times (onnxruntime's
-    warm-up) and then captures, keeping what that run's IO binding held (shapes, addresses); every later run
-    with that id replays the capture: the session again on the captured binding, whatever is bound now (a
-    graph reads and writes the addresses it was captured with)."""
+    with ``gpu_graph_id`` -1 just runs; the first run with another id on a thread runs ``MIN_RUNS`` times
+    (onnxruntime's warm-up) and then captures, keeping what that run's IO binding held (shapes, addresses);
+    every later run with that id on that thread replays the capture: the session again on the captured
+    binding, whatever is bound now (a graph reads and writes the addresses it was captured with). Graphs are
+    kept per thread, as onnxruntime keeps them. ``fail_capture(thread, graph_id)``, where set, may raise."""
 
     MIN_RUNS = 2
 
     def __init__(self, session):
         self.session = session
-        self.captured: dict[int, object] = {}
-        self.replays = 0
+        self.captured: dict[tuple[int, int], object] = {}  # (thread, graph id) -> the binding captured
+        self.replays: collections.Counter = collections.Counter()  # graph id -> replays, on any thread
+        self.fail_capture = None
 
     def __getattr__(self, name):
         return getattr(self.session, name)
@@ -436,10 +440,14 @@ class EmulatedOrtGraphs:
         graph_id = int(run_options.get_run_config_entry("gpu_graph_id"))
         if graph_id == -1:
             return self.session.run_with_iobinding(binding, run_options)
-        if graph_id in self.captured:
-            self.replays += 1
-            return self.session.run_with_iobinding(self.captured[graph_id], run_options)
-        for _ in range(self.MIN_RUNS + 1):  # the warm-up runs, then the captured one (replayed at once)
+        key = (threading.get_ident(), graph_id)
+        if key in self.captured:
+            self.replays[graph_id] += 1
+            return self.session.run_with_iobinding(self.captured[key], run_options)
+        for _ in range(self.MIN_RUNS):  # the warm-up runs, then the captured one (replayed at once)
             self.session.run_with_iobinding(binding, run_options)
-        self.captured[graph_id] = binding
+        if self.fail_capture is not None:
+            self.fail_capture(*key)
+        self.session.run_with_iobinding(binding, run_options)
+        self.captured[key] = binding
         return None

@@ -9,6 +9,8 @@ tests/engine/test_gpu_onnxruntime.py.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
@@ -83,7 +85,7 @@ def test_interleaved_requests_leave_no_stale_state(pipes, mode):
             for name, ctx in graph.contexts[(len(prompts), h, w)].items():
                 if name in ("unet", "vae_decoder"):  # (the text encoders do not run on a prompt-cache hit)
                     graph_id = int(ctx.graph_options.get_run_config_entry("gpu_graph_id"))
-                    assert graph_id in ctx.component.session.captured and ctx.component.session.replays > 0
+                    assert ctx.component.session.replays[graph_id] > 0, (name, h, w)
 
 
 def test_a_captured_request_replays_without_enqueueing_again(pipes, monkeypatch):
@@ -186,7 +188,11 @@ def test_a_chain_capture_that_fails_falls_back_to_each_sessions_own_graph(tiny_b
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=1)
     np.testing.assert_array_equal(image, want)
     np.testing.assert_array_equal(again, want)
-    assert pipe.engines["unet"].session.replays > 0 and pipe.engines["vae_decoder"].session.replays > 0
+    assert [type(g).__name__ for g in pipe.graphs.values()] == ["SessionGraphs"] * 2  # a miss's and a hit's
+    unet = pipe.engines["unet"].session
+    before = sum(unet.replays.values())
+    np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=1), want)
+    assert sum(unet.replays.values()) == before + 1  # the stored graphs replayed, nothing captured again
 
 
 @pytest.mark.parametrize("broken", ["skips the UNet", "replays the first step only"])
@@ -302,7 +308,7 @@ def test_a_session_onnxruntime_refuses_for_cuda_graphs_runs_without(tiny_bundle,
     for _ in range(2):
         np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=2), want)
     assert pipe.engines["unet"].graph_options is None and not hasattr(pipe.engines["unet"].session, "replays")
-    assert pipe.engines["vae_decoder"].session.replays > 0
+    assert sum(pipe.engines["vae_decoder"].session.replays.values()) > 0
 
 
 def test_a_sessions_graph_whose_replay_differs_is_never_used(tiny_bundle, caplog, monkeypatch):
@@ -314,7 +320,8 @@ def test_a_sessions_graph_whose_replay_differs_is_never_used(tiny_bundle, caplog
     unet, real = pipe.engines["unet"].session, EmulatedOrtGraphs.run_with_iobinding
 
     def unet_replays_nothing(self, binding, run_options):
-        if self is unet and int(run_options.get_run_config_entry("gpu_graph_id")) in self.captured:
+        graph_id = int(run_options.get_run_config_entry("gpu_graph_id"))
+        if self is unet and (threading.get_ident(), graph_id) in self.captured:
             return None
         return real(self, binding, run_options)
 
@@ -330,22 +337,39 @@ def test_a_sessions_graph_whose_replay_differs_is_never_used(tiny_bundle, caplog
 def test_a_session_whose_own_capture_fails_leaves_no_capture_open(tiny_bundle, caplog, monkeypatch):
     """A session whose run fails during onnxruntime's own capture (say, an allocation it may not make then)
     can leave the stream capturing: the capture is ended, no graph is used, and the image is right."""
-    from tests.engine.emulated_gpu import EmulatedOrtGraphs
 
     pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE, cuda_graph="sessions")
-    real = EmulatedOrtGraphs.run_with_iobinding
 
-    def fail_in_capture(self, binding, run_options):
-        graph_id = int(run_options.get_run_config_entry("gpu_graph_id"))
-        if graph_id != -1 and graph_id not in self.captured and self is pipe.engines["unet"].session:
-            pipe.stream.recording = []  # onnxruntime began its capture on the stream, then failed
-            raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing; expr=cudaMalloc")
-        return real(self, binding, run_options)
+    def fail_in_capture(thread, graph_id):
+        pipe.stream.recording = []  # onnxruntime began its capture on the stream, then failed
+        raise RuntimeError("CUDA failure 900: operation not permitted when stream is capturing; expr=cudaMalloc")
 
-    monkeypatch.setattr(EmulatedOrtGraphs, "run_with_iobinding", fail_in_capture)
+    pipe.engines["unet"].session.fail_capture = fail_in_capture
     with caplog.at_level("WARNING"):
         image = pipe(PROMPTS, height=64, width=64, seed=8)
     assert pipe.graph_status.startswith("off: capturing the sessions' own graphs failed: CUDA failure 900")
     assert pipe.stream.recording is None
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=8)
     np.testing.assert_array_equal(image, want)
+
+
+def test_another_thread_checks_its_own_session_graphs(tiny_bundle):
+    """onnxruntime keeps its graphs per thread: a server warms up on its main thread and serves on a worker,
+    where each session captures afresh. That capture is checked there too (the graphs are keyed by thread),
+    so one that fails there (here: the UNet's) falls back, and the request still gets its image."""
+    pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE, cuda_graph="sessions", prompt_cache=0)  # one key
+    want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=7)
+    np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=7), want)  # the main thread's graphs
+    main = threading.get_ident()
+
+    def fail_elsewhere(thread, graph_id):
+        if thread != main:
+            raise RuntimeError("CUDA failure 2: out of memory; expr=cudaMalloc (during capture)")
+
+    pipe.engines["unet"].session.fail_capture = fail_elsewhere
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(image=pipe(PROMPTS, height=64, width=64, seed=7)))
+    worker.start()
+    worker.join()
+    np.testing.assert_array_equal(out["image"], want)
+    assert pipe.graph_status.startswith("off: capturing the sessions' own graphs failed: CUDA failure 2")
