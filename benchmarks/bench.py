@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import modes
-from .contenders import VARIANTS, Diffusers, Ours, ancestral_noise, parse_ours
+from .contenders import Diffusers, Ours, ancestral_noise, parse_ours
 from .timers import StageTimer, percentile
 
 log = logging.getLogger(__name__)
@@ -71,21 +71,31 @@ class BenchConfig:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
+# what each of our backends can run: its variants (benchmarks/contenders.py VARIANTS) and precisions
+OUR_CONTENDERS = {
+    "tensorrt": (("", "tiny", "cached"), ("fp16",)),
+    "onnxruntime-cuda": (("", "sessiongraphs", "unfused", "host", "tiny", "cached"), ("fp16", "fp32")),
+    "onnxruntime": (("", "unfused", "tiny", "cached"), ("fp32", "fp16")),
+}
+
+
 def check_contender(name: str) -> None:
-    """``diffusers-<fp16|fp32>[-<variant>]`` or ``sdturbo-<backend>[-<variant>]-<precision>``, else an InputError."""
+    """``diffusers-<fp16|fp32>[-<variant>]`` or ``sdturbo-<backend>[-<variant>]-<precision>`` with a variant and
+    precision that backend runs, else an InputError."""
     from sdturbo.engine.errors import InputError
-    from sdturbo.engine.runtime import BACKENDS
 
     extra = ("", "-compile", *(f"-{theirs}" for _, theirs in modes.MODES.values()))
     ok = name in {f"diffusers-{p}{c}" for p in ("fp16", "fp32") for c in extra}
     if name.startswith("sdturbo-") and name.count("-") >= 2:
-        backend, _, precision = parse_ours(name)
-        ok = backend in BACKENDS and backend != "auto" and precision in ("fp16", "fp32")
+        backend, variant, precision = parse_ours(name)
+        variants, precisions = OUR_CONTENDERS.get(backend, ((), ()))
+        ok = variant in variants and precision in precisions
     if not ok:
+        ours = "; ".join(
+            f"sdturbo-{b}[-<{'|'.join(v for v in vs if v)}>]-<{'|'.join(ps)}>" for b, (vs, ps) in OUR_CONTENDERS.items()
+        )
         raise InputError(
-            f"--contenders {name!r} is not allowed; use diffusers-<fp16|fp32>[-compile|-tiny|-embeds] or "
-            f"sdturbo-<{'|'.join(b for b in BACKENDS if b != 'auto')}>[-<variant>]-<fp16|fp32> (variants: "
-            f"{', '.join(v for v in VARIANTS if v)})"
+            f"--contenders {name!r} is not allowed; use diffusers-<fp16|fp32>[-compile|-tiny|-embeds] or {ours}"
         )
 
 
@@ -156,7 +166,7 @@ def run(cfg: BenchConfig) -> dict:
         path = next(iter(bundle.values()), None) or ensure_bundle(cfg.model, "fp32", tiny_vae=True)
         tiny_folder = modes.tiny_vae_folder(path)
     fused = [
-        n for n in names if n.startswith("sdturbo-onnxruntime-cuda-") and parse_ours(n)[1] in ("", "sessiongraphs")
+        n for n in names if n.startswith("sdturbo-onnxruntime-cuda-") and parse_ours(n)[1] not in ("unfused", "host")
     ]
     if fused:  # ONNX Runtime's optimized graphs for CUDA, built before any run
         ort_optimized(cfg.model)

@@ -82,8 +82,9 @@ class Ours:
 
     def for_sweep(self, batches, height: int, width: int) -> str | None:
         """Ready the pipeline for the throughput sweep's ``batches``. TensorRT's latency engines are static (the
-        latency run's batch only): the sweep gets engines for batch 1 to the largest, built once and kept in the
-        bundle. Returns their profile (None: the latency pipeline runs the sweep)."""
+        latency run's batch only): the sweep gets engines for batch 1 to the largest (tuned for batch 1, as a
+        server's), built once and kept in the bundle, in place of the latency pipeline. Returns their profile
+        (None: the latency pipeline runs the sweep)."""
         if self.backend != "tensorrt" or not batches:
             return None
         if all(self.pipe.profile.covers(b, height, width) for b in batches):
@@ -92,6 +93,7 @@ class Ours:
 
         modes = {"vae": self.pipe.vae, "prompt_cache": self.pipe.prompt_cache}
         shape = (max(batches), height, width)
+        self.close()  # the latency pipeline's memory back first: both at once may not fit
         self.pipe = open_pipeline(self.bundle, "tensorrt", self.precision, shape=shape, any_batch=True, **modes).load()
         return self.pipe.profile.tag
 

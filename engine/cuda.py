@@ -197,3 +197,10 @@ class Graph:
 
     def launch(self) -> None:
         check(self._rt.cudaGraphLaunch(self._exec, self._stream.handle), "cudaGraphLaunch")
+
+    def __del__(self):  # a graph dropped (its tier turned off) gives its executable graph back
+        try:
+            self._rt.cudaGraphExecDestroy(self._exec)
+            self._rt.cudaGraphDestroy(self._graph)
+        except Exception:  # at interpreter exit the bindings may be gone first: nothing left to free then
+            pass

@@ -213,7 +213,8 @@ class TrtPipeline(DevicePipeline):
         if chosen is None:
             what = "this request"
             if shape:
-                what = f"{f'batch 1-{shape[0]}' if any_batch else f'batch {shape[0]}'} at {shape[2]}x{shape[1]}"
+                batches = f"1-{shape[0]}" if any_batch and shape[0] > 1 else str(shape[0])
+                what = f"batch {batches} at {shape[2]}x{shape[1]}"
             have = ", ".join(p.tag for p in profiles) or "none"
             raise EngineMissing(
                 f"no {self.flavour} {self.version} engines on {self.device} for {what} "

@@ -20,12 +20,24 @@ from sdturbo.engine.errors import InputError
         ({"contenders": ("sdturbo-foo-fp16",)}, r"--contenders 'sdturbo-foo-fp16' is not allowed"),
         ({"contenders": ("sdturbo-onnxruntime-cuda-fused-fp16",)}, r"'sdturbo-onnxruntime-cuda-fused-fp16' is not"),
         ({"contenders": ("diffusers-fp8",)}, r"--contenders 'diffusers-fp8' is not allowed"),
+        ({"contenders": ("sdturbo-tensorrt-host-fp16",)}, r"'sdturbo-tensorrt-host-fp16' is not allowed"),
+        ({"contenders": ("sdturbo-tensorrt-sessiongraphs-fp16",)}, r"'sdturbo-tensorrt-sessiongraphs-fp16' is not"),
+        ({"contenders": ("sdturbo-tensorrt-fp32",)}, r"'sdturbo-tensorrt-fp32' is not allowed"),
+        ({"contenders": ("sdturbo-onnxruntime-host-fp32",)}, r"'sdturbo-onnxruntime-host-fp32' is not allowed"),
         ({"modes": ("fast",)}, r"--modes fast is not allowed"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(InputError, match=message):
         BenchConfig(**kwargs)
+
+
+def test_the_backends_variants_are_the_benchmarks_variants():
+    from sdturbo.benchmarks.bench import OUR_CONTENDERS
+    from sdturbo.benchmarks.contenders import VARIANTS
+
+    used = {v for variants, _ in OUR_CONTENDERS.values() for v in variants}
+    assert used == set(VARIANTS)
 
 
 def test_every_contender_the_benchmark_knows_is_allowed():
