@@ -188,6 +188,7 @@ class Batcher:
         self.pipe, self.max_batch, self.max_delay_s = pipe, max_batch, max_delay_s
         self.stats = BatcherStats()
         self._pending: list[_Pending] = []
+        self._jobs: list[tuple] = []  # (fn, Future): run on the worker before the next batch
         self._cv = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="sdturbo-batcher", daemon=True)
@@ -205,6 +206,18 @@ class Batcher:
             self._cv.notify()
         return item.future
 
+    def on_worker(self, fn, timeout: float | None = None):
+        """Run ``fn()`` on the worker thread, before any request queued after it, and give its result (or raise
+        its error). The server's warm-up runs here: what a pipeline keeps per thread (onnxruntime keeps its own
+        CUDA graphs per thread) is then made on the thread that serves."""
+        job = Future()
+        with self._cv:
+            if self._closing:
+                raise ServerClosing("the server is shutting down; send the request to another instance")
+            self._jobs.append((fn, job))
+            self._cv.notify()
+        return job.result(timeout)
+
     def infer(self, inputs: Mapping[str, np.ndarray], timeout: float | None = None) -> np.ndarray:
         """One served request, start to end: parse, queue, wait for its batch."""
         return self.submit(parse(self.pipe, inputs)).result(timeout)
@@ -216,9 +229,11 @@ class Batcher:
             self._cv.notify_all()
         self._thread.join(timeout)
 
-    def _next_batch(self) -> list[_Pending] | None:
+    def _next_batch(self) -> list[_Pending] | tuple | None:
         with self._cv:
             while True:
+                if self._jobs:
+                    return self._jobs.pop(0)
                 if not self._pending:
                     if self._closing:
                         return None
@@ -237,7 +252,14 @@ class Batcher:
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            self._run(batch)
+            if isinstance(batch, tuple):  # a job (on_worker)
+                fn, job = batch
+                try:
+                    job.set_result(fn())
+                except BaseException as e:  # the caller gets it
+                    job.set_exception(e)
+            else:
+                self._run(batch)
 
     def _run(self, batch: list[_Pending]) -> None:
         start = time.perf_counter()

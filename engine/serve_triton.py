@@ -122,7 +122,7 @@ def serve(pipe, cfg: ServeConfig, verbose: bool = False) -> int:
     try:
         side = default_size(pipe.bundle)
         log.info("warming up (batch 1 and %d at %dx%d)", cfg.max_batch, side, side)
-        warm_up(pipe, cfg.max_batch, side)
+        batcher.on_worker(lambda: warm_up(pipe, cfg.max_batch, side))  # on the thread that serves
         return 0 if stop.is_set() else _serve(triton, model_config, batcher, cfg, stop, verbose)
     finally:
         batcher.close(timeout=cfg.drain_timeout_s)

@@ -231,3 +231,36 @@ def test_close_runs_what_is_queued_then_refuses(pipe):
 def test_bad_settings_name_the_option(pipe, kwargs, message):
     with pytest.raises(InputError, match=message):
         Batcher(pipe, **kwargs)
+
+
+def test_on_worker_runs_on_the_serving_thread_and_gives_back_result_or_error(pipe):
+    batcher = Batcher(pipe)
+    try:
+        assert batcher.on_worker(lambda: threading.current_thread().name, timeout=30) == "sdturbo-batcher"
+        with pytest.raises(ZeroDivisionError):
+            batcher.on_worker(lambda: 1 / 0, timeout=30)
+        image = batcher.infer(inputs(seed=4), timeout=60)  # the worker goes on serving
+        np.testing.assert_array_equal(image, direct(pipe, parse(pipe, inputs(seed=4))))
+    finally:
+        batcher.close(timeout=30)
+
+
+def test_the_servers_warm_up_leaves_the_serving_thread_nothing_to_capture(tiny_bundle):
+    """onnxruntime keeps its own CUDA graphs per thread: warmed up through the batcher (as `sdturbo serve`
+    does), the worker thread has its graphs, so the first served request captures nothing (the ONNX Runtime
+    CUDA pipeline on the emulated GPU, with onnxruntime's own graph per session)."""
+    from sdturbo.engine.serve import warm_up
+
+    from tests.engine.emulated_gpu import emulated_ort_pipeline
+
+    gpu = emulated_ort_pipeline(tiny_bundle, shape=(2, 64, 64), cuda_graph="sessions")
+    batcher = Batcher(gpu, max_batch=2)
+    try:
+        batcher.on_worker(lambda: warm_up(gpu, 2, 64), timeout=120)
+        captured = set(gpu.graphs)
+        image = batcher.submit(gpu.request("a red cube", height=64, width=64, seed=3)).result(60)
+        assert set(gpu.graphs) == captured and gpu.graph_status.startswith("sessions: ")
+        want = open_pipeline(tiny_bundle, "onnxruntime", "fp16")("a red cube", height=64, width=64, seed=3)[0]
+        np.testing.assert_array_equal(image, want)
+    finally:
+        batcher.close(timeout=30)
