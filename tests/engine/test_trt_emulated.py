@@ -9,7 +9,6 @@ step order or stale buffer shows. The real GPU path is tests/engine/test_gpu_pip
 from __future__ import annotations
 
 import shutil
-import socket
 
 import numpy as np
 import pytest
@@ -165,6 +164,7 @@ def test_sdturbo_serve_on_tensorrt_builds_engines_for_batch_1_to_its_max_batch(t
     """`sdturbo serve --backend tensorrt` on a bundle without engines builds them for every batch the server
     may run (1 to --max-batch), and its warm-up runs batch 1 and the max batch (the server itself is not
     started here: tests/serve/test_triton.py serves for real on the CPU)."""
+    from sdturbo.benchmarks.serve_load import free_port
     from sdturbo.engine import cli, serve_triton, trt_pipeline
 
     path = tmp_path / "b"
@@ -172,11 +172,7 @@ def test_sdturbo_serve_on_tensorrt_builds_engines_for_batch_1_to_its_max_batch(t
     monkeypatch.setattr(trt_pipeline, "TrtPipeline", emulated_trt_class(EmulatedCuda(), rtx=True))
     batchers = []
     monkeypatch.setattr(serve_triton, "_serve", lambda triton, mc, batcher, *rest: batchers.append(batcher) or 0)
-    ports = []
-    for _ in range(3):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(str(s.getsockname()[1]))
+    ports = [str(free_port()) for _ in range(3)]
     argv = ["serve", "--bundle", str(path), "--backend", "tensorrt", "--max-batch", "2", "--host", "127.0.0.1"]
     argv += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
     assert cli.main(argv) == 0
