@@ -360,6 +360,19 @@ class EmulatedKernels:
         self.streams[stream].do(op)
 
 
+def check_interleaved(pipe, host, calls) -> None:
+    """``calls`` ((prompts, seed, height, width, steps) each) in turn, three times over on ``pipe``: each image
+    equal to ``host``'s. Round 1 fills the prompt cache, round 2 captures its hits' graphs too, and round 3
+    only replays (no new graph)."""
+    captured = []
+    for _ in range(3):
+        for prompts, seed, h, w, steps in calls:
+            got = pipe(prompts, height=h, width=w, seed=seed, steps=steps)
+            np.testing.assert_array_equal(got, host(prompts, height=h, width=w, seed=seed, steps=steps))
+        captured.append(set(pipe.graphs))
+    assert captured[1] == captured[2]
+
+
 def emulated_pipeline(bundle, cuda: EmulatedCuda | None = None, rtx: bool = False, **kwargs) -> TrtPipeline:
     """A TrtPipeline whose GPU is ``cuda`` (a fresh emulation by default) and whose TensorRT is
     ``EmulatedTensorRT``: engines are found and checked in the bundle as usual (built with TensorRT-RTX

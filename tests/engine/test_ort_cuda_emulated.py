@@ -17,7 +17,7 @@ from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.errors import BundleError, InputError
 from sdturbo.engine.pipeline import Pipeline
 
-from tests.engine.emulated_gpu import EmulatedCuda, emulated_ort_pipeline
+from tests.engine.emulated_gpu import EmulatedCuda, check_interleaved, emulated_ort_pipeline
 
 PROMPTS = ["a red cube on a table", "an astronaut riding a horse"]
 SHAPE = (2, 128, 128)  # the largest request: every buffer is allocated for it
@@ -72,13 +72,7 @@ def test_interleaved_requests_leave_no_stale_state(pipes, mode):
         (PROMPTS[::-1], 1, 64, 96, 1),
     ]
     graph = pipes[mode]
-    captured = []
-    for _ in range(3):  # round 1 fills the prompt cache; round 2 captures its hits' graphs too
-        for prompts, seed, h, w, steps in calls:
-            got = graph(prompts, height=h, width=w, seed=seed, steps=steps)
-            np.testing.assert_array_equal(got, pipes["host"](prompts, height=h, width=w, seed=seed, steps=steps))
-        captured.append(set(graph.graphs))
-    assert captured[1] == captured[2]  # the third round only replays
+    check_interleaved(graph, pipes["host"], calls)
     assert graph.graph_status == "on" if mode == "graph" else graph.graph_status.startswith("sessions: ")
     if mode == "sessions":
         for prompts, _, h, w, _ in calls:  # each shape's contexts: a graph each, under its own id, replayed

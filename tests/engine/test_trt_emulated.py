@@ -21,7 +21,7 @@ from sdturbo.engine.errors import BundleError, EngineMissing
 from sdturbo.engine.pipeline import Pipeline
 from sdturbo.export.trt_build import build_engines
 
-from tests.engine.emulated_gpu import EmulatedCuda, emulated_pipeline, emulated_trt_class
+from tests.engine.emulated_gpu import EmulatedCuda, check_interleaved, emulated_pipeline, emulated_trt_class
 
 PROMPTS = ["a red cube on a table", "an astronaut riding a horse"]
 PROFILE = Profile.parse("1-2", "64-128")
@@ -76,7 +76,7 @@ def test_img2img_equals_the_host_pipeline(pipes):
 
 
 def test_interleaved_requests_leave_no_stale_state(pipes):
-    """Prompts, seeds, sizes (up to the profile's maximum), batches and steps in turn, twice over: each
+    """Prompts, seeds, sizes (up to the profile's maximum), batches and steps in turn, three times over: each
     replayed graph equals the host pipeline, so nothing from an earlier request leaks into a later one."""
     calls = [
         (PROMPTS, 1, 64, 96, 1),
@@ -86,13 +86,7 @@ def test_interleaved_requests_leave_no_stale_state(pipes):
         (PROMPTS[:1], 4, 128, 64, 4),
     ]
     graph = pipes["graph"]
-    captured = []
-    for _ in range(3):  # round 1 fills the prompt cache; round 2 captures its hits' graphs too
-        for prompts, seed, h, w, steps in calls:
-            got = graph(prompts, height=h, width=w, seed=seed, steps=steps)
-            np.testing.assert_array_equal(got, pipes["host"](prompts, height=h, width=w, seed=seed, steps=steps))
-        captured.append(set(graph.graphs))
-    assert captured[1] == captured[2]  # the third round only replays
+    check_interleaved(graph, pipes["host"], calls)
 
 
 def test_the_graph_replays_engines_instead_of_rerunning_python(pipes):
