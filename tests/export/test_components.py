@@ -17,6 +17,28 @@ DIMS = [
 ]
 
 
+def onnx_rel_error(comp, args, want: np.ndarray, dims: dict, record_property) -> float:
+    """``comp``'s ONNX run on the CPU on ``args`` against ``want`` (its PyTorch module's output): the output
+    shape is the manifest's at ``dims``; the relative L2 error is recorded and returned."""
+    session = ort.InferenceSession(str(comp.onnx), providers=["CPUExecutionProvider"])
+    got = session.run(None, {t.name: a.numpy() for t, a in zip(comp.spec.inputs, args, strict=True)})[0]
+    assert got.shape == want.shape == comp.spec.outputs[0].concrete(dims)
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    record_property("rel_l2", rel)
+    return rel
+
+
+def check_manifest_io(comp) -> None:
+    """Input/output names, element types and symbolic axes in ``comp``'s ONNX graph are the manifest's."""
+    graph = onnx.load(str(comp.onnx), load_external_data=False).graph
+    for declared, actual in ((comp.spec.inputs, graph.input), (comp.spec.outputs, graph.output)):
+        assert [t.name for t in declared] == [v.name for v in actual]
+        for t, v in zip(declared, actual, strict=True):
+            tt = v.type.tensor_type
+            assert onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) == np.dtype(t.dtype)
+            assert tuple(d.dim_param or d.dim_value for d in tt.shape.dim) == t.shape
+
+
 @pytest.mark.parametrize("dims", DIMS, ids=["b3-64x96", "b1-40x56"])
 @pytest.mark.parametrize("name", COMPONENTS)
 def test_fp32_component_matches_torch(name, dims, tiny_bundle, tiny_model, record_property):
@@ -24,12 +46,7 @@ def test_fp32_component_matches_torch(name, dims, tiny_bundle, tiny_model, recor
     args = sample_inputs(comp.spec, dims, vocab_size=700, seed=3)
     with torch.inference_mode():
         want = build_wrapper(name, tiny_model)(*args).numpy()
-    session = ort.InferenceSession(str(comp.onnx), providers=["CPUExecutionProvider"])
-    got = session.run(None, {t.name: a.numpy() for t, a in zip(comp.spec.inputs, args, strict=True)})[0]
-    assert got.shape == want.shape == comp.spec.outputs[0].concrete(dims)
-    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-    record_property("rel_l2", rel)
-    assert rel <= 1e-4
+    assert onnx_rel_error(comp, args, want, dims, record_property) <= 1e-4
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -37,15 +54,7 @@ def test_graphs_declare_the_manifest_io(precision, tiny_bundle):
     """Input/output names, element types and symbolic axes in each ONNX graph are the manifest's."""
     b = Bundle(tiny_bundle)
     for name in COMPONENTS:
-        comp = b.component(precision, name)
-        graph = onnx.load(str(comp.onnx), load_external_data=False).graph
-        for declared, actual in ((comp.spec.inputs, graph.input), (comp.spec.outputs, graph.output)):
-            assert [t.name for t in declared] == [v.name for v in actual]
-            for t, v in zip(declared, actual, strict=True):
-                tt = v.type.tensor_type
-                assert onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) == np.dtype(t.dtype)
-                dims = tuple(d.dim_param or d.dim_value for d in tt.shape.dim)
-                assert dims == t.shape
+        check_manifest_io(b.component(precision, name))
 
 
 def test_large_graph_path_streams_weights_into_one_file(tiny_bundle, tmp_path):
