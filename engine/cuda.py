@@ -154,7 +154,7 @@ class Stream:
         status = check(rt.cudaStreamIsCapturing(self.handle), "cudaStreamIsCapturing")
         if status != rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusNone:
             err, graph = rt.cudaStreamEndCapture(self.handle)
-            if int(getattr(err, "value", err)) == 0 and graph:
+            if int(getattr(err, "value", err)) == 0:
                 rt.cudaGraphDestroy(graph)
         rt.cudaGetLastError()  # reset this runtime's last error for the thread (later calls start clean)
 

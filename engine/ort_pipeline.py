@@ -220,7 +220,7 @@ class OrtCudaPipeline(DevicePipeline):
     def graph_status(self) -> str:
         """ "on" (the whole chain, one graph), "sessions: why the chain is not" (onnxruntime's own graph per
         session) or "off: why"."""
-        if self.cuda_graph and self.graph_kind == "sessions":
+        if self.graph_kind == "sessions":  # (a tier turned off is None: graph_kind and cuda_graph go together)
             return f"sessions: {self.graph_off_reason}"
         return super().graph_status
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -159,6 +159,14 @@ class _Pending:
 
 
 @dataclass
+class _Job:
+    """Work for the worker thread itself (``Batcher.on_worker``), run before the next batch."""
+
+    fn: Callable
+    future: Future
+
+
+@dataclass
 class BatcherStats:
     batches: int = 0
     images: int = 0
@@ -188,7 +196,7 @@ class Batcher:
         self.pipe, self.max_batch, self.max_delay_s = pipe, max_batch, max_delay_s
         self.stats = BatcherStats()
         self._pending: list[_Pending] = []
-        self._jobs: list[tuple] = []  # (fn, Future): run on the worker before the next batch
+        self._jobs: list[_Job] = []
         self._cv = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="sdturbo-batcher", daemon=True)
@@ -210,13 +218,13 @@ class Batcher:
         """Run ``fn()`` on the worker thread, before any request queued after it, and give its result (or raise
         its error). The server's warm-up runs here: what a pipeline keeps per thread (onnxruntime keeps its own
         CUDA graphs per thread) is then made on the thread that serves."""
-        job = Future()
+        job = _Job(fn, Future())
         with self._cv:
             if self._closing:
                 raise ServerClosing("the server is shutting down; send the request to another instance")
-            self._jobs.append((fn, job))
+            self._jobs.append(job)
             self._cv.notify()
-        return job.result(timeout)
+        return job.future.result(timeout)
 
     def infer(self, inputs: Mapping[str, np.ndarray], timeout: float | None = None) -> np.ndarray:
         """One served request, start to end: parse, queue, wait for its batch."""
@@ -229,7 +237,7 @@ class Batcher:
             self._cv.notify_all()
         self._thread.join(timeout)
 
-    def _next_batch(self) -> list[_Pending] | tuple | None:
+    def _next_batch(self) -> list[_Pending] | _Job | None:
         with self._cv:
             while True:
                 if self._jobs:
@@ -252,12 +260,11 @@ class Batcher:
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            if isinstance(batch, tuple):  # a job (on_worker)
-                fn, job = batch
+            if isinstance(batch, _Job):
                 try:
-                    job.set_result(fn())
+                    batch.future.set_result(batch.fn())
                 except BaseException as e:  # the caller gets it
-                    job.set_exception(e)
+                    batch.future.set_exception(e)
             else:
                 self._run(batch)
 
