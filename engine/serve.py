@@ -207,11 +207,7 @@ class Batcher:
         if req.batch != 1:
             raise InputError(f"a served request holds one prompt; got {req.batch}")
         item = _Pending(req, Future())
-        with self._cv:
-            if self._closing:
-                raise ServerClosing("the server is shutting down; send the request to another instance")
-            self._pending.append(item)
-            self._cv.notify()
+        self._queue(self._pending, item)
         return item.future
 
     def on_worker(self, fn, timeout: float | None = None):
@@ -219,12 +215,16 @@ class Batcher:
         its error). The server's warm-up runs here: what a pipeline keeps per thread (onnxruntime keeps its own
         CUDA graphs per thread) is then made on the thread that serves."""
         job = _Job(fn, Future())
+        self._queue(self._jobs, job)
+        return job.future.result(timeout)
+
+    def _queue(self, queue: list, item) -> None:
+        """Append ``item`` to ``queue`` and wake the worker; refused once the batcher is closing."""
         with self._cv:
             if self._closing:
                 raise ServerClosing("the server is shutting down; send the request to another instance")
-            self._jobs.append(job)
+            queue.append(item)
             self._cv.notify()
-        return job.future.result(timeout)
 
     def infer(self, inputs: Mapping[str, np.ndarray], timeout: float | None = None) -> np.ndarray:
         """One served request, start to end: parse, queue, wait for its batch."""
