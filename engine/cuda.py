@@ -53,6 +53,27 @@ def current_compute_capability(device: int = 0) -> int:
     return major * 10 + minor
 
 
+def device_summary(device: int = 0) -> str:
+    """``device``'s name, compute capability and the driver's CUDA version, e.g. "NVIDIA H100 80GB HBM3 (SM90,
+    driver CUDA 13.0)"; what of it cannot be read says so (for logs and records, never for a decision)."""
+    _, rt, _ = bindings()
+    try:
+        name = check(rt.cudaGetDeviceProperties(device)).name
+        name = name.split(b"\0")[0].decode(errors="replace") if isinstance(name, bytes) else str(name)
+    except BackendError:
+        name = f"GPU {device}"
+    try:
+        cc = f"SM{current_compute_capability(device)}"
+    except BackendError:
+        cc = "SM?"
+    try:
+        v = check(rt.cudaDriverGetVersion())
+        driver = f"{v // 1000}.{v % 1000 // 10}"
+    except BackendError:
+        driver = "?"
+    return f"{name} ({cc}, driver CUDA {driver})"
+
+
 _CONTEXTS: set[int] = set()
 
 

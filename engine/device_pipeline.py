@@ -34,6 +34,7 @@ import numpy as np
 
 from . import cuda as cuda_module
 from .bundle import Bundle
+from .capture_guard import CaptureGuard
 from .device_buffers import HOST_BUFFERS, bindings, buffer_specs, spec_of
 from .device_cache import DevicePromptRows
 from .engine_store import Profile
@@ -248,6 +249,12 @@ class DevicePipeline:
         encoders run eagerly."""
         s, nbytes = self.stream, req.batch * req.height * req.width * 3
         keep = self.cached_rows.inputs if slots is not None else ()
+        what = self._graph_label()
+        guard = CaptureGuard(f"{what} ({self.name})", self._capture_facts())
+        crashed = guard.crashed()
+        if crashed:
+            self._graph_off(crashed)
+            return False
 
         def feed(r: Request) -> None:
             self._inputs(r, sched)
@@ -268,27 +275,32 @@ class DevicePipeline:
         feed(probe)
         enqueue()
         eager["probe"] = self._pixels(nbytes)
-        what = self._graph_label()
-        try:
-            graph = self._make_graph(enqueue)
-        except self.capture_errors as e:
-            s.synchronize()
-            self._graph_off(f"capturing {what} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-            return False
-        for which, inputs in (("probe", probe), ("request", req)):
-            feed(inputs)
-            self._poison(int(eager[which][0]) ^ 0xFF, keep)
-            graph.launch()
-            replayed = self._pixels(nbytes)
-            if not np.array_equal(eager[which], replayed):
-                differ = int(np.count_nonzero(eager[which] != replayed))
-                self._graph_off(
-                    f"the captured graph's pixels differ from the eager run's on the {which} "
-                    f"({differ} of {nbytes} bytes)"
-                )
+        with guard.attempt():  # a capture or replay that kills the process is not tried again (capture_guard.py)
+            try:
+                graph = self._make_graph(enqueue)
+            except self.capture_errors as e:
+                s.synchronize()
+                self._graph_off(f"capturing {what} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
                 return False
+            for which, inputs in (("probe", probe), ("request", req)):
+                feed(inputs)
+                self._poison(int(eager[which][0]) ^ 0xFF, keep)
+                graph.launch()
+                replayed = self._pixels(nbytes)
+                if not np.array_equal(eager[which], replayed):
+                    differ = int(np.count_nonzero(eager[which] != replayed))
+                    self._graph_off(
+                        f"the captured graph's pixels differ from the eager run's on the {which} "
+                        f"({differ} of {nbytes} bytes)"
+                    )
+                    return False
         self.graphs[key] = graph
         return True
+
+    def _capture_facts(self) -> dict[str, str]:
+        """What a capture's outcome may depend on besides this code: the GPU and driver here; a subclass adds
+        its library's version (a process that died capturing is not tried again while these stay the same)."""
+        return {"gpu": self.cuda.device_summary()}
 
     def _graph_scope(self) -> tuple:
         """What a graph's key adds to the request's shape: nothing here (a CUDA graph replays on any thread)."""

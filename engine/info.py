@@ -6,6 +6,7 @@ integrity.py, or every time with ``verify``); the tokenizers for presence, conte
 from __future__ import annotations
 
 from .bundle import Bundle
+from .capture_guard import crash_records
 from .errors import BundleError
 from .integrity import verify as check_content
 from .tokenizer import PromptTokenizer
@@ -41,6 +42,9 @@ def describe(path, verify: bool = False) -> str:
     lines += describe_tokenizers(b, verify)
     lines += describe_engines(b)
     lines += describe_optimized(b)
+    crashed = crash_records()
+    if crashed:
+        lines += ["CUDA-graph captures skipped on this machine (each killed a process once):", *crashed]
     return "\n".join(lines)
 
 

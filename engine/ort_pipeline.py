@@ -198,6 +198,9 @@ class OrtCudaPipeline(DevicePipeline):
     def _make_graph(self, enqueue):
         return SessionGraphs(self, enqueue) if self.graph_kind == "sessions" else super()._make_graph(enqueue)
 
+    def _capture_facts(self) -> dict[str, str]:
+        return {**super()._capture_facts(), "onnxruntime": self._ort.__version__}
+
     def _graph_label(self) -> str:
         return "the sessions' own graphs" if self.graph_kind == "sessions" else super()._graph_label()
 

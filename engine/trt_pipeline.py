@@ -228,6 +228,9 @@ class TrtPipeline(DevicePipeline):
             f"{self.profile.tag}; build engines for it with `sdturbo build --batch --size`"
         )
 
+    def _capture_facts(self) -> dict[str, str]:
+        return {**super()._capture_facts(), self.flavour: self.version}
+
     def _first_run_done(self) -> None:
         """Once: TensorRT-RTX's kernels compiled by the first run are kept beside the plans."""
         if not self._caches_saved:

@@ -153,6 +153,9 @@ class EmulatedCuda:
     def current_compute_capability(self, device: int = 0) -> int:
         return self.cc
 
+    def device_summary(self, device: int = 0) -> str:
+        return f"emulated GPU (SM{self.cc})"
+
     def ensure_context(self, device: int = 0) -> None:
         self.context_current = True
 

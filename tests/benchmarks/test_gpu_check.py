@@ -1,0 +1,46 @@
+"""gpu_check's steps survive a crash inside a library: the benchmark runs in a process of its own and once
+more after being killed by a signal (a capture that killed it is skipped then: engine/capture_guard.py); the
+GPU tests' log says when they were killed. The processes are stood in for here; what they run is not."""
+
+from __future__ import annotations
+
+import subprocess
+
+from sdturbo.benchmarks import gpu_check
+
+
+def fake_runs(monkeypatch, codes: list[int]) -> list[list[str]]:
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        if "stdout" in kwargs:
+            kwargs["stdout"].write("tests/x.py::test_capture \n")
+        return subprocess.CompletedProcess(cmd, codes[len(calls) - 1])
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    return calls
+
+
+def test_a_benchmark_killed_by_a_signal_runs_once_more(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, [-6, 0])
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests", "--steps", "1"]) == 0
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls[0][1:4] == ["-m", "sdturbo.engine.cli", "bench"]
+    assert not list(tmp_path.glob("*.error.txt"))
+
+
+def test_a_benchmark_killed_twice_or_failing_is_recorded_as_failed(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, [-6, -6, 1])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests", "--steps", "1,4"])
+    assert len(calls) == 3  # killed twice: not a third time; an error exit: not again
+    for steps, exit_code in ((1, -6), (4, 1)):
+        error = (tmp_path / f"bench-{steps}step.error.txt").read_text()
+        assert f"failed (exit {exit_code})" in error
+
+
+def test_gpu_tests_killed_by_a_signal_say_so_in_their_log(tmp_path, monkeypatch):
+    fake_runs(monkeypatch, [-6])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench"])
+    log = (tmp_path / "gpu-tests.log").read_text()
+    assert log.endswith("== the gpu tests were killed by signal 6: in the last test above\n")
