@@ -74,7 +74,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # what each of our backends can run: its variants (benchmarks/contenders.py VARIANTS) and precisions
 OUR_CONTENDERS = {
     "tensorrt": (("", "tiny", "cached"), ("fp16",)),
-    "onnxruntime-cuda": (("", "sessiongraphs", "unfused", "host", "tiny", "cached"), ("fp16", "fp32")),
+    "onnxruntime-cuda": (("", "sessiongraphs", "nhwc", "unfused", "host", "tiny", "cached"), ("fp16", "fp32")),
     "onnxruntime": (("", "unfused", "tiny", "cached"), ("fp32", "fp16")),
 }
 
@@ -118,6 +118,7 @@ def available(dev: str) -> list[str]:
             names.append("sdturbo-tensorrt-fp16")
         if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             names += ["sdturbo-onnxruntime-cuda-fp16", "sdturbo-onnxruntime-cuda-sessiongraphs-fp16"]
+            names += ["sdturbo-onnxruntime-cuda-nhwc-fp16"]
             names += ["sdturbo-onnxruntime-cuda-unfused-fp16", "sdturbo-onnxruntime-cuda-host-fp16"]
     else:
         names.append("sdturbo-onnxruntime-fp32")

@@ -22,6 +22,7 @@ VARIANTS = {
     "host": "ONNX Runtime CUDA driven stage by stage from the host (the pipeline before the device-resident one)",
     "sessiongraphs": "ONNX Runtime CUDA device-resident, with onnxruntime's own CUDA graph per session (the second "
     "tier), not the whole chain's",
+    "nhwc": "ONNX Runtime CUDA device-resident with the CUDA provider's prefer_nhwc (channels-last convolutions)",
     "tiny": "the tiny VAE (--vae tiny; benchmarks/modes.py): compared with diffusers + AutoencoderTiny",
     "cached": "every timed request a prompt-cache hit (benchmarks/modes.py): compared with diffusers' prompt_embeds",
 }
@@ -65,6 +66,8 @@ class Ours:
                 "prompt_cache": 64 if self.variant == "cached" else 0,
             }
             graph = "sessions" if self.variant == "sessiongraphs" else True
+            if self.variant == "nhwc":
+                modes["nhwc"] = True
             self.pipe = open_pipeline(
                 self.bundle, self.backend, self.precision, shape=shape, fused=fused, cuda_graph=graph, **modes
             ).load()

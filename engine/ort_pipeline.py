@@ -122,17 +122,21 @@ class OrtCudaPipeline(DevicePipeline):
         fused: bool = True,
         vae: str = "full",
         prompt_cache: int | PromptCache = DEFAULT_SIZE,
+        nhwc: bool = False,
     ):
         """``shape``: the largest (batch, height, width) a request may have; every buffer is allocated
         for it once. ``cuda_graph``: True (or "chain"): the whole chain as one graph, else onnxruntime's own
         per session; "sessions": those only; False: none. ``fused``: the bundle's ``--ort-optimize`` graphs
         for CUDA where valid. ``vae``: "full" or "tiny"; ``prompt_cache``: prompts whose text-encoder
-        outputs are kept on the GPU (0: off)."""
+        outputs are kept on the GPU (0: off). ``nhwc``: the CUDA provider's ``prefer_nhwc`` (convolutions in
+        the channels-last layout that tensor cores prefer, transposes inserted by onnxruntime where needed;
+        the same function, not measured here yet: the benchmark's ``-nhwc-`` contender compares it)."""
         if not any(cuda_graph is m for m in GRAPH_MODES[:2]) and cuda_graph not in GRAPH_MODES[2:]:
             raise InputError(f"cuda_graph {cuda_graph!r} is not allowed; use one of {GRAPH_MODES}")
         if precision not in PRECISIONS:
             raise InputError(f"precision {precision!r} is not allowed for onnxruntime-cuda; use one of {PRECISIONS}")
         self.precision = precision
+        self.nhwc = bool(nhwc)
         self._prepare(bundle, vae, prompt_cache)
         b = self.bundle
         batch, height, width = (int(v) for v in shape)
@@ -238,16 +242,17 @@ class OrtCudaPipeline(DevicePipeline):
         instead of from a host callback on the stream, which a capture would record and every replay would
         run again (a double free); that synchronisation fails under capture, which ends the chain's graph
         cleanly."""
-        return {
-            "CUDAExecutionProvider": {
-                "device_id": "0",
-                "user_compute_stream": str(self.stream.ptr),
-                "has_user_compute_stream": "1",
-                "enable_cuda_graph": "1" if capture else "0",
-                "arena_extend_strategy": "kSameAsRequested",
-                "cudnn_conv_algo_search": "EXHAUSTIVE",  # once, during warm-up, before any capture
-            }
+        options = {
+            "device_id": "0",
+            "user_compute_stream": str(self.stream.ptr),
+            "has_user_compute_stream": "1",
+            "enable_cuda_graph": "1" if capture else "0",
+            "arena_extend_strategy": "kSameAsRequested",
+            "cudnn_conv_algo_search": "EXHAUSTIVE",  # once, during warm-up, before any capture
         }
+        if self.nhwc:
+            options["prefer_nhwc"] = "1"
+        return {"CUDAExecutionProvider": options}
 
     def _backend(self, precision: str, fused: bool, capture: bool):
         from .backends.onnxruntime import OnnxRuntimeBackend

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from .bundle import Bundle
-from .errors import BackendError
+from .errors import BackendError, InputError
 from .prompt_cache import DEFAULT_SIZE as DEFAULT_PROMPT_CACHE
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def open_pipeline(
     vae: str = "full",
     prompt_cache=DEFAULT_PROMPT_CACHE,
     any_batch: bool = False,
+    nhwc: bool = False,
 ):
     """A loaded pipeline for ``bundle``. ``vae``: "full" (the default) or "tiny" (the bundle's tiny autoencoder);
     ``prompt_cache``: prompts whose text-encoder outputs are kept (0: off), or a PromptCache to share.
@@ -70,10 +71,13 @@ def open_pipeline(
     batch, for servers), then loaded. On ONNX Runtime CUDA, ``shape``
     is the largest request: the device-resident pipeline allocates its buffers for it once, and
     ``cuda_graph`` may also be "sessions" (onnxruntime's own graph per session, not the whole chain's). ``fused``: ONNX
-    Runtime runs the bundle's `--ort-optimize` graphs where valid (False: the plain graphs)."""
+    Runtime runs the bundle's `--ort-optimize` graphs where valid (False: the plain graphs). ``nhwc``: ONNX Runtime
+    CUDA's ``prefer_nhwc`` (channels-last convolutions; not allowed on other backends)."""
     backend = choose_backend(backend)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     modes = {"vae": vae, "prompt_cache": prompt_cache}
+    if nhwc and backend != "onnxruntime-cuda":
+        raise InputError(f"nhwc is an ONNX Runtime CUDA setting; backend {backend!r} does not take it")
     if backend == "tensorrt":
         if precision not in (None, "fp16"):
             raise BackendError(f"TensorRT engines are built from the fp16 ONNX; precision {precision!r} is not allowed")
@@ -83,7 +87,9 @@ def open_pipeline(
     if backend == "onnxruntime-cuda":
         from .ort_pipeline import OrtCudaPipeline
 
-        return OrtCudaPipeline(bundle, precision or "fp16", shape=shape, cuda_graph=cuda_graph, fused=fused, **modes)
+        return OrtCudaPipeline(
+            bundle, precision or "fp16", shape=shape, cuda_graph=cuda_graph, fused=fused, nhwc=nhwc, **modes
+        )
     from .backends.onnxruntime import OnnxRuntimeBackend
     from .pipeline import Pipeline
 

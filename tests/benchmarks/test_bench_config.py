@@ -43,7 +43,9 @@ def test_the_backends_variants_are_the_benchmarks_variants():
 def test_every_contender_the_benchmark_knows_is_allowed():
     names = [f"diffusers-{p}{v}" for p in ("fp16", "fp32") for v in ("", "-compile", "-tiny", "-embeds")]
     names += ["sdturbo-tensorrt-fp16", "sdturbo-onnxruntime-fp32", "sdturbo-onnxruntime-tiny-fp32"]
-    names += [f"sdturbo-onnxruntime-cuda-{v}fp16" for v in ("", "sessiongraphs-", "unfused-", "host-", "cached-")]
+    names += [
+        f"sdturbo-onnxruntime-cuda-{v}fp16" for v in ("", "sessiongraphs-", "nhwc-", "unfused-", "host-", "cached-")
+    ]
     assert BenchConfig(contenders=tuple(names)).contenders == tuple(names)
 
 

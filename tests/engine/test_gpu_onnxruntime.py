@@ -28,8 +28,8 @@ from tests.reference import PROMPTS, H, W  # noqa: E402
 @pytest.fixture(scope="module")
 def pipes(tiny_bundle):
     """The device-resident pipeline, replayed as one CUDA graph, with onnxruntime's own graph per session, and
-    enqueued run by run, and the host-driven one (stage by stage, IO binding per call) on the same fp16
-    graphs."""
+    enqueued run by run; with channels-last convolutions (prefer_nhwc); and the host-driven one (stage by stage,
+    IO binding per call) on the same fp16 graphs."""
     from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
     from sdturbo.engine.ort_pipeline import OrtCudaPipeline
     from sdturbo.engine.pipeline import Pipeline
@@ -39,6 +39,7 @@ def pipes(tiny_bundle):
         "graph": OrtCudaPipeline(tiny_bundle, "fp16", shape=shape, cuda_graph=True),
         "sessions": OrtCudaPipeline(tiny_bundle, "fp16", shape=shape, cuda_graph="sessions"),
         "plain": OrtCudaPipeline(tiny_bundle, "fp16", shape=shape, cuda_graph=False),
+        "nhwc": OrtCudaPipeline(tiny_bundle, "fp16", shape=shape, nhwc=True),
         "host": Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16", ("CUDAExecutionProvider",))),
     }
 
@@ -55,7 +56,7 @@ def test_onnxruntime_cuda_matches_diffusers(steps, pipes, tiny_folder):
     """fp16 on CUDA: no further from diffusers fp32 than twice diffusers' own fp16 error, plus a level."""
     lat = latents(steps)
     ref32, bound = diffusers_fp16_bar(tiny_folder, steps, lat)
-    for mode in ("graph", "sessions", "host"):
+    for mode in ("graph", "sessions", "nhwc", "host"):
         ours = pipes[mode](PROMPTS, steps=steps, height=H, width=W, latents=lat)
         print(f"{steps} step(s), {mode}: RMS ORT-CUDA vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
         assert rms(ours, ref32) <= bound, mode

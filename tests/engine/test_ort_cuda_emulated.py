@@ -113,6 +113,23 @@ def test_sessions_run_on_the_pipelines_stream_without_a_sync(pipes):
     assert run_options.get_run_config_entry("gpu_graph_id") == "-1"
 
 
+def test_nhwc_asks_the_cuda_provider_for_channels_last_and_only_it(tiny_bundle):
+    """``nhwc`` sets the CUDA provider's ``prefer_nhwc`` (the image is the same function: the GPU tests compare
+    it with diffusers); it is off by default, and another backend refuses it by name."""
+    from sdturbo.engine.runtime import open_pipeline
+
+    cuda = EmulatedCuda()
+    on = emulated_ort_pipeline(tiny_bundle, cuda, shape=(1, 64, 64), nhwc=True).provider_options()
+    off = emulated_ort_pipeline(tiny_bundle, cuda, shape=(1, 64, 64)).provider_options()
+    assert on["CUDAExecutionProvider"]["prefer_nhwc"] == "1"
+    assert "prefer_nhwc" not in off["CUDAExecutionProvider"]
+    for name in ("prefer_nhwc", "user_compute_stream"):  # (each pipeline has a stream of its own)
+        on["CUDAExecutionProvider"].pop(name), off["CUDAExecutionProvider"].pop(name, None)
+    assert on == off
+    with pytest.raises(InputError, match="nhwc is an ONNX Runtime CUDA setting; backend 'onnxruntime' does not"):
+        open_pipeline(tiny_bundle, "onnxruntime", nhwc=True)
+
+
 def test_each_shape_has_its_own_graph_id_in_each_session(pipes):
     """onnxruntime keeps one CUDA graph per session and ``gpu_graph_id``, replayed at the shapes and addresses
     it was captured with: each context (component and shape) has an id of its own, its runs never wait."""
