@@ -1,0 +1,103 @@
+"""Every node of an exported graph has a kernel on onnxruntime's CUDA provider, so no session copies through
+the host and every session may keep a CUDA graph. The one that had none: CLIP's pooled-token ArgMax over
+int32 (SDXL's second text encoder). The CUDA provider registers ArgMax for double, float and float16 only
+(onnxruntime docs/OperatorKernels.md, CUDAExecutionProvider), so the export casts its input to float32 first
+(export/onnx_export.py: float_argmax), where that is exact."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from sdturbo.engine.bundle import Bundle
+from sdturbo.engine.spec import ComponentSpec, TensorSpec
+from sdturbo.export.onnx_export import INTEGER_TYPES, float_argmax
+
+SPEC = ComponentSpec("text_encoder_2", (TensorSpec("input_ids", "int32", ("batch", 77)),), ())
+
+
+def graph(source: str) -> onnx.ModelProto:
+    """ids [B, 77] int32 -> ``source`` -> int32 -> ArgMax over the last axis -> index [B] int64."""
+    nodes = {
+        "eos": [  # CLIP: argmax(ids == eos), as the TorchScript exporter writes it
+            helper.make_node("Equal", ["input_ids", "eos"], ["is_eos"]),
+            helper.make_node("Cast", ["is_eos"], ["values"], to=TensorProto.INT32),
+        ],
+        "ids": [helper.make_node("Cast", ["input_ids"], ["values"], to=TensorProto.INT32)],  # older configs
+        "product": [helper.make_node("Mul", ["input_ids", "input_ids"], ["values"])],  # a range nobody bounds
+    }[source]
+    nodes.append(helper.make_node("ArgMax", ["values"], ["index"], axis=-1, keepdims=0))
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", 77])],
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor("eos", TensorProto.INT32, [], [49407])],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
+    """Every output, one after another."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([out.ravel() for out in session.run(None, {"input_ids": ids})])
+
+
+@pytest.mark.parametrize("source", ["eos", "ids"])
+def test_an_integer_argmax_over_flags_or_ids_gets_a_float_input_and_the_same_index(source):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 49408, (6, 77), dtype=np.int32)
+    ids[:4, 70:] = 49407  # an end-of-text run: the first of them is the answer; rows 4-5 may have none
+    ids[2, 5] = 49407
+    model = graph(source)
+    want = run(model, ids)
+    assert float_argmax(model.graph, SPEC) == 1
+    (argmax,) = [n for n in model.graph.node if n.op_type == "ArgMax"]
+    (cast,) = [n for n in model.graph.node if n.output[0] == argmax.input[0]]
+    assert cast.op_type == "Cast" and cast.attribute[0].i == TensorProto.FLOAT
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_array_equal(run(model, ids), want)
+    if source == "eos":
+        assert want.tolist()[:4] == [70, 70, 5, 70]
+
+
+def test_two_argmax_of_one_tensor_share_one_cast():
+    model = graph("eos")
+    model.graph.node.append(helper.make_node("ArgMax", ["values"], ["first"], axis=0, keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("first", TensorProto.INT64, [77]))
+    ids = np.random.default_rng(1).integers(49400, 49408, (3, 77), dtype=np.int32)
+    want = run(model, ids)
+    assert float_argmax(model.graph, SPEC) == 2
+    assert [n.op_type for n in model.graph.node].count("Cast") == 2  # the graph's own, and one float32 Cast
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_array_equal(run(model, ids), want)
+
+
+def test_an_integer_argmax_of_unknown_range_is_left_with_a_warning(caplog):
+    model = graph("product")
+    with caplog.at_level(logging.WARNING):
+        assert float_argmax(model.graph, SPEC) == 0
+    assert [n.op_type for n in model.graph.node] == ["Mul", "ArgMax"]
+    assert "over integers of unknown range is left as it is" in caplog.text
+
+
+def test_no_exported_graph_has_an_integer_argmax(tiny_bundle, xl_bundle):
+    """The tiny SD-Turbo and SDXL-Turbo bundles, every component and precision (their parity with torch and
+    diffusers, pooled output included, is tested where they are exported)."""
+    argmaxes = 0
+    for path in (tiny_bundle, xl_bundle):
+        b = Bundle(path)
+        for precision, components in b.components.items():
+            for name in components:
+                model = onnx.shape_inference.infer_shapes(onnx.load(b.component(precision, name).onnx))
+                g = model.graph
+                types = {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.value_info, *g.output)}
+                for node in g.node:
+                    if node.op_type == "ArgMax":
+                        argmaxes += 1
+                        assert types[node.input[0]] not in INTEGER_TYPES, (path, precision, name)
+    assert argmaxes >= 1  # SDXL's second text encoder has one
