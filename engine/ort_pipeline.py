@@ -158,7 +158,19 @@ class OrtCudaPipeline(DevicePipeline):
             components[name] = OrtComponent(
                 name, session, self._run_options(-1), self.ort_device, self._address, self._run_options if own else None
             )
-        self.graphs_used = backend.graphs  # component -> "optimized" or "plain" (the benchmark reports it)
+        # component -> "optimized" or "plain" (the benchmark reports it)
+        self.graphs_used = {**backend.graphs, **(plain.graphs if plain else {})}
+        unfused = [name for name, graph in self.graphs_used.items() if graph == "plain"]
+        if fused and unfused and precision == "fp16":
+            log.warning(
+                "%s run%s the plain fp16 graphs: %s has no fused graphs for onnxruntime %s on CUDA; build them "
+                "once (they need the fp32 ONNX too) with `sdturbo build %s --ort-optimize`",
+                ", ".join(unfused),
+                "s" if len(unfused) == 1 else "",
+                self.bundle.root,
+                self._ort.__version__,
+                self.bundle.root,
+            )
         self._setup(profile, capture, components)
         self.graph_kind = ("chain" if cuda_graph in (True, "chain") else "sessions") if capture else None
         if self.graph_kind == "sessions":

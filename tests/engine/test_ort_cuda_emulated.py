@@ -320,6 +320,33 @@ def test_a_session_onnxruntime_refuses_for_cuda_graphs_runs_without(tiny_bundle,
         np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=2), want)
     assert pipe.engines["unet"].graph_options is None and not hasattr(pipe.engines["unet"].session, "replays")
     assert sum(pipe.engines["vae_decoder"].session.replays.values()) > 0
+    assert pipe.graphs_used["unet"] == "plain"  # the refused one's graph is reported too
+
+
+def test_plain_graphs_where_fused_ones_were_asked_for_say_how_to_build_them(tiny_bundle, tmp_path, caplog):
+    """The fused graphs are the fast path: a pipeline that runs the plain ones for want of them says which, and
+    the command that builds them (here the UNet's are built, for the provider the emulation runs)."""
+    import shutil
+
+    from sdturbo.export.ort_optimize import optimize_bundle
+
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    optimize_bundle(path, ("unet",), provider="cpu")
+    with caplog.at_level("WARNING"):
+        pipe = emulated_ort_pipeline(path, shape=(1, 64, 64))
+    assert pipe.graphs_used == {
+        "text_encoder": "plain",
+        "unet": "optimized",
+        "vae_decoder": "plain",
+        "vae_encoder": "plain",
+    }
+    (hint,) = [r.getMessage() for r in caplog.records if "plain fp16 graphs" in r.getMessage()]
+    assert hint.startswith("text_encoder, vae_decoder, vae_encoder run the plain fp16 graphs: ")
+    assert hint.endswith(f"`sdturbo build {path} --ort-optimize`")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        emulated_ort_pipeline(path, shape=(1, 64, 64), fused=False)  # plain graphs asked for: nothing to say
+    assert "plain fp16 graphs" not in caplog.text
 
 
 def test_a_sessions_graph_whose_replay_differs_is_never_used(tiny_bundle, caplog, monkeypatch):
