@@ -36,10 +36,8 @@ class CaptureGuard:
         self.key = hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     def _folder(self) -> Path | None:
-        from .cache import cache_root
-
         try:
-            folder = cache_root() / FOLDER
+            folder = trials_folder()
             folder.mkdir(parents=True, exist_ok=True)
             return folder
         except (OSError, SdTurboError) as e:
@@ -88,12 +86,18 @@ class CaptureGuard:
                 os.close(fd)  # releases the lock
 
 
-def crash_records() -> list[str]:
-    """One line per capture that killed a process here and is skipped since (for ``sdturbo info``)."""
+def trials_folder() -> Path:
+    """Where the markers and records are: ``$SDTURBO_CAPTURE_TRIALS`` where set (gpu_check keeps them with its
+    results, for its test runs too), else the cache's ``capture-trials``."""
     from .cache import cache_root
 
+    return Path(os.environ.get("SDTURBO_CAPTURE_TRIALS") or cache_root() / FOLDER)
+
+
+def crash_records() -> list[str]:
+    """One line per capture that killed a process here and is skipped since (for ``sdturbo info``)."""
     try:
-        records = sorted((cache_root() / FOLDER).glob("*.crashed"))
+        records = sorted(trials_folder().glob("*.crashed"))
     except (OSError, SdTurboError):
         return []
     lines = []

@@ -39,8 +39,26 @@ def test_a_benchmark_killed_twice_or_failing_is_recorded_as_failed(tmp_path, mon
         assert f"failed (exit {exit_code})" in error
 
 
-def test_gpu_tests_killed_by_a_signal_say_so_in_their_log(tmp_path, monkeypatch):
-    fake_runs(monkeypatch, [-6])
+def test_gpu_tests_killed_by_a_signal_say_so_and_run_once_more(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, [-6, 0])
     gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench"])
     log = (tmp_path / "gpu-tests.log").read_text()
-    assert log.endswith("== the gpu tests were killed by signal 6: in the last test above\n")
+    assert len(calls) == 2
+    assert "== the gpu tests were killed by signal 6: in the last test above\n== running them once more\n" in log
+    assert log.count("tests/x.py::test_capture") == 2  # both runs' output, in one log
+
+
+def test_gpu_tests_killed_twice_are_not_run_a_third_time(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, [-6, -6, 0])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench"])
+    assert len(calls) == 2
+    assert (tmp_path / "gpu-tests.log").read_text().endswith("killed by signal 6: in the last test above\n")
+
+
+def test_every_step_keeps_its_capture_records_with_the_results(tmp_path, monkeypatch):
+    envs = []
+    fake_runs(monkeypatch, [0, 0])
+    fake = gpu_check.subprocess.run
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda cmd, **kw: envs.append(kw["env"]) or fake(cmd, **kw))
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe", "--steps", "1"])
+    assert [env["SDTURBO_CAPTURE_TRIALS"] for env in envs] == [str((tmp_path / "capture-trials").resolve())] * 2

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="the guard needs POSI
 def trials(tmp_path, monkeypatch):
     """A cache of this test's own, for this process and the processes it starts."""
     monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SDTURBO_CAPTURE_TRIALS", raising=False)
     return tmp_path / "cache" / FOLDER
 
 
@@ -48,6 +49,13 @@ def test_a_capture_that_returns_or_raises_leaves_nothing_behind(trials):
         raise RuntimeError("capture failed")
     assert list(trials.iterdir()) == []
     assert guard.crashed() is None
+
+
+def test_the_records_may_live_elsewhere(tmp_path, trials, monkeypatch):
+    monkeypatch.setenv("SDTURBO_CAPTURE_TRIALS", str(tmp_path / "results" / "trials"))
+    with CaptureGuard("the chain", FACTS).attempt():
+        assert [p.suffix for p in (tmp_path / "results" / "trials").iterdir()] == [".pending"]
+    assert not trials.exists()
 
 
 def test_a_process_killed_inside_a_capture_marks_it_for_these_versions_only(tiny_bundle, trials):
