@@ -9,11 +9,13 @@ import subprocess
 from sdturbo.benchmarks import gpu_check
 
 
-def fake_runs(monkeypatch, codes: list[int]) -> list[list[str]]:
+def fake_runs(monkeypatch, codes: list[int], timeouts: list | None = None) -> list[list[str]]:
     calls = []
 
     def run(cmd, **kwargs):
         calls.append(cmd)
+        if timeouts is not None:
+            timeouts.append(kwargs.get("timeout"))
         if "stdout" in kwargs:
             kwargs["stdout"].write("tests/x.py::test_capture \n")
         return subprocess.CompletedProcess(cmd, codes[len(calls) - 1])
@@ -46,6 +48,14 @@ def test_gpu_tests_killed_by_a_signal_say_so_and_run_once_more(tmp_path, monkeyp
     assert len(calls) == 2
     assert "== the gpu tests were killed by signal 6: in the last test above\n== running them once more\n" in log
     assert log.count("tests/x.py::test_capture") == 2  # both runs' output, in one log
+
+
+def test_the_tests_timeout_is_for_both_runs_together(tmp_path, monkeypatch):
+    timeouts, clock = [], iter([0.0, 0.0, 70.0])  # the deadline set, the first run, the second 70 s later
+    fake_runs(monkeypatch, [-6, 0], timeouts)
+    monkeypatch.setattr(gpu_check.time, "monotonic", lambda: next(clock))
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench", "--tests-timeout", "100"])
+    assert timeouts == [100.0, 30.0]
 
 
 def test_gpu_tests_killed_twice_are_not_run_a_third_time(tmp_path, monkeypatch):
