@@ -151,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    # A CUDA-graph capture that kills a process is recorded here and skipped by the runs after it (the second
-    # attempt of a killed step); kept with the results, as evidence (engine/capture_guard.py).
-    env = {**os.environ, "SDTURBO_CAPTURE_TRIALS": str((out / "capture-trials").resolve())}
+
+    def env(step: str) -> dict[str, str]:
+        """A CUDA-graph capture that kills a process is recorded and skipped by the runs after it (a killed step's
+        second attempt, the later benchmarks); kept with the results as evidence, apart for the tests and the
+        benchmarks (a test killed by the timeout in a capture must not turn the benchmarks' graphs off)."""
+        return {**os.environ, "SDTURBO_CAPTURE_TRIALS": str((out / "capture-trials" / step).resolve())}
 
     def write(name, data):
         (out / name).write_text(json.dumps(data, indent=2, default=str))
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 for attempt in (1, 2):
                     left = max(deadline - time.monotonic(), 1) if args.tests_timeout else None
                     try:
-                        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=left, env=env)
+                        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=left, env=env("tests"))
                     except subprocess.TimeoutExpired:  # a hung test must not take the benchmark's time too
                         f.write(f"\n== gpu tests stopped after {args.tests_timeout} s (--tests-timeout)\n")
                         raise RuntimeError(f"the gpu tests ran past {args.tests_timeout} s") from None
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     argv += ["--no-cold"]
                 for attempt in (1, 2):  # in a process of its own: a crash inside a library takes only it
-                    rc = subprocess.run([sys.executable, "-m", "sdturbo.engine.cli", *argv], env=env).returncode
+                    cmd = [sys.executable, "-m", "sdturbo.engine.cli", *argv]
+                    rc = subprocess.run(cmd, env=env("bench")).returncode
                     if rc >= 0 or attempt == 2:
                         break
                     # killed by a signal: a CUDA-graph capture that killed it is recorded in the cache and

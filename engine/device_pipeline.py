@@ -298,9 +298,21 @@ class DevicePipeline:
         return True
 
     def _capture_facts(self) -> dict[str, str]:
-        """What a capture's outcome may depend on besides this code: the GPU and driver here; a subclass adds
-        its library's version (a process that died capturing is not tried again while these stay the same)."""
-        return {"gpu": self.cuda.device_summary()}
+        """What a capture's outcome may depend on: this code's version, the GPU and driver, the model and the
+        pipeline's settings; a subclass adds its library's version and settings (a process that died capturing
+        is not tried again while these stay the same)."""
+        from importlib import metadata
+
+        try:
+            version = metadata.version("sdturbo")
+        except metadata.PackageNotFoundError:
+            version = "?"
+        b = self.bundle
+        return {
+            "sdturbo": version,
+            "gpu": self.cuda.device_summary(),
+            "model": f"{b.model_id} ({b.config_hash[:12]}, {self.precision}, vae {self.vae})",
+        }
 
     def _graph_scope(self) -> tuple:
         """What a graph's key adds to the request's shape: nothing here (a CUDA graph replays on any thread)."""

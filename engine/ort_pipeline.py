@@ -215,7 +215,9 @@ class OrtCudaPipeline(DevicePipeline):
         return SessionGraphs(self, enqueue) if self.graph_kind == "sessions" else super()._make_graph(enqueue)
 
     def _capture_facts(self) -> dict[str, str]:
-        return {**super()._capture_facts(), "onnxruntime": self._ort.__version__}
+        fused = sorted({graph for graph in self.graphs_used.values()})
+        settings = f"{'+'.join(fused)} graphs{', prefer_nhwc' if self.nhwc else ''}"
+        return {**super()._capture_facts(), "onnxruntime": f"{self._ort.__version__} ({settings})"}
 
     def _graph_label(self) -> str:
         return "the sessions' own graphs" if self.graph_kind == "sessions" else super()._graph_label()

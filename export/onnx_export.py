@@ -16,6 +16,7 @@ from ..engine.bundle import EXTERNAL_DATA_BYTES
 from ..engine.files import make_shareable
 from ..engine.integrity import file_sha256
 from ..engine.spec import DTYPES, ComponentSpec
+from .graph_fixes import float_argmax
 from .rss import PeakRss
 from .wrappers import build_wrapper
 
@@ -183,64 +184,6 @@ def _stream_large(model: onnx.ModelProto, raw_dir: Path, spec: ComponentSpec, pa
             total += length
     onnx.save_model(model, str(path))
     return data, total
-
-
-INTEGER_TYPES = frozenset(
-    getattr(onnx.TensorProto, t) for t in ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
-)
-PASS_THROUGH = frozenset(("Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"))
-COMPARISONS = frozenset(("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor"))
-
-
-def float_argmax(graph: onnx.GraphProto, spec: ComponentSpec) -> int:
-    """Give every integer ArgMax a float32 input (a Cast before it); returns how many.
-
-    CLIP's pooled output takes the hidden state at the end-of-text token: ``argmax(ids == eos)``, or
-    ``argmax(ids)`` in older configs, an ArgMax over int32. onnxruntime's CUDA provider has ArgMax for floats
-    only, so that one node would run on the CPU with host copies around it, every request, and onnxruntime
-    refuses CUDA graphs for a session with host copies: SDXL's second text encoder could never be in one.
-    float32 holds every integer below 2**24 exactly, so the index is the same (first maximum) when the
-    input is known to be such: a comparison's 0/1, or the token ids (vocabularies are far smaller), through
-    casts and reshapes only. Any other integer ArgMax is left as it is, with a warning."""
-    producers = {out: node for node in graph.node for out in node.output}
-    inputs = {t.name for t in spec.inputs if t.dtype.startswith("int")}  # the token ids
-    elem = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
-
-    def bounded(name: str) -> bool:
-        node = producers.get(name)
-        if node is None:
-            return name in inputs
-        if node.op_type in COMPARISONS:
-            return True
-        return node.op_type in PASS_THROUGH and bounded(node.input[0])
-
-    def element_type(name: str) -> int | None:
-        """The tensor's element type where the graph says (value info, a Cast, an input), else None."""
-        node = producers.get(name)
-        if elem.get(name):
-            return elem[name]
-        if node is not None and node.op_type == "Cast":
-            return next(a.i for a in node.attribute if a.name == "to")
-        return None
-
-    done, nodes, casts = 0, [], set()
-    for node in graph.node:
-        kind = element_type(node.input[0]) if node.op_type == "ArgMax" else None
-        if node.op_type == "ArgMax" and (kind is None or kind in INTEGER_TYPES):
-            if bounded(node.input[0]):
-                cast = f"{node.input[0]}_as_float32"
-                if cast not in casts:  # one Cast per tensor, however many ArgMax read it
-                    casts.add(cast)
-                    nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [cast], to=onnx.TensorProto.FLOAT))
-                node.input[0] = cast
-                done += 1
-            else:
-                log.warning("%s: ArgMax %s over integers of unknown range is left as it is", spec.name, node.name)
-        nodes.append(node)
-    if done:
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return done
 
 
 def _stamp_contract(graph: onnx.GraphProto, spec: ComponentSpec) -> None:

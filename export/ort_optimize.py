@@ -130,14 +130,24 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str) -> dict
             use_gpu=provider == "cuda",
         )
     if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
-        keep = [n.name for n in m.model.graph.node if n.name.startswith(FP32_NODES)]
-        m.convert_float_to_float16(
-            keep_io_types=[n for n, d in floats.items() if d == "float32"], node_block_list=keep or None
-        )
+        m.convert_float_to_float16(keep_io_types=[n for n, d in floats.items() if d == "float32"], **fp32_kept(m.model))
     _check_contract(m.model, spec)
     big = m.model.ByteSize() >= EXTERNAL_DATA_BYTES
     m.save_model_to_file(str(dst), use_external_data_format=big)
     return fused_op_counts(m.model)
+
+
+def fp32_kept(model) -> dict:
+    """What onnxruntime's fp16 converter must leave in fp32 (its ``op_block_list`` and ``node_block_list``): its
+    own default ops; the UNet's timestep embedding (FP32_NODES); every ArgMax and the float32 Cast that
+    float_argmax put before an integer one (the converter would make it float16, exact only up to 2048: CLIP's
+    token ids, 49406 and 49407, would both round to 49408 and tie)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+
+    from .graph_fixes import FLOAT_ARGMAX
+
+    keep = [n.name for n in model.graph.node if n.name.startswith((*FP32_NODES, FLOAT_ARGMAX))]
+    return {"op_block_list": [*DEFAULT_OP_BLOCK_LIST, "ArgMax"], "node_block_list": keep or None}
 
 
 def _check_contract(model, spec) -> None:

@@ -71,4 +71,5 @@ def test_every_step_keeps_its_capture_records_with_the_results(tmp_path, monkeyp
     fake = gpu_check.subprocess.run
     monkeypatch.setattr(gpu_check.subprocess, "run", lambda cmd, **kw: envs.append(kw["env"]) or fake(cmd, **kw))
     gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe", "--steps", "1"])
-    assert [env["SDTURBO_CAPTURE_TRIALS"] for env in envs] == [str((tmp_path / "capture-trials").resolve())] * 2
+    folder = (tmp_path / "capture-trials").resolve()
+    assert [env["SDTURBO_CAPTURE_TRIALS"] for env in envs] == [str(folder / "tests"), str(folder / "bench")]

@@ -4,6 +4,7 @@ tried once: the next process skips it, says why, and falls back as it would afte
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sdturbo.engine import capture_guard
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.cache import cache_root
 from sdturbo.engine.capture_guard import FOLDER, CaptureGuard, crash_records
@@ -68,16 +70,71 @@ def test_a_process_killed_inside_a_capture_marks_it_for_these_versions_only(tiny
     )
     assert child.returncode < 0, child.stderr  # killed by a signal
     why = CaptureGuard("the chain", FACTS).crashed()
-    assert why is not None and "capturing the chain killed an earlier process" in why
+    assert why is not None and "a process died while capturing the chain (crashed, or was killed" in why
     assert "onnxruntime 1.0" in why and "remove " in why
     assert [p.suffix for p in trials.iterdir()] == [".crashed"]
     (record,) = crash_records()  # what `sdturbo info` lists
-    assert record.startswith("  the chain with gpu emulated GPU (SM86), onnxruntime 1.0 (killed pid ")
+    assert record.startswith("  the chain with gpu emulated GPU (SM86), onnxruntime 1.0 (died: pid ")
     assert describe(tiny_bundle).endswith(f"(each killed a process once):\n{record}")
     assert CaptureGuard("the chain", {**FACTS, "onnxruntime": "1.1"}).crashed() is None  # a newer library
     assert CaptureGuard("the sessions' own graphs", FACTS).crashed() is None  # another capture
     (trials / next(trials.iterdir()).name).unlink()  # as the message says: tried again
     assert CaptureGuard("the chain", FACTS).crashed() is None
+
+
+def stale_marker(folder: Path, key: str, host: str) -> Path:
+    """A marker no process holds, as a dead one leaves it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f"{key}.{host}-123-abc.pending"
+    marker.write_text(json.dumps({"pid": 123, "host": host, "started": "then"}))
+    return marker
+
+
+def test_only_this_hosts_markers_are_judged(trials):
+    """Locks may be local to a host (some network file systems): another host's marker is never taken for a
+    dead process, this host's is."""
+    guard = CaptureGuard("the chain", FACTS)
+    other = stale_marker(trials, guard.key, "another-host")
+    assert guard.crashed() is None and other.exists()
+    stale_marker(trials, guard.key, capture_guard._host())
+    assert "pid 123" in guard.crashed()
+    assert (trials / f"{guard.key}.crashed").exists()
+
+
+def test_a_marker_replaced_while_checked_is_not_taken_for_a_dead_one(tmp_path, monkeypatch):
+    """Between the checker's open and its lock, the marker's process may finish (its file removed, its lock
+    freed) and start another capture: the lock then taken is on a file no longer there, not a dead process's."""
+    marker = stale_marker(tmp_path, "k", "h")
+    assert capture_guard._abandoned(marker)  # (unheld and in place: abandoned)
+    real_open = os.open
+
+    def open_then_replace(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        Path(path).unlink()
+        Path(path).write_text("{}")  # (names are unique per attempt; this is the worst case all the same)
+        return fd
+
+    monkeypatch.setattr(capture_guard.os, "open", open_then_replace)
+    assert not capture_guard._abandoned(marker)
+
+
+def test_the_guard_never_fails_a_request(trials, monkeypatch):
+    """A folder this user may not change, or no folder at all: the crash is still told where it can be read,
+    and a capture still runs, unguarded."""
+    guard = CaptureGuard("the chain", FACTS)
+    marker = stale_marker(trials, guard.key, capture_guard._host())
+
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(capture_guard.os, "replace", refuse)
+    assert str(marker) in guard.crashed()  # not recorded, but said
+    monkeypatch.setattr(capture_guard, "trials_folder", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    assert guard.crashed() is None
+    ran = []
+    with guard.attempt():
+        ran.append(True)
+    assert ran == [True]
 
 
 CHILD = """
@@ -105,7 +162,7 @@ def test_a_pipeline_whose_capture_killed_a_process_falls_back_in_the_next(tiny_b
     pipe = emulated_ort_pipeline(tiny_bundle, EmulatedCuda(), shape=(2, 64, 64), cuda_graph=True)
     np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=1), want)
     assert pipe.graph_status.startswith(
-        "off: capturing the sessions' own graphs (ONNX Runtime CUDA) killed an earlier process"
+        "off: a process died while capturing the sessions' own graphs (ONNX Runtime CUDA)"
     ), pipe.graph_status
     assert sorted(p.suffix for p in trials.iterdir()) == [".crashed", ".crashed"]
     assert str(cache_root()) in pipe.graph_status  # where the record is, to remove it
@@ -119,7 +176,7 @@ def test_after_a_crash_in_the_chain_the_sessions_graphs_run(tiny_bundle, trials)
     pipe = emulated_ort_pipeline(tiny_bundle, EmulatedCuda(), shape=(2, 64, 64), cuda_graph=True)
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=1)
     np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=1), want)
-    assert pipe.graph_status.startswith("sessions: capturing the chain (ONNX Runtime CUDA) killed an earlier"), (
+    assert pipe.graph_status.startswith("sessions: a process died while capturing the chain (ONNX Runtime CUDA)"), (
         pipe.graph_status
     )
     assert [type(g).__name__ for g in pipe.graphs.values()] == ["SessionGraphs"]

@@ -63,11 +63,13 @@ def test_onnxruntime_cuda_matches_diffusers(steps, pipes, tiny_folder):
 
 
 def test_every_session_runs_on_cuda_on_the_pipelines_stream(pipes):
-    pipe = pipes["graph"]
-    for name, component in pipe.engines.items():
-        assert component.session.get_providers()[0] == "CUDAExecutionProvider", name
-        options = component.session.get_provider_options()["CUDAExecutionProvider"]
-        assert int(options["user_compute_stream"]) == pipe.stream.ptr, name
+    for mode in ("graph", "nhwc"):
+        pipe = pipes[mode]
+        for name, component in pipe.engines.items():
+            assert component.session.get_providers()[0] == "CUDAExecutionProvider", name
+            options = component.session.get_provider_options()["CUDAExecutionProvider"]
+            assert int(options["user_compute_stream"]) == pipe.stream.ptr, name
+            assert options.get("prefer_nhwc", "0") == ("1" if mode == "nhwc" else "0"), (mode, name)
 
 
 def test_the_whole_chain_is_captured_and_replays_as_it_ran(pipes):

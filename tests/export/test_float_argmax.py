@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper
 from sdturbo.engine.bundle import Bundle
 from sdturbo.engine.spec import ComponentSpec, TensorSpec
-from sdturbo.export.onnx_export import INTEGER_TYPES, float_argmax
+from sdturbo.export.graph_fixes import INTEGER_TYPES, float_argmax
 
 SPEC = ComponentSpec("text_encoder_2", (TensorSpec("input_ids", "int32", ("batch", 77)),), ())
 
@@ -65,6 +65,42 @@ def test_an_integer_argmax_over_flags_or_ids_gets_a_float_input_and_the_same_ind
         assert want.tolist()[:4] == [70, 70, 5, 70]
 
 
+def casts_before(model: onnx.ModelProto, node) -> list[int]:
+    """The element types the Casts right before ``node``'s first input cast to, nearest first."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    out, name = [], node.input[0]
+    while name in producers and producers[name].op_type == "Cast":
+        out.append(producers[name].attribute[0].i)
+        name = producers[name].input[0]
+    return out
+
+
+@pytest.mark.parametrize("source", ["eos", "ids"])
+def test_the_fp16_conversion_of_the_fused_graphs_keeps_argmax_in_float32(source):
+    """`sdturbo build --ort-optimize` converts the fp32 graph to fp16 with onnxruntime's converter, which makes
+    every float32 Cast a float16 one unless told not to (export/ort_optimize.py: fp32_kept). In float16 the
+    end-of-text id 49407 and the start 49406 both round to 49408: the first (position 0) would win, for every
+    prompt. Here no float16 Cast stands before the ArgMax, and it reads float32."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+    from sdturbo.export.ort_optimize import fp32_kept
+
+    def converted(keep: bool) -> onnx.ModelProto:
+        model = graph(source)
+        float_argmax(model.graph, SPEC)
+        m = OnnxModel(model)
+        m.convert_float_to_float16(keep_io_types=True, **(fp32_kept(m.model) if keep else {}))
+        return m.model
+
+    for keep in (True, False):
+        model = converted(keep)
+        (argmax,) = [n for n in model.graph.node if n.op_type == "ArgMax"]
+        kinds = casts_before(model, argmax)
+        if keep:
+            assert kinds[0] == TensorProto.FLOAT and TensorProto.FLOAT16 not in kinds, kinds
+        elif source == "ids":  # (what it guards against: onnxruntime's converter alone goes through float16)
+            assert TensorProto.FLOAT16 in kinds, kinds
+
+
 def test_two_argmax_of_one_tensor_share_one_cast():
     model = graph("eos")
     model.graph.node.append(helper.make_node("ArgMax", ["values"], ["first"], axis=0, keepdims=0))
@@ -101,3 +137,18 @@ def test_no_exported_graph_has_an_integer_argmax(tiny_bundle, xl_bundle):
                         argmaxes += 1
                         assert types[node.input[0]] not in INTEGER_TYPES, (path, precision, name)
     assert argmaxes >= 1  # SDXL's second text encoder has one
+
+
+def test_the_fused_graph_of_sdxls_second_text_encoder_keeps_its_argmax_in_float32(xl_bundle, tmp_path):
+    import shutil
+
+    from sdturbo.engine.backends.ort_optimized import find_optimized
+    from sdturbo.export.ort_optimize import optimize_bundle
+
+    path = shutil.copytree(xl_bundle, tmp_path / "b")
+    optimize_bundle(path, ("text_encoder_2",), provider="cuda")
+    fused = find_optimized(Bundle(path), "text_encoder_2", ort.__version__, "cuda", "fp16")
+    model = onnx.load(fused)
+    (argmax,) = [n for n in model.graph.node if n.op_type == "ArgMax"]
+    kinds = casts_before(model, argmax)
+    assert kinds[0] == TensorProto.FLOAT and TensorProto.FLOAT16 not in kinds, kinds
