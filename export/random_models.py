@@ -29,6 +29,12 @@ SCHEDULER_XL = dict(
     steps_offset=1,
 )
 
+# The token ids the released SD-Turbo and SDXL-Turbo text encoder configs carry (OpenAI's and OpenCLIP's
+# conversions: bos 0, eos 2, pad 1), not the tokenizers' own. With eos_token_id 2, transformers pools CLIP at
+# argmax(ids) (the end-of-text token is the highest id), not at the first ids == eos: the path the real
+# models take, so the random ones take it too (their tokenizers also put <|endoftext|> last).
+RELEASED_CLIP_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+
 RANDOM_MODELS = {
     "sd-turbo": dict(
         text_encoder=dict(
@@ -118,14 +124,7 @@ def build_random_pipeline(name: str):
     vocab, merges = build_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
     torch.manual_seed(SEED)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            **cfg["text_encoder"],
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **RELEASED_CLIP_IDS))
     n_blocks = len(cfg["vae"]["block_out_channels"])
     vae = AutoencoderKL(
         **cfg["vae"],
@@ -263,11 +262,8 @@ def build_random_sdxl_pipeline(name: str):
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # pads with <|endoftext|>
     tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
     torch.manual_seed(SEED)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **ids, pad_token_id=tokenizer.pad_token_id))
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(**cfg["text_encoder_2"], **ids, pad_token_id=tokenizer_2.pad_token_id)
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"], **RELEASED_CLIP_IDS))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"], **RELEASED_CLIP_IDS))
     n_blocks = len(cfg["vae"]["block_out_channels"])
     vae = AutoencoderKL(
         **cfg["vae"],
