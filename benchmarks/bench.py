@@ -166,9 +166,8 @@ def run(cfg: BenchConfig) -> dict:
     if tiny:  # diffusers + AutoencoderTiny loads the tiny VAE the bundle was exported from
         path = next(iter(bundle.values()), None) or ensure_bundle(cfg.model, "fp32", tiny_vae=True)
         tiny_folder = modes.tiny_vae_folder(path)
-    fused = [
-        n for n in names if n.startswith("sdturbo-onnxruntime-cuda-") and parse_ours(n)[1] not in ("unfused", "host")
-    ]
+    plain = ("unfused", "nhwc", "host")  # the variants that run the plain graphs
+    fused = [n for n in names if n.startswith("sdturbo-onnxruntime-cuda-") and parse_ours(n)[1] not in plain]
     if fused:  # ONNX Runtime's optimized graphs for CUDA, built before any run
         ort_optimized(cfg.model)
     prompts = [cfg.prompt] * cfg.batch

@@ -22,7 +22,8 @@ VARIANTS = {
     "host": "ONNX Runtime CUDA driven stage by stage from the host (the pipeline before the device-resident one)",
     "sessiongraphs": "ONNX Runtime CUDA device-resident, with onnxruntime's own CUDA graph per session (the second "
     "tier), not the whole chain's",
-    "nhwc": "ONNX Runtime CUDA device-resident with the CUDA provider's prefer_nhwc (channels-last convolutions)",
+    "nhwc": "ONNX Runtime CUDA device-resident on the plain graphs with the CUDA provider's prefer_nhwc (its own "
+    "channels-last convolutions; the fused graphs have NhwcConv already)",
     "tiny": "the tiny VAE (--vae tiny; benchmarks/modes.py): compared with diffusers + AutoencoderTiny",
     "cached": "every timed request a prompt-cache hit (benchmarks/modes.py): compared with diffusers' prompt_embeds",
 }
@@ -58,7 +59,7 @@ class Ours:
             backend = OnnxRuntimeBackend(self.precision, ("CUDAExecutionProvider",))
             self.pipe = Pipeline(self.bundle, backend, prompt_cache=0).load()
         else:
-            fused = self.variant != "unfused"
+            fused = self.variant not in ("unfused", "nhwc")
             if self.backend == "onnxruntime-cuda":
                 shape = (max(shape[0], max_batch), *shape[1:])
             modes = {  # the prompt cache only where it is the thing measured: off everywhere else

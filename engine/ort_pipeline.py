@@ -130,7 +130,8 @@ class OrtCudaPipeline(DevicePipeline):
         for CUDA where valid. ``vae``: "full" or "tiny"; ``prompt_cache``: prompts whose text-encoder
         outputs are kept on the GPU (0: off). ``nhwc``: the CUDA provider's ``prefer_nhwc`` (convolutions in
         the channels-last layout that tensor cores prefer, transposes inserted by onnxruntime where needed;
-        the same function, not measured here yet: the benchmark's ``-nhwc-`` contender compares it)."""
+        the same function). It matters for the plain graphs: the fused ones' convolutions are NhwcConv
+        already. Not measured yet: the benchmark's ``-nhwc-`` contender (plain graphs) compares it."""
         if not any(cuda_graph is m for m in GRAPH_MODES[:2]) and cuda_graph not in GRAPH_MODES[2:]:
             raise InputError(f"cuda_graph {cuda_graph!r} is not allowed; use one of {GRAPH_MODES}")
         if precision not in PRECISIONS:

@@ -60,3 +60,29 @@ def test_no_throughput_sweep_is_an_empty_batches():
 
     assert parse_batches("") == () and parse_batches("1, 4,8") == (1, 4, 8)
     assert BenchConfig(batches=()).batches == ()
+
+
+@pytest.mark.parametrize(
+    "variant, settings",
+    [
+        ("", {"fused": True, "cuda_graph": True}),
+        ("sessiongraphs", {"fused": True, "cuda_graph": "sessions"}),
+        ("unfused", {"fused": False, "cuda_graph": True}),
+        ("nhwc", {"fused": False, "cuda_graph": True, "nhwc": True}),  # the fused graphs have NhwcConv already
+    ],
+)
+def test_each_onnxruntime_cuda_variant_opens_the_pipeline_it_names(variant, settings, monkeypatch):
+    from sdturbo.benchmarks.contenders import Ours
+    from sdturbo.benchmarks.timers import StageTimer
+    from sdturbo.engine import runtime
+
+    opened = []
+
+    class Opened:
+        def load(self):
+            return self
+
+    monkeypatch.setattr(runtime, "open_pipeline", lambda *args, **kw: opened.append(kw) or Opened())
+    Ours("bundle", "onnxruntime-cuda", "fp16", StageTimer(), variant).load((1, 512, 512), max_batch=4)
+    (kw,) = opened
+    assert kw == {"shape": (4, 512, 512), "vae": "full", "prompt_cache": 0, **settings}
