@@ -290,12 +290,19 @@ class Batcher:
 
 def warm_up(pipe, max_batch: int, side: int) -> None:
     """At the default size, txt2img at batch 1 and at the largest batch, then img2img at batch 1 (its encoder
-    loads and runs once), so that the first requests pay no first-run costs. A pipeline that cannot serve
-    txt2img at these shapes fails here, before the server is ready; one without img2img (a device pipeline
-    built without the VAE encoder) serves txt2img only."""
+    loads and runs once), so that the first requests pay no first-run costs. A device pipeline keeps a CUDA
+    graph per batch size, for new prompts and for prompts its cache holds, each captured and checked on first
+    use (several chain runs): it is warmed up at every batch size up to the largest, both ways, so that no
+    served request pays for one at the default size and steps. A pipeline that cannot serve txt2img at these
+    shapes fails here, before the server is ready; one without img2img (a device pipeline built without the
+    VAE encoder) serves txt2img only."""
     pipe.load(img2img=True)
-    for n in sorted({1, max_batch}):
-        pipe.run(merge(pipe, [pipe.request("warm up", seed=i, height=side, width=side) for i in range(n)]))
+    graphs = getattr(pipe, "graphs", None) is not None
+    for n in range(1, max_batch + 1) if graphs else sorted({1, max_batch}):
+        prompts = [f"warm up {n}.{i}" for i in range(n)]  # new to the prompt cache: the whole chain runs
+        request = merge(pipe, [pipe.request(p, seed=i, height=side, width=side) for i, p in enumerate(prompts)])
+        for _ in range(2 if graphs else 1):  # the second time, a prompt-cache hit (where the cache is on)
+            pipe.run(request)
     try:
         image = np.zeros((side, side, 3), np.uint8)
         pipe.run(pipe.request("warm up", height=side, width=side, image=image, steps=2))

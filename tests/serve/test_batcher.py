@@ -253,14 +253,19 @@ def test_the_servers_warm_up_leaves_the_serving_thread_nothing_to_capture(tiny_b
 
     from tests.engine.emulated_gpu import emulated_ort_pipeline
 
-    gpu = emulated_ort_pipeline(tiny_bundle, shape=(2, 64, 64), cuda_graph="sessions")
-    batcher = Batcher(gpu, max_batch=2)
+    gpu = emulated_ort_pipeline(tiny_bundle, shape=(3, 64, 64), cuda_graph="sessions")
+    batcher = Batcher(gpu, max_batch=3)
     try:
-        batcher.on_worker(lambda: warm_up(gpu, 2, 64), timeout=120)
+        batcher.on_worker(lambda: warm_up(gpu, 3, 64), timeout=300)
         captured = set(gpu.graphs)
         image = batcher.submit(gpu.request("a red cube", height=64, width=64, seed=3)).result(60)
         assert set(gpu.graphs) == captured and gpu.graph_status.startswith("sessions: ")
         want = open_pipeline(tiny_bundle, "onnxruntime", "fp16")("a red cube", height=64, width=64, seed=3)[0]
         np.testing.assert_array_equal(image, want)
+        # every batch size up to the largest, new prompts and prompts seen before (a graph each): none captured
+        for prompts in (["a", "b"], ["a", "b"], ["c", "d", "e"], ["c", "d", "e"], ["f"]):
+            futures = [batcher.submit(gpu.request(p, height=64, width=64, seed=1)) for p in prompts]
+            [f.result(60) for f in futures]
+        assert set(gpu.graphs) == captured
     finally:
         batcher.close(timeout=30)
