@@ -130,6 +130,6 @@ def test_sdxl_on_onnxruntime_cuda_matches_diffusers(steps, xl_bundle, xl_folder)
     print(f"SDXL graph_status: {pipe.graph_status}")
     assert rms(ours, ref32) <= bound
     # every session on CUDA alone (no host copies), so onnxruntime let each keep CUDA graphs: the second text
-    # encoder's pooled-token ArgMax is exported over floats (tests/export/test_float_argmax.py)
+    # encoder's pooled-token ArgMax is exported over floats (tests/export/test_cuda_kernels.py)
     refused = [name for name, c in pipe.engines.items() if c.graph_options is None]
     assert refused == [], refused
