@@ -14,7 +14,7 @@ TensorRT runtime does:
   from outside, so the sessions are created with ``enable_cuda_graph`` (which makes onnxruntime refuse a
   graph that needs host copies, and free its staging buffers in a way a capture cannot record) and every run
   passes ``gpu_graph_id`` -1 (onnxruntime never captures on its own). A refused session, a capture that
-  fails, or a graph whose replays do not give the eager runs' pixels byte for byte (DevicePipeline._capture)
+  fails, or a graph whose replays do not give the eager runs' pixels (DevicePipeline._capture)
   ends that tier, with a warning; then each session replays onnxruntime's own CUDA graph (one per session
   and shape: the context's ``gpu_graph_id``), with the kernels launched between them and still one host
   wait (onnxruntime releases since mid-2026 honour ``disable_synchronize_execution_providers`` on a replay,
