@@ -50,6 +50,21 @@ def test_bad_dtype():
         compile_ptx("bfloat16", 86)
 
 
+def test_a_missing_nvrtc_library_says_what_to_install(monkeypatch):
+    """cuda-python opens libnvrtc on first use and raises its own error when it is not there (a `[cuda]`
+    install on a machine without the CUDA toolkit): one line naming the packages, as a BackendError."""
+    from sdturbo.engine import cuda
+    from sdturbo.engine.errors import BackendError
+
+    class NoLibrary:
+        def nvrtcCreateProgram(self, *args):
+            raise RuntimeError("Failure finding libnvrtc.so.13: not found")
+
+    monkeypatch.setattr(cuda, "bindings", lambda: (None, None, NoLibrary()))
+    with pytest.raises(BackendError, match=r"NVRTC.*loaded \(Failure finding libnvrtc.so.13: .*nvidia-cuda-nvrtc"):
+        compile_ptx("float16", 86)
+
+
 def gpu_reason() -> str | None:
     if NVRTC is not None:
         return f"NVRTC unavailable: {NVRTC}"
