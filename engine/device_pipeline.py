@@ -38,7 +38,7 @@ from .capture_guard import CaptureGuard
 from .device_buffers import HOST_BUFFERS, bindings, buffer_specs, spec_of
 from .device_cache import DevicePromptRows
 from .engine_store import Profile
-from .errors import BundleError
+from .errors import BackendError, BundleError
 from .images import to_model_image
 from .pipeline import check_vae_request
 from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
@@ -73,6 +73,10 @@ def probe_request(req: Request) -> Request:
         image_noise=negated(req.image_noise),
         step_noise=negated(req.step_noise),
     )
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 NOISE_RUNS = 3  # eager runs more, to measure how much they differ from each other, when a replay differs
@@ -312,17 +316,22 @@ class DevicePipeline:
         enqueue()
         eager["probe"] = self._pixels(nbytes)
         with guard.attempt():  # a capture or replay that kills the process is not tried again (capture_guard.py)
+            errors = (BackendError, *self.capture_errors)  # a graph that cannot be made or replayed is not used
             try:
                 graph = self._make_graph(enqueue)
-            except self.capture_errors as e:
+            except errors as e:
                 s.synchronize()
-                self._graph_off(f"capturing {what} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                self._graph_off(f"capturing {what} failed: {_first_line(e)}")
                 return False
             for which, inputs in (("probe", probe), ("request", req)):
                 feed(inputs)
                 self._poison(int(eager[which][0]) ^ 0xFF, keep)
-                graph.launch()
-                replayed = self._pixels(nbytes)
+                try:
+                    graph.launch()
+                    replayed = self._pixels(nbytes)
+                except errors as e:  # (the eager chain that runs instead synchronises the stream again)
+                    self._graph_off(f"replaying {what} failed on the {which}: {_first_line(e)}")
+                    return False
 
                 def rerun(r: Request = inputs) -> np.ndarray:
                     feed(r)

@@ -284,6 +284,37 @@ def test_a_broken_graph_is_caught_however_the_eager_runs_vary(tiny_bundle, caplo
     assert "eager runs differ by MSE" in pipe.graph_status
 
 
+def test_a_graph_whose_replay_fails_is_dropped_and_the_request_still_served(tiny_bundle, caplog):
+    """A replay can fail where its capture did not (CUDA refuses a second launch of a graph that allocates and
+    never frees; a library's replay may raise): during the check that is the end of that graph, not of the
+    request, and the next request of the shape does not try it again."""
+    from sdturbo.engine.errors import BackendError
+
+    cuda = EmulatedCuda()
+    pipe = emulated_ort_pipeline(tiny_bundle, cuda, shape=SHAPE)
+    launches = []
+
+    class SecondLaunchFails(cuda.Graph):
+        def launch(self):
+            launches.append(self)
+            if len(launches) == 2:
+                raise BackendError("cudaGraphLaunch failed: <cudaError_t.cudaErrorInvalidValue: 1>")
+            super().launch()
+
+    cuda.Graph = SecondLaunchFails
+    with caplog.at_level("WARNING"):
+        image = pipe(PROMPTS, height=64, width=64, seed=3)
+        again = pipe(PROMPTS, height=64, width=64, seed=3)
+    assert pipe.graph_status == (
+        "sessions: replaying the chain failed on the request: cudaGraphLaunch failed: "
+        "<cudaError_t.cudaErrorInvalidValue: 1>"
+    )
+    assert len(launches) == 2  # the chain's graph is not tried again
+    want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=3)
+    np.testing.assert_array_equal(image, want)
+    np.testing.assert_array_equal(again, want)
+
+
 def _cells(fn) -> list:
     """What a recorded op's closure holds, one level into the context it was enqueued by."""
     out = []
