@@ -62,6 +62,23 @@ def test_onnxruntime_cuda_matches_diffusers(steps, pipes, tiny_folder):
         assert rms(ours, ref32) <= bound, mode
 
 
+def test_other_prompts_at_a_captured_shape_give_their_own_images(pipes):
+    """After a shape's graphs are captured, other prompts (same shape, latents and steps) must give their own
+    image, not the captured one: onnxruntime copies a bound input once, at bind time, where it wants it on
+    another device, and a replay would then read that copy for ever. The random model's prompts move its image
+    little (RMS about 2 levels), so each image is held to the host-driven pipeline's (IO bound per call) for
+    the same prompts, and must be several times closer to it than to the first prompts' image."""
+    lat = latents(1)
+    others = ["a lighthouse on a cliff at dusk, oil painting", "a bowl of ramen"]
+    host = {p: pipes["host"](list(p), height=H, width=W, latents=lat) for p in (tuple(PROMPTS), tuple(others))}
+    for mode in ("graph", "sessions"):
+        pipes[mode](list(PROMPTS), height=H, width=W, latents=lat)  # captured (or replayed) at this shape
+        ours = pipes[mode](others, height=H, width=W, latents=lat)
+        right, first = rms(ours, host[tuple(others)]), rms(ours, host[tuple(PROMPTS)])
+        print(f"{mode}: RMS to the host image of these prompts {right:.3f}, of the first prompts {first:.3f}")
+        assert 4 * right < first, (mode, right, first)
+
+
 def test_every_session_runs_on_cuda_on_the_pipelines_stream(pipes):
     for mode in ("graph", "nhwc"):
         pipe = pipes[mode]
