@@ -196,6 +196,25 @@ class Event:
         return float(check(self._rt.cudaEventElapsedTime(start.handle, self.handle), "cudaEventElapsedTime"))
 
 
+def node_types(graph) -> dict[str, int] | None:
+    """How many nodes of each type (Kernel, Memcpy, Memset, Host, MemAlloc, ...) a captured graph has; None
+    where they cannot be read (the check that uses them is then skipped, not failed)."""
+    _, rt, _ = bindings()
+    try:
+        count = check(rt.cudaGraphGetNodes(graph, 0), "cudaGraphGetNodes")[1]
+        nodes = check(rt.cudaGraphGetNodes(graph, count), "cudaGraphGetNodes")[0] if count else []
+        out: dict[str, int] = {}
+        for node in nodes:
+            name = check(rt.cudaGraphNodeGetType(node), "cudaGraphNodeGetType").name.removeprefix("cudaGraphNodeType")
+            out[name] = out.get(name, 0) + 1
+        return out
+    except Exception as e:  # (an API that differs from this cuda-python's: no inspection)
+        import logging
+
+        logging.getLogger(__name__).warning("cannot list the captured graph's nodes: %s", e)
+        return None
+
+
 class Graph:
     """One captured CUDA graph: ``capture(fn)`` records what ``fn`` enqueues on the stream; ``launch`` replays it."""
 
@@ -214,6 +233,7 @@ class Graph:
             raise
         graph = check(rt.cudaStreamEndCapture(stream.handle), "cudaStreamEndCapture")
         self._graph = graph
+        self.node_types = node_types(graph)
         self._exec = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
 
     def launch(self) -> None:

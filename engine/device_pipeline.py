@@ -75,6 +75,16 @@ def probe_request(req: Request) -> Request:
     )
 
 
+# Nodes a replay must not have: host callbacks (a library freeing or filling its own buffers, run again on each
+# replay) and stream-ordered allocations (a graph that allocates without freeing fails its second launch).
+UNSAFE_NODES = {"Host": "host callbacks", "MemAlloc": "memory allocations"}
+
+
+def unsafe_nodes(types: dict[str, int] | None) -> str:
+    """What in a captured graph's node counts ``types`` (cuda.node_types) a replay must not run, in words."""
+    return ", ".join(f"{types[t]} {what}" for t, what in UNSAFE_NODES.items() if (types or {}).get(t))
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -322,6 +332,10 @@ class DevicePipeline:
             except errors as e:
                 s.synchronize()
                 self._graph_off(f"capturing {what} failed: {_first_line(e)}")
+                return False
+            replayed_on_host = unsafe_nodes(getattr(graph, "node_types", None))
+            if replayed_on_host:
+                self._graph_off(f"the captured graph of {what} has {replayed_on_host}, which every replay would redo")
                 return False
             for which, inputs in (("probe", probe), ("request", req)):
                 feed(inputs)

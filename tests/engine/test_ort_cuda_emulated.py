@@ -315,6 +315,38 @@ def test_a_graph_whose_replay_fails_is_dropped_and_the_request_still_served(tiny
     np.testing.assert_array_equal(again, want)
 
 
+def test_a_captured_graph_with_host_callbacks_is_never_used(tiny_bundle, caplog):
+    """A library may leave host work in a capture from outside (a host function that frees its staging
+    buffers, an allocation): every replay would run it again. The graph's nodes are listed after capture
+    (cuda.node_types) and such a graph is dropped before its first replay, with what it held."""
+    cuda = EmulatedCuda()
+    pipe = emulated_ort_pipeline(tiny_bundle, cuda, shape=SHAPE)
+
+    class WithHostNodes(cuda.Graph):
+        def __init__(self, stream, fn):
+            super().__init__(stream, fn)
+            self.node_types = {"Kernel": 40, "Memcpy": 3, "Host": 2}
+
+    cuda.Graph = WithHostNodes
+    with caplog.at_level("WARNING"):
+        image = pipe(PROMPTS, height=64, width=64, seed=3)
+    assert pipe.graph_status == (
+        "sessions: the captured graph of the chain has 2 host callbacks, which every replay would redo"
+    )
+    np.testing.assert_array_equal(
+        image, Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=3)
+    )
+
+
+def test_graph_nodes_that_cannot_be_listed_skip_that_check_only():
+    from sdturbo.engine import cuda
+    from sdturbo.engine.device_pipeline import unsafe_nodes
+
+    assert cuda.node_types(object()) is None  # not a graph (or no driver): no list, no exception
+    assert unsafe_nodes(None) == "" and unsafe_nodes({"Kernel": 3, "Memcpy": 1}) == ""
+    assert unsafe_nodes({"MemAlloc": 1, "Host": 2}) == "2 host callbacks, 1 memory allocations"
+
+
 def _cells(fn) -> list:
     """What a recorded op's closure holds, one level into the context it was enqueued by."""
     out = []
