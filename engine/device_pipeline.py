@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from itertools import pairwise
@@ -47,6 +48,9 @@ from .schedule import MAX_STEPS, make_schedule
 from .spec import axis_values
 
 log = logging.getLogger(__name__)
+# Held while a graph is captured and checked, and while a pipeline's sessions and buffers are made: a capture
+# in CUDA's global mode (onnxruntime's own) fails if another thread allocates or synchronises meanwhile.
+CAPTURE_LOCK = threading.RLock()
 _PIPELINES = itertools.count()  # one prompt-cache identity per device pipeline
 WARMUP_RUNS = 3  # lazy initialisation (TensorRT-RTX's JIT, cuDNN's algorithm search) never lands in a capture
 
@@ -286,7 +290,13 @@ class DevicePipeline:
                 self._put("image_noise", image_noise)
             self._put("image_in", to_model_image(req.image, self.dtype))  # then to the encoder's dtype, as diffusers
 
-    def _capture(self, key: tuple, req: Request, sched, ctx: dict, enqueue, slots: list[int] | None = None) -> bool:
+    def _capture(self, *args) -> bool:
+        with CAPTURE_LOCK:  # one capture at a time in this process, and no pipeline being opened meanwhile
+            return self._capture_checked(*args)
+
+    def _capture_checked(
+        self, key: tuple, req: Request, sched, ctx: dict, enqueue, slots: list[int] | None = None
+    ) -> bool:
         """Warm up, capture ``enqueue`` as a graph, and check it before use: replayed on a probe request (other
         prompts of another length, other noise, the image mirrored) and on ``req``, from buffers poisoned in
         between, it must give the pixels the eager chain gives for each, byte for byte, or, where the eager runs

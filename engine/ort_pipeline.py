@@ -34,7 +34,7 @@ import numpy as np
 
 from . import cuda as cuda_module
 from .bundle import Bundle
-from .device_pipeline import DevicePipeline
+from .device_pipeline import CAPTURE_LOCK, DevicePipeline
 from .engine_store import Profile
 from .errors import CaptureRefused, InputError
 from .prompt_cache import DEFAULT_SIZE, PromptCache
@@ -44,6 +44,18 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp16", "fp32")
 GRAPH_MODES = (True, False, "chain", "sessions")  # True is "chain": the whole chain, else per-session graphs
 _GRAPH_IDS = itertools.count(1)  # onnxruntime's gpu_graph_id: one per session and shape (-1: none, 0: its default)
+
+
+_THREADS = threading.local()
+_THREAD_TOKENS = itertools.count()
+
+
+def _thread_token() -> int:
+    """This thread's number, never given to another thread of this process (``threading.get_ident`` is reused
+    once a thread ends, and a new thread would then find graphs that onnxruntime keeps only for the old one)."""
+    if not hasattr(_THREADS, "token"):
+        _THREADS.token = next(_THREAD_TOKENS)
+    return _THREADS.token
 
 
 class OrtComponent:
@@ -145,20 +157,25 @@ class OrtCudaPipeline(DevicePipeline):
         profile = Profile((1, batch, batch), (min(lo, height), height, height), (min(lo, width), width, width))
         profile.check(b)
         capture = cuda_graph is not False
-        backend = self._backend(precision, fused, capture=capture)
-        components, refused, plain = {}, [], None
-        for name in self.component_names:
-            log.info("loading %s (%s, %s)", name, self.name, precision)
-            try:
-                session, own = self._open(backend, name, capture), capture
-            except CaptureRefused as e:
-                log.warning("%s; %s runs without CUDA graphs", e, name)
-                refused.append((name, str(e)))
-                plain = plain or self._backend(precision, fused, capture=False)
-                session, own = self._open(plain, name, False), False
-            components[name] = OrtComponent(
-                name, session, self._run_options(-1), self.ort_device, self._address, self._run_options if own else None
-            )
+        # onnxruntime captures its own graphs in CUDA's global capture mode, which a session or an allocation
+        # being made on another thread would break: none is made while a capture runs in this process
+        with CAPTURE_LOCK:
+            backend = self._backend(precision, fused, capture=capture)
+            components, refused, plain = {}, [], None
+            for name in self.component_names:
+                log.info("loading %s (%s, %s)", name, self.name, precision)
+                try:
+                    session, own = self._open(backend, name, capture), capture
+                except CaptureRefused as e:
+                    log.warning("%s; %s runs without CUDA graphs", e, name)
+                    refused.append((name, str(e)))
+                    plain = plain or self._backend(precision, fused, capture=False)
+                    session, own = self._open(plain, name, False), False
+                graphs = self._run_options if own else None
+                components[name] = OrtComponent(
+                    name, session, self._run_options(-1), self.ort_device, self._address, graphs
+                )
+            self._setup(profile, capture, components)
         # component -> "optimized" or "plain" (the benchmark reports it)
         self.graphs_used = {**backend.graphs, **(plain.graphs if plain else {})}
         unfused = [name for name, graph in self.graphs_used.items() if graph == "plain"]
@@ -172,7 +189,6 @@ class OrtCudaPipeline(DevicePipeline):
                 self._ort.__version__,
                 self.bundle.root,
             )
-        self._setup(profile, capture, components)
         self.graph_kind = ("chain" if cuda_graph in (True, "chain") else "sessions") if capture else None
         if self.graph_kind == "sessions":
             self.graph_off_reason = "the whole chain's graph was not asked for (cuda_graph='sessions')"
@@ -210,7 +226,7 @@ class OrtCudaPipeline(DevicePipeline):
     def _graph_scope(self) -> tuple:
         """onnxruntime keeps its own graphs per thread: on another thread (a server's worker after a warm-up on
         the main one) a session captures afresh, so that thread's graphs are checked afresh too."""
-        return (threading.get_ident(),) if self.graph_kind == "sessions" else ()
+        return (_thread_token(),) if self.graph_kind == "sessions" else ()
 
     def _make_graph(self, enqueue):
         return SessionGraphs(self, enqueue) if self.graph_kind == "sessions" else super()._make_graph(enqueue)

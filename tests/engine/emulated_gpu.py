@@ -17,6 +17,7 @@ What this cannot show: TensorRT's own numerics, CUDA graph capture rules, timing
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 
@@ -433,6 +434,18 @@ def emulated_ort_pipeline(bundle, cuda: EmulatedCuda | None = None, **kwargs) ->
     return EmulatedOrtCudaPipeline(bundle, **kwargs)
 
 
+_THREADS = threading.local()
+_THREAD_KEYS = itertools.count()
+
+
+def thread_key() -> int:
+    """This thread's own number, as onnxruntime's thread-local state is this thread's own: a later thread that
+    gets the same ``threading.get_ident`` (Linux reuses them) starts afresh."""
+    if not hasattr(_THREADS, "key"):
+        _THREADS.key = next(_THREAD_KEYS)
+    return _THREADS.key
+
+
 class EmulatedOrtGraphs:
     """An onnxruntime session created with ``enable_cuda_graph``, as the CUDA provider treats its runs: a run
     with ``gpu_graph_id`` -1 just runs; the first run with another id on a thread runs ``MIN_RUNS`` times
@@ -456,7 +469,7 @@ class EmulatedOrtGraphs:
         graph_id = int(run_options.get_run_config_entry("gpu_graph_id"))
         if graph_id == -1:
             return self.session.run_with_iobinding(binding, run_options)
-        key = (threading.get_ident(), graph_id)
+        key = (thread_key(), graph_id)
         if key in self.captured:
             self.replays[graph_id] += 1
             return self.session.run_with_iobinding(self.captured[key], run_options)

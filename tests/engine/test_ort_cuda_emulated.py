@@ -18,7 +18,7 @@ from sdturbo.engine.errors import BundleError, InputError
 from sdturbo.engine.images import psnr
 from sdturbo.engine.pipeline import Pipeline
 
-from tests.engine.emulated_gpu import EmulatedCuda, check_interleaved, emulated_ort_pipeline
+from tests.engine.emulated_gpu import EmulatedCuda, check_interleaved, emulated_ort_pipeline, thread_key
 
 PROMPTS = ["a red cube on a table", "an astronaut riding a horse"]
 SHAPE = (2, 128, 128)  # the largest request: every buffer is allocated for it
@@ -347,6 +347,34 @@ def test_graph_nodes_that_cannot_be_listed_skip_that_check_only():
     assert unsafe_nodes({"MemAlloc": 1, "Host": 2}) == "2 host callbacks, 1 memory allocations"
 
 
+def test_no_pipeline_is_opened_while_another_thread_captures(tiny_bundle):
+    """onnxruntime captures its own graphs in CUDA's global mode, which an allocation or a session being made on
+    another thread breaks: a pipeline opened meanwhile waits for the capture (and its check) to end."""
+    cuda = EmulatedCuda()
+    pipe = emulated_ort_pipeline(tiny_bundle, cuda, shape=(1, 64, 64))
+    capturing, release = threading.Event(), threading.Event()
+
+    class SlowCapture(cuda.Graph):
+        def __init__(self, stream, fn):
+            capturing.set()
+            release.wait(30)
+            super().__init__(stream, fn)
+
+    cuda.Graph = SlowCapture
+    first = threading.Thread(target=lambda: pipe(PROMPTS[:1], height=64, width=64, seed=1))
+    first.start()
+    assert capturing.wait(60)
+    opened = []
+    second = threading.Thread(target=lambda: opened.append(emulated_ort_pipeline(tiny_bundle, shape=(1, 64, 64))))
+    second.start()
+    second.join(3)
+    assert second.is_alive() and not opened  # waiting for the capture
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert len(opened) == 1 and pipe.graph_status == "on"
+
+
 def _cells(fn) -> list:
     """What a recorded op's closure holds, one level into the context it was enqueued by."""
     out = []
@@ -474,7 +502,7 @@ def test_a_sessions_graph_whose_replay_differs_is_never_used(tiny_bundle, caplog
 
     def unet_replays_nothing(self, binding, run_options):
         graph_id = int(run_options.get_run_config_entry("gpu_graph_id"))
-        if self is unet and (threading.get_ident(), graph_id) in self.captured:
+        if self is unet and (thread_key(), graph_id) in self.captured:
             return None
         return real(self, binding, run_options)
 
@@ -506,6 +534,20 @@ def test_a_session_whose_own_capture_fails_leaves_no_capture_open(tiny_bundle, c
     np.testing.assert_array_equal(image, want)
 
 
+def test_a_later_thread_never_takes_an_ended_threads_graphs():
+    """Linux gives a new thread the ``threading.get_ident`` of one that ended, but onnxruntime's per-thread graphs
+    are not the new thread's: the sessions tier keys its graphs by a number no other thread ever gets."""
+    from sdturbo.engine.ort_pipeline import _thread_token
+
+    seen = []
+    for _ in range(3):
+        worker = threading.Thread(target=lambda: seen.append((threading.get_ident(), _thread_token(), _thread_token())))
+        worker.start()
+        worker.join()
+    assert len({token for _, token, _ in seen}) == 3  # whether or not the idents repeat (they usually do)
+    assert all(a == b for _, a, b in seen)  # and the same all through a thread
+
+
 def test_another_thread_checks_its_own_session_graphs(tiny_bundle):
     """onnxruntime keeps its graphs per thread: a server warms up on its main thread and serves on a worker,
     where each session captures afresh. That capture is checked there too (the graphs are keyed by thread),
@@ -513,7 +555,7 @@ def test_another_thread_checks_its_own_session_graphs(tiny_bundle):
     pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE, cuda_graph="sessions", prompt_cache=0)  # one key
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=7)
     np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=7), want)  # the main thread's graphs
-    main = threading.get_ident()
+    main = thread_key()
 
     def fail_elsewhere(thread, graph_id):
         if thread != main:
