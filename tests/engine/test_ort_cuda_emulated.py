@@ -466,6 +466,31 @@ def test_a_session_onnxruntime_refuses_for_cuda_graphs_runs_without(tiny_bundle,
     assert pipe.graphs_used["unet"] == "plain"  # the refused one's graph is reported too
 
 
+def test_a_refused_text_encoder_of_an_older_bundle_says_how_to_renew_it(xl_bundle, monkeypatch, caplog):
+    """SDXL bundles exported before the pooled-token ArgMax was made float keep an integer one, which
+    onnxruntime's CUDA provider runs on the CPU (so it refuses CUDA graphs for that session): the warning says
+    so and gives the commands that renew the bundle."""
+    from sdturbo.engine import ort_pipeline
+    from sdturbo.engine.errors import CaptureRefused
+
+    session = OnnxRuntimeBackend.session
+
+    def refuse(self, bundle, component):
+        if component == "text_encoder_2" and self.provider_options["CUDAExecutionProvider"]["enable_cuda_graph"] == "1":
+            raise CaptureRefused("onnxruntime will not run text_encoder_2 under a CUDA graph: ... not partitioned")
+        return session(self, bundle, component)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "session", refuse)
+    monkeypatch.setattr(ort_pipeline, "integer_argmax", lambda path: path.name == "text_encoder_2.onnx")
+    with caplog.at_level("WARNING"):
+        emulated_ort_pipeline(xl_bundle, shape=(1, 64, 64))
+    (warning,) = [r.getMessage() for r in caplog.records if "runs without CUDA graphs" in r.getMessage()]
+    assert "text_encoder_2 runs without CUDA graphs (its pooled-token ArgMax is over integers" in warning
+    assert (
+        f"`sdturbo export random:sdxl-tiny --out {xl_bundle} --force`, then `sdturbo build {xl_bundle} --ort" in warning
+    )
+
+
 def test_plain_graphs_where_fused_ones_were_asked_for_say_how_to_build_them(tiny_bundle, tmp_path, caplog):
     """The fused graphs are the fast path: a pipeline that runs the plain ones for want of them says which, and
     the command that builds them (here the UNet's are built, for the provider the emulation runs)."""

@@ -171,3 +171,16 @@ def test_the_fused_graph_of_sdxls_second_text_encoder_keeps_its_argmax_in_float3
     (argmax,) = [n for n in model.graph.node if n.op_type == "ArgMax"]
     kinds = casts_before(model, argmax)
     assert kinds[0] == TensorProto.FLOAT and TensorProto.FLOAT16 not in kinds, kinds
+
+
+def test_a_graph_with_an_integer_argmax_is_recognised(tmp_path):
+    """(What the ONNX Runtime CUDA pipeline checks to tell a user why a text encoder of an older bundle runs
+    without CUDA graphs, and how to renew it.)"""
+    from sdturbo.engine.ort_pipeline import integer_argmax
+
+    old, new = graph("eos"), graph("eos")
+    float_argmax(new.graph, SPEC)
+    for model, name in ((old, "old"), (new, "new")):
+        onnx.save(model, tmp_path / f"{name}.onnx")
+    assert integer_argmax(tmp_path / "old.onnx") and not integer_argmax(tmp_path / "new.onnx")
+    assert not integer_argmax(tmp_path / "missing.onnx")  # (a hint only: never an error)
