@@ -46,21 +46,6 @@ GRAPH_MODES = (True, False, "chain", "sessions")  # True is "chain": the whole c
 _GRAPH_IDS = itertools.count(1)  # onnxruntime's gpu_graph_id: one per session and shape (-1: none, 0: its default)
 
 
-def integer_argmax(path: Path) -> bool:
-    """Whether the ONNX graph at ``path`` has an ArgMax whose input is an integer tensor (read without its
-    weights; False where onnx is not installed or the file cannot be read: this only adds a hint)."""
-    try:
-        import onnx
-
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception:
-        return False
-    ints = {onnx.TensorProto.INT32, onnx.TensorProto.INT64}
-    kinds = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info)}
-    kinds.update({n.output[0]: n.attribute[0].i for n in graph.node if n.op_type == "Cast" and n.attribute})
-    return any(kinds.get(n.input[0]) in ints for n in graph.node if n.op_type == "ArgMax")
-
-
 _THREADS = threading.local()
 _THREAD_TOKENS = itertools.count()
 
@@ -219,6 +204,10 @@ class OrtCudaPipeline(DevicePipeline):
         """What to do about a refused component, where this code knows: a text encoder exported before its
         pooled-token ArgMax was made float (onnxruntime's CUDA provider has no integer ArgMax; SDXL's second
         text encoder) gets one by exporting the bundle again."""
+        try:
+            from ..export.graph_fixes import integer_argmax
+        except ImportError:  # (no onnx in a lean runtime: no hint)
+            return ""
         if not name.startswith("text_encoder") or not integer_argmax(self.bundle.component(self.precision, name).onnx):
             return ""
         root = self.bundle.root

@@ -32,7 +32,7 @@ def float_argmax(graph: onnx.GraphProto, spec: ComponentSpec) -> int:
     producers = {out: node for node in graph.node for out in node.output}
     names = {*producers, *(i for node in graph.node for i in node.input), *(t.name for t in graph.initializer)}
     inputs = {t.name for t in spec.inputs if t.dtype.startswith("int")}  # the token ids
-    elem = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
+    types = element_types(graph)
 
     def bounded(name: str) -> bool:
         node = producers.get(name)
@@ -42,18 +42,9 @@ def float_argmax(graph: onnx.GraphProto, spec: ComponentSpec) -> int:
             return True
         return node.op_type in PASS_THROUGH and bounded(node.input[0])
 
-    def element_type(name: str) -> int | None:
-        """The tensor's element type where the graph says (value info, a Cast, an input), else None."""
-        node = producers.get(name)
-        if elem.get(name):
-            return elem[name]
-        if node is not None and node.op_type == "Cast":
-            return next(a.i for a in node.attribute if a.name == "to")
-        return None
-
     done, nodes, casts = 0, [], {}
     for node in graph.node:
-        kind = element_type(node.input[0]) if node.op_type == "ArgMax" else None
+        kind = types.get(node.input[0]) if node.op_type == "ArgMax" else None
         if node.op_type == "ArgMax" and (kind is None or kind in INTEGER_TYPES):
             if bounded(node.input[0]):
                 if node.input[0] not in casts:  # one Cast per tensor, however many ArgMax read it
@@ -74,3 +65,25 @@ def float_argmax(graph: onnx.GraphProto, spec: ComponentSpec) -> int:
         del graph.node[:]
         graph.node.extend(nodes)
     return done
+
+
+def element_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Each tensor's element type where the graph says: its value info (inputs, outputs, inferred ones), else
+    the Cast that makes it."""
+    out = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
+    out = {name: kind for name, kind in out.items() if kind}
+    for node in graph.node:
+        if node.op_type == "Cast":
+            out.setdefault(node.output[0], next(a.i for a in node.attribute if a.name == "to"))
+    return out
+
+
+def integer_argmax(path) -> bool:
+    """Whether the ONNX graph at ``path`` (read without its weights) has an ArgMax over integers, as bundles
+    exported before float_argmax have; False where the file cannot be read (the caller only adds a hint)."""
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:
+        return False
+    types = element_types(graph)
+    return any(types.get(n.input[0]) in INTEGER_TYPES for n in graph.node if n.op_type == "ArgMax")

@@ -470,8 +470,8 @@ def test_a_refused_text_encoder_of_an_older_bundle_says_how_to_renew_it(xl_bundl
     """SDXL bundles exported before the pooled-token ArgMax was made float keep an integer one, which
     onnxruntime's CUDA provider runs on the CPU (so it refuses CUDA graphs for that session): the warning says
     so and gives the commands that renew the bundle."""
-    from sdturbo.engine import ort_pipeline
     from sdturbo.engine.errors import CaptureRefused
+    from sdturbo.export import graph_fixes
 
     session = OnnxRuntimeBackend.session
 
@@ -481,7 +481,7 @@ def test_a_refused_text_encoder_of_an_older_bundle_says_how_to_renew_it(xl_bundl
         return session(self, bundle, component)
 
     monkeypatch.setattr(OnnxRuntimeBackend, "session", refuse)
-    monkeypatch.setattr(ort_pipeline, "integer_argmax", lambda path: path.name == "text_encoder_2.onnx")
+    monkeypatch.setattr(graph_fixes, "integer_argmax", lambda path: path.name == "text_encoder_2.onnx")
     with caplog.at_level("WARNING"):
         emulated_ort_pipeline(xl_bundle, shape=(1, 64, 64))
     (warning,) = [r.getMessage() for r in caplog.records if "runs without CUDA graphs" in r.getMessage()]

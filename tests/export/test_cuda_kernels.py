@@ -176,7 +176,7 @@ def test_the_fused_graph_of_sdxls_second_text_encoder_keeps_its_argmax_in_float3
 def test_a_graph_with_an_integer_argmax_is_recognised(tmp_path):
     """(What the ONNX Runtime CUDA pipeline checks to tell a user why a text encoder of an older bundle runs
     without CUDA graphs, and how to renew it.)"""
-    from sdturbo.engine.ort_pipeline import integer_argmax
+    from sdturbo.export.graph_fixes import integer_argmax
 
     old, new = graph("eos"), graph("eos")
     float_argmax(new.graph, SPEC)
