@@ -123,6 +123,21 @@ def tensorrt_probe() -> dict:
     return out
 
 
+def run_again_if_killed(cmd: list[str], env: dict[str, str], timeout: float, killed, **kwargs) -> int:
+    """Run ``cmd`` in a process of its own (a crash inside a library takes only it), once more if a signal killed
+    it: a CUDA-graph capture that killed it is recorded (``env``'s SDTURBO_CAPTURE_TRIALS) and skipped the
+    second time (engine/capture_guard.py). ``killed(signal, again)`` hears of each kill; ``timeout`` (0: none)
+    is for both runs together. The last exit status (negative: the signal)."""
+    deadline = time.monotonic() + timeout
+    for again in (True, False):
+        left = max(deadline - time.monotonic(), 1) if timeout else None
+        rc = subprocess.run(cmd, timeout=left, env=env, **kwargs).returncode
+        if rc >= 0:
+            break
+        killed(-rc, again)
+    return rc
+
+
 def step(name: str, out: Path, fn) -> None:
     log.info("== %s", name)
     t = time.perf_counter()
@@ -169,22 +184,22 @@ def main(argv: list[str] | None = None) -> int:
 
         def tests():
             cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-rs", "-v", "-p", "no:cacheprovider", "tests"]
-            deadline = time.monotonic() + args.tests_timeout  # for both attempts together
             with open(out / "gpu-tests.log", "w") as f:
-                for attempt in (1, 2):
-                    left = max(deadline - time.monotonic(), 1) if args.tests_timeout else None
-                    try:
-                        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=left, env=env("tests"))
-                    except subprocess.TimeoutExpired:  # a hung test must not take the benchmark's time too
-                        f.write(f"\n== gpu tests stopped after {args.tests_timeout} s (--tests-timeout)\n")
-                        raise RuntimeError(f"the gpu tests ran past {args.tests_timeout} s") from None
-                    if r.returncode >= 0:
-                        break
-                    f.write(f"\n== the gpu tests were killed by signal {-r.returncode}: in the last test above\n")
-                    if attempt == 1:  # the capture that killed them is recorded (capture-trials/): skipped now
+
+                def killed(signal: int, again: bool) -> None:
+                    f.write(f"\n== the gpu tests were killed by signal {signal}: in the last test above\n")
+                    if again:
                         f.write("== running them once more\n\n")
                         f.flush()
-            log.info("gpu tests: exit %d (see %s)", r.returncode, out / "gpu-tests.log")
+
+                try:
+                    rc = run_again_if_killed(
+                        cmd, env("tests"), args.tests_timeout, killed, stdout=f, stderr=subprocess.STDOUT
+                    )
+                except subprocess.TimeoutExpired:  # a hung test must not take the benchmark's time too
+                    f.write(f"\n== gpu tests stopped after {args.tests_timeout} s (--tests-timeout)\n")
+                    raise RuntimeError(f"the gpu tests ran past {args.tests_timeout} s") from None
+            log.info("gpu tests: exit %d (see %s)", rc, out / "gpu-tests.log")
 
         step("tests", out, tests)
     if "bench" not in skip:
@@ -200,14 +215,13 @@ def main(argv: list[str] | None = None) -> int:
                     argv += ["--batches", args.batches]
                 else:
                     argv += ["--no-cold"]
-                for attempt in (1, 2):  # in a process of its own: a crash inside a library takes only it
-                    cmd = [sys.executable, "-m", "sdturbo.engine.cli", *argv]
-                    rc = subprocess.run(cmd, env=env("bench")).returncode
-                    if rc >= 0 or attempt == 2:
-                        break
-                    # killed by a signal: a CUDA-graph capture that killed it is recorded in the cache and
-                    # skipped the second time (engine/capture_guard.py), so run it once more
-                    log.warning("sdturbo bench was killed by signal %d; running it once more", -rc)
+
+                def killed(signal: int, again: bool) -> None:
+                    if again:
+                        log.warning("sdturbo bench was killed by signal %d; running it once more", signal)
+
+                cmd = [sys.executable, "-m", "sdturbo.engine.cli", *argv]
+                rc = run_again_if_killed(cmd, env("bench"), 0, killed)
                 if rc != 0:
                     raise RuntimeError(f"sdturbo {' '.join(argv)} failed (exit {rc})")
 
