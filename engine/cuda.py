@@ -6,11 +6,14 @@ Imported only by GPU backends; nothing here runs at import time.
 from __future__ import annotations
 
 import ctypes
+import logging
 from functools import lru_cache
 
 import numpy as np
 
 from .errors import BackendError
+
+log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
@@ -209,9 +212,7 @@ def node_types(graph) -> dict[str, int] | None:
             out[name] = out.get(name, 0) + 1
         return out
     except Exception as e:  # (an API that differs from this cuda-python's: no inspection)
-        import logging
-
-        logging.getLogger(__name__).warning("cannot list the captured graph's nodes: %s", e)
+        log.warning("cannot list the captured graph's nodes: %s", e)
         return None
 
 

@@ -251,7 +251,9 @@ class DevicePipeline:
             if scoped in self.graphs:
                 self.graphs[scoped].launch()
                 break
-            if self._capture(scoped, req, sched, ctx, enqueue, slots):
+            with CAPTURE_LOCK:  # one capture at a time in this process, and no pipeline being opened meanwhile
+                captured = self._capture(scoped, req, sched, ctx, enqueue, slots)
+            if captured:
                 break  # its check's last replay was this request's
             self._inputs(req, sched, ids)  # the check fed the probe's inputs
             if slots is not None:
@@ -290,13 +292,7 @@ class DevicePipeline:
                 self._put("image_noise", image_noise)
             self._put("image_in", to_model_image(req.image, self.dtype))  # then to the encoder's dtype, as diffusers
 
-    def _capture(self, *args) -> bool:
-        with CAPTURE_LOCK:  # one capture at a time in this process, and no pipeline being opened meanwhile
-            return self._capture_checked(*args)
-
-    def _capture_checked(
-        self, key: tuple, req: Request, sched, ctx: dict, enqueue, slots: list[int] | None = None
-    ) -> bool:
+    def _capture(self, key: tuple, req: Request, sched, ctx: dict, enqueue, slots: list[int] | None = None) -> bool:
         """Warm up, capture ``enqueue`` as a graph, and check it before use: replayed on a probe request (other
         prompts of another length, other noise, the image mirrored) and on ``req``, from buffers poisoned in
         between, it must give the pixels the eager chain gives for each, byte for byte, or, where the eager runs
