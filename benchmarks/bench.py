@@ -20,6 +20,8 @@ import numpy as np
 
 from . import modes
 from .contenders import Diffusers, Ours, ancestral_noise, parse_ours
+from .ort_demo import NAME as ORT_DEMO
+from .ort_demo import OrtDemo
 from .timers import StageTimer, percentile
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ def check_contender(name: str) -> None:
     from sdturbo.engine.errors import InputError
 
     extra = ("", "-compile", *(f"-{theirs}" for _, theirs in modes.MODES.values()))
-    ok = name in {f"diffusers-{p}{c}" for p in ("fp16", "fp32") for c in extra}
+    ok = name == ORT_DEMO or name in {f"diffusers-{p}{c}" for p in ("fp16", "fp32") for c in extra}
     if name.startswith("sdturbo-") and name.count("-") >= 2:
         backend, variant, precision = parse_ours(name)
         variants, precisions = OUR_CONTENDERS.get(backend, ((), ()))
@@ -95,7 +97,8 @@ def check_contender(name: str) -> None:
             f"sdturbo-{b}[-<{'|'.join(v for v in vs if v)}>]-<{'|'.join(ps)}>" for b, (vs, ps) in OUR_CONTENDERS.items()
         )
         raise InputError(
-            f"--contenders {name!r} is not allowed; use diffusers-<fp16|fp32>[-compile|-tiny|-embeds] or {ours}"
+            f"--contenders {name!r} is not allowed; use diffusers-<fp16|fp32>[-compile|-tiny|-embeds], {ORT_DEMO} "
+            f"(ONNX Runtime's own pipeline) or {ours}"
         )
 
 
@@ -140,6 +143,8 @@ def make(
         variant = next((v for _, v in modes.MODES.values() if name.endswith(f"-{v}")), "")
         dtype = name.split("-")[1]
         return Diffusers(folder, dev, dtype, timer, mode, step_seed, variant=variant, tiny_vae=tiny_vae)
+    if name == ORT_DEMO:
+        return OrtDemo(folder, timer)
     backend, variant, precision = parse_ours(name)
     return Ours(bundle, backend, precision, timer, variant)
 
@@ -190,7 +195,7 @@ def run(cfg: BenchConfig) -> dict:
     failed = []
     for name in names:
         log.info("contender %s", name)
-        timer = StageTimer(cuda=dev == "cuda" and name.startswith("diffusers"))
+        timer = StageTimer(cuda=dev == "cuda" and not name.startswith("sdturbo-"))  # torch's stream: its events
         precision = name.rsplit("-", 1)[1]
         try:
             contender = make(name, folder, bundle.get(precision), dev, timer, step_seed, cfg.compile_mode, tiny_folder)
@@ -222,6 +227,10 @@ def run(cfg: BenchConfig) -> dict:
     if not references:
         raise RuntimeError(f"no contender ran: {failed}")
     modes.compare(results, {m: ref[0] for m, ref in references.items()})
+    demo = next((r for r in results if r["name"] == ORT_DEMO), None)
+    for r in results if demo else ():  # the issue's third target: ONNX Runtime's own pipeline, same run
+        if r["name"].startswith("sdturbo-onnxruntime-cuda"):
+            r["vs_onnxruntime_demo"] = demo["e2e_ms"]["median"] / r["e2e_ms"]["median"]
     paired = {}
     if cfg.modes and cfg.paired_runs:
         log.info("the modes' targets, measured in pairs")
@@ -357,6 +366,8 @@ def throughput(contender, cfg: BenchConfig, sync) -> list[dict]:
 def cold_start(name: str, folder, bundle, dev: str, cfg: BenchConfig) -> dict:
     """Process start to first image, measured around a fresh interpreter."""
     size = f"{cfg.width}x{cfg.height}"
+    if name == ORT_DEMO:
+        return {"skipped": "its first load exports and optimizes its own graphs: load_s says how long"}
     if name.startswith("diffusers"):
         if name.endswith("-compile"):
             return {"skipped": "compile time is in warmup_ms"}

@@ -8,7 +8,10 @@ Steps, each recorded even when it fails (a failed step never stops the next):
      the library's exact message if not (TensorRT-RTX lists RTX GPUs only: 7.5, 8.6, 8.9, 12.0);
   3. gpu-tests.log: ``pytest -m gpu -rs`` (kernels vs host twins, TensorRT and ONNX Runtime CUDA vs
      diffusers, graph replay, interleaved shapes, img2img, SDXL);
-  4. the benchmark (``sdturbo bench``) at 512x512 with every backend that runs here.
+  4. the benchmark (``sdturbo bench``) at 512x512 with every backend that runs here;
+  5. bench-ort-demo/: diffusers fp16, ours on ONNX Runtime CUDA and ONNX Runtime's own Stable Diffusion pipeline
+     (``onnxruntime-demo-fp16``, benchmarks/ort_demo.py) in one run, 1 step; its first load exports and
+     optimizes the demo's own graphs (minutes).
 The tests and each benchmark run in processes of their own, once more if a signal killed them (a crash inside
 a library); a CUDA-graph capture that killed one is recorded in capture-trials/ and skipped the second time.
 """
@@ -25,6 +28,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+from .ort_demo import NAME as ORT_DEMO
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="1,4", help="latency runs, one benchmark per step count (default 1,4)")
     p.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of diffusers-fp16-compile")
     p.add_argument("--contenders", default="", help="comma-separated, as for sdturbo bench (default: all that run)")
-    p.add_argument("--skip", default="", help="comma-separated steps to skip: device,probe,tests,bench")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip: device,probe,tests,bench,ort-demo")
+    p.add_argument("--demo-batches", default="1,4", help="throughput sweep of the ort-demo step (default 1,4)")
     p.add_argument(
         "--tests-timeout", type=float, default=0, help="stop the gpu tests after this many s in all (0: never)"
     )
@@ -202,30 +208,37 @@ def main(argv: list[str] | None = None) -> int:
             log.info("gpu tests: exit %d (see %s)", rc, out / "gpu-tests.log")
 
         step("tests", out, tests)
+
+    def run_bench(argv: list[str], what: str) -> None:
+        def killed(signal: int, again: bool) -> None:
+            if again:
+                log.warning("%s was killed by signal %d; running it once more", what, signal)
+
+        rc = run_again_if_killed([sys.executable, "-m", "sdturbo.engine.cli", *argv], env("bench"), 0, killed)
+        if rc != 0:
+            raise RuntimeError(f"sdturbo {' '.join(argv)} failed (exit {rc})")
+
     if "bench" not in skip:
         for steps in (int(s) for s in args.steps.split(",")):
 
             def bench(steps=steps):
-                sub = out / f"bench-{steps}step"
-                argv = ["bench", "--model", args.model, "--steps", str(steps), "--out", str(sub)]
+                argv = ["bench", "--model", args.model, "--steps", str(steps), "--out", str(out / f"bench-{steps}step")]
                 argv += ["--compile-mode", args.compile_mode]
                 if args.contenders:
                     argv += ["--contenders", args.contenders]
-                if steps == 1:
-                    argv += ["--batches", args.batches]
-                else:
-                    argv += ["--no-cold"]
-
-                def killed(signal: int, again: bool) -> None:
-                    if again:
-                        log.warning("sdturbo bench was killed by signal %d; running it once more", signal)
-
-                cmd = [sys.executable, "-m", "sdturbo.engine.cli", *argv]
-                rc = run_again_if_killed(cmd, env("bench"), 0, killed)
-                if rc != 0:
-                    raise RuntimeError(f"sdturbo {' '.join(argv)} failed (exit {rc})")
+                argv += ["--batches", args.batches] if steps == 1 else ["--no-cold"]
+                run_bench(argv, f"the {steps}-step benchmark")
 
             step(f"bench-{steps}step", out, bench)
+    if "ort-demo" not in skip:  # a process of its own: its first load exports and optimizes for minutes
+
+        def ort_demo():
+            names = ["diffusers-fp16", "sdturbo-onnxruntime-cuda-fp16", ORT_DEMO]
+            argv = ["bench", "--model", args.model, "--steps", "1", "--out", str(out / "bench-ort-demo"), "--no-cold"]
+            argv += ["--contenders", ",".join(names), "--batches", args.demo_batches]
+            run_bench(argv, "the ort-demo benchmark")
+
+        step("bench-ort-demo", out, ort_demo)
     return 0
 
 

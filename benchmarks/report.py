@@ -36,6 +36,10 @@ def markdown(results: dict) -> str:
     graphs = [f"{r['name']}: {r['cuda_graph']}" for r in results["contenders"] if r.get("cuda_graph")]
     if graphs:
         lines += ["", "CUDA graph: " + "; ".join(graphs)]
+    demo = [(r["name"], r.get("vs_onnxruntime_demo")) for r in results["contenders"]]
+    demo = [f"{name}: {ratio:.2f}x" for name, ratio in demo if ratio]
+    if demo:
+        lines += ["", "against ONNX Runtime's own pipeline (its e2e median / ours): " + "; ".join(demo)]
     floor = results["contenders"][0]["floor_ms"]
     lines += [
         "",

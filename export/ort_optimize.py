@@ -80,7 +80,7 @@ def fusion_options(model_type: str, provider: str, float16: bool):
 
 
 @contextlib.contextmanager
-def _numpy2_compatible():
+def numpy2_compatible():
     """onnxruntime 1.32's UNet attention fusion reads the head count with ``int()`` of a 1-element array,
     which numpy >= 2.4 refuses (TypeError). While the optimizer runs, read it with ``.item()`` instead."""
     import onnxruntime.transformers  # noqa: F401  (puts the optimizer's own folder on sys.path)
@@ -119,7 +119,7 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str) -> dict
     model_type = MODEL_TYPES[name]
     floats = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs) if t.dtype.startswith("float")}
     float16 = "float16" in floats.values()
-    with _numpy2_compatible():
+    with numpy2_compatible():
         m = optimize_model(
             str(src),
             model_type=model_type,

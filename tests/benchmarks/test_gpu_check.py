@@ -26,7 +26,7 @@ def fake_runs(monkeypatch, codes: list[int], timeouts: list | None = None) -> li
 
 def test_a_benchmark_killed_by_a_signal_runs_once_more(tmp_path, monkeypatch):
     calls = fake_runs(monkeypatch, [-6, 0])
-    assert gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests", "--steps", "1"]) == 0
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests,ort-demo", "--steps", "1"]) == 0
     assert len(calls) == 2 and calls[0] == calls[1]
     assert calls[0][1:4] == ["-m", "sdturbo.engine.cli", "bench"]
     assert not list(tmp_path.glob("*.error.txt"))
@@ -34,7 +34,7 @@ def test_a_benchmark_killed_by_a_signal_runs_once_more(tmp_path, monkeypatch):
 
 def test_a_benchmark_killed_twice_or_failing_is_recorded_as_failed(tmp_path, monkeypatch):
     calls = fake_runs(monkeypatch, [-6, -6, 1])
-    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests", "--steps", "1,4"])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests,ort-demo", "--steps", "1,4"])
     assert len(calls) == 3  # killed twice: not a third time; an error exit: not again
     for steps, exit_code in ((1, -6), (4, 1)):
         error = (tmp_path / f"bench-{steps}step.error.txt").read_text()
@@ -43,7 +43,7 @@ def test_a_benchmark_killed_twice_or_failing_is_recorded_as_failed(tmp_path, mon
 
 def test_gpu_tests_killed_by_a_signal_say_so_and_run_once_more(tmp_path, monkeypatch):
     calls = fake_runs(monkeypatch, [-6, 0])
-    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench"])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench,ort-demo"])
     log = (tmp_path / "gpu-tests.log").read_text()
     assert len(calls) == 2
     assert "== the gpu tests were killed by signal 6: in the last test above\n== running them once more\n" in log
@@ -54,13 +54,13 @@ def test_the_tests_timeout_is_for_both_runs_together(tmp_path, monkeypatch):
     timeouts, clock = [], iter([0.0, 0.0, 70.0])  # the deadline set, the first run, the second 70 s later
     fake_runs(monkeypatch, [-6, 0], timeouts)
     monkeypatch.setattr(gpu_check.time, "monotonic", lambda: next(clock))
-    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench", "--tests-timeout", "100"])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench,ort-demo", "--tests-timeout", "100"])
     assert timeouts == [100.0, 30.0]
 
 
 def test_gpu_tests_killed_twice_are_not_run_a_third_time(tmp_path, monkeypatch):
     calls = fake_runs(monkeypatch, [-6, -6, 0])
-    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench"])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench,ort-demo"])
     assert len(calls) == 2
     assert (tmp_path / "gpu-tests.log").read_text().endswith("killed by signal 6: in the last test above\n")
 
@@ -70,6 +70,16 @@ def test_every_step_keeps_its_capture_records_with_the_results(tmp_path, monkeyp
     fake_runs(monkeypatch, [0, 0])
     fake = gpu_check.subprocess.run
     monkeypatch.setattr(gpu_check.subprocess, "run", lambda cmd, **kw: envs.append(kw["env"]) or fake(cmd, **kw))
-    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe", "--steps", "1"])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,ort-demo", "--steps", "1"])
     folder = (tmp_path / "capture-trials").resolve()
     assert [env["SDTURBO_CAPTURE_TRIALS"] for env in envs] == [str(folder / "tests"), str(folder / "bench")]
+
+
+def test_onnxruntime_s_own_pipeline_is_measured_in_a_run_of_its_own_beside_ours_and_diffusers(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, [0, -6, 0])  # the main benchmark, then the demo's: killed once, run again
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests", "--steps", "1"]) == 0
+    main, demo, again = calls
+    assert "onnxruntime-demo-fp16" not in " ".join(main) and demo == again
+    assert demo[demo.index("--contenders") + 1] == "diffusers-fp16,sdturbo-onnxruntime-cuda-fp16,onnxruntime-demo-fp16"
+    assert demo[demo.index("--steps") + 1] == "1" and demo[demo.index("--out") + 1] == str(tmp_path / "bench-ort-demo")
+    assert not list(tmp_path.glob("*.error.txt"))
