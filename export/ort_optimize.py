@@ -16,6 +16,9 @@ Providers (one switch, ``provider``):
 - ``cpu``: only fusions with CPU kernels (MultiHeadAttention unpacked, SkipLayerNormalization, BiasGelu,
   QuickGelu), for the CPU provider and for checking fused graphs against plain ones without a GPU.
 
+Text encoders get their causal self-attention fused into MultiHeadAttention by export/clip_attention.py first,
+for both providers: onnxruntime's CLIP fusion does not match the mask transformers 5 exports.
+
 The ONNX-Runtime-level pass of that pipeline (``optimize_by_onnxruntime`` on a CUDA session) is not run here:
 it needs a GPU, and the backend's session applies the same optimizations (ORT_ENABLE_ALL) when it loads.
 """
@@ -33,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.backends.ort_cache import publish_graph
-from ..engine.backends.ort_optimized import PROVIDERS, RECIPE, check_optimized, optimized_paths, sources
+from ..engine.backends.ort_optimized import PROVIDERS, check_optimized, optimized_paths, recipe, sources
 from ..engine.bundle import EXTERNAL_DATA_BYTES, Bundle
 from ..engine.errors import BackendError, InputError
 from ..engine.files import locked, remove_leftovers
+from . import clip_attention
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,10 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str) -> dict
     model_type = MODEL_TYPES[name]
     floats = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs) if t.dtype.startswith("float")}
     float16 = "float16" in floats.values()
-    with numpy2_compatible():
+    with tempfile.TemporaryDirectory(prefix="sdturbo-clip-") as work, numpy2_compatible():
+        if model_type == "clip":  # onnxruntime's CLIP fusion misses transformers 5's attention: ours first
+            src, n = clip_attention.fuse_file(src, Path(work), token_feeds(src, spec))
+            log.info("%s: %d self-attentions fused into MultiHeadAttention", name, n)
         m = optimize_model(
             str(src),
             model_type=model_type,
@@ -135,6 +142,23 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str) -> dict
     big = m.model.ByteSize() >= EXTERNAL_DATA_BYTES
     m.save_model_to_file(str(dst), use_external_data_format=big)
     return fused_op_counts(m.model)
+
+
+def token_feeds(src: Path, spec) -> dict:
+    """Token ids for the checks of a text encoder's fusion: batch 2, valid indices for every embedding table the
+    graph gathers from (the smallest one's size bounds them)."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    gathered = (dims.get(n.input[0], []) for n in model.graph.node if n.op_type == "Gather")
+    tables = [d[0] for d in gathered if len(d) == 2]
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for t in spec.inputs:
+        shape = [2 if not isinstance(d, int) or d <= 0 else d for d in t.shape]
+        feeds[t.name] = rng.integers(0, min(tables, default=256), shape).astype(t.dtype)
+    return feeds
 
 
 def fp32_kept(model) -> dict:
@@ -194,7 +218,7 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
                 "provider": provider,
                 "onnxruntime": version,
                 "sources": keys,
-                "recipe": RECIPE,
+                "recipe": recipe(name),
                 "fused": fused,
                 "seconds": round(seconds, 2),
             }

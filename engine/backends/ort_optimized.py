@@ -34,6 +34,14 @@ FOLDER = "ort-optimized"
 PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 SOURCE_PRECISION = "fp32"
 RECIPE = 1  # what export/ort_optimize.py makes (fusions, fp32 nodes): bump it there to rebuild older graphs
+# components whose recipe moved on alone (a bump for all would rebuild every UNet for a text encoder change):
+# 2, the text encoders' attention fused into MultiHeadAttention (export/clip_attention.py)
+RECIPES = {"text_encoder": 2, "text_encoder_2": 2}
+
+
+def recipe(name: str) -> int:
+    """The optimizer recipe this sdturbo makes for component ``name``."""
+    return RECIPES.get(name, RECIPE)
 
 
 def provider_key(providers) -> str:
@@ -69,8 +77,8 @@ def why_not_valid(bundle: Bundle, rec: dict, name: str) -> str | None:
         return str(e)
     if rec.get("sources") != want:
         return "the bundle's ONNX changed since it was optimized"
-    if rec.get("recipe") != RECIPE:
-        return f"it was made by optimizer recipe {rec.get('recipe')!r}, this sdturbo makes {RECIPE}"
+    if rec.get("recipe") != recipe(name):
+        return f"it was made by optimizer recipe {rec.get('recipe')!r}, this sdturbo makes {recipe(name)}"
     if "sha256" not in rec:
         return "its record has no sha256"
     return None

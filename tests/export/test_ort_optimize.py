@@ -40,7 +40,7 @@ CUDA_VAE_DECODER = {"GroupNorm": 14, "NhwcConv": 27, "SkipGroupNorm": 7}
 # For the CPU: self-attention becomes Attention (QKV in one MatMul), cross-attention MultiHeadAttention;
 # GEGLU a Gelu; no NHWC ops, no GroupNorm, no BiasAdd/BiasSplitGelu (no CPU kernels).
 CPU_UNET = {"Attention": 4, "Gelu": 4, "MultiHeadAttention": 4, "SkipLayerNormalization": 8}
-CPU_TEXT_ENCODER = {"BiasGelu": 2, "SkipLayerNormalization": 4}
+CPU_TEXT_ENCODER = {"BiasGelu": 2, "MultiHeadAttention": 2, "SkipLayerNormalization": 4}
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,21 @@ def test_a_stale_or_damaged_graph_is_refused_and_rebuilt(optimized, caplog):
     assert "rebuilding the optimized text_encoder" in caplog.text
     assert find_optimized(b, "text_encoder", VERSION, "cpu", "fp16") == model
     assert "BROKEN" not in describe(optimized)
+
+
+def test_text_encoders_made_before_their_attention_fusion_are_rebuilt_alone(optimized, caplog):
+    b = Bundle(optimized)
+    records = {n: optimized_paths(b, VERSION, "cpu", "fp16", n)[1] for n in ("text_encoder", "unet")}
+    recs = {n: json.loads(r.read_text()) for n, r in records.items()}
+    assert (recs["text_encoder"]["recipe"], recs["unet"]["recipe"]) == (2, 1)
+    records["text_encoder"].write_text(json.dumps({**recs["text_encoder"], "recipe": 1}))  # made before it
+    try:
+        with caplog.at_level(logging.INFO):
+            assert find_optimized(b, "text_encoder", VERSION, "cpu", "fp16") is None
+            assert find_optimized(b, "unet", VERSION, "cpu", "fp16") is not None  # not rebuilt for it
+        assert "made by optimizer recipe 1, this sdturbo makes 2" in caplog.text
+    finally:
+        records["text_encoder"].write_text(json.dumps(recs["text_encoder"]))
 
 
 def test_writes_are_atomic(optimized, monkeypatch):

@@ -1,0 +1,221 @@
+"""CLIP's self-attention as one MultiHeadAttention node, for the text encoders' optimized graphs.
+
+onnxruntime's CLIP fusion (``fusion_attention_clip.py``) recognises the causal mask only as older transformers
+built it (``Where(Less(...))`` into an ``Expand``). transformers 5 builds it in ``masking_utils`` from a Range
+and LessOrEqual, so onnxruntime fuses no attention in our text encoders: each layer keeps two MatMuls, a Mul, an
+Add of the mask, a Softmax and the transposes around them, where one fused kernel would do (flash attention on
+CUDA). This pass makes that one node: ``com.microsoft.MultiHeadAttention(q, k, v)`` with ``unidirectional=1``
+(the causal mask, applied inside the kernel) and the graph's own scale.
+
+Nothing is assumed about the mask or the shapes from the pattern alone. The original graph is run once on the
+CPU with the mask and the per-head query as extra outputs: the mask must be exactly causal (0 on and below the
+diagonal, hugely negative above) and the head count comes from the query's shape. Then the fused graph is run on
+the same tokens and must give the original's outputs within float32 rounding; otherwise the original is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+log = logging.getLogger(__name__)
+
+MHA = "/sdturbo_mha"  # suffix of the fused nodes' names
+# the fused graph against the original, float32 on the CPU: the largest difference over the largest value.
+# Measured: 0.0 (SD-Turbo's full-size text encoder, random weights, x86-64: the same kernels, the same sums);
+# a different summation order would move it by ~1e-7; a scale 1% off moves it by 1e-4, a missing causal mask by ~1.
+TOLERANCE = 1e-5
+
+
+def _producers(graph) -> dict:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _consumers(graph) -> dict:
+    out: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def _const(graph, name: str):
+    """The value of ``name`` if it is an initializer or a Constant node's output, else None."""
+    for t in graph.initializer:
+        if t.name == name:
+            return onnx.numpy_helper.to_array(t)
+    node = _producers(graph).get(name)
+    if node is not None and node.op_type == "Constant":
+        for a in node.attribute:
+            if a.name == "value":
+                return onnx.numpy_helper.to_array(a.t)
+    return None
+
+
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _head_input(producers, name: str, perm: list[int]) -> tuple[str, str] | None:
+    """``name`` = Transpose(perm)(Reshape(x, [B, S, heads, head_size])): (x, the Reshape's output)."""
+    t = producers.get(name)
+    if t is None or t.op_type != "Transpose" or _perm(t) != perm:
+        return None
+    r = producers.get(t.input[0])
+    if r is None or r.op_type != "Reshape":
+        return None
+    return r.input[0], r.output[0]
+
+
+def find(graph) -> list[dict]:
+    """Each ``Transpose/Reshape -> MatMul -> Mul(scale) -> Add(mask) -> Softmax [-> Cast(float)...] -> MatMul ->
+    Transpose -> Reshape`` attention in ``graph``, as the tensors the fused node needs (unverified)."""
+    producers, consumers, found = _producers(graph), _consumers(graph), []
+    for sm in (n for n in graph.node if n.op_type == "Softmax"):
+        add = producers.get(sm.input[0])
+        if add is None or add.op_type != "Add":
+            continue
+        mul = next((producers.get(i) for i in add.input if getattr(producers.get(i), "op_type", "") == "Mul"), None)
+        if mul is None:
+            continue
+        mask = next(i for i in add.input if i != mul.output[0])
+        qk = next((producers.get(i) for i in mul.input if getattr(producers.get(i), "op_type", "") == "MatMul"), None)
+        scale = next((_const(graph, i) for i in mul.input if qk is None or i != qk.output[0]), None)
+        if qk is None or scale is None or scale.size != 1:
+            continue
+        nxt, casts = consumers.get(sm.output[0], []), []
+        while len(nxt) == 1 and nxt[0].op_type == "Cast":  # softmax in float32, cast back: identities here
+            to = next(a.i for a in nxt[0].attribute if a.name == "to")
+            if to != onnx.TensorProto.FLOAT:
+                break
+            casts.append(nxt[0])
+            nxt = consumers.get(nxt[0].output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type != "MatMul" or nxt[0].input[0] != (casts or [sm])[-1].output[0]:
+            continue
+        pv = nxt[0]
+        q, k, v = (
+            _head_input(producers, qk.input[0], [0, 2, 1, 3]),
+            _head_input(producers, qk.input[1], [0, 2, 3, 1]),
+            _head_input(producers, pv.input[1], [0, 2, 1, 3]),
+        )
+        after = consumers.get(pv.output[0], [])
+        if None in (q, k, v) or len(after) != 1 or after[0].op_type != "Transpose" or _perm(after[0]) != [0, 2, 1, 3]:
+            continue
+        merge = consumers.get(after[0].output[0], [])
+        if len(merge) != 1 or merge[0].op_type != "Reshape":
+            continue
+        found.append(
+            {
+                "name": sm.name.rsplit("/", 1)[0] + MHA,
+                "q": q[0],
+                "k": k[0],
+                "v": v[0],
+                "q_heads": q[1],  # [B, S, heads, head_size]: the head count
+                "mask": mask,
+                "scale": float(scale.reshape(())),
+                "output": merge[0].output[0],
+                "replaced": merge[0],
+            }
+        )
+    return found
+
+
+def _run(path: Path, feeds: dict) -> dict[str, np.ndarray]:
+    """Every output of the graph at ``path``, on the CPU, as written (no graph optimizations)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return dict(zip((o.name for o in sess.get_outputs()), sess.run(None, feeds), strict=True))
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save(model, str(path))  # the weights stay where they are: embedded, or external beside ``path``
+    return path
+
+
+def _causal(mask: np.ndarray) -> bool:
+    s = mask.shape[-1]
+    if mask.ndim != 4 or mask.shape[-2] != s or mask.shape[1] != 1:
+        return False
+    below = np.tril(np.ones((s, s), bool))
+    return bool(np.all(mask[..., below] == 0) and np.all(mask[..., ~below] <= -1e4))
+
+
+def _prune(graph) -> None:
+    """Drop the nodes nothing reads any more (the attention's old nodes)."""
+    wanted = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in wanted for o in node.output):
+            keep.append(node)
+            wanted.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+
+
+def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[Path, int]:
+    """Fuse the causal self-attentions of the fp32 text encoder at ``src`` into MultiHeadAttention nodes when
+    the checks in the module doc pass. The graph is read without its external weights and written into ``work``
+    (an empty folder) with links to them, so a text encoder of any size is never copied. Returns the graph to
+    optimize (``src`` itself when nothing was fused) and how many attentions were fused. ``feeds``: one input
+    for the checks (the token ids)."""
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    found = find(graph)
+    if not found:
+        return src, 0
+    for t in graph.initializer:  # external weights: linked beside the graphs written here
+        for entry in t.external_data:
+            if entry.key == "location" and not (work / entry.value).exists():
+                (work / entry.value).symlink_to((src.parent / entry.value).resolve())
+    reference = _run(src, feeds)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in {t for f in found for t in (f["mask"], f["q_heads"])}:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    values = _run(_save(probe, work / "probe.onnx"), feeds)
+    for f in found:
+        if not _causal(values[f["mask"]]):
+            log.warning("%s: its mask is not causal; the attention is left unfused", f["name"])
+            return src, 0
+    replaced = {f["replaced"].output[0]: f for f in found}
+    nodes = []
+    for node in graph.node:
+        f = replaced.get(node.output[0]) if node.output else None
+        if f is None:
+            nodes.append(node)
+            continue
+        heads = int(values[f["q_heads"]].shape[2])
+        nodes.append(
+            onnx.helper.make_node(
+                "MultiHeadAttention",
+                [f["q"], f["k"], f["v"]],
+                [f["output"]],
+                name=f["name"],
+                domain="com.microsoft",
+                num_heads=heads,
+                scale=f["scale"],
+                unidirectional=1,
+            )
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _prune(graph)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    fused = _save(model, work / "fused.onnx")
+    got = _run(fused, feeds)
+    for name, want in reference.items():
+        err = float(np.max(np.abs(want.astype(np.float64) - got[name]))) / max(float(np.max(np.abs(want))), 1e-30)
+        if not err <= TOLERANCE:
+            log.warning("fused attention moves %s by %.2g of its largest value (over %g): left unfused", name, err,
+                        TOLERANCE)  # fmt: skip
+            return src, 0
+        log.info("fused attention: %s within %.2g of the original's largest value", name, err)
+    return fused, len(found)
