@@ -16,6 +16,7 @@ the same tokens and must give the original's outputs within float32 rounding; ot
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,21 +160,23 @@ def _prune(graph) -> None:
     graph.node.extend(reversed(keep))
 
 
-def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[Path, int]:
+def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[onnx.ModelProto | None, int]:
     """Fuse the causal self-attentions of the fp32 text encoder at ``src`` into MultiHeadAttention nodes when
-    the checks in the module doc pass. The graph is read without its external weights and written into ``work``
-    (an empty folder) with links to them, so a text encoder of any size is never copied. Returns the graph to
-    optimize (``src`` itself when nothing was fused) and how many attentions were fused. ``feeds``: one input
-    for the checks (the token ids)."""
+    the checks in the module doc pass. Returns the fused graph, its weights not loaded (external data, if any,
+    still to be read from ``src``'s folder: ``onnx.load_external_data_for_model``), and how many attentions were
+    fused; (None, 0) when nothing was. ``work``: an empty folder for the check runs, where ``src``'s external
+    weights, if any, are copied (onnxruntime refuses external data through a symlink that leaves the model's
+    folder, and onnx refuses a hard-linked file as a possible attack). ``feeds``: one input for the checks."""
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     found = find(graph)
     if not found:
-        return src, 0
-    for t in graph.initializer:  # external weights: linked beside the graphs written here
+        return None, 0
+    for t in graph.initializer:  # external weights: copied beside the graphs written here (see above)
         for entry in t.external_data:
             if entry.key == "location" and not (work / entry.value).exists():
-                (work / entry.value).symlink_to((src.parent / entry.value).resolve())
+                (work / entry.value).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src.parent / entry.value, work / entry.value)
     reference = _run(src, feeds)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -183,7 +186,7 @@ def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[Path, int]:
     for f in found:
         if not _causal(values[f["mask"]]):
             log.warning("%s: its mask is not causal; the attention is left unfused", f["name"])
-            return src, 0
+            return None, 0
     replaced = {f["replaced"].output[0]: f for f in found}
     nodes = []
     for node in graph.node:
@@ -209,13 +212,12 @@ def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[Path, int]:
     _prune(graph)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    fused = _save(model, work / "fused.onnx")
-    got = _run(fused, feeds)
+    got = _run(_save(model, work / "fused.onnx"), feeds)
     for name, want in reference.items():
         err = float(np.max(np.abs(want.astype(np.float64) - got[name]))) / max(float(np.max(np.abs(want))), 1e-30)
         if not err <= TOLERANCE:
             log.warning("fused attention moves %s by %.2g of its largest value (over %g): left unfused", name, err,
                         TOLERANCE)  # fmt: skip
-            return src, 0
+            return None, 0
         log.info("fused attention: %s within %.2g of the original's largest value", name, err)
-    return fused, len(found)
+    return model, len(found)

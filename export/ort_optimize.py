@@ -123,12 +123,19 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str) -> dict
     model_type = MODEL_TYPES[name]
     floats = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs) if t.dtype.startswith("float")}
     float16 = "float16" in floats.values()
-    with tempfile.TemporaryDirectory(prefix="sdturbo-clip-") as work, numpy2_compatible():
-        if model_type == "clip":  # onnxruntime's CLIP fusion misses transformers 5's attention: ours first
-            src, n = clip_attention.fuse_file(src, Path(work), token_feeds(src, spec))
-            log.info("%s: %d self-attentions fused into MultiHeadAttention", name, n)
+    fused = None
+    if model_type == "clip":  # onnxruntime's CLIP fusion misses transformers 5's attention: ours first
+        # beside dst, so a killed run's copy of large weights is cleared with dst's folder (remove_leftovers)
+        with tempfile.TemporaryDirectory(prefix=".clip-", dir=dst.parent) as work:
+            fused, n = clip_attention.fuse_file(src, Path(work), token_feeds(src, spec))
+        log.info("%s: %d self-attentions fused into MultiHeadAttention", name, n)
+        if fused is not None:
+            import onnx
+
+            onnx.load_external_data_for_model(fused, str(src.parent))
+    with numpy2_compatible():
         m = optimize_model(
-            str(src),
+            str(src) if fused is None else fused,
             model_type=model_type,
             num_heads=0,  # deduced from the graph
             hidden_size=0,

@@ -32,7 +32,12 @@ def test_every_layer_s_attention_becomes_one_node_with_the_same_outputs(which, t
         "sdxl-2": (xl_bundle, "text_encoder_2"),
     }[which]
     src, spec = graph(bundle, name)
-    fused, n = clip_attention.fuse_file(src, tmp_path, token_feeds(src, spec))
+    work = tmp_path / "work"
+    work.mkdir()
+    model, n = clip_attention.fuse_file(src, work, token_feeds(src, spec))
+    onnx.load_external_data_for_model(model, str(src.parent))
+    fused = tmp_path / "fused.onnx"
+    onnx.save(model, str(fused))
     before, after = ops(src), ops(fused)
     assert n == after["MultiHeadAttention"] == before["Softmax"] > 0  # every attention, one node each
     assert after["Softmax"] == 0 and before["MatMul"] - after["MatMul"] == 2 * n  # QK^T and PV gone
@@ -55,7 +60,7 @@ def test_a_mask_that_is_not_causal_is_left_unfused(tiny_bundle, tmp_path, caplog
     work.mkdir()
     with caplog.at_level(logging.WARNING):
         out, n = clip_attention.fuse_file(tmp_path / "bidirectional.onnx", work, token_feeds(src, spec))
-    assert (out, n) == (tmp_path / "bidirectional.onnx", 0)
+    assert (out, n) == (None, 0)
     assert "its mask is not causal; the attention is left unfused" in caplog.text
 
 
@@ -75,7 +80,7 @@ def test_a_fusion_that_changes_the_outputs_is_not_used(wrong, tiny_bundle, tmp_p
         monkeypatch.setattr(onnx.helper, "make_node", one_head)
     with caplog.at_level(logging.WARNING):
         out, n = clip_attention.fuse_file(src, tmp_path, token_feeds(src, spec))
-    assert (out, n) == (src, 0)
+    assert (out, n) == (None, 0)
     assert "fused attention moves hidden_states by" in caplog.text
 
 
@@ -83,5 +88,25 @@ def test_graphs_without_a_masked_attention_are_returned_as_they_are(tiny_bundle,
     for name in ("unet", "vae_decoder"):  # attention without a mask: nothing this pass is for
         src, _ = graph(tiny_bundle, name)
         assert clip_attention.find(onnx.load(str(src), load_external_data=False).graph) == []
-        assert clip_attention.fuse_file(src, tmp_path, {}) == (src, 0)
+        assert clip_attention.fuse_file(src, tmp_path, {}) == (None, 0)
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_text_encoder_with_external_weights_is_fused_without_touching_its_files(tiny_bundle, tmp_path):
+    """Large text encoders (SDXL's second, 2.8 GB in fp32) keep their weights in a file beside the graph: the checks
+    run on a copy made beside the optimized graph, removed after; the bundle's files are left as they were."""
+    from sdturbo.export.ort_optimize import optimize_graph
+
+    src, _ = graph(tiny_bundle)
+    spec = Bundle(tiny_bundle).component("fp16", "text_encoder").spec
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir()
+    onnx.save(onnx.load(str(src)), str(bundle_dir / "te.onnx"), save_as_external_data=True, location="te.onnx.data",
+              size_threshold=0)  # fmt: skip
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_nlink) for p in bundle_dir.iterdir()}
+    out = tmp_path / "out"
+    out.mkdir()
+    fused = optimize_graph(bundle_dir / "te.onnx", out / "te.onnx", "text_encoder", spec, "cpu")
+    assert fused["MultiHeadAttention"] == ops(src)["Softmax"] > 0
+    assert [p.name for p in out.iterdir()] == ["te.onnx"]  # the check runs' folder is gone
+    assert {p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_nlink) for p in bundle_dir.iterdir()} == before
