@@ -197,12 +197,18 @@ def run(cfg: BenchConfig) -> dict:
         log.info("contender %s", name)
         timer = StageTimer(cuda=dev == "cuda" and not name.startswith("sdturbo-"))  # torch's stream: its events
         precision = name.rsplit("-", 1)[1]
+        contender = None
         try:
             contender = make(name, folder, bundle.get(precision), dev, timer, step_seed, cfg.compile_mode, tiny_folder)
             res = measure(contender, cfg, prompts, latents, timer, dev, step_noise)
         except Exception as e:  # one contender that cannot run here is reported, the others still run
             log.exception("contender %s failed", name)
             failed.append({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]})
+            if contender is not None:  # its memory back before the next one loads
+                try:
+                    contender.close()
+                except Exception as err:
+                    log.warning("closing contender %s: %s", name, err)
             continue
         res["floor_ms"] = mode_floors = modes.floors_for(name, floors, cfg.steps)
         res["over_floor"] = {

@@ -102,6 +102,9 @@ class Ours:
         return self.pipe.profile.tag
 
     def close(self) -> None:
+        """The pipeline's memory back now (a device pipeline's close()), not whenever a collection finds it."""
+        if self.pipe is not None:
+            self.pipe.close()
         self.pipe = None
         gc.collect()
 

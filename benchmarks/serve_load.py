@@ -241,32 +241,32 @@ def direct_phase(bundle: str, cfg: LoadConfig, precision: str, url: str) -> tupl
 
     # opened as `serve` opens its own: any batch up to the server's (on TensorRT, engines for batch 1 to it)
     shape = (cfg.max_batch, cfg.height, cfg.width)
-    pipe = open_pipeline(bundle, cfg.backend, precision, shape=shape, any_batch=True)
-    if cfg.warm_like_server:  # the same state as the server's pipeline (ONNX Runtime's memory after big shapes)
-        warm_up(pipe, cfg.max_batch, default_size(pipe.bundle))
-    kw = dict(steps=cfg.steps, height=cfg.height, width=cfg.width)
-    pipe.load()(PROMPTS[0], seed=0, **kw)  # warm-up
-    refs = [pipe(PROMPTS[k % len(PROMPTS)], seed=k, **kw)[0] for k in range(cfg.distinct)]
-    tc, conn = client(cfg.protocol, url)
-    infer(tc, conn, PROMPTS[0], 0, cfg, cfg.width)  # warm-up
-    direct, served, equal = [], [], True
-    deadline = time.perf_counter() + cfg.duration_s
-    try:
-        for j in range(cfg.pairs):
-            if time.perf_counter() > deadline:
-                break
-            k = j % cfg.distinct
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
-            image = pipe(PROMPTS[k % len(PROMPTS)], seed=k, **kw)[0]
-            direct.append(1e3 * (time.perf_counter() - start))
-            time.sleep(SETTLE_S)
-            start = time.perf_counter()
-            got = infer(tc, conn, PROMPTS[k % len(PROMPTS)], k, cfg, cfg.width)
-            served.append(1e3 * (time.perf_counter() - start))
-            equal &= np.array_equal(image, refs[k]) and np.array_equal(got, refs[k])
-    finally:
-        conn.close()
+    with open_pipeline(bundle, cfg.backend, precision, shape=shape, any_batch=True) as pipe:  # closed after this phase
+        if cfg.warm_like_server:  # the same state as the server's pipeline (ONNX Runtime's memory after big shapes)
+            warm_up(pipe, cfg.max_batch, default_size(pipe.bundle))
+        kw = dict(steps=cfg.steps, height=cfg.height, width=cfg.width)
+        pipe.load()(PROMPTS[0], seed=0, **kw)  # warm-up
+        refs = [pipe(PROMPTS[k % len(PROMPTS)], seed=k, **kw)[0] for k in range(cfg.distinct)]
+        tc, conn = client(cfg.protocol, url)
+        infer(tc, conn, PROMPTS[0], 0, cfg, cfg.width)  # warm-up
+        direct, served, equal = [], [], True
+        deadline = time.perf_counter() + cfg.duration_s
+        try:
+            for j in range(cfg.pairs):
+                if time.perf_counter() > deadline:
+                    break
+                k = j % cfg.distinct
+                time.sleep(SETTLE_S)
+                start = time.perf_counter()
+                image = pipe(PROMPTS[k % len(PROMPTS)], seed=k, **kw)[0]
+                direct.append(1e3 * (time.perf_counter() - start))
+                time.sleep(SETTLE_S)
+                start = time.perf_counter()
+                got = infer(tc, conn, PROMPTS[k % len(PROMPTS)], k, cfg, cfg.width)
+                served.append(1e3 * (time.perf_counter() - start))
+                equal &= np.array_equal(image, refs[k]) and np.array_equal(got, refs[k])
+        finally:
+            conn.close()
     diffs = [s - d for s, d in zip(served, direct, strict=True)]
     return refs, {
         "pairs": len(diffs),

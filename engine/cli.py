@@ -91,7 +91,7 @@ def cmd_generate(args) -> None:
     precision = args.precision or default_precision(backend)
     start = time.perf_counter()
     bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, precision, tiny_vae=args.vae == "tiny")
-    pipe = open_pipeline(
+    with open_pipeline(
         bundle,
         backend,
         precision,
@@ -99,22 +99,22 @@ def cmd_generate(args) -> None:
         cuda_graph=not args.no_cuda_graph,
         vae=args.vae,
         prompt_cache=0 if args.no_prompt_cache else DEFAULT_PROMPT_CACHE,
-    )
-    request = pipe.request(
-        prompts,
-        steps=args.steps,
-        height=height,
-        width=width,
-        seed=args.seed,
-        latents=latents,
-        image=image,
-        strength=0.5 if args.strength is None else args.strength,
-    )
-    pipe.load(img2img=image is not None)
-    log.info("ready in %.2f s", time.perf_counter() - start)
-    start = time.perf_counter()
-    images = pipe.run(request)
-    graph = getattr(pipe, "graph_status", None)  # GPU pipelines: "on", "sessions: why", "off: why"
+    ) as pipe:
+        request = pipe.request(
+            prompts,
+            steps=args.steps,
+            height=height,
+            width=width,
+            seed=args.seed,
+            latents=latents,
+            image=image,
+            strength=0.5 if args.strength is None else args.strength,
+        )
+        pipe.load(img2img=image is not None)
+        log.info("ready in %.2f s", time.perf_counter() - start)
+        start = time.perf_counter()
+        images = pipe.run(request)
+        graph = getattr(pipe, "graph_status", None)  # GPU pipelines: "on", "sessions: why", "off: why"
     log.info(
         "generated %d image(s) in %.3f s%s",
         len(images),

@@ -1,12 +1,17 @@
 """CUDA through cuda-python: every status becomes an exception here, nowhere else.
 
-Imported only by GPU backends; nothing here runs at import time.
+Imported only by GPU backends; nothing here runs at import time. What it allocates or creates (device and
+pinned memory, streams, events) goes back by ``free()``, or else when collected (not at interpreter exit: the
+driver takes it back with the process): a process that opens and drops pipelines (a server reloading a model, a
+benchmark) does not leak.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import weakref
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -99,44 +104,109 @@ def gpu_available() -> bool:
         return False
 
 
-class DeviceBuffer:
+_captures = 0  # captures under way in this process (callers hold device_pipeline.CAPTURE_LOCK)
+_held_back: list[tuple] = []  # (release, handle) collected during one, given back at its end
+
+
+def _give_back(release, handle) -> None:
+    """A finalizer: ``release(handle)``, never raising (at interpreter exit the bindings may be gone first, and
+    a stream in error has nothing left to give). During a capture it waits for the capture's end: freeing
+    memory or destroying a stream there would invalidate the capture."""
+    if _captures:
+        _held_back.append((release, handle))
+        return
+    try:  # noqa: SIM105 (not contextlib.suppress: late in interpreter exit, this module's globals may be gone)
+        release(handle)
+    except Exception:  # nothing to do about it: what was held is lost either way
+        pass
+
+
+@contextmanager
+def capturing():
+    """What is collected in this block is given back at its end, not during a capture it holds (a collection
+    can run anywhere, and a pipeline dropped in a reference cycle is freed by one)."""
+    global _captures
+    _captures += 1
+    try:
+        yield
+    finally:
+        _captures -= 1
+        while not _captures and _held_back:
+            _give_back(*_held_back.pop())
+
+
+class _Held:
+    """Something CUDA gave this process, given back once: by ``free()``, or by a finalizer when ``owner`` is
+    collected. The finalizer holds the runtime's release function and the handle, never the object."""
+
+    runtime = None  # cuda-python's runtime module where None (tests/engine/emulated_gpu.py sets its own)
+
+    @classmethod
+    def _runtime(cls):
+        return cls.runtime if cls.runtime is not None else bindings()[1]
+
+    def _hold(self, owner, release, handle) -> None:
+        self._finalizer = weakref.finalize(owner, _give_back, release, handle)
+        # not at interpreter exit: a daemon thread (the server's batcher) may still be running on this memory
+        # then, and the driver takes everything back when the process ends anyway
+        self._finalizer.atexit = False
+
+    def free(self) -> None:
+        """Give it back now; a second call, and the collection after, give nothing back again."""
+        held = self._finalizer.detach()
+        if held is not None:
+            _, _, (release, handle), _ = held
+            check(release(handle), getattr(release, "__name__", "CUDA release"))
+
+
+class DeviceBuffer(_Held):
     """``nbytes`` of device memory, allocated once."""
 
     def __init__(self, nbytes: int):
-        _, rt, _ = bindings()
+        rt = self._runtime()
         self.nbytes = max(int(nbytes), 1)
         self.ptr = int(check(rt.cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes})"))
+        self._hold(self, rt.cudaFree, self.ptr)
 
     def free(self) -> None:
-        if self.ptr:
-            _, rt, _ = bindings()
-            check(rt.cudaFree(self.ptr), "cudaFree")
-            self.ptr = 0
+        super().free()
+        self.ptr = 0
 
 
-class PinnedArray:
-    """A page-locked host array, so copies to and from the device are asynchronous."""
+class PinnedArray(_Held):
+    """A page-locked host array, so copies to and from the device are asynchronous.
+
+    ``array`` is a view of the pinned memory, for the owner's own use: what leaves the owner is a copy, as
+    nothing may use the view (or a view of it) past ``free()``, after which ``array`` raises. Collected, the
+    memory goes back once every view of it is gone too (the finalizer watches the buffer they all share)."""
 
     def __init__(self, shape, dtype):
-        _, rt, _ = bindings()
+        rt = self._runtime()
         self.dtype = np.dtype(dtype)
         self.nbytes = max(int(np.prod(shape)) * self.dtype.itemsize, 1)
         self.ptr = int(check(rt.cudaMallocHost(self.nbytes), "cudaMallocHost"))
         raw = (ctypes.c_byte * self.nbytes).from_address(self.ptr)
-        self.array = np.frombuffer(raw, dtype=self.dtype, count=int(np.prod(shape))).reshape(shape)
+        self._hold(raw, rt.cudaFreeHost, self.ptr)
+        self._array = np.frombuffer(raw, dtype=self.dtype, count=int(np.prod(shape))).reshape(shape)
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            raise BackendError("this pinned host array was freed (its pipeline was closed)")
+        return self._array
 
     def free(self) -> None:
-        if self.ptr:
-            _, rt, _ = bindings()
-            check(rt.cudaFreeHost(self.ptr), "cudaFreeHost")
-            self.ptr = 0
+        super().free()
+        self.ptr, self._array = 0, None
 
 
-class Stream:
+class Stream(_Held):
+    """A non-blocking CUDA stream; ``free()`` destroys it."""
+
     def __init__(self):
-        _, rt, _ = bindings()
-        self._rt = rt
+        rt = self._rt = self._runtime()
         self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate")
+        self._hold(self, rt.cudaStreamDestroy, self.handle)
 
     @property
     def ptr(self) -> int:
@@ -183,13 +253,13 @@ class Stream:
         rt.cudaGetLastError()  # reset this runtime's last error for the thread (later calls start clean)
 
 
-class Event:
-    """A CUDA event with timing, recorded on a stream (the benchmark's per-stage times)."""
+class Event(_Held):
+    """A CUDA event with timing, recorded on a stream (the benchmark's per-stage times); ``free()`` destroys it."""
 
     def __init__(self):
-        _, rt, _ = bindings()
-        self._rt = rt
+        rt = self._rt = self._runtime()
         self.handle = check(rt.cudaEventCreate(), "cudaEventCreate")
+        self._hold(self, rt.cudaEventDestroy, self.handle)
 
     def record(self, stream: Stream) -> None:
         check(self._rt.cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")

@@ -30,6 +30,10 @@ class DevicePromptRows:
                 self.row_bytes[name] = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
                 self.pools[name] = cuda.DeviceBuffer(cache.capacity * self.row_bytes[name])
 
+    def free(self) -> None:
+        for pool in self.pools.values():
+            pool.free()
+
     @property
     def inputs(self) -> tuple[str, ...]:
         """The buffers a hit fills from the pools: the hit graph's inputs (not to be poisoned before a replay)."""

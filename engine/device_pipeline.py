@@ -4,7 +4,7 @@
 Lifecycle (STYLE.md): open the components -> allocate every buffer once (at the largest request allowed)
 -> per (batch, size, steps, strength): bind shapes and addresses, warm up, capture, check the replay ->
 each request copies ids and noise in, launches the graph, and copies pixels out; the only host wait is
-for those pixels.
+for those pixels -> ``close()`` (or ``with``) gives every buffer, graph, session or engine and the stream back.
 
 Serves both families. SDXL-Turbo adds: a second text encoder whose hidden states are placed beside the
 first's (two strided device copies), its pooled output bound straight to the UNet's ``text_embeds``, the
@@ -48,8 +48,8 @@ from .schedule import MAX_STEPS, make_schedule
 from .spec import axis_values
 
 log = logging.getLogger(__name__)
-# Held while a graph is captured and checked, and while a pipeline's sessions and buffers are made: a capture
-# in CUDA's global mode (onnxruntime's own) fails if another thread allocates or synchronises meanwhile.
+# Held while a graph is captured and checked, and while a pipeline's sessions and buffers are made or freed: a
+# capture in CUDA's global mode (onnxruntime's own) fails if another thread allocates or synchronises meanwhile.
 CAPTURE_LOCK = threading.RLock()
 _PIPELINES = itertools.count()  # one prompt-cache identity per device pipeline
 WARMUP_RUNS = 3  # lazy initialisation (TensorRT-RTX's JIT, cuDNN's algorithm search) never lands in a capture
@@ -173,6 +173,8 @@ class DevicePipeline:
         self.seq = self.tokenizers[0].max_length
         self.cuda.ensure_context()
         self.stream = self.cuda.Stream()
+        self.closed = False
+        self._running = threading.RLock()  # a run, or close(): close waits for the run under way
 
     @property
     def component_names(self) -> tuple[str, ...]:
@@ -220,15 +222,55 @@ class DevicePipeline:
         return req
 
     def __call__(self, prompts, **kwargs) -> np.ndarray:
+        self._check_open()
         return self.run(self.request(prompts, **kwargs))
 
     def load(self, img2img: bool = False) -> DevicePipeline:
         return self  # components load in __init__
 
+    def __enter__(self) -> DevicePipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Give back what this pipeline holds on the GPU, in order: the stream's work finished, the captured
+        graphs, the components' contexts, the components (sessions; engines and their memory), every buffer,
+        the stream. Once (a second call does nothing); a request after it raises. A pipeline dropped without it
+        gives its memory back when collected, but in no set order (the stream may go before the sessions)."""
+        with self._running, CAPTURE_LOCK:  # after the run under way; frees are no capture's business either
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                self.stream.synchronize()
+            except BackendError as e:  # a stream in error: what it held goes back all the same
+                log.warning("closing %s: %s", self.name, e)
+            self.graphs.clear()
+            self.contexts.clear()
+            for component in self.engines.values():
+                component.close()
+            for buf in (*self.dev.values(), *self.host.values()):
+                buf.free()
+            if self.cached_rows is not None:
+                self.cached_rows.free()
+            self.engines, self.dev, self.host, self.cached_rows = {}, {}, {}, None
+            self.stream.free()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise BackendError(f"this {self.name} pipeline is closed; open another one")
+
     def run(self, req: Request) -> np.ndarray:
         """A prompt-cache hit (every prompt's rows cached at this batch size) copies the rows in from the
         cache's device pool and replays a second graph per shape, captured without the text encoders; a miss
         runs the whole chain and then copies its rows into the pool."""
+        with self._running:
+            self._check_open()
+            return self._run(req)
+
+    def _run(self, req: Request) -> np.ndarray:
         s = self.stream
         B, H, W = req.batch, req.height, req.width
         img2img = req.image is not None
@@ -251,7 +293,8 @@ class DevicePipeline:
             if scoped in self.graphs:
                 self.graphs[scoped].launch()
                 break
-            with CAPTURE_LOCK:  # one capture at a time in this process, and no pipeline being opened meanwhile
+            # one capture at a time in this process, no pipeline being opened meanwhile, nothing freed during it
+            with CAPTURE_LOCK, self.cuda.capturing():
                 captured = self._capture(scoped, req, sched, ctx, enqueue, slots)
             if captured:
                 break  # its check's last replay was this request's
@@ -407,6 +450,11 @@ class DevicePipeline:
         the stages: text_encoder (both of SDXL's), vae_encoder (img2img), unet (every step), scheduler (the
         kernels around each step), vae_decoder (with its casts), other (uint8). For the benchmark: the graph's
         own end-to-end time is measured apart; these tell where it goes."""
+        with self._running:
+            self._check_open()
+            return self._stage_times(req)
+
+    def _stage_times(self, req: Request) -> dict[str, float]:
         img2img = req.image is not None
         sched = make_schedule(self.bundle.scheduler, req.steps, req.strength if img2img else 1.0)
         self._inputs(req, sched)

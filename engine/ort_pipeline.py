@@ -80,6 +80,11 @@ class OrtComponent:
         own = self.graph_options(next(_GRAPH_IDS)) if self.graph_options else None
         return OrtContext(self, binding, own)
 
+    def close(self) -> None:
+        """Let go of the session (its memory, and onnxruntime's own graphs), after the contexts' IO bindings:
+        the pipeline that owns it closes it before freeing the buffers and the stream the session was given."""
+        self.session = self.graph_options = None
+
 
 class OrtContext:
     def __init__(self, component: OrtComponent, binding, graph_options=None):

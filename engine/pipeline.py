@@ -74,6 +74,17 @@ class Pipeline:
             self.stage(name)
         return self
 
+    def close(self) -> None:
+        """Let go of the loaded stages (their sessions, and a GPU provider's memory); a later request loads them
+        again. The device pipelines' close() gives back what they hold for good."""
+        self._stages.clear()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __call__(self, prompts: str | Sequence[str], **kwargs) -> np.ndarray:
         """Images as [B, H, W, 3] uint8; the keyword arguments are ``request``'s."""
         return self.run(self.request(prompts, **kwargs))

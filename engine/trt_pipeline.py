@@ -85,6 +85,12 @@ class TrtEngine:
             context.device_memory = self.memory.ptr
         return TrtContext(self.name, context, config)
 
+    def close(self) -> None:
+        """The engine's device memory back, and the engine let go: after every context made on it (the
+        pipeline drops them first)."""
+        self.memory.free()
+        self.engine = self.runtime_cache = None
+
     def save_runtime_cache(self) -> None:
         """TensorRT-RTX: keep the kernels it compiled for this GPU, so the next load skips that work."""
         if self.runtime_cache is not None:

@@ -16,8 +16,10 @@ Providers (one switch, ``provider``):
 - ``cpu``: only fusions with CPU kernels (MultiHeadAttention unpacked, SkipLayerNormalization, BiasGelu,
   QuickGelu), for the CPU provider and for checking fused graphs against plain ones without a GPU.
 
-Text encoders get their causal self-attention fused into MultiHeadAttention by export/clip_attention.py first,
-for both providers: onnxruntime's CLIP fusion does not match the mask transformers 5 exports.
+Text encoders and VAEs get their attention fused into MultiHeadAttention by export/attention.py first, for both
+providers: onnxruntime's CLIP fusion does not match the causal mask transformers 5 exports, and its VAE fusion
+does not match the scaled-dot-product attention diffusers exports (ONNX Runtime's own pipeline exports the VAE
+with SDPA switched off, so its pattern matches there).
 
 The ONNX-Runtime-level pass of that pipeline (``optimize_by_onnxruntime`` on a CUDA session) is not run here:
 it needs a GPU, and the backend's session applies the same optimizations (ORT_ENABLE_ALL) when it loads.
@@ -40,7 +42,8 @@ from ..engine.backends.ort_optimized import PROVIDERS, check_optimized, optimize
 from ..engine.bundle import EXTERNAL_DATA_BYTES, Bundle
 from ..engine.errors import BackendError, InputError
 from ..engine.files import locked, remove_leftovers
-from . import clip_attention
+from ..engine.spec import axis_values
+from . import attention
 
 log = logging.getLogger(__name__)
 
@@ -114,21 +117,21 @@ def fused_op_counts(model) -> dict[str, int]:
     return dict(sorted(collections.Counter(n.op_type for n in model.graph.node if n.domain == "com.microsoft").items()))
 
 
-def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str) -> dict[str, int]:
+def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: dict | None = None) -> dict[str, int]:
     """Fuse the fp32 graph ``src`` for ``provider`` and convert it to the float types of ``spec`` (the
-    component's contract in the target precision); write it to ``dst`` (an empty folder's file). Returns the
-    fused op counts."""
+    component's contract in the target precision); write it to ``dst`` (an empty folder's file). ``dims``: the
+    symbolic axes' values for the checks of our attention fusion (``check_feeds``). Returns the fused op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = MODEL_TYPES[name]
     floats = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs) if t.dtype.startswith("float")}
     float16 = "float16" in floats.values()
     fused = None
-    if model_type == "clip":  # onnxruntime's CLIP fusion misses transformers 5's attention: ours first
+    if model_type in ("clip", "vae"):  # attentions onnxruntime's fusions miss (export/attention.py): ours first
         # beside dst, so a killed run's copy of large weights is cleared with dst's folder (remove_leftovers)
-        with tempfile.TemporaryDirectory(prefix=".clip-", dir=dst.parent) as work:
-            fused, n = clip_attention.fuse_file(src, Path(work), token_feeds(src, spec))
-        log.info("%s: %d self-attentions fused into MultiHeadAttention", name, n)
+        with tempfile.TemporaryDirectory(prefix=".attention-", dir=dst.parent) as work:
+            fused, n = attention.fuse_file(src, Path(work), check_feeds(src, dims))
+        log.info("%s: %d attentions fused into MultiHeadAttention", name, n)
         if fused is not None:
             import onnx
 
@@ -151,20 +154,28 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str) -> dict
     return fused_op_counts(m.model)
 
 
-def token_feeds(src: Path, spec) -> dict:
-    """Token ids for the checks of a text encoder's fusion: batch 2, valid indices for every embedding table the
-    graph gathers from (the smallest one's size bounds them)."""
+def check_feeds(src: Path, dims: dict[str, int] | None = None) -> dict:
+    """Inputs for the checks of an attention fusion, from the graph at ``src`` itself. ``dims``: each symbolic
+    axis's value (engine/spec.py ``axis_values``; default: batch 2, a 256x256 image and its 32x32 latent at scale 8:
+    1024 tokens in the VAE's attention); any other free axis 32. Token ids within every embedding table the graph
+    gathers from (the smallest one's size bounds them); floats standard normal."""
     import onnx
 
+    axes = dims or axis_values(2, 256, 256, 8)
     model = onnx.load(str(src), load_external_data=False)
-    dims = {t.name: list(t.dims) for t in model.graph.initializer}
-    gathered = (dims.get(n.input[0], []) for n in model.graph.node if n.op_type == "Gather")
-    tables = [d[0] for d in gathered if len(d) == 2]
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    gathered = (inits.get(n.input[0], []) for n in model.graph.node if n.op_type == "Gather")
+    vocab = min((d[0] for d in gathered if len(d) == 2), default=256)
     rng = np.random.default_rng(0)
     feeds = {}
-    for t in spec.inputs:
-        shape = [2 if not isinstance(d, int) or d <= 0 else d for d in t.shape]
-        feeds[t.name] = rng.integers(0, min(tables, default=256), shape).astype(t.dtype)
+    for v in (i for i in model.graph.input if i.name not in inits):
+        dims = v.type.tensor_type.shape.dim
+        shape = [d.dim_value or axes.get(d.dim_param, 32) for d in dims]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.integer):
+            feeds[v.name] = rng.integers(0, vocab, shape).astype(dtype)
+        else:
+            feeds[v.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
 
 
@@ -217,7 +228,9 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=model.parent))
         try:
             start = time.perf_counter()
-            fused = optimize_graph(src.onnx, tmp / model.name, name, spec, provider)
+            scale = bundle.vae_scale_factor
+            dims = axis_values(2, 32 * scale, 32 * scale, scale)  # a 32x32 latent for the checks
+            fused = optimize_graph(src.onnx, tmp / model.name, name, spec, provider, dims)
             seconds = time.perf_counter() - start
             rec = {
                 "component": name,

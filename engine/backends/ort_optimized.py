@@ -35,8 +35,8 @@ PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 SOURCE_PRECISION = "fp32"
 RECIPE = 1  # what export/ort_optimize.py makes (fusions, fp32 nodes): bump it there to rebuild older graphs
 # components whose recipe moved on alone (a bump for all would rebuild every UNet for a text encoder change):
-# 2, the text encoders' attention fused into MultiHeadAttention (export/clip_attention.py)
-RECIPES = {"text_encoder": 2, "text_encoder_2": 2}
+# 2, attention fused into MultiHeadAttention where onnxruntime's optimizer did not (export/attention.py)
+RECIPES = {name: 2 for name in ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")}
 
 
 def recipe(name: str) -> int:

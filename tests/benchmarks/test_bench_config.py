@@ -86,3 +86,35 @@ def test_each_onnxruntime_cuda_variant_opens_the_pipeline_it_names(variant, sett
     Ours("bundle", "onnxruntime-cuda", "fp16", StageTimer(), variant).load((1, 512, 512), max_batch=4)
     (kw,) = opened
     assert kw == {"shape": (4, 512, 512), "vae": "full", "prompt_cache": 0, **settings}
+
+
+def test_a_contender_closes_its_pipeline_and_the_sweep_closes_the_latency_one_before_opening(monkeypatch):
+    """The pipeline's GPU memory goes back when the contender is done, and TensorRT's latency pipeline goes
+    before the sweep's opens (both at once may not fit), not whenever a collection finds it."""
+    from sdturbo.benchmarks.contenders import Ours
+    from sdturbo.benchmarks.timers import StageTimer
+    from sdturbo.engine import runtime
+
+    events = []
+
+    class Opened:  # engines for batch 1 up to ``largest``
+        vae, prompt_cache = "full", 0
+
+        def __init__(self, largest: int):
+            covers = lambda _, b, h, w: b <= largest  # noqa: E731
+            self.profile = type("Profile", (), {"covers": covers, "tag": f"1-{largest}"})()
+            events.append(f"open {self.profile.tag}")
+
+        def load(self):
+            return self
+
+        def close(self):
+            events.append(f"close {self.profile.tag}")
+
+    monkeypatch.setattr(runtime, "open_pipeline", lambda *a, shape, **kw: Opened(shape[0]))
+    ours = Ours("bundle", "tensorrt", "fp16", StageTimer())
+    ours.load((1, 512, 512))
+    assert ours.for_sweep([1, 4], 512, 512) == "1-4"
+    ours.close()
+    assert events == ["open 1-1", "close 1-1", "open 1-4", "close 1-4"]
+    assert ours.pipe is None

@@ -4,6 +4,9 @@ What is emulated, and how faithfully:
 - device memory: each allocation is a numpy byte array at its own address, filled with 0xFF (NaN in fp16
   and fp32) so a read of memory nothing wrote shows up; every access is bounds-checked against the
   allocation its address falls in, so an undersized buffer or a wrong offset raises.
+- what is given back: engine/cuda.py's own DeviceBuffer, PinnedArray, Stream and Event run on an emulated
+  runtime (``EmulatedRuntime``) that counts what is live and refuses a double free, the free of an address it
+  never gave, and a free during a capture (each also kept in ``faults``, as a finalizer swallows errors).
 - one stream, in order: work runs when enqueued, except under capture, where it is recorded; a graph
   replays what was recorded, with the arguments and engine addresses as they were at capture.
 - TensorRT: the runtime / engine / execution-context calls the runtime's TrtEngine makes (TensorRT 10/11,
@@ -20,8 +23,10 @@ import collections
 import itertools
 import threading
 import time
+import weakref
 
 import numpy as np
+from sdturbo.engine import cuda as cuda_module
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.bundle import Bundle
 from sdturbo.engine.ort_pipeline import OrtCudaPipeline
@@ -43,6 +48,10 @@ class Memory:
         self.blocks[base] = np.full(nbytes, 0xFF, np.uint8)
         return base
 
+    def free(self, ptr: int) -> None:
+        if self.blocks.pop(ptr, None) is None:
+            raise MemoryError(f"cudaFree({ptr:#x}): not an allocation (freed already, or never allocated)")
+
     def view(self, ptr: int, nbytes: int) -> np.ndarray:
         for base, block in self.blocks.items():
             if base <= ptr < base + block.size:
@@ -56,32 +65,117 @@ class Memory:
         return self.view(ptr, int(np.prod(shape)) * dtype.itemsize).view(dtype).reshape(shape)
 
 
+class EmulatedRuntime:
+    """The cuda-python runtime calls engine/cuda.py makes to allocate and give back, as (status, value) tuples.
+    ``live()`` counts what is held. A double free, the free of a handle it never gave, or a free while a stream
+    is captured (which would invalidate the capture) raises, and is kept in ``faults`` too: a finalizer
+    swallows what it raises."""
+
+    cudaStreamNonBlocking = 1
+
+    def __init__(self, memory: Memory, streams):
+        self.memory, self.streams = memory, streams
+        self.pinned: dict[int, np.ndarray] = {}
+        self.freed_pinned: list[np.ndarray] = []  # kept (poisoned): a view used after its free reads 0xFF, not junk
+        self.handles = {"stream": set(), "event": set()}
+        self.faults: list[str] = []
+        self._handles = itertools.count(1)
+
+    def live(self) -> dict[str, int]:
+        return {
+            "cudaMalloc": len(self.memory.blocks),
+            "cudaMallocHost": len(self.pinned),
+            **{k: len(v) for k, v in self.handles.items()},
+        }
+
+    def _fault(self, what: str):
+        self.faults.append(what)
+        raise RuntimeError(what)
+
+    def _not_capturing(self, call: str) -> None:
+        if any(s.recording is not None for s in list(self.streams.values())):
+            self._fault(f"{call} during a stream capture (it would invalidate the capture)")
+
+    def cudaMalloc(self, nbytes: int):
+        return 0, self.memory.alloc(nbytes)
+
+    def cudaFree(self, ptr: int):
+        if ptr == 0:  # cudaFree(0): initialises the context, frees nothing
+            return (0,)
+        self._not_capturing("cudaFree")
+        try:
+            self.memory.free(ptr)
+        except MemoryError as e:
+            self._fault(str(e))
+        return (0,)
+
+    def cudaMallocHost(self, nbytes: int):
+        block = np.zeros(nbytes, np.uint8)
+        self.pinned[block.ctypes.data] = block
+        return 0, block.ctypes.data
+
+    def cudaFreeHost(self, ptr: int):
+        self._not_capturing("cudaFreeHost")
+        block = self.pinned.pop(ptr, None)
+        if block is None:
+            self._fault(f"cudaFreeHost({ptr:#x}): not a pinned allocation (freed already, or never allocated)")
+        block[:] = 0xFF
+        self.freed_pinned.append(block)
+        return (0,)
+
+    def _create(self, kind: str):
+        handle = next(self._handles)
+        self.handles[kind].add(handle)
+        return 0, handle
+
+    def _destroy(self, kind: str, handle: int):
+        self._not_capturing(f"cuda{kind.title()}Destroy")
+        if handle not in self.handles[kind]:
+            self._fault(f"cuda{kind.title()}Destroy({handle}): not a live {kind}")
+        self.handles[kind].discard(handle)
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags: int):
+        return self._create("stream")
+
+    def cudaStreamDestroy(self, handle: int):
+        return self._destroy("stream", handle)
+
+    def cudaEventCreate(self):
+        return self._create("event")
+
+    def cudaEventDestroy(self, handle: int):
+        return self._destroy("event", handle)
+
+
 class EmulatedCuda:
-    """The parts of engine/cuda.py the TensorRT runtime uses."""
+    """The parts of engine/cuda.py the TensorRT runtime uses: its own DeviceBuffer, PinnedArray, Stream and
+    Event (their allocation and release) on ``runtime``, the rest emulated."""
+
+    capturing = staticmethod(cuda_module.capturing)
 
     def __init__(self, compute_capability: int = 86):
         self.memory = mem = Memory()
         self.cc = compute_capability
         self.context_current = False  # cudaSetDevice/cudaFree(0) in ensure_context; the driver API needs it
-        self.streams: dict[int, object] = {}  # kernels are launched on a stream's address, as in CUDA
+        # kernels are launched on a stream's address, as in CUDA (held weakly: a dropped stream is destroyed)
+        self.streams: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
         streams = self.streams
+        self.runtime = rt = EmulatedRuntime(mem, streams)
 
-        class DeviceBuffer:
-            def __init__(self, nbytes: int):
-                self.nbytes = max(int(nbytes), 1)
-                self.ptr = mem.alloc(self.nbytes)
+        class DeviceBuffer(cuda_module.DeviceBuffer):
+            runtime = rt
 
-        class PinnedArray:
-            def __init__(self, shape, dtype):
-                self.dtype = np.dtype(dtype)
-                self.array = np.zeros(shape, self.dtype)
-                self.nbytes = max(self.array.nbytes, 1)
+        class PinnedArray(cuda_module.PinnedArray):
+            runtime = rt
 
-        class Stream:
+        class Stream(cuda_module.Stream):
+            runtime = rt
+
             def __init__(self):
+                super().__init__()
                 self.recording: list | None = None
                 self.captured_contexts: set = set()  # contexts enqueued during the capture under way
-                self.ptr = len(streams) + 1
                 streams[self.ptr] = self
 
             def do(self, op) -> None:
@@ -138,8 +232,11 @@ class EmulatedCuda:
                 for op in self.ops:
                     op()
 
-        class Event:
+        class Event(cuda_module.Event):
+            runtime = rt
+
             def __init__(self):
+                super().__init__()
                 self.time = None
 
             def record(self, stream) -> None:
@@ -159,6 +256,10 @@ class EmulatedCuda:
 
     def ensure_context(self, device: int = 0) -> None:
         self.context_current = True
+
+    def live(self) -> dict[str, int]:
+        """What is allocated or created and not given back yet, by kind."""
+        return self.runtime.live()
 
 
 class EmulatedTensorRT:

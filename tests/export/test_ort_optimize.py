@@ -36,7 +36,7 @@ CUDA_UNET = {
     "SkipGroupNorm": 15,
     "SkipLayerNormalization": 8,
 }
-CUDA_VAE_DECODER = {"GroupNorm": 14, "NhwcConv": 27, "SkipGroupNorm": 7}
+CUDA_VAE_DECODER = {"GroupNorm": 14, "MultiHeadAttention": 1, "NhwcConv": 27, "SkipGroupNorm": 7}
 # For the CPU: self-attention becomes Attention (QKV in one MatMul), cross-attention MultiHeadAttention;
 # GEGLU a Gelu; no NHWC ops, no GroupNorm, no BiasAdd/BiasSplitGelu (no CPU kernels).
 CPU_UNET = {"Attention": 4, "Gelu": 4, "MultiHeadAttention": 4, "SkipLayerNormalization": 8}
@@ -46,10 +46,10 @@ CPU_TEXT_ENCODER = {"BiasGelu": 2, "MultiHeadAttention": 2, "SkipLayerNormalizat
 @pytest.fixture(scope="module")
 def optimized(tiny_bundle, tmp_path_factory):
     """A copy of the tiny bundle with the CUDA graphs of the UNet and VAE decoder and the CPU graphs of the
-    text encoder and UNet."""
+    text encoder, UNet and VAE decoder."""
     path = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("optimized") / "b")
     optimize_bundle(path, ("unet", "vae_decoder"), provider="cuda")
-    optimize_bundle(path, ("text_encoder", "unet"), provider="cpu")
+    optimize_bundle(path, ("text_encoder", "unet", "vae_decoder"), provider="cpu")
     return path
 
 
@@ -82,14 +82,16 @@ def test_cuda_graphs_have_the_fused_ops_and_the_fp16_contract(optimized):
 def test_cpu_graphs_are_fused_and_agree_with_the_plain_graphs(optimized, caplog):
     assert fused_op_counts(load_graph(optimized, "cpu", "unet")) == CPU_UNET
     assert fused_op_counts(load_graph(optimized, "cpu", "text_encoder")) == CPU_TEXT_ENCODER
-    plain = check_bundle(optimized, ("text_encoder", "unet"))
-    fused = check_bundle(optimized, ("text_encoder", "unet"), optimized="cpu")
+    assert fused_op_counts(load_graph(optimized, "cpu", "vae_decoder")) == {"MultiHeadAttention": 1}
+    plain = check_bundle(optimized, ("text_encoder", "unet", "vae_decoder"))
+    fused = check_bundle(optimized, ("text_encoder", "unet", "vae_decoder"), optimized="cpu")
     for p, f in zip(plain, fused, strict=True):
         (pe,), (fe,) = p.outputs, f.outputs
         assert fe.nonfinite == 0 and fe.rel_l2 <= 3 * max(pe.rel_l2, 1e-3), (f.component, fe, pe)
     with caplog.at_level(logging.INFO):
         got = Pipeline(optimized, OnnxRuntimeBackend("fp16"))(["a cat"], height=64, width=64, steps=2)
-    assert "unet: the optimized graph for cpu" in caplog.text  # the backend used it
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert f"{name}: the optimized graph for cpu" in caplog.text  # the backend used it
     want = Pipeline(optimized, OnnxRuntimeBackend("fp16", fused=False))(["a cat"], height=64, width=64, steps=2)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
 

@@ -192,11 +192,14 @@ def check_against_host_twins(kernels, cuda, dtype):
     n = int(np.prod(shape))
     sched = make_schedule(SchedulerConfig(), 4, 0.75)
 
+    kept = []  # every buffer lives to the end: one collected goes back at once (``dev(x).ptr`` would dangle)
+
     def dev(arr):
         host = cuda.PinnedArray(arr.shape, arr.dtype)
         host.array[...] = arr
         buf = cuda.DeviceBuffer(arr.nbytes)
         s.copy_in(buf.ptr, host, arr.nbytes)
+        kept.append((host, buf))
         return buf
 
     def back(buf, shp, dt):

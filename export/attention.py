@@ -1,16 +1,22 @@
-"""CLIP's self-attention as one MultiHeadAttention node, for the text encoders' optimized graphs.
+"""Attention the onnxruntime optimizer leaves unfused, as one MultiHeadAttention node each (text encoders, VAEs).
 
-onnxruntime's CLIP fusion (``fusion_attention_clip.py``) recognises the causal mask only as older transformers
-built it (``Where(Less(...))`` into an ``Expand``). transformers 5 builds it in ``masking_utils`` from a Range
-and LessOrEqual, so onnxruntime fuses no attention in our text encoders: each layer keeps two MatMuls, a Mul, an
-Add of the mask, a Softmax and the transposes around them, where one fused kernel would do (flash attention on
-CUDA). This pass makes that one node: ``com.microsoft.MultiHeadAttention(q, k, v)`` with ``unidirectional=1``
-(the causal mask, applied inside the kernel) and the graph's own scale.
+- Text encoders: onnxruntime's CLIP fusion (``fusion_attention_clip.py``) recognises the causal mask only as
+  older transformers built it (``Where(Less(...))`` into an ``Expand``). transformers 5 builds it in
+  ``masking_utils`` from a Range and LessOrEqual, so it fused no attention in our text encoders.
+- VAEs: diffusers' attention exports through ``scaled_dot_product_attention``, which the TorchScript exporter
+  writes with Q and K each multiplied by ``sqrt(scale)`` (computed from shapes); onnxruntime's VAE fusion matches
+  only the older processor's pattern (ONNX Runtime's own pipeline deletes the SDPA function while it exports).
 
-Nothing is assumed about the mask or the shapes from the pattern alone. The original graph is run once on the
-CPU with the mask and the per-head query as extra outputs: the mask must be exactly causal (0 on and below the
-diagonal, hugely negative above) and the head count comes from the query's shape. Then the fused graph is run on
-the same tokens and must give the original's outputs within float32 rounding; otherwise the original is kept.
+Each layer keeps two MatMuls, the scaling, the mask's Add, a Softmax and the transposes around them, where one
+fused kernel would do (flash or memory-efficient attention on CUDA; at a 64x64 latent the VAE's unfused scores
+are 4096x4096 per image). This pass makes that one node, ``com.microsoft.MultiHeadAttention(q, k, v)``, with
+the graph's own scale and ``unidirectional=1`` where the mask is causal.
+
+Nothing is assumed from the pattern alone. The original graph is run once on the CPU with the mask, the scale's
+factors and the per-head query as extra outputs: each scale factor must be a scalar, a mask must be exactly causal
+(0 on and below the diagonal, hugely negative above; any other mask is left alone), and the head count comes from
+the query's shape. Then the fused graph is run on the same inputs and must give the original's outputs within
+float32 rounding; otherwise the original is kept.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ log = logging.getLogger(__name__)
 
 MHA = "/sdturbo_mha"  # suffix of the fused nodes' names
 # the fused graph against the original, float32 on the CPU: the largest difference over the largest value.
-# Measured: 0.0 (SD-Turbo's full-size text encoder, random weights, x86-64: the same kernels, the same sums);
-# a different summation order would move it by ~1e-7; a scale 1% off moves it by 1e-4, a missing causal mask by ~1.
+# Measured (random weights, x86-64): 0.0 on SD-Turbo's full-size text encoder (the same kernels, the same sums),
+# 2e-6 on its full-size VAE decoder at a 32x32 latent (1024 tokens, summed in another order); a scale 1% off moves
+# the text encoder by 1e-4, a missing causal mask by ~1. Over the bar, the graph is left unfused (a warning).
 TOLERANCE = 1e-5
 
 
@@ -71,35 +78,56 @@ def _head_input(producers, name: str, perm: list[int]) -> tuple[str, str] | None
     return r.input[0], r.output[0]
 
 
+def _scalars(producers, graph, name: str) -> tuple[str, list[str]]:
+    """Peel ``Mul(x, scalar)`` nodes off ``name``: (x, the scalars' tensor names). A scalar is a constant, or a
+    tensor the graph computes from shapes (SDPA's exported ``sqrt(1/sqrt(head_size))``), checked by a run."""
+    factors = []
+    node = producers.get(name)
+    while node is not None and node.op_type == "Mul":
+        sizes = [_const(graph, i) for i in node.input]
+        # the factor: the constant one, else the one not made by the attention's own nodes (a shape computation)
+        i = next((i for i, v in enumerate(sizes) if v is not None and v.size == 1), None)
+        if i is None:
+            kinds = [getattr(producers.get(x), "op_type", "") for x in node.input]
+            i = next((i for i, k in enumerate(kinds) if k in ("Sqrt", "Div", "Cast", "Reciprocal")), None)
+        if i is None:
+            break
+        factors.append(node.input[i])
+        name = node.input[1 - i]
+        node = producers.get(name)
+    return name, factors
+
+
 def find(graph) -> list[dict]:
-    """Each ``Transpose/Reshape -> MatMul -> Mul(scale) -> Add(mask) -> Softmax [-> Cast(float)...] -> MatMul ->
-    Transpose -> Reshape`` attention in ``graph``, as the tensors the fused node needs (unverified)."""
+    """Each attention in ``graph`` that reads ``Transpose(Reshape(x))`` heads: ``softmax(scale * Q K^T [+ mask])
+    V``, the scale as constant or computed factors on the scores or on Q and K, the softmax maybe cast to float and
+    back, then ``Reshape(Transpose(.))``: as the tensors the fused node needs (unverified)."""
     producers, consumers, found = _producers(graph), _consumers(graph), []
     for sm in (n for n in graph.node if n.op_type == "Softmax"):
-        add = producers.get(sm.input[0])
-        if add is None or add.op_type != "Add":
+        scores, mask = sm.input[0], None
+        add = producers.get(scores)
+        if add is not None and add.op_type == "Add":  # an additive mask on the scores
+            chain = [i for i in add.input if getattr(producers.get(i), "op_type", "") in ("Mul", "MatMul")]
+            if len(chain) != 1:
+                continue
+            scores, mask = chain[0], next(i for i in add.input if i != chain[0])
+        scores, factors = _scalars(producers, graph, scores)
+        qk = producers.get(scores)
+        if qk is None or qk.op_type != "MatMul":
             continue
-        mul = next((producers.get(i) for i in add.input if getattr(producers.get(i), "op_type", "") == "Mul"), None)
-        if mul is None:
-            continue
-        mask = next(i for i in add.input if i != mul.output[0])
-        qk = next((producers.get(i) for i in mul.input if getattr(producers.get(i), "op_type", "") == "MatMul"), None)
-        scale = next((_const(graph, i) for i in mul.input if qk is None or i != qk.output[0]), None)
-        if qk is None or scale is None or scale.size != 1:
-            continue
-        nxt, casts = consumers.get(sm.output[0], []), []
+        q_in, q_factors = _scalars(producers, graph, qk.input[0])
+        k_in, k_factors = _scalars(producers, graph, qk.input[1])
+        nxt, last = consumers.get(sm.output[0], []), sm
         while len(nxt) == 1 and nxt[0].op_type == "Cast":  # softmax in float32, cast back: identities here
-            to = next(a.i for a in nxt[0].attribute if a.name == "to")
-            if to != onnx.TensorProto.FLOAT:
+            if next(a.i for a in nxt[0].attribute if a.name == "to") != onnx.TensorProto.FLOAT:
                 break
-            casts.append(nxt[0])
-            nxt = consumers.get(nxt[0].output[0], [])
-        if len(nxt) != 1 or nxt[0].op_type != "MatMul" or nxt[0].input[0] != (casts or [sm])[-1].output[0]:
+            last, nxt = nxt[0], consumers.get(nxt[0].output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type != "MatMul" or nxt[0].input[0] != last.output[0]:
             continue
         pv = nxt[0]
         q, k, v = (
-            _head_input(producers, qk.input[0], [0, 2, 1, 3]),
-            _head_input(producers, qk.input[1], [0, 2, 3, 1]),
+            _head_input(producers, q_in, [0, 2, 1, 3]),
+            _head_input(producers, k_in, [0, 2, 3, 1]),
             _head_input(producers, pv.input[1], [0, 2, 1, 3]),
         )
         after = consumers.get(pv.output[0], [])
@@ -116,7 +144,7 @@ def find(graph) -> list[dict]:
                 "v": v[0],
                 "q_heads": q[1],  # [B, S, heads, head_size]: the head count
                 "mask": mask,
-                "scale": float(scale.reshape(())),
+                "factors": [*factors, *q_factors, *k_factors],  # their product: the scale
                 "output": merge[0].output[0],
                 "replaced": merge[0],
             }
@@ -161,7 +189,7 @@ def _prune(graph) -> None:
 
 
 def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[onnx.ModelProto | None, int]:
-    """Fuse the causal self-attentions of the fp32 text encoder at ``src`` into MultiHeadAttention nodes when
+    """Fuse the attentions of the fp32 graph at ``src`` (a text encoder, a VAE) into MultiHeadAttention nodes when
     the checks in the module doc pass. Returns the fused graph, its weights not loaded (external data, if any,
     still to be read from ``src``'s folder: ``onnx.load_external_data_for_model``), and how many attentions were
     fused; (None, 0) when nothing was. ``work``: an empty folder for the check runs, where ``src``'s external
@@ -180,11 +208,23 @@ def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[onnx.ModelProto | Non
     reference = _run(src, feeds)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    for name in {t for f in found for t in (f["mask"], f["q_heads"])}:
+    wanted = {t for f in found for t in (f["mask"], f["q_heads"], *f["factors"]) if t and _const(graph, t) is None}
+    for name in sorted(wanted):
         probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     values = _run(_save(probe, work / "probe.onnx"), feeds)
+
+    def value(name):
+        const = _const(graph, name)
+        return values[name] if const is None else const
+
     for f in found:
-        if not _causal(values[f["mask"]]):
+        factors = [value(t) for t in f["factors"]]
+        if not factors or any(v.size != 1 for v in factors):
+            log.warning("%s: its scale is not a product of scalars; the attention is left unfused", f["name"])
+            return None, 0
+        f["scale"] = float(np.prod([float(v.reshape(())) for v in factors]))
+        f["causal"] = f["mask"] is not None
+        if f["causal"] and not _causal(value(f["mask"])):
             log.warning("%s: its mask is not causal; the attention is left unfused", f["name"])
             return None, 0
     replaced = {f["replaced"].output[0]: f for f in found}
@@ -194,7 +234,7 @@ def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[onnx.ModelProto | Non
         if f is None:
             nodes.append(node)
             continue
-        heads = int(values[f["q_heads"]].shape[2])
+        heads = int(value(f["q_heads"]).shape[2])
         nodes.append(
             onnx.helper.make_node(
                 "MultiHeadAttention",
@@ -204,7 +244,7 @@ def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[onnx.ModelProto | Non
                 domain="com.microsoft",
                 num_heads=heads,
                 scale=f["scale"],
-                unidirectional=1,
+                unidirectional=int(f["causal"]),
             )
         )
     del graph.node[:]

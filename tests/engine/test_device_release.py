@@ -1,0 +1,211 @@
+"""What a device pipeline takes from the GPU goes back: by close(), or when the pipeline is collected.
+
+engine/cuda.py's own DeviceBuffer, PinnedArray, Stream and Event run here on the emulated runtime of
+tests/engine/emulated_gpu.py, which counts what is live and refuses a double free, the free of an address it
+never gave, and a free during a capture (kept in ``faults`` too, as a finalizer swallows what it raises).
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import weakref
+
+import numpy as np
+import pytest
+from sdturbo.engine.engine_store import Profile
+from sdturbo.engine.errors import BackendError
+
+from tests.engine.emulated_gpu import EmulatedCuda, emulated_ort_pipeline, emulated_pipeline
+
+SHAPE = (2, 64, 64)
+NOTHING = {"cudaMalloc": 0, "cudaMallocHost": 0, "stream": 0, "event": 0}
+KINDS = ["ort-chain", "ort-sessions", "ort-plain", "tensorrt"]
+
+
+def held(cuda: EmulatedCuda) -> dict[str, int]:
+    gc.collect()
+    assert cuda.runtime.faults == []
+    return cuda.live()
+
+
+# -- engine/cuda.py ------------------------------------------------------------------------------
+
+
+def make_each(cuda: EmulatedCuda) -> list:
+    return [cuda.DeviceBuffer(100), cuda.PinnedArray((2, 3), np.float16), cuda.Stream(), cuda.Event()]
+
+
+def test_each_kind_goes_back_when_collected():
+    cuda = EmulatedCuda()
+    each = make_each(cuda)
+    assert cuda.live() == {"cudaMalloc": 1, "cudaMallocHost": 1, "stream": 1, "event": 1}
+    del each
+    assert held(cuda) == NOTHING
+
+
+def test_free_gives_back_once_and_the_collection_after_it_nothing():
+    cuda = EmulatedCuda()
+    each = make_each(cuda)
+    for thing in each:
+        thing.free()
+        thing.free()
+    assert cuda.live() == NOTHING
+    del each, thing
+    assert held(cuda) == NOTHING  # no fault: nothing freed twice
+
+
+def test_the_emulation_refuses_a_double_free_and_an_unknown_handle():
+    cuda = EmulatedCuda()
+    rt = cuda.runtime
+    ptr = rt.cudaMalloc(64)[1]
+    rt.cudaFree(ptr)
+    for call, arg in ((rt.cudaFree, ptr), (rt.cudaFree, 0x1234), (rt.cudaFreeHost, 0x1234)):
+        with pytest.raises(RuntimeError, match="freed already, or never allocated"):
+            call(arg)
+    stream = rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking)[1]
+    rt.cudaStreamDestroy(stream)
+    with pytest.raises(RuntimeError, match="not a live stream"):
+        rt.cudaStreamDestroy(stream)
+    assert len(rt.faults) == 4
+
+
+def test_a_freed_pinned_array_cannot_be_read_and_its_views_keep_it_until_they_go():
+    cuda = EmulatedCuda()
+    pinned = cuda.PinnedArray((4,), np.float32)
+    pinned.free()
+    with pytest.raises(BackendError, match="freed"):
+        pinned.array  # noqa: B018
+    pinned = cuda.PinnedArray((4,), np.float32)
+    view = pinned.array[1:]
+    del pinned
+    assert held(cuda)["cudaMallocHost"] == 1  # collected, but a view still reads it: kept
+    del view
+    assert held(cuda) == NOTHING
+
+
+def test_what_is_collected_during_a_capture_goes_back_at_its_end():
+    """A free during a capture would invalidate it: it waits for ``capturing()``'s end."""
+    cuda = EmulatedCuda()
+    stream, buffer = cuda.Stream(), cuda.DeviceBuffer(64)
+    with cuda.capturing():
+        stream.recording = []  # a capture under way on the stream
+        del buffer
+        gc.collect()
+        assert cuda.live()["cudaMalloc"] == 1
+        stream.recording = None
+    assert held(cuda)["cudaMalloc"] == 0
+
+
+# -- the pipelines -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(tiny_bundle, tmp_path_factory):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install 'sdturbo[tensorrt-rtx]')")
+    from sdturbo.export.trt_build import build_engines
+
+    path = tmp_path_factory.mktemp("trt-release") / "b"
+    shutil.copytree(tiny_bundle, path)
+    build_engines(path, "tensorrt-rtx", Profile.parse("1-2", "64"), compute_capability=86, opt_level=0)
+    return path
+
+
+@pytest.fixture
+def open_pipe(request, tiny_bundle):
+    """``open_pipe(kind, cuda)``: a device pipeline of ``kind`` (KINDS) on the emulated GPU ``cuda``."""
+
+    def open_pipe(kind: str, cuda: EmulatedCuda):
+        if kind == "tensorrt":
+            return emulated_pipeline(request.getfixturevalue("trt_bundle"), cuda, rtx=True, cuda_graph=True)
+        graph = {"ort-chain": True, "ort-sessions": "sessions", "ort-plain": False}[kind]
+        return emulated_ort_pipeline(tiny_bundle, cuda, shape=SHAPE, cuda_graph=graph)
+
+    return open_pipe
+
+
+def use(pipe) -> np.ndarray:
+    """Everything that allocates: a prompt-cache miss and hit (a graph each where captured), img2img (the VAE
+    encoder's contexts) and the per-stage events."""
+    pipe(["a red cube", "a horse"], height=64, width=64, seed=1)
+    image = np.zeros((64, 64, 3), np.uint8)
+    pipe("a red cube", height=64, width=64, image=image, strength=0.5, steps=2)
+    pipe.stage_times(pipe.request("a red cube", height=64, width=64))
+    return pipe(["a red cube", "a horse"], height=64, width=64, seed=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_close_gives_back_everything_the_pipeline_took(open_pipe, kind):
+    cuda = EmulatedCuda()
+    pipe = open_pipe(kind, cuda)
+    images = use(pipe)
+    assert cuda.live()["cudaMalloc"] > 0 and cuda.live()["stream"] == 1
+    assert not np.shares_memory(images, pipe.host["pixels"].array)  # the caller's images are copies
+    kept = images.copy()
+    # held elsewhere (a caller's reference to a component, a buffer): close gives them back all the same
+    parts = (dict(pipe.engines), dict(pipe.contexts), dict(pipe.dev), dict(pipe.host), pipe.cached_rows, pipe.stream)
+    libraries = [weakref.ref(getattr(c, "session", None) or c.engine) for c in pipe.engines.values()]
+    pipe.close()
+    assert cuda.live() == NOTHING
+    gc.collect()
+    assert [r() for r in libraries] == [None] * len(libraries)  # the sessions, or the engines, let go of
+    np.testing.assert_array_equal(images, kept)  # and outlive the pipeline
+    pipe.close()  # a second close gives back nothing again
+    del pipe, parts
+    assert held(cuda) == NOTHING  # and the collection after it neither (no fault: nothing freed twice)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_pipeline_dropped_without_close_gives_back_when_collected(open_pipe, kind):
+    cuda = EmulatedCuda()
+    pipe = open_pipe(kind, cuda)
+    use(pipe)
+    del pipe
+    assert held(cuda) == NOTHING
+
+
+@pytest.mark.parametrize("kind", ["ort-chain", "tensorrt"])
+def test_a_request_after_close_raises_one_line(open_pipe, kind):
+    cuda = EmulatedCuda()
+    with open_pipe(kind, cuda) as pipe:
+        req = pipe.request("a red cube", height=64, width=64)
+        pipe.run(req)
+    assert cuda.live() == NOTHING  # closed on leaving the block
+    for call in (lambda: pipe("a red cube", height=64, width=64), lambda: pipe.run(req), lambda: pipe.stage_times(req)):
+        with pytest.raises(BackendError, match="pipeline is closed; open another one") as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_a_pipeline_collected_during_anothers_capture_waits_for_its_end(open_pipe):
+    """A collection can run in the middle of a capture (here: forced there); what it frees is given back after
+    the capture, which stays valid (the emulation faults on a free while a stream records)."""
+    cuda = EmulatedCuda()
+    dropped = open_pipe("ort-chain", cuda)
+    use(dropped)
+    dropped.itself = dropped  # in a reference cycle: freed by a collection, whenever one runs
+    pipe = open_pipe("ort-chain", cuda)
+    both, during = cuda.live(), []
+    capture = cuda.Graph
+
+    class CollectingCapture(capture):
+        def __init__(self, stream, fn):
+            def collecting():
+                fn()
+                gc.collect()
+                during.append(cuda.live())
+
+            super().__init__(stream, collecting)
+
+    cuda.Graph = CollectingCapture
+    gc.disable()  # the one collection: the capture's
+    try:
+        del dropped
+        pipe("a red cube", height=64, width=64)
+    finally:
+        gc.enable()
+    assert during == [both]  # held back while the capture was under way
+    assert pipe.graph_status == "on"
+    assert cuda.runtime.faults == []
+    pipe.close()
+    assert held(cuda) == NOTHING
