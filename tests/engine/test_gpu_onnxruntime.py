@@ -163,3 +163,57 @@ def test_sdxl_on_onnxruntime_cuda_matches_diffusers(steps, xl_bundle, xl_folder)
     # encoder's pooled-token ArgMax is exported over floats (tests/export/test_cuda_kernels.py)
     refused = [name for name, c in pipe.engines.items() if c.graph_options is None]
     assert refused == [], refused
+
+
+def optimized_copy(bundle, tmp_path_factory, name: str):
+    """A copy of ``bundle`` with ONNX Runtime's optimized fp16 graphs for CUDA (``sdturbo build --ort-optimize``,
+    what the benchmark's default ONNX Runtime CUDA contender runs): fused GroupNorm (NHWC), NhwcConv,
+    MultiHeadAttention (onnxruntime's in the UNet; ours in the text encoders and the VAE, export/attention.py)."""
+    import shutil
+
+    from sdturbo.export.ort_optimize import optimize_bundle
+
+    path = shutil.copytree(bundle, tmp_path_factory.mktemp(name) / "b")
+    optimize_bundle(path, provider="cuda")
+    return path
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_bundle, tmp_path_factory):
+    return optimized_copy(tiny_bundle, tmp_path_factory, "fused")
+
+
+@pytest.fixture(scope="module")
+def xl_optimized(xl_bundle, tmp_path_factory):
+    return optimized_copy(xl_bundle, tmp_path_factory, "xl-fused")
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_the_optimized_graphs_match_diffusers(steps, optimized, tiny_folder):
+    """The fused kernels on the GPU, in the chain's CUDA graph (the image is the checked replay's), held to the
+    same fp16 bar as the plain graphs."""
+    from sdturbo.engine.ort_pipeline import OrtCudaPipeline
+
+    pipe = OrtCudaPipeline(optimized, "fp16", shape=(2, H, W))
+    assert set(pipe.graphs_used.values()) == {"optimized"}, pipe.graphs_used
+    lat = latents(steps)
+    ref32, bound = diffusers_fp16_bar(tiny_folder, steps, lat)
+    ours = pipe(PROMPTS, steps=steps, height=H, width=W, latents=lat)
+    print(f"optimized, {steps} step(s): RMS vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
+    print(f"optimized graph_status: {pipe.graph_status}")
+    assert rms(ours, ref32) <= bound
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_optimized_graphs_match_diffusers(steps, xl_optimized, xl_folder):
+    from sdturbo.engine.ort_pipeline import OrtCudaPipeline
+
+    from tests.engine.test_gpu_pipeline import sdxl_fp16_reference
+
+    pipe = OrtCudaPipeline(xl_optimized, "fp16", shape=(2, H, W))
+    assert set(pipe.graphs_used.values()) == {"optimized"}, pipe.graphs_used
+    kw, ref32, bound = sdxl_fp16_reference(xl_folder, steps)
+    ours = pipe(PROMPTS, **kw)
+    print(f"SDXL optimized {steps} step(s): RMS vs diffusers fp32 {rms(ours, ref32):.3f}, bound {bound:.3f}")
+    print(f"SDXL optimized graph_status: {pipe.graph_status}")
+    assert rms(ours, ref32) <= bound
