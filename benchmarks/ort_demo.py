@@ -191,6 +191,18 @@ def legacy_exporter():
         torch.onnx.export = export
 
 
+@contextlib.contextmanager
+def sdpa_restored(backend):
+    """The demo's builder deletes ``F.scaled_dot_product_attention`` while it exports and puts it back only after
+    a build that succeeded: put back here whatever happens, so that a failed build does not leave the process
+    without it (the contenders after this one: diffusers' and transformers' attention, silently slower or
+    failing)."""
+    try:
+        yield
+    finally:
+        backend.enable_torch_spda()
+
+
 class OrtDemo:
     """ONNX Runtime's demo pipeline, ORT_CUDA engine with CUDA graphs, fp16 (the module doc says what and how)."""
 
@@ -236,7 +248,7 @@ class OrtDemo:
         )
         if not complete.exists():
             log.info("building ONNX Runtime demo's graphs in %s (its export and optimizer: minutes, once)", work)
-        with legacy_exporter(), numpy2_compatible():
+        with legacy_exporter(), numpy2_compatible(), sdpa_restored(pipe.backend):
             pipe.backend.build_engines(
                 engine_dir=engine_dir,
                 framework_model_dir=str(models),

@@ -108,6 +108,24 @@ def test_its_export_runs_the_torchscript_exporter(monkeypatch):
     assert seen == [False, True, True] and torch.onnx.export is export
 
 
+def test_a_failed_build_gives_torch_its_attention_back(demo):
+    """Its builder deletes F.scaled_dot_product_attention before exporting and restores it after a build that
+    succeeded only; a failed one must not leave the benchmark's later contenders without it."""
+    import torch
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    backend = object.__new__(demo.engine_builder.EngineBuilder)  # (its __init__ needs CUDA)
+    backend.torch_sdpa = sdpa
+    try:
+        with pytest.raises(RuntimeError, match="export failed"), ort_demo.sdpa_restored(backend):
+            backend.disable_torch_spda()  # what its build_engines does before it exports
+            assert not hasattr(torch.nn.functional, "scaled_dot_product_attention")
+            raise RuntimeError("export failed")
+        assert torch.nn.functional.scaled_dot_product_attention is sdpa
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
 def test_what_it_cannot_run_is_refused_in_one_line(tiny_folder, xl_folder):
     with pytest.raises(InputError, match=r"onnxruntime-demo-fp16 runs SD-Turbo models only; .* is sdxl-turbo"):
         ort_demo.OrtDemo(xl_folder, StageTimer()).load()

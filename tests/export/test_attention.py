@@ -95,11 +95,28 @@ def test_a_fusion_that_changes_the_outputs_is_not_used(wrong, name, tiny_bundle,
     assert "fused attention moves" in caplog.text
 
 
+def test_a_fused_graph_onnxruntime_cannot_run_is_not_used(tiny_bundle, tmp_path, monkeypatch, caplog):
+    """Not an error that stops the build (and the components after it): the original graph is kept, as for a
+    fused graph whose outputs differ. Here onnxruntime refuses the node when the session is made."""
+    src, _ = graph(tiny_bundle)
+    make_node = onnx.helper.make_node
+
+    def refused(op, *a, **k):
+        return make_node(op, *a, **({**k, "num_heads": 0} if op == "MultiHeadAttention" else k))
+
+    monkeypatch.setattr(onnx.helper, "make_node", refused)
+    with caplog.at_level(logging.WARNING):
+        out, n = attention.fuse_file(src, tmp_path, check_feeds(src))
+    assert (out, n) == (None, 0)
+    assert f"onnxruntime cannot run the fused {src.name} (" in caplog.text and "num_heads" in caplog.text
+    assert "its attentions are left unfused" in caplog.text
+
+
 def test_a_graph_without_attention_is_returned_as_it_is(tmp_path):
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 4])
     g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
-    onnx.save(onnx.helper.make_model(g), str(tmp_path / "relu.onnx"))
+    onnx.save(onnx.helper.make_model(g, ir_version=10), str(tmp_path / "relu.onnx"))
     work = tmp_path / "work"
     work.mkdir()
     assert attention.fuse_file(tmp_path / "relu.onnx", work, check_feeds(tmp_path / "relu.onnx")) == (None, 0)

@@ -38,7 +38,7 @@ def graph(source: str) -> onnx.ModelProto:
         [helper.make_tensor_value_info("index", TensorProto.INT64, ["batch"])],
         [helper.make_tensor("eos", TensorProto.INT32, [], [49407])],
     )
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)  # 1.31 reads <= 13
 
 
 def run(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
