@@ -218,7 +218,6 @@ class OrtDemo:
         import torch
         from sdturbo.engine.errors import BackendError, InputError
         from sdturbo.export.models import model_family
-        from sdturbo.export.ort_optimize import numpy2_compatible
 
         if model_family(self.folder) != "sd-turbo":
             raise InputError(f"{NAME} runs SD-Turbo models only; {self.folder} is {model_family(self.folder)}")
@@ -248,20 +247,48 @@ class OrtDemo:
         )
         if not complete.exists():
             log.info("building ONNX Runtime demo's graphs in %s (its export and optimizer: minutes, once)", work)
-        with legacy_exporter(), numpy2_compatible(), sdpa_restored(pipe.backend):
-            pipe.backend.build_engines(
-                engine_dir=engine_dir,
-                framework_model_dir=str(models),
-                onnx_dir=onnx_dir,
-                tmp_dir=str(work / "tmp"),
-                device_id=torch.cuda.current_device(),
-                max_cuda_graphs=MAX_CUDA_GRAPHS,
-            )
+        build = dict(
+            engine_dir=engine_dir,
+            framework_model_dir=str(models),
+            onnx_dir=onnx_dir,
+            tmp_dir=str(work / "tmp"),
+            device_id=torch.cuda.current_device(),
+            max_cuda_graphs=MAX_CUDA_GRAPHS,
+        )
+        without = self._build(pipe, build)
         complete.write_text("built\n")
         self._time_stages(pipe)
         self.pipe = pipe
         self.graphs_used = {name: "demo-optimized" for name in pipe.backend.engines}
         self.graph_status = "sessions: onnxruntime's CUDA graph per session and shape (the demo's GpuBindingManager)"
+        if without:
+            self.graph_status += f"; none for {', '.join(without)}: onnxruntime refused it"
+
+    @staticmethod
+    def _build(pipe, build: dict) -> list[str]:
+        """Its ``build_engines``. Where onnxruntime refuses a session CUDA graphs (a node it places on the CPU), the
+        sessions are opened again without them for the text encoder, then for all: what the demo's own SDXL
+        configuration does for its second text encoder ("use_cuda_graph=False"). Returns the models left without."""
+        from sdturbo.export.ort_optimize import numpy2_compatible
+
+        backend, without = pipe.backend, []
+        while True:
+            try:
+                with legacy_exporter(), numpy2_compatible(), sdpa_restored(backend):
+                    backend.build_engines(**build)
+                return without
+            except Exception as e:
+                if "cuda graph" not in str(e).lower():
+                    raise
+                names = [n for n in backend.models if backend.model_config[n].use_cuda_graph]
+                if not names:
+                    raise
+                off = ["clip"] if "clip" in names and not without else names
+                log.warning("onnxruntime refused CUDA graphs in the demo (%s); again without them for %s",
+                            str(e).strip().splitlines()[0][:200], ", ".join(off))  # fmt: skip
+                for name in off:
+                    backend.model_config[name].use_cuda_graph = False
+                without += off
 
     def _time_stages(self, pipe) -> None:
         """Its profile ranges (CUDA events it records on every run) also start and stop our stage timer."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -140,3 +141,40 @@ def test_the_benchmark_takes_it_by_name():
     assert BenchConfig(contenders=("diffusers-fp16", "onnxruntime-demo-fp16")).contenders
     with pytest.raises(InputError, match="onnxruntime-demo-fp16 \\(ONNX Runtime's own pipeline\\)"):
         BenchConfig(contenders=("onnxruntime-demo-fp32",))
+
+
+class FakeBackend:
+    """The demo's builder as far as ``OrtDemo._build`` sees it: sessions that refuse CUDA graphs for ``refusing``."""
+
+    def __init__(self, refusing: set[str], error: str = "This session cannot use the CUDA Graph feature"):
+        self.models = {"clip": None, "unet": None, "vae": None}
+        self.model_config, self.refusing, self.error, self.calls = {}, refusing, error, 0
+        self.sdpa_back = 0
+
+    def build_engines(self, **_):
+        self.calls += 1
+        for name in self.models:
+            self.model_config.setdefault(name, types.SimpleNamespace(use_cuda_graph=True))
+        if any(self.model_config[n].use_cuda_graph for n in self.refusing):
+            raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : {self.error} as requested by the user")
+
+    def enable_torch_spda(self):
+        self.sdpa_back += 1
+
+
+@pytest.mark.parametrize(
+    "refusing, without, calls",
+    [(set(), [], 1), ({"clip"}, ["clip"], 2), ({"unet"}, ["clip", "unet", "vae"], 3)],
+)
+def test_sessions_refused_cuda_graphs_are_opened_again_without(refusing, without, calls):
+    backend = FakeBackend(refusing)
+    assert ort_demo.OrtDemo._build(types.SimpleNamespace(backend=backend), {}) == without
+    assert backend.calls == calls == backend.sdpa_back
+    assert [n for n, c in backend.model_config.items() if not c.use_cuda_graph] == without
+
+
+def test_other_build_failures_are_not_retried():
+    backend = FakeBackend({"clip"}, error="out of memory")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        ort_demo.OrtDemo._build(types.SimpleNamespace(backend=backend), {})
+    assert backend.calls == 1
