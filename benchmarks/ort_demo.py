@@ -167,6 +167,24 @@ def prepare_work(folder: Path) -> Path:
     return work
 
 
+def finish(work: Path, folder: Path) -> None:
+    """Mark ``work`` complete (atomically: a marker half written is no marker), naming the model folder it was
+    built from; then remove the builds of that same folder made before (other files or library versions: several
+    GB each, never read again)."""
+    source = str(folder.resolve())
+    tmp = work / ".complete.tmp"
+    tmp.write_text(json.dumps({"model": source}) + "\n")
+    tmp.replace(work / "complete")
+    for other in work.parent.glob(f"{VERSION}-*"):
+        try:
+            built_from = json.loads((other / "complete").read_text()).get("model")
+        except (OSError, ValueError, AttributeError):  # unfinished, or of another format: not ours to judge
+            continue
+        if other != work and built_from == source:
+            log.info("removing the ONNX Runtime demo's older build for %s: %s", source, other)
+            shutil.rmtree(other, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def legacy_exporter():
     """``torch.onnx.export`` with ``dynamo=False`` while the demo exports (see the module doc)."""
@@ -256,7 +274,7 @@ class OrtDemo:
             max_cuda_graphs=MAX_CUDA_GRAPHS,
         )
         without = self._build(pipe, build)
-        complete.write_text("built\n")
+        finish(work, self.folder)
         self._time_stages(pipe)
         self.pipe = pipe
         self.graphs_used = {name: "demo-optimized" for name in pipe.backend.engines}

@@ -6,6 +6,7 @@ one line. Its run on a GPU is gpu_check's ort-demo step."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import types
@@ -178,3 +179,18 @@ def test_other_build_failures_are_not_retried():
     with pytest.raises(RuntimeError, match="out of memory"):
         ort_demo.OrtDemo._build(types.SimpleNamespace(backend=backend), {})
     assert backend.calls == 1
+
+
+def test_a_finished_build_replaces_the_older_builds_of_the_same_model(tiny_folder, xl_folder, monkeypatch, tmp_path):
+    monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path))
+    root = tmp_path / "ort-demo"
+    older, other_model, unfinished = root / "sd-turbo-old", root / "sd-turbo-xl", root / "sd-turbo-half"
+    for folder in (older, other_model, unfinished):
+        folder.mkdir(parents=True)
+    ort_demo.finish(older, tiny_folder)  # built before the model's files or the libraries changed
+    ort_demo.finish(other_model, xl_folder)
+    work = ort_demo.prepare_work(tiny_folder)
+    ort_demo.finish(work, tiny_folder)
+    assert sorted(p.name for p in root.iterdir()) == sorted([work.name, other_model.name, unfinished.name])
+    assert json.loads((work / "complete").read_text()) == {"model": str(tiny_folder.resolve())}
+    assert ort_demo.prepare_work(tiny_folder) == work and (work / "complete").exists()  # kept: finished
