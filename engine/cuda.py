@@ -282,7 +282,7 @@ def node_types(graph) -> dict[str, int] | None:
             out[name] = out.get(name, 0) + 1
         return out
     except Exception as e:  # (an API that differs from this cuda-python's: no inspection)
-        log.warning("cannot list the captured graph's nodes: %s", e)
+        log.warning("cannot list the captured graph's nodes: %s", str(e))  # (a record holding e would hold the frames)
         return None
 
 
@@ -306,13 +306,15 @@ class Graph:
         self._graph = graph
         self.node_types = node_types(graph)
         self._exec = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        # a graph dropped (its tier turned off, its pipeline closed) gives both back; as for memory, never during
+        # another capture (a collection can run in one) and not at interpreter exit
+        weakref.finalize(self, _give_back, _destroy_graph, (rt, self._exec, graph)).atexit = False
 
     def launch(self) -> None:
         check(self._rt.cudaGraphLaunch(self._exec, self._stream.handle), "cudaGraphLaunch")
 
-    def __del__(self):  # a graph dropped (its tier turned off) gives its executable graph back
-        try:
-            self._rt.cudaGraphExecDestroy(self._exec)
-            self._rt.cudaGraphDestroy(self._graph)
-        except Exception:  # at interpreter exit the bindings may be gone first: nothing left to free then
-            pass
+
+def _destroy_graph(held) -> None:
+    rt, executable, graph = held
+    rt.cudaGraphExecDestroy(executable)
+    rt.cudaGraphDestroy(graph)

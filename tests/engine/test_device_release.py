@@ -209,3 +209,39 @@ def test_a_pipeline_collected_during_anothers_capture_waits_for_its_end(open_pip
     assert cuda.runtime.faults == []
     pipe.close()
     assert held(cuda) == NOTHING
+
+
+def test_a_dropped_graph_is_destroyed_once_and_never_during_a_capture(monkeypatch):
+    """engine/cuda.py's own Graph (the emulation has its own), on a runtime that records what it is asked."""
+    import types
+
+    from sdturbo.engine import cuda
+
+    calls = []
+
+    def ok(name, value=None):
+        return lambda *a: calls.append((name, *a)) or ((0, value) if value is not None else (0,))
+
+    rt = types.SimpleNamespace(
+        cudaStreamCaptureMode=types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=0),
+        cudaStreamBeginCapture=ok("begin"),
+        cudaStreamEndCapture=ok("end", "graph"),
+        cudaGraphGetNodes=lambda *a: (0, [], 0),  # none
+        cudaGraphInstantiate=ok("instantiate", "exec"),
+        cudaGraphExecDestroy=ok("destroy exec"),
+        cudaGraphDestroy=ok("destroy graph"),
+    )
+    monkeypatch.setattr(cuda, "bindings", lambda: (None, rt, None))
+    stream = types.SimpleNamespace(handle="stream")
+    destroyed = [("destroy exec", "exec"), ("destroy graph", "graph")]
+    graph = cuda.Graph(stream, lambda: None)
+    with cuda.capturing():  # another capture under way: a collection then must not destroy anything
+        del graph
+        gc.collect()
+        assert [c for c in calls if c[0].startswith("destroy")] == []
+    assert [c for c in calls if c[0].startswith("destroy")] == destroyed  # at its end, once
+    calls.clear()
+    graph = cuda.Graph(stream, lambda: None)
+    del graph
+    gc.collect()
+    assert [c for c in calls if c[0].startswith("destroy")] == destroyed
