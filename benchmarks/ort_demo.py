@@ -287,6 +287,7 @@ class OrtDemo:
         """Its ``build_engines``. Where onnxruntime refuses a session CUDA graphs (a node it places on the CPU), the
         sessions are opened again without them for the text encoder, then for all: what the demo's own SDXL
         configuration does for its second text encoder ("use_cuda_graph=False"). Returns the models left without."""
+        from sdturbo.engine.errors import first_line
         from sdturbo.export.ort_optimize import numpy2_compatible
 
         backend, without = pipe.backend, []
@@ -303,7 +304,7 @@ class OrtDemo:
                     raise
                 off = ["clip"] if "clip" in names and not without else names
                 log.warning("onnxruntime refused CUDA graphs in the demo (%s); again without them for %s",
-                            str(e).strip().splitlines()[0][:200], ", ".join(off))  # fmt: skip
+                            first_line(e)[:200], ", ".join(off))  # fmt: skip
                 for name in off:
                     backend.model_config[name].use_cuda_graph = False
                 without += off

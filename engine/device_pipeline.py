@@ -39,7 +39,7 @@ from .capture_guard import CaptureGuard
 from .device_buffers import HOST_BUFFERS, bindings, buffer_specs, spec_of
 from .device_cache import DevicePromptRows
 from .engine_store import Profile
-from .errors import BackendError, BundleError
+from .errors import BackendError, BundleError, first_line
 from .images import to_model_image
 from .pipeline import check_vae_request
 from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
@@ -87,10 +87,6 @@ UNSAFE_NODES = {"Host": "host callbacks", "MemAlloc": "memory allocations"}
 def unsafe_nodes(types: dict[str, int] | None) -> str:
     """What in a captured graph's node counts ``types`` (cuda.node_types) a replay must not run, in words."""
     return ", ".join(f"{types[t]} {what}" for t, what in UNSAFE_NODES.items() if (types or {}).get(t))
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 NOISE_RUNS = 3  # eager runs more, to measure how much they differ from each other, when a replay differs
@@ -380,7 +376,7 @@ class DevicePipeline:
                 graph = self._make_graph(enqueue)
             except errors as e:
                 s.synchronize()
-                self._graph_off(f"capturing {what} failed: {_first_line(e)}")
+                self._graph_off(f"capturing {what} failed: {first_line(e)}")
                 return False
             replayed_on_host = unsafe_nodes(getattr(graph, "node_types", None))
             if replayed_on_host:
@@ -393,7 +389,7 @@ class DevicePipeline:
                     graph.launch()
                     replayed = self._pixels(nbytes)
                 except errors as e:  # (the eager chain that runs instead synchronises the stream again)
-                    self._graph_off(f"replaying {what} failed on the {which}: {_first_line(e)}")
+                    self._graph_off(f"replaying {what} failed on the {which}: {first_line(e)}")
                     return False
 
                 def rerun(r: Request = inputs) -> np.ndarray:

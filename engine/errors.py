@@ -32,3 +32,9 @@ class BackendError(SdTurboError):
 class CaptureRefused(BackendError):
     """onnxruntime will not create a session for CUDA graphs: some of the graph runs off the CUDA provider
     through host copies (Memcpy nodes), which a captured graph would replay with stale values."""
+
+
+def first_line(e: BaseException) -> str:
+    """``e``'s message in one line, for a status or a log line (onnxruntime's and CUDA's span several): its
+    first non-empty line, else the exception's type."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

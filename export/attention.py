@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..engine.errors import first_line
+
 log = logging.getLogger(__name__)
 
 MHA = "/sdturbo_mha"  # suffix of the fused nodes' names
@@ -168,11 +170,6 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def _first(e: Exception) -> str:
-    """An exception in one line (onnxruntime's span several)."""
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-
-
 def _causal(mask: np.ndarray) -> bool:
     s = mask.shape[-1]
     if mask.ndim != 4 or mask.shape[-2] != s or mask.shape[1] != 1:
@@ -219,7 +216,8 @@ def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[onnx.ModelProto | Non
     try:
         values = _run(_save(probe, work / "probe.onnx"), feeds)
     except Exception as e:  # onnxruntime's own exception types (none derives from RuntimeError)
-        log.warning("%s: onnxruntime cannot read the attentions' tensors (%s); left unfused", src.name, _first(e))
+        why = f"{type(e).__name__}: {first_line(e)}"
+        log.warning("%s: onnxruntime cannot read the attentions' tensors (%s); left unfused", src.name, why)
         return None, 0
 
     def value(name):
@@ -264,7 +262,8 @@ def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[onnx.ModelProto | Non
     try:
         got = _run(_save(model, work / "fused.onnx"), feeds)
     except Exception as e:  # a fused graph onnxruntime refuses or cannot run is not used either
-        log.warning("onnxruntime cannot run the fused %s (%s): its attentions are left unfused", src.name, _first(e))
+        why = f"{type(e).__name__}: {first_line(e)}"
+        log.warning("onnxruntime cannot run the fused %s (%s): its attentions are left unfused", src.name, why)
         return None, 0
     for name, want in reference.items():
         if got[name].shape != want.shape:  # (a difference would broadcast)

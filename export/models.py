@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..engine.bundle import make_shareable
 from ..engine.cache import cache_folder, folder_stamp, random_model_folder
-from ..engine.errors import InputError
+from ..engine.errors import InputError, first_line
 from ..engine.files import locked, remove_leftovers, replace_dir
 from .random_models import ALL_RANDOM, build_random
 
@@ -221,6 +221,6 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, or unknown repo: say which model and why
         raise InputError(
-            f"could not download model {repo_id!r} from the Hugging Face Hub ({str(e).splitlines()[0]}); offline, "
+            f"could not download model {repo_id!r} from the Hugging Face Hub ({first_line(e)}); offline, "
             f"give a local diffusers folder or random:sd-turbo / random:tiny with --model"
         ) from e

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.cache import folder_stamp
-from ..engine.errors import InputError
+from ..engine.errors import InputError, first_line
 from ..engine.spec import tiny_vae_specs
 from .models import check_safetensors, random_folder
 from .onnx_export import export_record
@@ -112,7 +112,7 @@ def resolve_tiny_vae_folder(source: str) -> Path:
         folder = Path(snapshot_download(source, allow_patterns=["config.json", WEIGHTS]))
     except Exception as e:  # network, auth, or unknown repo: say which and why
         raise InputError(
-            f"could not download the tiny VAE {source!r} from the Hugging Face Hub ({str(e).splitlines()[0]}); "
+            f"could not download the tiny VAE {source!r} from the Hugging Face Hub ({first_line(e)}); "
             f"offline, give a local AutoencoderTiny folder or random:taesd / random:taesdxl"
         ) from e
     check_tiny_vae_folder(folder)  # a repo without diffusers' AutoencoderTiny files: one line naming them

@@ -20,7 +20,7 @@ BLOCK = 256
 def _compile(dtype: str, arch: str, output: str) -> bytes:
     """NVRTC: latents.cu with T = ``dtype`` for ``--gpu-architecture=arch``; ``output`` is "PTX" or "CUBIN"."""
     from sdturbo.engine.cuda import bindings, check
-    from sdturbo.engine.errors import BackendError
+    from sdturbo.engine.errors import BackendError, first_line
 
     if dtype not in TYPES:
         raise ValueError(f"dtype {dtype!r} is not allowed; use one of {sorted(TYPES)}")
@@ -30,7 +30,7 @@ def _compile(dtype: str, arch: str, output: str) -> bytes:
         created = nvrtc.nvrtcCreateProgram(src, b"latents.cu", 0, [], [])
     except Exception as e:  # cuda-python opens libnvrtc on first use: not found is its own error type
         raise BackendError(
-            f"NVRTC, which compiles this engine's kernels, cannot be loaded ({str(e).splitlines()[0]}): install it "
+            f"NVRTC, which compiles this engine's kernels, cannot be loaded ({first_line(e)}): install it "
             "from pip (nvidia-cuda-nvrtc for cuda-python 13, nvidia-cuda-nvrtc-cu12 for cuda-python 12) or with "
             "the CUDA toolkit"
         ) from e
