@@ -171,10 +171,10 @@ def finish(work: Path, folder: Path) -> None:
     """Mark ``work`` complete (atomically: a marker half written is no marker), naming the model folder it was
     built from; then remove the builds of that same folder made before (other files or library versions: several
     GB each, never read again)."""
+    from sdturbo.engine.files import atomic_write
+
     source = str(folder.resolve())
-    tmp = work / ".complete.tmp"
-    tmp.write_text(json.dumps({"model": source}) + "\n")
-    tmp.replace(work / "complete")
+    atomic_write(work / "complete", json.dumps({"model": source}) + "\n")
     for other in work.parent.glob(f"{VERSION}-*"):
         try:
             built_from = json.loads((other / "complete").read_text()).get("model")
