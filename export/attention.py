@@ -190,18 +190,43 @@ def _prune(graph) -> None:
     graph.node.extend(reversed(keep))
 
 
-def fuse_file(src: Path, work: Path, feeds: dict) -> tuple[onnx.ModelProto | None, int]:
+def check_feeds(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> dict:
+    """Inputs for the checks, from ``model``'s own inputs. ``dims``: each symbolic axis's value (engine/spec.py
+    ``axis_values``; default: batch 2, a 256x256 image and its 32x32 latent at scale 8: 1024 tokens in the VAE's
+    attention); any other free axis 32. Token ids within every embedding table the graph gathers from (the smallest
+    one's size bounds them); floats standard normal."""
+    from ..engine.spec import axis_values
+
+    axes = dims or axis_values(2, 256, 256, 8)
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    gathered = (inits.get(n.input[0], []) for n in model.graph.node if n.op_type == "Gather")
+    vocab = min((d[0] for d in gathered if len(d) == 2), default=256)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for v in (i for i in model.graph.input if i.name not in inits):
+        shape = [d.dim_value or axes.get(d.dim_param, 32) for d in v.type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.integer):
+            feeds[v.name] = rng.integers(0, vocab, shape).astype(dtype)
+        else:
+            feeds[v.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def fuse_file(src: Path, work: Path, dims: dict[str, int] | None = None) -> tuple[onnx.ModelProto | None, int]:
     """Fuse the attentions of the fp32 graph at ``src`` (a text encoder, a VAE) into MultiHeadAttention nodes when
     the checks in the module doc pass. Returns the fused graph, its weights not loaded (external data, if any,
     still to be read from ``src``'s folder: ``onnx.load_external_data_for_model``), and how many attentions were
     fused; (None, 0) when nothing was. ``work``: an empty folder for the check runs, where ``src``'s external
     weights, if any, are copied (onnxruntime refuses external data through a symlink that leaves the model's
-    folder, and onnx refuses a hard-linked file as a possible attack). ``feeds``: one input for the checks."""
+    folder, and onnx refuses a hard-linked file as a possible attack). ``dims``: the checks' input sizes
+    (``check_feeds``)."""
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     found = find(graph)
     if not found:
         return None, 0
+    feeds = check_feeds(model, dims)
     for t in graph.initializer:  # external weights: copied beside the graphs written here (see above)
         for entry in t.external_data:
             if entry.key == "location" and not (work / entry.value).exists():

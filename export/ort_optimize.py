@@ -120,7 +120,8 @@ def fused_op_counts(model) -> dict[str, int]:
 def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: dict | None = None) -> dict[str, int]:
     """Fuse the fp32 graph ``src`` for ``provider`` and convert it to the float types of ``spec`` (the
     component's contract in the target precision); write it to ``dst`` (an empty folder's file). ``dims``: the
-    symbolic axes' values for the checks of our attention fusion (``check_feeds``). Returns the fused op counts."""
+    symbolic axes' values for the checks of our attention fusion (``attention.check_feeds``). Returns the fused
+    op counts."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     model_type = MODEL_TYPES[name]
@@ -130,7 +131,7 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
     if model_type in ("clip", "vae"):  # attentions onnxruntime's fusions miss (export/attention.py): ours first
         # beside dst, so a killed run's copy of large weights is cleared with dst's folder (remove_leftovers)
         with tempfile.TemporaryDirectory(prefix=".attention-", dir=dst.parent) as work:
-            fused, n = attention.fuse_file(src, Path(work), check_feeds(src, dims))
+            fused, n = attention.fuse_file(src, Path(work), dims)
         log.info("%s: %d attentions fused into MultiHeadAttention", name, n)
         if fused is not None:
             import onnx
@@ -152,31 +153,6 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
     big = m.model.ByteSize() >= EXTERNAL_DATA_BYTES
     m.save_model_to_file(str(dst), use_external_data_format=big)
     return fused_op_counts(m.model)
-
-
-def check_feeds(src: Path, dims: dict[str, int] | None = None) -> dict:
-    """Inputs for the checks of an attention fusion, from the graph at ``src`` itself. ``dims``: each symbolic
-    axis's value (engine/spec.py ``axis_values``; default: batch 2, a 256x256 image and its 32x32 latent at scale 8:
-    1024 tokens in the VAE's attention); any other free axis 32. Token ids within every embedding table the graph
-    gathers from (the smallest one's size bounds them); floats standard normal."""
-    import onnx
-
-    axes = dims or axis_values(2, 256, 256, 8)
-    model = onnx.load(str(src), load_external_data=False)
-    inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    gathered = (inits.get(n.input[0], []) for n in model.graph.node if n.op_type == "Gather")
-    vocab = min((d[0] for d in gathered if len(d) == 2), default=256)
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for v in (i for i in model.graph.input if i.name not in inits):
-        dims = v.type.tensor_type.shape.dim
-        shape = [d.dim_value or axes.get(d.dim_param, 32) for d in dims]
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
-        if np.issubdtype(dtype, np.integer):
-            feeds[v.name] = rng.integers(0, vocab, shape).astype(dtype)
-        else:
-            feeds[v.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
 
 
 def fp32_kept(model) -> dict:

@@ -12,7 +12,6 @@ import onnx
 import pytest
 from sdturbo.engine.bundle import Bundle
 from sdturbo.export import attention
-from sdturbo.export.ort_optimize import check_feeds
 
 
 def graph(bundle, name="text_encoder"):
@@ -36,7 +35,7 @@ def test_every_attention_becomes_one_node_with_the_same_outputs(which, tiny_bund
     src, _ = graph(bundle, name)
     work = tmp_path / "work"
     work.mkdir()
-    model, n = attention.fuse_file(src, work, check_feeds(src))
+    model, n = attention.fuse_file(src, work)
     onnx.load_external_data_for_model(model, str(src.parent))
     fused = tmp_path / "fused.onnx"
     onnx.save(model, str(fused))
@@ -48,7 +47,7 @@ def test_every_attention_becomes_one_node_with_the_same_outputs(which, tiny_bund
     assert causal == ({1} if which.startswith("sd") else {0})  # text: causal; the VAE's: every pixel sees all
     rng = np.random.default_rng(7)  # not the checks' inputs or batch
     feeds = {}
-    for k, v in check_feeds(src).items():
+    for k, v in attention.check_feeds(onnx.load(str(src), load_external_data=False)).items():
         shape = (3, *v.shape[1:])
         feeds[k] = (rng.integers(0, 50, shape) if v.dtype.kind == "i" else rng.standard_normal(shape)).astype(v.dtype)
     want, got = attention._run(src, feeds), attention._run(fused, feeds)
@@ -68,7 +67,7 @@ def test_a_mask_that_is_not_causal_is_left_unfused(tiny_bundle, tmp_path, caplog
     work = tmp_path / "work"
     work.mkdir()
     with caplog.at_level(logging.WARNING):
-        out, n = attention.fuse_file(tmp_path / "bidirectional.onnx", work, check_feeds(src))
+        out, n = attention.fuse_file(tmp_path / "bidirectional.onnx", work)
     assert (out, n) == (None, 0)
     assert "its mask is not causal; the attention is left unfused" in caplog.text
 
@@ -90,7 +89,7 @@ def test_a_fusion_that_changes_the_outputs_is_not_used(wrong, name, tiny_bundle,
 
     monkeypatch.setattr(onnx.helper, "make_node", broken)
     with caplog.at_level(logging.WARNING):
-        out, n = attention.fuse_file(src, tmp_path, check_feeds(src))
+        out, n = attention.fuse_file(src, tmp_path)
     assert (out, n) == (None, 0)
     assert "fused attention moves" in caplog.text
 
@@ -106,7 +105,7 @@ def test_a_fused_graph_onnxruntime_cannot_run_is_not_used(tiny_bundle, tmp_path,
 
     monkeypatch.setattr(onnx.helper, "make_node", refused)
     with caplog.at_level(logging.WARNING):
-        out, n = attention.fuse_file(src, tmp_path, check_feeds(src))
+        out, n = attention.fuse_file(src, tmp_path)
     assert (out, n) == (None, 0)
     assert f"onnxruntime cannot run the fused {src.name} (" in caplog.text and "num_heads" in caplog.text
     assert "its attentions are left unfused" in caplog.text
@@ -119,5 +118,5 @@ def test_a_graph_without_attention_is_returned_as_it_is(tmp_path):
     onnx.save(onnx.helper.make_model(g, ir_version=10), str(tmp_path / "relu.onnx"))
     work = tmp_path / "work"
     work.mkdir()
-    assert attention.fuse_file(tmp_path / "relu.onnx", work, check_feeds(tmp_path / "relu.onnx")) == (None, 0)
+    assert attention.fuse_file(tmp_path / "relu.onnx", work) == (None, 0)
     assert not list(work.iterdir())  # nothing written
