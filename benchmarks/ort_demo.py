@@ -17,7 +17,8 @@ what this contender never runs:
 - transformers 5 runs CLIP's attention through ``F.scaled_dot_product_attention``, which the demo deletes while it
   exports (to export attention as MatMul and Softmax, the pattern its fusion matches): the text encoder's config is
   given ``attn_implementation: eager``, the attention it expects (``framework_models``).
-- ``nvtx`` (profiling ranges, used only with ``nvtx_profile=True``): a placeholder where the package is missing.
+- ``nvtx`` (profiling ranges, used only with ``nvtx_profile=True``): a placeholder where the package is missing,
+  seen by the demo's modules only (removed from ``sys.modules`` once they are imported).
 Its export calls ``torch.onnx.export`` with the TorchScript exporter's arguments, and its optimizer's fusions
 match that exporter's graphs; torch 2.9 and later default to the dynamo exporter, so the build passes
 ``dynamo=False``, as its authors ran it. Its optimizer is onnxruntime's, which our own ``--ort-optimize`` build
@@ -95,7 +96,8 @@ def import_demo() -> types.SimpleNamespace:
         sys.modules["cuda.cudart"] = cuda.cudart = runtime
     with contextlib.suppress(ImportError):
         import nvtx  # noqa: F401
-    if "nvtx" not in sys.modules:
+    nvtx_placeholder = "nvtx" not in sys.modules
+    if nvtx_placeholder:  # (for the demo's modules only: they keep their reference, the process does not)
         sys.modules["nvtx"] = _placeholder("nvtx", "the nvtx package is not installed")
     sys.path.insert(0, str(folder))  # its modules import one another by bare name
     try:
@@ -113,6 +115,8 @@ def import_demo() -> types.SimpleNamespace:
         )
     finally:
         sys.path.remove(str(folder))
+        if nvtx_placeholder:
+            del sys.modules["nvtx"]
 
 
 def framework_models(folder: Path, work: Path, name: str) -> Path:

@@ -96,12 +96,26 @@ def ensure_context(device: int = 0) -> None:
         _CONTEXTS.add(device)
 
 
-def gpu_available() -> bool:
+def gpu_problem() -> str | None:
+    """Why this process cannot use a CUDA GPU (no cuda-python, no driver, no device), in one line; None if it can."""
     try:
         _, rt, _ = bindings()
-        return check(rt.cudaGetDeviceCount()) > 0
-    except BackendError:
-        return False
+        status, count = rt.cudaGetDeviceCount()
+    except BackendError as e:
+        return str(e)
+    if int(getattr(status, "value", status)) != 0:
+        try:
+            why = rt.cudaGetErrorString(status)[1]
+            why = why.decode(errors="replace") if isinstance(why, bytes) else str(why)
+        except Exception:  # (a runtime without it: the status's own name)
+            why = ""
+        name = getattr(status, "name", repr(status))
+        return f"{name}{f': {why}' if why else ''}"
+    return None if count > 0 else "the CUDA driver finds no device"
+
+
+def gpu_available() -> bool:
+    return gpu_problem() is None
 
 
 _captures = 0  # captures under way in this process (callers hold device_pipeline.CAPTURE_LOCK)
@@ -135,6 +149,16 @@ def capturing():
             _give_back(*_held_back.pop())
 
 
+def on_collect(owner, release, handle) -> weakref.finalize:
+    """``release(handle)`` once ``owner`` is collected (as ``_give_back``: never during a capture, never
+    raising), or when the finalizer returned is called; not at interpreter exit: a daemon thread (the server's
+    batcher) may still be running on what is held then, and the driver takes everything back when the
+    process ends anyway. Neither ``release`` nor ``handle`` may refer to ``owner``: it would never be collected."""
+    finalizer = weakref.finalize(owner, _give_back, release, handle)
+    finalizer.atexit = False
+    return finalizer
+
+
 class _Held:
     """Something CUDA gave this process, given back once: by ``free()``, or by a finalizer when ``owner`` is
     collected. The finalizer holds the runtime's release function and the handle, never the object."""
@@ -146,10 +170,7 @@ class _Held:
         return cls.runtime if cls.runtime is not None else bindings()[1]
 
     def _hold(self, owner, release, handle) -> None:
-        self._finalizer = weakref.finalize(owner, _give_back, release, handle)
-        # not at interpreter exit: a daemon thread (the server's batcher) may still be running on this memory
-        # then, and the driver takes everything back when the process ends anyway
-        self._finalizer.atexit = False
+        self._finalizer = on_collect(owner, release, handle)
 
     def free(self) -> None:
         """Give it back now; a second call, and the collection after, give nothing back again."""
@@ -308,7 +329,7 @@ class Graph:
         self._exec = check(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         # a graph dropped (its tier turned off, its pipeline closed) gives both back; as for memory, never during
         # another capture (a collection can run in one) and not at interpreter exit
-        weakref.finalize(self, _give_back, _destroy_graph, (rt, self._exec, graph)).atexit = False
+        on_collect(self, _destroy_graph, (rt, self._exec, graph))
 
     def launch(self) -> None:
         check(self._rt.cudaGraphLaunch(self._exec, self._stream.handle), "cudaGraphLaunch")

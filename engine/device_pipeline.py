@@ -124,6 +124,32 @@ def replay_differs(eager: np.ndarray, replayed: np.ndarray, rerun, what: str) ->
     return f"{differ} of {eager.size} bytes, MSE {error:.3g}; eager runs differ by MSE {noise:.3g} at most"
 
 
+def _give_back_all(held: tuple) -> None:
+    """What a device pipeline holds, given back in order (its close(), or its collection): the stream's work
+    finished, the contexts, the components (sessions; engines and their memory), every buffer, the stream.
+    A step that fails is logged and the others go on: what it held is lost either way."""
+    name, stream, contexts, components, dev, host, cached_rows = held
+
+    def step(what: str, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # (a stream in error still gives back its buffers)
+            log.warning("closing %s: %s: %s", name, what, first_line(e))
+
+    step("waiting for its stream", stream.synchronize)
+    contexts.clear()
+    for component_name, component in components.items():
+        step(f"closing {component_name}", component.close)
+    components.clear()
+    for buffers in (dev, host):
+        for buffer_name, buffer in buffers.items():
+            step(f"freeing {buffer_name}", buffer.free)
+        buffers.clear()
+    if cached_rows is not None:
+        step("freeing the prompt cache's rows", cached_rows.free)
+    step("destroying its stream", stream.free)
+
+
 class DevicePipeline:
     """Same requests and results as ``Pipeline``; the chain runs on the GPU from buffers allocated once."""
 
@@ -155,6 +181,10 @@ class DevicePipeline:
         self.cached_rows = DevicePromptRows(cache, self.cuda, self.buffer_specs) if cache.enabled else None
         self.graphs: dict[tuple, object] = {}
         self.contexts: dict[tuple, dict] = {}  # (batch, height, width) -> one context per component
+        # close() and the collection of a pipeline dropped without it give back in one order (_give_back_all);
+        # what it is handed outlives the pipeline until then, so none of it may refer to the pipeline
+        held = (self.name, self.stream, self.contexts, self.engines, self.dev, self.host, self.cached_rows)
+        self._release = cuda_module.on_collect(self, _give_back_all, held)
 
     def _prepare(
         self, bundle: Bundle | str | Path, vae: str = "full", prompt_cache: int | PromptCache = DEFAULT_SIZE
@@ -234,25 +264,14 @@ class DevicePipeline:
         """Give back what this pipeline holds on the GPU, in order: the stream's work finished, the captured
         graphs, the components' contexts, the components (sessions; engines and their memory), every buffer,
         the stream. Once (a second call does nothing); a request after it raises. A pipeline dropped without it
-        gives its memory back when collected, but in no set order (the stream may go before the sessions)."""
+        gives back the same way when collected (the graphs whenever they are: a graph needs nothing else)."""
         with self._running, CAPTURE_LOCK:  # after the run under way; frees are no capture's business either
             if self.closed:
                 return
             self.closed = True
-            try:
-                self.stream.synchronize()
-            except BackendError as e:  # a stream in error: what it held goes back all the same
-                log.warning("closing %s: %s", self.name, e)
             self.graphs.clear()
-            self.contexts.clear()
-            for component in self.engines.values():
-                component.close()
-            for buf in (*self.dev.values(), *self.host.values()):
-                buf.free()
-            if self.cached_rows is not None:
-                self.cached_rows.free()
-            self.engines, self.dev, self.host, self.cached_rows = {}, {}, {}, None
-            self.stream.free()
+            self._release()
+            self.cached_rows = None
 
     def _check_open(self) -> None:
         if self.closed:

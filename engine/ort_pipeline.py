@@ -28,6 +28,7 @@ import itertools
 import logging
 import threading
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,15 @@ class OrtComponent:
         """Let go of the session (its memory, and onnxruntime's own graphs), after the contexts' IO bindings:
         the pipeline that owns it closes it before freeing the buffers and the stream the session was given."""
         self.session = self.graph_options = None
+
+
+def run_options(ort, graph_id: int):
+    """Run options: no wait for the GPU at the end of a run; ``graph_id`` -1: onnxruntime captures and
+    replays nothing of its own; another: the CUDA graph it keeps under that id (captured on first use)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
 
 
 class OrtContext:
@@ -176,10 +186,10 @@ class OrtCudaPipeline(DevicePipeline):
                     refused.append((name, str(e)))
                     plain = plain or self._backend(precision, fused, capture=False)
                     session, own = self._open(plain, name, False), False
-                graphs = self._run_options if own else None
-                components[name] = OrtComponent(
-                    name, session, self._run_options(-1), self.ort_device, self._address, graphs
-                )
+                # (nothing a component holds refers to this pipeline: its close() is also its collection's)
+                options = partial(run_options, self._ort)
+                graphs = options if own else None
+                components[name] = OrtComponent(name, session, options(-1), self.ort_device, self._address, graphs)
             self._setup(profile, capture, components)
         # component -> "optimized" or "plain" (the benchmark reports it)
         self.graphs_used = {**backend.graphs, **(plain.graphs if plain else {})}
@@ -225,14 +235,6 @@ class OrtCudaPipeline(DevicePipeline):
     def _open(self, backend, name: str, graphs: bool):
         """``name``'s session; ``graphs``: it was asked to keep CUDA graphs of its own (``enable_cuda_graph``)."""
         return backend.session(self.bundle, name)
-
-    def _run_options(self, graph_id: int):
-        """Run options: no wait for the GPU at the end of a run; ``graph_id`` -1: onnxruntime captures and
-        replays nothing of its own; another: the CUDA graph it keeps under that id (captured on first use)."""
-        options = self._ort.RunOptions()
-        options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        return options
 
     @contextmanager
     def session_graphs(self):
@@ -315,7 +317,8 @@ class OrtCudaPipeline(DevicePipeline):
         self._ort = backend._ort
         return backend
 
-    def _address(self, ptr: int, nbytes: int) -> int:
+    @staticmethod
+    def _address(ptr: int, nbytes: int) -> int:
         """The address onnxruntime is given for ``nbytes`` at device address ``ptr`` (the same, on a GPU)."""
         return ptr
 

@@ -230,12 +230,14 @@ class Batcher:
         """One served request, start to end: parse, queue, wait for its batch."""
         return self.submit(parse(self.pipe, inputs)).result(timeout)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Take no new requests, run every queued one (without waiting for the delay), stop the worker."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Take no new requests, run every queued one (without waiting for the delay), stop the worker. True
+        once it has stopped; False where ``timeout`` ran out first (a batch still running)."""
         with self._cv:
             self._closing = True
             self._cv.notify_all()
         self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _next_batch(self) -> list[_Pending] | _Job | None:
         with self._cv:

@@ -125,7 +125,10 @@ def serve(pipe, cfg: ServeConfig, verbose: bool = False) -> int:
         batcher.on_worker(lambda: warm_up(pipe, cfg.max_batch, side))  # on the thread that serves
         return 0 if stop.is_set() else _serve(triton, model_config, batcher, cfg, stop, verbose)
     finally:
-        batcher.close(timeout=cfg.drain_timeout_s)
+        if batcher.close(timeout=cfg.drain_timeout_s):
+            pipe.close()  # the GPU memory, sessions and stream back, in order (nothing runs on them any more)
+        else:  # closing would wait for the batch under way, which the drain's limit has just given up on
+            log.warning("a batch was still running %d s after the stop; exiting without waiting", cfg.drain_timeout_s)
         for s, h in handlers.items():
             signal.signal(s, h)
         st = batcher.stats

@@ -33,6 +33,8 @@ def test_the_installed_onnxruntime_s_demo_imports_here(demo):
     if "placeholder" in (tensorrt.__doc__ or ""):  # no tensorrt here: a stand-in that refuses to build engines
         with pytest.raises(RuntimeError, match="engine_builder_tensorrt is a placeholder here: TensorRT's engines"):
             tensorrt.TensorrtEngineBuilder()
+    if "placeholder" in (demo.pipeline.nvtx.__doc__ or ""):  # no nvtx here: the demo's stand-in is its own
+        assert "nvtx" not in sys.modules  # (a later `import nvtx` in this process fails as it should)
 
 
 def state(module) -> dict:

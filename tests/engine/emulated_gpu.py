@@ -525,7 +525,8 @@ def emulated_ort_pipeline(bundle, cuda: EmulatedCuda | None = None, **kwargs) ->
             session = super()._open(backend, name, graphs)
             return EmulatedOrtGraphs(session) if graphs else session
 
-        def _address(self, ptr, nbytes):
+        @staticmethod
+        def _address(ptr, nbytes):
             return cuda.memory.view(ptr, nbytes).ctypes.data
 
         def _kernels(self, dtype, cc):

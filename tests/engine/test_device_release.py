@@ -164,6 +164,49 @@ def test_a_pipeline_dropped_without_close_gives_back_when_collected(open_pipe, k
     assert held(cuda) == NOTHING
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_dropped_pipeline_gives_back_in_closes_order(open_pipe, kind):
+    """Collected, a pipeline gives back as close() does: its sessions or engines are let go of, and every
+    buffer freed, before the stream they ran on is destroyed, whichever it holds first (and however
+    a collection happens to order its attributes)."""
+    cuda = EmulatedCuda()
+    rt, seen = cuda.runtime, []
+    destroy = rt.cudaStreamDestroy
+
+    def destroy_stream(handle):
+        gc.collect()  # a session held only by a context would go now: what is still alive is held elsewhere
+        seen.append(([r() is not None for r in libraries], cuda.live()["cudaMalloc"], cuda.live()["cudaMallocHost"]))
+        return destroy(handle)
+
+    rt.cudaStreamDestroy = destroy_stream  # before the stream is made: its release is the runtime's, bound then
+    pipe = open_pipe(kind, cuda)
+    use(pipe)
+    libraries = [weakref.ref(getattr(c, "session", None) or c.engine) for c in pipe.engines.values()]
+    del pipe
+    assert held(cuda) == NOTHING
+    assert seen == [([False] * len(libraries), 0, 0)]
+
+
+def test_a_step_of_close_that_fails_is_logged_and_the_rest_still_goes_back(open_pipe, caplog):
+    cuda = EmulatedCuda()
+    pipe = open_pipe("ort-chain", cuda)
+    use(pipe)
+    component = pipe.engines["unet"]
+
+    def broken():
+        raise RuntimeError("the library refused\nsecond line")
+
+    component.close = broken
+    with caplog.at_level("WARNING", logger="sdturbo.engine.device_pipeline"):
+        pipe.close()
+    assert cuda.live() == NOTHING
+    closing = [r.getMessage() for r in caplog.records if r.name == "sdturbo.engine.device_pipeline"]
+    assert closing == [f"closing {pipe.name}: closing unet: the library refused"]
+    del component.close  # (the instance attribute refers to nothing of the pipeline's; tidy all the same)
+    del pipe, component
+    assert held(cuda) == NOTHING
+
+
 @pytest.mark.parametrize("kind", ["ort-chain", "tensorrt"])
 def test_a_request_after_close_raises_one_line(open_pipe, kind):
     cuda = EmulatedCuda()

@@ -146,6 +146,47 @@ def test_onnxruntime_cuda_img2img_replays_as_it_ran(pipes):
         assert a.std() > 0
 
 
+def test_pipelines_closed_or_dropped_give_the_gpu_memory_back(tiny_bundle):
+    """A server reloading a model, the benchmark's contenders one after another: a pipeline opened, used
+    (whole-chain graph, img2img) and closed, or dropped, gives back what it took: its buffers, and its sessions'
+    memory (onnxruntime's arenas, its own graphs). The first cycle loads what stays loaded for the process
+    (CUDA modules, libraries' handles); after it, free memory must not fall by half of what one open pipeline
+    holds, over three more cycles (one pipeline leaked is all of it, each time)."""
+    import gc
+
+    from sdturbo.engine.cuda import bindings, check
+    from sdturbo.engine.ort_pipeline import OrtCudaPipeline
+
+    rt = bindings()[1]
+
+    def free() -> int:
+        gc.collect()
+        check(rt.cudaDeviceSynchronize())
+        return int(check(rt.cudaMemGetInfo())[0])
+
+    def cycle(close: bool) -> int:
+        pipe = OrtCudaPipeline(tiny_bundle, "fp16", shape=(2, 128, 128), cuda_graph=True)
+        pipe(PROMPTS, height=H, width=W, seed=1)
+        image = np.zeros((H, W, 3), np.uint8)
+        pipe(PROMPTS[:1], height=H, width=W, image=image, strength=0.5, steps=2)
+        held = free()
+        if close:
+            pipe.close()
+        del pipe
+        return held
+
+    cycle(close=True)
+    before = free()
+    footprint = before - cycle(close=True)
+    after = [free()]
+    for close in (False, True):  # dropped without close(), then closed
+        cycle(close)
+        after.append(free())
+    assert footprint > 0
+    lost = before - min(after)
+    assert lost < footprint / 2, f"{lost / 2**20:.1f} MiB not given back; one open pipeline: {footprint / 2**20:.1f}"
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 def test_sdxl_on_onnxruntime_cuda_matches_diffusers(steps, xl_bundle, xl_folder):
     """SDXL-Turbo (fp16 UNet, fp32 VAE cast around, ancestral noise replayed): the fp16 bar as for SD-Turbo."""

@@ -159,20 +159,28 @@ def test_sdturbo_serve_on_tensorrt_builds_engines_for_batch_1_to_its_max_batch(t
     may run (1 to --max-batch), and its warm-up runs batch 1 and the max batch (the server itself is not
     started here: tests/serve/test_triton.py serves for real on the CPU)."""
     from sdturbo.benchmarks.serve_load import free_port
-    from sdturbo.engine import cli, serve_triton, trt_pipeline
+    from sdturbo.engine import cli, cuda, serve_triton, trt_pipeline
 
     path = tmp_path / "b"
     shutil.copytree(tiny_bundle, path)
     monkeypatch.setattr(trt_pipeline, "TrtPipeline", emulated_trt_class(EmulatedCuda(), rtx=True))
-    batchers = []
-    monkeypatch.setattr(serve_triton, "_serve", lambda triton, mc, batcher, *rest: batchers.append(batcher) or 0)
+    monkeypatch.setattr(cuda, "gpu_problem", lambda: None)  # the emulated GPU is this test's GPU
+    batchers, graphs = [], []  # the graphs as the server starts serving (it closes its pipeline as it stops)
+
+    def _serve(triton, model_config, batcher, *rest):
+        batchers.append(batcher)
+        graphs.append({key[:3] for key in batcher.pipe.graphs})
+        return 0
+
+    monkeypatch.setattr(serve_triton, "_serve", _serve)
     ports = [str(free_port()) for _ in range(3)]
     argv = ["serve", "--bundle", str(path), "--backend", "tensorrt", "--max-batch", "2", "--host", "127.0.0.1"]
     argv += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
     assert cli.main(argv) == 0
     pipe = batchers[0].pipe
     assert pipe.profile.tag == "b1-2_256x256"
-    assert {key[:3] for key in pipe.graphs} >= {(1, 256, 256), (2, 256, 256)}
+    assert graphs[0] >= {(1, 256, 256), (2, 256, 256)}
+    assert pipe.closed
 
 
 def test_the_benchmarks_tensorrt_sweep_gets_engines_for_every_batch(tiny_bundle, tmp_path, monkeypatch):

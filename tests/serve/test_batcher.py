@@ -31,6 +31,9 @@ class Recording:
     def load(self, img2img=False):
         return self
 
+    def close(self):
+        self.closed = getattr(self, "closed", 0) + 1
+
     def run(self, req):
         with self._lock:
             self.active += 1
@@ -218,6 +221,37 @@ def test_close_runs_what_is_queued_then_refuses(pipe):
     assert all(f.done() and f.exception() is None for f in futures)
     with pytest.raises(ServerClosing, match="shutting down"):
         batcher.submit(parse(rec, inputs()))
+
+
+@pytest.mark.parametrize("drained", [True, False])
+def test_serve_closes_its_pipeline_once_drained_and_not_under_a_running_batch(pipe, monkeypatch, caplog, drained):
+    """`sdturbo serve` stopping: every queued request run, the pipeline is closed (a device pipeline's memory
+    and stream back, in order); a batch still running past the drain's limit is not waited for (close would)."""
+    from sdturbo.engine import serve_triton
+
+    rec = Recording(pipe)
+    rec.gate.set()
+    served = []
+
+    def _serve(triton, model_config, batcher, cfg, stop, verbose):  # Triton stands in: one request, then a stop
+        if not drained:
+            rec.gate.clear()  # the request's batch runs past the drain's limit
+        served.append(batcher.submit(parse(rec, inputs(seed=4))))
+        assert rec.running.wait(30)
+        return 0
+
+    monkeypatch.setattr(serve_triton, "import_pytriton", lambda: (None, None))
+    monkeypatch.setattr(serve_triton, "check_ports", lambda cfg: None)
+    monkeypatch.setattr(serve_triton, "warm_up", lambda *args: None)
+    monkeypatch.setattr(serve_triton, "_serve", _serve)
+    cfg = serve_triton.ServeConfig(drain_timeout_s=1 if not drained else 60)
+    with caplog.at_level("WARNING", logger="sdturbo.engine.serve_triton"):
+        assert serve_triton.serve(rec, cfg) == 0
+    assert getattr(rec, "closed", 0) == (1 if drained else 0)
+    warned = [r.getMessage() for r in caplog.records if r.name == "sdturbo.engine.serve_triton"]
+    assert warned == ([] if drained else ["a batch was still running 1 s after the stop; exiting without waiting"])
+    rec.gate.set()
+    np.testing.assert_array_equal(served[0].result(60), direct(pipe, parse(pipe, inputs(seed=4))))
 
 
 @pytest.mark.parametrize(
