@@ -29,3 +29,43 @@ def test_layout_and_rounding(dtype):
     got = to_uint8(image)
     assert got.shape == (2, 8, 16, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, diffusers_uint8(image))
+
+
+def fp32_ties() -> np.ndarray:
+    """fp32 image values whose ``x * 255`` lands exactly on k + 0.5 (no fp16 value does), at even k and odd k."""
+    near = [((np.arange(255) * 2 + 1) / 255.0 - 1).astype(np.float32)]  # where x * 255 = k + 0.5 exactly
+    down = up = near[0]
+    for _ in range(32):  # and the 32 floats either side of each, where the fp32 arithmetic lands on it
+        down, up = np.nextafter(down, np.float32(-2)), np.nextafter(up, np.float32(2))
+        near += [down, up]
+    values = np.concatenate(near)
+    x = np.clip(values / np.float32(2) + np.float32(0.5), 0, 1) * np.float32(255)
+    tie = x == np.floor(x) + 0.5
+    assert np.any(tie & (np.floor(x) % 2 == 0)), "no tie at an even level: a test of ties would test nothing"
+    return values[tie]
+
+
+def test_fp32_ties_round_half_to_even():
+    """numpy's round, as diffusers' ``numpy_to_pil``, takes k at k + 0.5 when k is even: rounding half up would be
+    one level off at these pixels."""
+    ties = fp32_ties()
+    image = np.resize(ties, (1, 3, 1, ties.size))
+    np.testing.assert_array_equal(to_uint8(image), diffusers_uint8(image))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_model_image_is_diffusers_preprocess_then_cast(dtype):
+    """img2img's input: diffusers' ``VaeImageProcessor.preprocess`` (``x / 255 * 2 - 1`` in fp32), then the
+    pipeline's cast to the model's dtype, for every pixel value: exactly, as it is one fp32 rounding then a cast."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+    from sdturbo.engine.images import to_model_image
+
+    pixels = np.stack([np.arange(256, dtype=np.uint8).reshape(16, 16)] * 3, axis=-1)[None]
+    pixels = np.concatenate([pixels, pixels[:, ::-1]])  # [2, 16, 16, 3]
+    want = VaeImageProcessor().preprocess([Image.fromarray(p) for p in pixels])
+    want = want.to(torch.float16 if dtype == np.float16 else torch.float32).numpy()
+    got = to_model_image(pixels, dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)

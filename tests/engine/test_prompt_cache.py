@@ -114,3 +114,39 @@ def test_a_shared_cache_keeps_encoders_apart(tiny_bundle):
     for pipe in pipes:
         pipe([A], height=64, width=64)
     assert shared.stats()["hits"] == 0 and len(shared) == 2
+
+
+def other_text_encoder(bundle, out):
+    """A copy of ``bundle`` whose fp32 text encoder has other weights (a fine-tune of the same architecture)."""
+    import hashlib
+    import json
+    import shutil
+
+    import onnx
+    from sdturbo.engine.bundle import MANIFEST
+
+    out = shutil.copytree(bundle, out, ignore=shutil.ignore_patterns("ort"))  # (no optimized graphs of the old one)
+    manifest = json.loads((out / MANIFEST).read_text())
+    entry = manifest["components"]["fp32"]["text_encoder"]
+    path = out / entry["onnx"]
+    model = onnx.load(str(path))
+    norm = next(t for t in model.graph.initializer if "layer_norm" in t.name)
+    norm.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(norm) * 1.5, norm.name))
+    onnx.save(model, str(path))
+    entry["sha256"], entry["bytes"] = hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_size
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out
+
+
+def test_a_shared_cache_keeps_models_apart(tiny_bundle, tmp_path):
+    """One cache for two bundles of the same architecture and precision whose text encoders differ: the second
+    pipeline runs its own encoder and gives its own image, never the first one's rows."""
+    other = other_text_encoder(tiny_bundle, tmp_path / "other")
+    shared = PromptCache(8)
+    first, second = (Pipeline(b, OnnxRuntimeBackend("fp32"), prompt_cache=shared) for b in (tiny_bundle, other))
+    plain = Pipeline(other, OnnxRuntimeBackend("fp32"), prompt_cache=0)
+    kw = dict(height=64, width=64)
+    want = plain.run_float(plain.request([A], **kw))
+    assert not np.array_equal(first.run_float(first.request([A], **kw)), want), "the copy's encoder changes nothing"
+    np.testing.assert_array_equal(second.run_float(second.request([A], **kw)), want)
+    assert shared.stats()["hits"] == 0 and len(shared) == 2

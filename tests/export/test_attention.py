@@ -72,16 +72,18 @@ def test_a_mask_that_is_not_causal_is_left_unfused(tiny_bundle, tmp_path, caplog
     assert "its mask is not causal; the attention is left unfused" in caplog.text
 
 
-@pytest.mark.parametrize("wrong", ["scale", "heads", "causal"])
+@pytest.mark.parametrize("wrong", ["scale", "heads", "causal", "nan"])
 @pytest.mark.parametrize("name", ["text_encoder", "vae_decoder"])
 def test_a_fusion_that_changes_the_outputs_is_not_used(wrong, name, tiny_bundle, tmp_path, monkeypatch, caplog):
-    """A scale 1% off, a head count of another layout, the causal flag flipped: what a misread pattern would give."""
+    """A scale 1% off, a head count of another layout, the causal flag flipped: what a misread pattern would give;
+    and outputs that are NaN, which no difference bar may let through."""
     src, _ = graph(tiny_bundle, name)
     make_node = onnx.helper.make_node
     change = {
         "scale": lambda k: {**k, "scale": k["scale"] * 1.01},
         "heads": lambda k: {**k, "num_heads": 1 if k["num_heads"] > 1 else 2},
         "causal": lambda k: {**k, "unidirectional": 1 - k["unidirectional"]},
+        "nan": lambda k: {**k, "scale": float("nan")},
     }[wrong]
 
     def broken(op, *a, **k):

@@ -185,6 +185,8 @@ def check_against_host_twins(kernels, cuda, dtype):
     from sdturbo.engine.images import to_uint8
     from sdturbo.engine.schedule import SchedulerConfig, make_schedule
 
+    from tests.engine.test_images import fp32_ties
+
     k = kernels(dtype)
     s = cuda.Stream()
     rng = np.random.default_rng(0)
@@ -241,6 +243,8 @@ def check_against_host_twins(kernels, cuda, dtype):
     np.testing.assert_array_equal(back(widened, shape, np.float32), narrowed.astype(np.float32))
 
     image = (rng.standard_normal((2, 3, 16, 24)) * 1.2).astype(dtype)
+    ties = fp32_ties()[: image.size]  # x * 255 exactly k + 0.5 in fp32: rounded half to even
+    image.reshape(-1)[: ties.size] = ties
     pixels = cuda.DeviceBuffer(2 * 16 * 24 * 3)
     k.to_uint8(dev(image).ptr, pixels.ptr, 2, 16, 24, s.ptr)
     np.testing.assert_array_equal(back(pixels, (2, 16, 24, 3), np.uint8), to_uint8(image))

@@ -55,6 +55,12 @@ def test_one_step_is_deterministic():
     np.testing.assert_array_equal(s.step(0, eps, x, np.zeros_like(x)), s.step(0, eps, x, np.full_like(x, 9.0)))
 
 
+def test_memoized_schedules_keep_the_scheduler_classes_apart():
+    """Two configs that differ only in the class (Euler, ancestral Euler) in one process: each its own schedule."""
+    for config, want in ((SCHEDULER_XL, False), (CONFIG, True), (SCHEDULER_XL, False)):
+        assert make_schedule(SchedulerConfig.from_dict(config), 2).ancestral is want
+
+
 def test_ancestral_step_needs_noise():
     s = make_schedule(SchedulerConfig.from_dict(CONFIG), 2)
     with pytest.raises(InputError, match="needs its noise"):
