@@ -59,6 +59,9 @@ class BenchConfig:
 
         if not 1 <= self.steps <= MAX_STEPS:
             raise InputError(f"--steps {self.steps} is not allowed; use 1 to {MAX_STEPS}")
+        for side, value in (("width", self.width), ("height", self.height)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 8:
+                raise InputError(f"--size: {side} {value!r} is not allowed; use a positive multiple of 8")
         for option, value, low in (("--batch", self.batch, 1), ("--runs", self.runs, 1), ("--warmup", self.warmup, 0)):
             positive(option, value, low)
         for b in self.batches:  # (none: no throughput sweep)

@@ -58,6 +58,10 @@ class Bundle:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise BundleError(
+                f"bundle {self.root} is a file, not a bundle folder; give the folder `sdturbo export` made"
+            )
         if not self.root.is_dir():
             raise BundleError(f"bundle {self.root} does not exist (run `sdturbo export MODEL --out {self.root}`)")
         path = self.root / MANIFEST
@@ -199,6 +203,8 @@ class Bundle:
 
     def check_request(self, batch: int, height: int, width: int) -> None:
         lim = self.limits
+        if batch < 1:
+            raise InputError(f"batch {batch} is not allowed; give 1 or more (up to max_batch {lim.max_batch})")
         if batch > lim.max_batch:
             raise InputError(
                 f"batch {batch} is larger than this bundle allows (max_batch {lim.max_batch}); "

@@ -60,7 +60,7 @@ def cmd_generate(args) -> None:
     from .cache import ensure_bundle
     from .images import check_out_path, load_image, save_images
     from .prompt_cache import DEFAULT_SIZE as DEFAULT_PROMPT_CACHE
-    from .runtime import choose_backend, default_precision, open_pipeline
+    from .runtime import check_gpu_backend, choose_backend, default_precision, open_pipeline
 
     if args.bundle and args.model:
         raise InputError("give --model or --bundle, not both")
@@ -77,6 +77,12 @@ def cmd_generate(args) -> None:
     if args.image:
         image = load_image(args.image, (width, height) if width is not None else None)
         height, width = image.shape[:2]
+        if args.size is None and (height % 8 or width % 8):  # every family's VAE scales by 8
+            fit = f"{max(8, width // 8 * 8)}x{max(8, height // 8 * 8)}"
+            raise InputError(
+                f"--image {args.image} is {width}x{height}; img2img needs sides that are multiples of 8: "
+                f"give --size to resize it (e.g. --size {fit})"
+            )
     elif args.strength is not None:
         raise InputError("--strength is for img2img; give --image too")
     if width is None:
@@ -88,6 +94,7 @@ def cmd_generate(args) -> None:
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read --latents {args.latents}: {e}") from e
     backend = choose_backend(args.backend)
+    check_gpu_backend(backend)
     precision = args.precision or default_precision(backend)
     start = time.perf_counter()
     bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, precision, tiny_vae=args.vae == "tiny")
@@ -196,16 +203,18 @@ def cmd_check(args) -> int:
     return 0 if all(e.ok(args.tolerance) for r in reports for e in r.outputs) else 1
 
 
-def cmd_info(args) -> None:
+def cmd_info(args) -> int:
     from .info import describe
 
-    print(describe(args.bundle, verify=args.verify))
+    report = describe(args.bundle, verify=args.verify)
+    print(report)
+    return 1 if "[BROKEN" in report else 0  # a damaged file fails a script's health check too
 
 
 def cmd_serve(args) -> int:
     from .bundle import Bundle
     from .cache import ensure_bundle
-    from .runtime import choose_backend, default_precision, open_pipeline
+    from .runtime import check_gpu_backend, choose_backend, default_precision, open_pipeline
     from .serve import check_settings, default_size
     from .serve_triton import ServeConfig, check_ports, import_pytriton, serve
 
@@ -220,6 +229,7 @@ def cmd_serve(args) -> int:
     import_pytriton()  # missing, or a port taken: one line now, not after the model has loaded
     check_ports(cfg)
     backend = choose_backend(args.backend)
+    check_gpu_backend(backend)
     precision = args.precision or default_precision(backend)
     bundle = Bundle(args.bundle or ensure_bundle(args.model, precision))
     check_settings(bundle, cfg.max_batch, cfg.max_queue_delay_ms / 1000)
@@ -239,9 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="hub id, local diffusers folder, or random:sd-turbo / random:tiny")
     e.add_argument("--out", required=True, help="bundle folder to create (or complete)")
     e.add_argument("--precision", choices=("fp32", "fp16", "all"), default="all")
-    e.add_argument("--max-batch", type=int, default=16, help="largest batch the bundle allows (default 16)")
-    e.add_argument("--min-size", type=int, default=64, help="smallest image side in pixels (default 64)")
-    e.add_argument("--max-size", type=int, default=1024, help="largest image side in pixels (default 1024)")
+    e.add_argument("--max-batch", type=int, help="largest batch the bundle allows (default 16)")
+    e.add_argument("--min-size", type=int, help="smallest image side in pixels (default 64)")
+    e.add_argument("--max-size", type=int, help="largest image side in pixels (default 1024)")
     e.add_argument("--force", action="store_true", help="replace an existing bundle")
     e.add_argument(
         "--tiny-vae",
@@ -256,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="+", help="one prompt per image (or one, repeated by --batch)")
     g.add_argument("--model", help=f"model to export and cache on first use (default {DEFAULT_MODEL})")
     g.add_argument("--bundle", help="an exported bundle folder")
-    g.add_argument("--steps", type=int, default=1, help="Euler steps, 1-4 (default 1)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        help="Euler steps, 1-4 (default 1; img2img: the fewest that run a step, 2 at the default strength 0.5)",
+    )
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     g.add_argument("--size", help="WIDTHxHEIGHT, multiples of 8 (default 512x512, or the --image size)")
     g.add_argument("--batch", type=int, help="images per call (repeats a single prompt)")

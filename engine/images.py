@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -11,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import InputError
+from .files import atomic_write
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -121,6 +124,12 @@ def check_out_path(out: str | Path, count: int = 1) -> list[Path]:
         raise InputError(f"cannot save images in {out.parent}: {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"cannot write {out}: the folder {folder} is read-only or not writable for this user")
+    try:  # and what access() cannot tell (root, a read-only mount, /proc): a file made there and removed
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".sdturbo-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"cannot write {out}: a file cannot be made in {folder} ({e.strerror})") from e
     return paths
 
 
@@ -130,7 +139,9 @@ def save_images(images: np.ndarray, out: str | Path) -> list[Path]:
     paths = check_out_path(out, len(images))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     for img, path in zip(images, paths, strict=False):
-        Image.fromarray(img).save(path)
+        data = io.BytesIO()
+        Image.fromarray(img).save(data, format=Image.registered_extensions()[path.suffix.lower()])
+        atomic_write(path, data.getvalue())  # an image there before is replaced whole or kept, never cut short
     return paths
 
 

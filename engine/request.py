@@ -10,7 +10,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import InputError
 from .images import check_pixels
-from .schedule import check_steps, make_schedule
+from .schedule import check_steps, default_steps, make_schedule
 
 # The largest |value| allowed in caller's noise (latents, image_noise, step_noise). They are unit-variance
 # normal draws, whose peak over a billion values is about 6; a value past this bound is not noise and only
@@ -131,7 +131,7 @@ def build_request(
     bundle: Bundle,
     prompts: str | Sequence[str],
     *,
-    steps: int = 1,
+    steps: int | None = None,
     height: int = 512,
     width: int = 512,
     seed: int | Sequence[int] = 0,
@@ -148,8 +148,11 @@ def build_request(
     added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
     from ``seed`` (see ``draw_noise``; a sequence of seeds gives each prompt its own). ``step_noise``:
     ancestral schedulers' per-step noise. Noise given must be a float array, finite, with |x| <= ``MAX_NOISE``;
-    ``image`` must be uint8.
+    ``image`` must be uint8. ``steps`` None: 1, or for img2img the fewest that run a step at ``strength``
+    (``schedule.default_steps``: 2 at the default 0.5).
     """
+    if steps is None:
+        steps = default_steps(strength) if image is not None else 1
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     if isinstance(image, np.ndarray) and image.ndim == 3:
         image = np.broadcast_to(image, (len(prompts), *image.shape))

@@ -40,6 +40,24 @@ def choose_backend(requested: str = "auto") -> str:
     return "onnxruntime-cuda" if _ort_cuda() else "onnxruntime"
 
 
+GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")
+
+
+def check_gpu_backend(backend: str) -> None:
+    """A GPU backend asked for where no GPU can be used fails now, in one line, before a model is exported or
+    loaded for it."""
+    if backend not in GPU_BACKENDS:
+        return
+    from .cuda import gpu_problem
+
+    why = gpu_problem()
+    if why is not None:
+        raise BackendError(
+            f"--backend {backend} needs an NVIDIA GPU, and none can be used here ({why}); "
+            f"--backend onnxruntime runs on the CPU (auto picks it where there is no GPU)"
+        )
+
+
 def _ort_cuda() -> bool:
     import onnxruntime
 

@@ -38,6 +38,14 @@ class SchedulerConfig:
                 f"scheduler {name!r} is not supported; allowed: EulerDiscreteScheduler, EulerAncestralDiscreteScheduler"
             )
         out = cls(**fields, ancestral=name == "EulerAncestralDiscreteScheduler")
+        n = out.num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"scheduler num_train_timesteps={n!r} is not allowed; it must be a whole number >= 1")
+        if not 0 < out.beta_start < out.beta_end < 1:
+            raise InputError(
+                f"scheduler beta_start={out.beta_start!r}, beta_end={out.beta_end!r} are not allowed; "
+                f"they must satisfy 0 < beta_start < beta_end < 1"
+            )
         supported = {
             "beta_schedule": ("scaled_linear", "linear"),
             "timestep_spacing": ("trailing",),
@@ -125,6 +133,15 @@ class Schedule:
 def check_steps(steps: int) -> None:
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
         raise InputError(f"steps={steps!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
+
+
+def default_steps(strength: float = 1.0) -> int:
+    """The steps a request runs when it names none: 1 (txt2img, or img2img at strength 1); img2img at a lower
+    strength, the fewest whose ``int(steps * strength)`` runs a step (2 at the default 0.5: diffusers' own
+    SD-Turbo img2img example), at most ``MAX_STEPS`` (make_schedule then says what to raise)."""
+    if not isinstance(strength, (int, float, np.floating)) or isinstance(strength, bool) or not 0.0 < strength <= 1.0:
+        return 1  # (make_schedule names the bad strength)
+    return next((n for n in range(1, MAX_STEPS + 1) if int(n * strength) >= 1), MAX_STEPS)
 
 
 def make_schedule(config: SchedulerConfig, steps: int, strength: float = 1.0) -> Schedule:

@@ -40,7 +40,7 @@ DTYPES = {"BYTES": np.object_, "INT64": np.int64, "INT32": np.int32, "FP32": np.
 INPUTS = (
     Field("prompt", "BYTES", (1,), optional=False, allowed="UTF-8 text"),
     Field("seed", "INT64", (1,), allowed="0 to 2**63 - 1 (default 0)"),
-    Field("steps", "INT32", (1,), allowed="1 to 4 (default 1)"),
+    Field("steps", "INT32", (1,), allowed="1 to 4 (default 1; img2img: the fewest that run a step, 2 at strength 0.5)"),
     Field("width", "INT32", (1,), allowed="a multiple of 8 in the bundle's size range (default 512, or the image's)"),
     Field("height", "INT32", (1,), allowed="a multiple of 8 in the bundle's size range (default 512, or the image's)"),
     Field("strength", "FP32", (1,), allowed="in (0, 1], with an image (default 0.5)"),
@@ -123,7 +123,7 @@ def parse(pipe, inputs: Mapping[str, np.ndarray]) -> Request:
     return pipe.request(
         prompt,
         seed=scalar.get("seed", 0),
-        steps=scalar.get("steps", 1),
+        steps=scalar.get("steps"),
         height=height,
         width=width,
         image=image,

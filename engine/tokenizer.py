@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import BundleError
+
+log = logging.getLogger(__name__)
 
 
 class PromptTokenizer:
@@ -25,4 +28,17 @@ class PromptTokenizer:
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """[B, max_length] int32 ids."""
         encodings = self._tok.encode_batch(prompts)
+        for i, e in enumerate(encodings):
+            if e.overflowing:  # as diffusers does: truncated, with a warning naming what is left out
+                kept = max(
+                    (end for (_, end), special in zip(e.offsets, e.special_tokens_mask, strict=True) if not special),
+                    default=0,
+                )
+                dropped = prompts[i][kept:].strip()
+                log.warning(
+                    "prompt %d is longer than the text encoder's %d tokens; this end of it is ignored: %r",
+                    i,
+                    self.max_length,
+                    dropped if len(dropped) <= 200 else dropped[:200] + "...",
+                )
         return np.asarray([e.ids for e in encodings], dtype=np.int32)

@@ -43,13 +43,16 @@ def tool_versions(dists: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
     return out
 
 
+DEFAULT_LIMITS = {"max_batch": 16, "min_size": 64, "max_size": 1024}  # a new bundle's, where none is given
+
+
 def export_bundle(
     model: str,
     out: str | os.PathLike,
     precisions=("fp32", "fp16"),
-    max_batch: int = 16,
-    min_size: int = 64,
-    max_size: int = 1024,
+    max_batch: int | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
     force: bool = False,
     tiny_vae: str | None = None,
 ) -> Path:
@@ -60,20 +63,26 @@ def export_bundle(
     or the new one at every moment. ``tiny_vae``: a tiny autoencoder's source (export/tiny_vae.py), exported
     beside the full VAE into every precision of the bundle (added to an existing bundle without exporting the
     model again; ``"auto"``: the model's own TAESD); a bundle that has one exports it into precisions added
-    later too."""
+    later too. ``max_batch``, ``min_size``, ``max_size``: the limits of a new bundle (None: ``DEFAULT_LIMITS``); an
+    existing bundle keeps its own, and one given that differs from them is refused (``force`` exports anew)."""
     out = Path(out)
+    asked = {"max_batch": max_batch, "min_size": min_size, "max_size": max_size}
+    max_batch, min_size, max_size = (DEFAULT_LIMITS[k] if v is None else v for k, v in asked.items())
     precisions = _check_args(precisions, max_batch, min_size, max_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out, "is exporting"):
         remove_leftovers(out.parent, f".{out.name}.tmp-*")
         remove_leftovers(out.parent, f".{out.name}.old-*")
         existing = _existing(out, force)
+        if existing is not None:
+            _check_same_limits(existing, asked, out)
         todo = [p for p in PRECISIONS if p in precisions and (existing is None or p not in existing.precisions)]
         if tiny_vae == AUTO:  # the model's own TAESD, unless the bundle has a tiny VAE already
             has = existing is not None and existing.tiny_vae is not None
             tiny_vae = None if has else default_source(model, existing.family if existing else None)
         tiny_source, tiny_todo = _tiny_plan(existing, tiny_vae, todo, out)
         if not todo and not tiny_todo:
+            _check_same_name(existing, model, out)  # nothing to export: say so only for the bundle's own model
             log.info("bundle %s already has %s", out, ", ".join(precisions))
             return out
         lm = load_model(model, half="fp32" not in todo) if todo else None
@@ -159,6 +168,34 @@ def _check_same_id(existing: Bundle, model: str, out: Path) -> None:
         raise BundleError(
             f"bundle {out} was exported from {existing.model_id}, not {model}; give that model, or another --out"
         )
+
+
+def _check_same_limits(existing: Bundle, asked: dict, out: Path) -> None:
+    """A limit given (not None) that is not the existing bundle's: refused, as completing the bundle keeps its
+    own and reporting it done would say the new one holds."""
+    for name, value in asked.items():
+        have = getattr(existing.limits, name)
+        if value is not None and value != have:
+            raise BundleError(
+                f"bundle {out} was exported with {name} {have}, not {value} (--{name.replace('_', '-')}); nothing "
+                f"was exported: use another --out, or --force to export it again with the new limits"
+            )
+
+
+def _check_same_name(existing: Bundle, model: str, out: Path) -> None:
+    """A bundle that has everything asked for is reported done only when ``model`` names the model it was
+    exported from (its name, or the same folder: a random model's build counts as its folder)."""
+    from ..engine.cache import local_model_folder
+
+    if same_source(model, existing.model_id):
+        return
+    mine, theirs = local_model_folder(model), local_model_folder(existing.model_id)
+    if mine is not None and theirs is not None and mine.resolve() == theirs.resolve():
+        return
+    raise BundleError(
+        f"bundle {out} was exported from {existing.model_id}, not {model}; nothing was exported: "
+        f"use another --out, or --force to replace it"
+    )
 
 
 def _publish(tmp: Path, out: Path) -> None:

@@ -14,6 +14,8 @@ from sdturbo.engine.errors import InputError
         ({"steps": 0}, r"--steps 0 is not allowed; use 1 to 4"),
         ({"batch": 0}, r"--batch 0 is not allowed; give a whole number >= 1"),
         ({"runs": 0}, r"--runs 0 is not allowed"),
+        ({"width": 100}, r"--size: width 100 is not allowed; use a positive multiple of 8"),
+        ({"height": 0}, r"--size: height 0 is not allowed"),
         ({"warmup": -1}, r"--warmup -1 is not allowed; give a whole number >= 0"),
         ({"batches": (1, 0)}, r"--batches 0 is not allowed"),
         ({"compile_mode": "fast"}, r"--compile-mode 'fast' is not allowed; use one of \('default'"),

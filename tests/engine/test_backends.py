@@ -58,3 +58,29 @@ def test_the_tensorrt_runtime_refuses_such_a_gpu_before_loading(tiny_bundle):
 
     with pytest.raises(BackendError, match=r"does not run on compute capability 9\.0"):
         emulated_pipeline(tiny_bundle, EmulatedCuda(compute_capability=90))
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+@pytest.mark.parametrize("backend", ["onnxruntime-cuda", "tensorrt"])
+def test_a_gpu_backend_without_a_gpu_fails_before_any_export(command, backend, tmp_path, monkeypatch, capsys):
+    """It said `cudaSetDevice(0) failed: <cudaError_t.cudaErrorInsufficientDriver: 35>`, after exporting the
+    model; now: what was asked for, why there is no GPU (the driver's own words), what runs instead."""
+    from sdturbo.engine import cache, cli, cuda
+
+    monkeypatch.setattr(cuda, "gpu_problem", lambda: "cudaErrorNoDevice: no CUDA-capable device is detected")
+    exported = []
+    monkeypatch.setattr(cache, "ensure_bundle", lambda *a, **k: exported.append(a))
+    argv = {"generate": ["generate", "a cat", "--out", str(tmp_path / "a.png")], "serve": ["serve"]}[command]
+    if command == "serve":
+        pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install 'sdturbo[serve]')")
+        from sdturbo.benchmarks.serve_load import free_port
+
+        ports = [str(free_port()) for _ in range(3)]
+        argv += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--host", "127.0.0.1"]
+    assert cli.main([*argv, "--model", "random:tiny", "--backend", backend]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"sdturbo: error: --backend {backend} needs an NVIDIA GPU, and none can be used here (cudaErrorNoDevice: no "
+        f"CUDA-capable device is detected); --backend onnxruntime runs on the CPU (auto picks it where there is no GPU)"
+    )
+    assert exported == []

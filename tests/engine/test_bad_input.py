@@ -78,6 +78,9 @@ def test_cli_errors_are_one_line(tiny_bundle, args, match):
 def test_cli_bad_bundle(tmp_path):
     r = run_cli("generate", "a cat", "--bundle", str(tmp_path / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "file.png").write_bytes(b"not a bundle")
+    r = run_cli("info", str(tmp_path / "file.png"))
+    assert r.returncode == 2 and "is a file, not a bundle folder" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_cli_error_leaves_cache_intact(tiny_bundle, tmp_path):

@@ -3,6 +3,7 @@ any generation work; nothing is silently accepted or silently changed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -246,6 +247,27 @@ def test_decompression_bomb_is_one_line(capsys, tiny_bundle, tmp_path, monkeypat
     assert rc == 2 and str(path) in line and "4096 pixels" in line and "too large" in line, (kind, line)
 
 
+def test_an_image_whose_size_is_not_a_multiple_of_8_is_named(capsys, tiny_bundle, tmp_path, no_generation):
+    """It said 'height 100 is not allowed', naming no image and no way out; the image and --size are named."""
+    path = save_png(tmp_path / "odd.png", np.zeros((100, 120, 3), np.uint8))
+    rc, err = generate(capsys, tiny_bundle, "--image", str(path), "--steps", "2")
+    line = one_line(err)
+    assert rc == 2 and f"--image {path} is 120x100" in line and "--size 120x96" in line, line
+
+
+def test_img2img_with_the_default_settings_makes_an_image(capsys, tiny_bundle, tmp_path):
+    """`generate PROMPT --image IMG` and nothing else: strength 0.5 and the fewest steps that run one (2), the
+    same image as `--steps 2`; it used to stop at "1 * 0.5 = 0.5 runs no step", a newcomer's first try."""
+    from PIL import Image
+
+    path = save_png(tmp_path / "in.png", np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    outs = [tmp_path / "default.png", tmp_path / "two.png"]
+    assert generate(capsys, tiny_bundle, "--image", str(path), "--out", str(outs[0]))[0] == 0
+    assert generate(capsys, tiny_bundle, "--image", str(path), "--steps", "2", "--out", str(outs[1]))[0] == 0
+    default, two = (np.asarray(Image.open(p)) for p in outs)
+    np.testing.assert_array_equal(default, two)
+
+
 # -- the output path --------------------------------------------------------------------------------------
 
 
@@ -295,6 +317,35 @@ def test_out_that_is_read_only(tiny_bundle, tmp_path, what):
     assert r.returncode == 2, r.stderr
     line = one_line(r.stderr)
     assert f"cannot write {out}" in line and "read-only" in line and "generated" not in r.stderr, r.stderr
+
+
+def test_out_where_no_file_can_be_made_is_refused_before_generating(capsys, tiny_bundle, no_generation):
+    """/proc: access() lets root write there, so the image was made and then failed to save (exit 1)."""
+    rc, err = generate(capsys, tiny_bundle, "--size", "64x64", "--out", "/proc/sdturbo-x.png")
+    line = one_line(err)
+    assert rc == 2 and "cannot write /proc/sdturbo-x.png" in line, line
+
+
+def test_an_image_that_fails_to_save_leaves_the_one_there_whole(tmp_path, monkeypatch):
+    """Saved through a temporary file and a rename: a save cut short (a full disk, an interrupt) keeps the old
+    image as it was and leaves no partial file behind."""
+    out = tmp_path / "x.png"
+    old = np.full((1, 8, 8, 3), 7, np.uint8)
+    images.save_images(old, out)
+    before = out.read_bytes()
+
+    def cut_short(self, fp, *args, **kwargs):  # Pillow's save, stopped part way
+        with contextlib.ExitStack() as files:
+            if isinstance(fp, (str, os.PathLike)):
+                fp = files.enter_context(open(fp, "wb"))  # (as Pillow opens a path)
+            fp.write(b"\x89PNG half")
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(images.Image.Image, "save", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        images.save_images(np.zeros((1, 8, 8, 3), np.uint8), out)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
 
 
 # -- bundles, model folders, the cache --------------------------------------------------------------------

@@ -142,6 +142,16 @@ def test_info_says_ok_only_for_intact_files(bundle_copy):
     assert "BROKEN" in line and "sha256" in line
 
 
+def test_info_exits_1_when_a_file_is_broken(bundle_copy, capsys):
+    """`sdturbo info` as a health check: 0 for an intact bundle, 1 (with the report) when a file is broken."""
+    assert main(["info", str(bundle_copy)]) == 0
+    comp = Bundle(bundle_copy).components["fp32"]["unet"]
+    damage(comp.data or comp.onnx)
+    capsys.readouterr()
+    assert main(["info", str(bundle_copy), "--verify"]) == 1
+    assert "BROKEN" in capsys.readouterr().out
+
+
 def test_a_damaged_ort_cache_is_rebuilt_never_used(bundle_copy, caplog):
     fresh = generate(bundle_copy)
     Pipeline(bundle_copy, OnnxRuntimeBackend()).load()  # writes the optimized graphs

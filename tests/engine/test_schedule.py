@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
 from sdturbo.engine.errors import InputError
-from sdturbo.engine.schedule import SchedulerConfig, make_schedule
+from sdturbo.engine.schedule import MAX_STEPS, SchedulerConfig, default_steps, make_schedule
 from sdturbo.export.random_models import SCHEDULER  # SD-Turbo's scheduler_config.json values
 
 STRENGTHS = [0.25, 0.3, 0.5, 0.6, 0.75, 0.9, 1.0]
@@ -66,6 +66,18 @@ def test_schedule_matches_diffusers_step_for_step(steps, strength, dtype):
         x_ref = torch.from_numpy(x.copy())
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_linear_betas_match_diffusers(steps):
+    """The other beta schedule the config may name ("linear": betas spaced linearly, not their square roots)."""
+    config = {**SCHEDULER, "beta_schedule": "linear"}
+    ref = EulerDiscreteScheduler.from_config(config)
+    ref.set_timesteps(steps)
+    ours = make_schedule(SchedulerConfig.from_dict(config), steps)
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    np.testing.assert_allclose(ours.sigmas, ref.sigmas.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rtol=1e-6)
+
+
 def test_one_step_values():
     """The facts model-facts.md states for one step: t = 999, sigma_max ~ 14.6146, init sigma = sigma_max."""
     s = make_schedule(SchedulerConfig.from_dict(SCHEDULER), 1)
@@ -92,3 +104,23 @@ def test_bad_steps(steps):
 def test_unsupported_scheduler_config(key, value):
     with pytest.raises(InputError, match=key):
         SchedulerConfig.from_dict({**SCHEDULER, key: value})
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75, 0.5, 0.4, 0.34, 0.3, 0.26, 0.25, 0.2, 0.05])
+def test_img2img_steps_default_to_the_fewest_that_run_a_step(strength):
+    """A request naming no steps: img2img at ``strength`` runs the fewest steps that leave it one to run (2 at the
+    default 0.5, diffusers' own SD-Turbo img2img example), not 1, which would run none; below 0.25 none of 1 to 4
+    does, and the schedule says so."""
+    config = SchedulerConfig.from_dict(SCHEDULER)
+    n = default_steps(strength)
+    assert 1 <= n <= MAX_STEPS
+    if n > 1:
+        with pytest.raises(InputError, match="runs no step"):
+            make_schedule(config, n - 1, strength)
+    if strength >= 1 / MAX_STEPS:
+        assert make_schedule(config, n, strength).steps >= 1
+    else:
+        assert n == MAX_STEPS
+        with pytest.raises(InputError, match="runs no step"):
+            make_schedule(config, n, strength)
+    assert default_steps(0.5) == 2 and default_steps(1.0) == 1

@@ -42,3 +42,14 @@ def test_batch_and_truncation(both):
     assert ids.shape == (len(PROMPTS), 77)
     long = ids[PROMPTS.index(PROMPTS[6])]
     assert long[0] == ref.bos_token_id and long[-1] == ref.eos_token_id and ref.pad_token_id not in long[1:-1]
+
+
+def test_a_truncated_prompt_is_named_with_what_is_left_out(both, caplog):
+    """Past 77 tokens a prompt was cut silently; as diffusers does, a warning says which end is ignored."""
+    ours, _ = both
+    with caplog.at_level("WARNING", logger="sdturbo.engine.tokenizer"):
+        ours(["a photo of a cat"])
+        assert caplog.text == ""
+        ours(["a photo of a cat", "a cat " * 45 + "THE END"])
+    assert "prompt 1 is longer than the text encoder's 77 tokens" in caplog.text
+    assert "THE END'" in caplog.text and "prompt 0" not in caplog.text

@@ -92,6 +92,32 @@ def test_refuses_to_overwrite_a_non_bundle(tmp_path, tiny_folder):
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
+def test_a_complete_bundle_of_another_model_is_not_reported_done(bundle_copy, tiny_folder):
+    """Nothing to export is success only for the bundle's own model (by name or folder), never another's."""
+    manifest = (bundle_copy / MANIFEST).read_bytes()
+    with pytest.raises(BundleError, match="exported from random:tiny, not random:sdxl-tiny; nothing was exported"):
+        export_bundle("random:sdxl-tiny", bundle_copy, ("fp32", "fp16"))
+    assert (bundle_copy / MANIFEST).read_bytes() == manifest
+    assert export_bundle("random:tiny", bundle_copy, ("fp32",)) == bundle_copy
+    assert export_bundle(str(tiny_folder), bundle_copy, ("fp16",)) == bundle_copy  # the same model, by its folder
+
+
+def test_a_bundle_with_other_limits_is_not_reported_done(bundle_copy):
+    """`export --max-batch 4` onto a bundle of max_batch 16 said "already has fp32, fp16" and kept 16; limits
+    given are the bundle's own, or refused, naming both (a precision added keeps the bundle's limits too)."""
+    limits = Bundle(bundle_copy).limits
+    manifest = (bundle_copy / MANIFEST).read_bytes()
+    for name in ("max_batch", "min_size", "max_size"):
+        have = getattr(limits, name)
+        other = have // 2 if name == "max_batch" else have + 8
+        flag = name.replace("_", "-")
+        with pytest.raises(BundleError, match=rf"exported with {name} {have}, not {other} \(--{flag}\)"):
+            export_bundle("random:tiny", bundle_copy, ("fp32",), **{name: other})
+        assert (bundle_copy / MANIFEST).read_bytes() == manifest
+    same = dict(max_batch=limits.max_batch, min_size=limits.min_size, max_size=limits.max_size)
+    assert export_bundle("random:tiny", bundle_copy, ("fp32",), **same) == bundle_copy
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -118,6 +144,22 @@ def test_unknown_schema_version(bundle_copy):
     m["schema_version"] = 99
     (bundle_copy / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(BundleError, match="schema_version 99"):
+        Bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"num_train_timesteps": 0}, "num_train_timesteps=0 is not allowed"),
+        ({"beta_start": 0.02, "beta_end": 0.01}, "beta_start=0.02, beta_end=0.01 are not allowed"),
+    ],
+)
+def test_a_scheduler_that_cannot_work_is_named(bundle_copy, fields, match):
+    """An edited manifest's scheduler: named with what is allowed (0 timesteps raised ZeroDivisionError)."""
+    m = json.loads((bundle_copy / MANIFEST).read_text())
+    m["scheduler"].update(fields)
+    (bundle_copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=match):
         Bundle(bundle_copy)
 
 

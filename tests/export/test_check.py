@@ -73,6 +73,7 @@ def test_layerwise_finds_no_jump_in_a_healthy_graph(tiny_bundle):
         (["--size", "60x64"], "multiple of 8"),
         (["--components", "nope"], "--components nope"),
         (["--tolerance", "0"], "--tolerance 0.0 is not allowed"),
+        (["--batch", "0"], "batch 0 is not allowed"),
         (["--optimized", "cpu", "--components", "unet"], "no valid optimized unet for cpu"),
     ],
 )

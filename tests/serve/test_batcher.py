@@ -193,6 +193,10 @@ def test_defaults_are_the_cli_defaults_and_the_image_sets_the_size(pipe):
     assert side == 256  # 512 clamped into the test bundle's 32-256
     img = parse(pipe, {"prompt": np.array(["x"]), "image": picture(40, 48), "steps": np.array([2], np.int32)})
     assert (img.height, img.width, img.strength) == (40, 48, 0.5)
+    img = parse(pipe, {"prompt": np.array(["x"]), "image": picture(40, 48)})  # no steps: 2 run one at strength 0.5
+    assert (img.steps, img.strength) == (2, 0.5)
+    strong = {"strength": np.array([1.0], np.float32)}
+    assert parse(pipe, {"prompt": np.array(["x"]), "image": picture(40, 48), **strong}).steps == 1
 
 
 def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs(pipe):
