@@ -206,9 +206,9 @@ def cmd_check(args) -> int:
 def cmd_info(args) -> int:
     from .info import describe
 
-    report = describe(args.bundle, verify=args.verify)
-    print(report)
-    return 1 if "[BROKEN" in report else 0  # a damaged file fails a script's health check too
+    broken: list[str] = []
+    print(describe(args.bundle, verify=args.verify, broken=broken))
+    return 1 if broken else 0  # a damaged bundle file fails a script's health check too (a damaged cache heals)
 
 
 def cmd_serve(args) -> int:

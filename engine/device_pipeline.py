@@ -261,10 +261,11 @@ class DevicePipeline:
         self.close()
 
     def close(self) -> None:
-        """Give back what this pipeline holds on the GPU, in order: the stream's work finished, the captured
-        graphs, the components' contexts, the components (sessions; engines and their memory), every buffer,
-        the stream. Once (a second call does nothing); a request after it raises. A pipeline dropped without it
-        gives back the same way when collected (the graphs whenever they are: a graph needs nothing else)."""
+        """Give back what this pipeline holds on the GPU, in order: the captured graphs (CUDA keeps one being
+        replayed until it ends), then, the stream's work finished, the components' contexts, the components
+        (sessions; engines and their memory), every buffer, the stream. Once (a second call does nothing); a
+        request after it raises. A pipeline dropped without it gives back the same way when collected (the
+        graphs whenever they are: a graph needs nothing else)."""
         with self._running, CAPTURE_LOCK:  # after the run under way; frees are no capture's business either
             if self.closed:
                 return

@@ -12,8 +12,11 @@ from .integrity import verify as check_content
 from .tokenizer import PromptTokenizer
 
 
-def describe(path, verify: bool = False) -> str:
-    """The summary; ``verify`` hashes every file again instead of trusting stamps of earlier checks."""
+def describe(path, verify: bool = False, broken: list[str] | None = None) -> str:
+    """The summary; ``verify`` hashes every file again instead of trusting stamps of earlier checks. The
+    bundle's own files found broken (its ONNX and tokenizers; not the caches made from them, an engine or an
+    optimized graph, which are rebuilt with a warning) are appended to ``broken``."""
+    broken = [] if broken is None else broken
     b = Bundle(path)
     m = b.manifest
     lines = [
@@ -37,9 +40,10 @@ def describe(path, verify: bool = False) -> str:
                 state = "ok"
             except BundleError as e:
                 state = f"BROKEN: {e}"
+                broken.append(f"{precision} {name}")
             ins = ", ".join(f"{t.name}{list(t.shape)}:{t.dtype}" for t in comp.spec.inputs)
             lines.append(f"  {precision:5} {name:16} {comp.bytes / 1e6:9.1f} MB  {ins}  [{state}]")
-    lines += describe_tokenizers(b, verify)
+    lines += describe_tokenizers(b, verify, broken)
     lines += describe_engines(b)
     lines += describe_optimized(b)
     crashed = crash_records()
@@ -65,7 +69,7 @@ def describe_optimized(b: Bundle) -> list[str]:
     return lines
 
 
-def describe_tokenizers(b: Bundle, verify: bool = False) -> list[str]:
+def describe_tokenizers(b: Bundle, verify: bool = False, broken: list[str] | None = None) -> list[str]:
     lines = ["tokenizers:"]
     for path, *settings in b.tokenizers:
         sha = b.tokenizer_sha256[path]
@@ -78,6 +82,8 @@ def describe_tokenizers(b: Bundle, verify: bool = False) -> list[str]:
             state = "ok" if sha is not None else "ok (readable; this bundle records no checksum for it)"
         except BundleError as e:
             state = f"BROKEN: {e}"
+            if broken is not None:
+                broken.append(path.name)
         lines.append(f"  {path.name:27} [{state}]")
     return lines
 

@@ -113,7 +113,8 @@ def check_ports(cfg: ServeConfig) -> None:
 
 def serve(pipe, cfg: ServeConfig, verbose: bool = False) -> int:
     """Warm up, start Triton, serve until SIGTERM or SIGINT; then let in-flight requests finish and return 0
-    (1 when the server stopped on its own)."""
+    (1 when the server stopped on its own). ``pipe`` is closed once the last batch is done (not if the drain
+    timed out with one still running): open another to use it after."""
     triton, model_config = import_pytriton()
     check_ports(cfg)
     stop = threading.Event()

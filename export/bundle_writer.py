@@ -67,15 +67,17 @@ def export_bundle(
     existing bundle keeps its own, and one given that differs from them is refused (``force`` exports anew)."""
     out = Path(out)
     asked = {"max_batch": max_batch, "min_size": min_size, "max_size": max_size}
-    max_batch, min_size, max_size = (DEFAULT_LIMITS[k] if v is None else v for k, v in asked.items())
-    precisions = _check_args(precisions, max_batch, min_size, max_size)
+    precisions = _check_args(precisions, asked)
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out, "is exporting"):
         remove_leftovers(out.parent, f".{out.name}.tmp-*")
         remove_leftovers(out.parent, f".{out.name}.old-*")
         existing = _existing(out, force)
-        if existing is not None:
+        if existing is not None:  # it keeps its own limits: any given must be those
             _check_same_limits(existing, asked, out)
+        max_batch, min_size, max_size = (DEFAULT_LIMITS[k] if v is None else v for k, v in asked.items())
+        if existing is None and min_size > max_size:
+            raise InputError(f"size range {min_size}-{max_size} is not allowed; the smallest side is above the largest")
         todo = [p for p in PRECISIONS if p in precisions and (existing is None or p not in existing.precisions)]
         if tiny_vae == AUTO:  # the model's own TAESD, unless the bundle has a tiny VAE already
             has = existing is not None and existing.tiny_vae is not None
@@ -239,15 +241,22 @@ def _stamp_written(bundle: Bundle, written: dict, tokenizers: bool) -> None:
             stamp([path], sha)
 
 
-def _check_args(precisions, max_batch, min_size, max_size) -> tuple[str, ...]:
+def _check_args(precisions, limits: dict) -> tuple[str, ...]:
+    """The precisions, and each limit given (not None) on its own; whether they fit together is checked for a
+    new bundle, with the defaults of those not given (an existing bundle's own are compared instead)."""
     precisions = tuple(precisions)
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
         raise InputError(f"precision {bad or precisions!r} is not allowed; use one or more of {PRECISIONS}")
-    if not 1 <= max_batch <= 256:
-        raise InputError(f"max_batch={max_batch} is not allowed; use 1 to 256")
-    if min_size % 8 or max_size % 8 or not 8 <= min_size <= max_size <= 4096:
-        raise InputError(f"size range {min_size}-{max_size} is not allowed; use multiples of 8 within 8-4096")
+    for name, value in limits.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{name}={value!r} is not allowed; give a whole number")
+        if name == "max_batch" and not 1 <= value <= 256:
+            raise InputError(f"max_batch={value} is not allowed; use 1 to 256")
+        if name != "max_batch" and (value % 8 or not 8 <= value <= 4096):
+            raise InputError(f"{name}={value} is not allowed; use a multiple of 8 within 8-4096")
     return precisions
 
 

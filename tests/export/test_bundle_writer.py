@@ -114,6 +114,9 @@ def test_a_bundle_with_other_limits_is_not_reported_done(bundle_copy):
         with pytest.raises(BundleError, match=rf"exported with {name} {have}, not {other} \(--{flag}\)"):
             export_bundle("random:tiny", bundle_copy, ("fp32",), **{name: other})
         assert (bundle_copy / MANIFEST).read_bytes() == manifest
+    with pytest.raises(BundleError, match=rf"exported with max_size {limits.max_size}, not 48 \(--max-size\)"):
+        export_bundle("random:tiny", bundle_copy, ("fp32",), max_size=48)  # (not the defaults' "size range 64-48")
+    assert export_bundle("random:tiny", bundle_copy, ("fp32",), max_size=limits.max_size) == bundle_copy
     same = dict(max_batch=limits.max_batch, min_size=limits.min_size, max_size=limits.max_size)
     assert export_bundle("random:tiny", bundle_copy, ("fp32",), **same) == bundle_copy
 
@@ -123,7 +126,9 @@ def test_a_bundle_with_other_limits_is_not_reported_done(bundle_copy):
     [
         (dict(precisions=("fp8",)), "precision"),
         (dict(max_batch=0), "max_batch"),
-        (dict(min_size=60), "size range"),
+        (dict(min_size=60), "min_size=60 is not allowed; use a multiple of 8"),
+        (dict(min_size=512, max_size=256), "size range 512-256 is not allowed"),
+        (dict(max_size=48), "size range 64-48 is not allowed"),  # (with the default smallest side, for a new one)
     ],
 )
 def test_bad_export_arguments(tmp_path, kwargs, match):
