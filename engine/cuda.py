@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 import weakref
 from contextlib import contextmanager
 from functools import lru_cache
@@ -120,19 +121,23 @@ def gpu_available() -> bool:
 
 _captures = 0  # captures under way in this process (callers hold device_pipeline.CAPTURE_LOCK)
 _held_back: list[tuple] = []  # (release, handle) collected during one, given back at its end
+# Held by a release from its check for captures to its end, and by a capture's start: a collection on one thread
+# never frees into a capture another thread begins meanwhile (a capture's start only waits for a release under way)
+_releasing = threading.RLock()
 
 
 def _give_back(release, handle) -> None:
     """A finalizer: ``release(handle)``, never raising (at interpreter exit the bindings may be gone first, and
     a stream in error has nothing left to give). During a capture it waits for the capture's end: freeing
     memory or destroying a stream there would invalidate the capture."""
-    if _captures:
-        _held_back.append((release, handle))
-        return
-    try:  # noqa: SIM105 (not contextlib.suppress: late in interpreter exit, this module's globals may be gone)
-        release(handle)
-    except Exception:  # nothing to do about it: what was held is lost either way
-        pass
+    with _releasing:
+        if _captures:
+            _held_back.append((release, handle))
+            return
+        try:  # noqa: SIM105 (not contextlib.suppress: late in interpreter exit, this module's globals may be gone)
+            release(handle)
+        except Exception:  # nothing to do about it: what was held is lost either way
+            pass
 
 
 @contextmanager
@@ -140,13 +145,15 @@ def capturing():
     """What is collected in this block is given back at its end, not during a capture it holds (a collection
     can run anywhere, and a pipeline dropped in a reference cycle is freed by one)."""
     global _captures
-    _captures += 1
+    with _releasing:
+        _captures += 1
     try:
         yield
     finally:
-        _captures -= 1
-        while not _captures and _held_back:
-            _give_back(*_held_back.pop())
+        with _releasing:
+            _captures -= 1
+            while not _captures and _held_back:
+                _give_back(*_held_back.pop())
 
 
 def on_collect(owner, release, handle) -> weakref.finalize:

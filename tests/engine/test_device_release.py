@@ -97,6 +97,37 @@ def test_what_is_collected_during_a_capture_goes_back_at_its_end():
     assert held(cuda)["cudaMalloc"] == 0
 
 
+def test_a_capture_begun_during_a_release_on_another_thread_waits_for_its_end():
+    """A collection on one thread checks that no capture is under way, then frees; a capture another thread
+    begins in between must not see those frees (they would invalidate it): it starts once the release is done."""
+    import threading
+
+    from sdturbo.engine import cuda
+
+    started, go, order = threading.Event(), threading.Event(), []
+
+    def slow_release(handle):
+        started.set()
+        go.wait(10)
+        order.append("released")
+
+    def capture():
+        with cuda.capturing():
+            order.append("capture begins")
+
+    releasing = threading.Thread(target=cuda._give_back, args=(slow_release, None))
+    releasing.start()
+    assert started.wait(10)
+    capturing = threading.Thread(target=capture)
+    capturing.start()
+    capturing.join(0.5)
+    assert order == []  # still waiting for the release
+    go.set()
+    releasing.join(10)
+    capturing.join(10)
+    assert order == ["released", "capture begins"]
+
+
 # -- the pipelines -------------------------------------------------------------------------------
 
 
