@@ -190,3 +190,31 @@ def test_size_only_mode_is_a_choice_and_a_bad_mode_is_refused(bundle_copy, monke
     monkeypatch.setenv("SDTURBO_VERIFY", "sha265")
     with pytest.raises(InputError, match="SDTURBO_VERIFY='sha265' is not allowed"):
         Bundle(bundle_copy).component("fp32", "vae_decoder")
+
+
+def test_a_cache_file_without_its_checksum_is_not_used(tmp_path):
+    path = tmp_path / "unet.runtime-cache"
+    integrity.write_checked(path, b"kernels" * 100)
+    path.with_name(path.name + ".sha256").unlink()  # an older sdturbo's, or its checksum lost
+    assert integrity.read_checked(path, "the runtime cache") is None
+    assert not path.exists()
+
+
+def test_a_file_changed_while_it_is_hashed_is_hashed_again(tmp_path, monkeypatch):
+    """The stamp records the file as it was hashed: a change made meanwhile is not trusted on the next load."""
+    monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "unet.onnx"
+    path.write_bytes(b"weights" * 1000)
+    sha = integrity.file_sha256(path)
+    real = integrity.file_sha256
+
+    def changed_meanwhile(*paths):
+        out = real(*paths)
+        damage(path, n=64, keep_mtime=False)
+        return out
+
+    monkeypatch.setattr(integrity, "file_sha256", changed_meanwhile)
+    assert integrity.verify([path], sha, "the unet")  # hashed right, as it was read
+    monkeypatch.setattr(integrity, "file_sha256", real)
+    with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
+        integrity.verify([path], sha, "the unet")

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import onnxruntime
+from sdturbo.engine.backends import ort_cache
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.backends.ort_cache import cache_paths, cached_model
 from sdturbo.engine.bundle import Bundle
@@ -40,3 +41,15 @@ def test_a_changed_onnx_or_a_damaged_cache_is_not_used(tiny_bundle, tmp_path):
     out = Pipeline(path, OnnxRuntimeBackend())(["a cat"], height=64, width=64)
     assert out.shape == (1, 64, 64, 3)
     assert model.stat().st_size > 1000
+
+
+def test_a_cache_written_on_another_cpu_is_not_used(tiny_bundle, tmp_path, monkeypatch):
+    """Optimized layouts depend on the CPU's instruction set (AVX2, AVX-512): a bundle on a shared disk keeps one
+    cache per CPU, and never loads another CPU's."""
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    Pipeline(path, OnnxRuntimeBackend()).load()
+    b = Bundle(path)
+    comp = b.component("fp32", "unet")
+    assert cached_model(b, comp, onnxruntime.__version__, "fp32") is not None
+    monkeypatch.setattr(ort_cache, "cpu_key", lambda: "x86_64-0000beef")
+    assert cached_model(b, comp, onnxruntime.__version__, "fp32") is None

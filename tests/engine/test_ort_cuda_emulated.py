@@ -415,6 +415,37 @@ def test_a_graph_replaying_a_value_computed_at_capture_is_never_used(tiny_bundle
     np.testing.assert_array_equal(image, want)
 
 
+def test_a_graph_reading_what_an_eager_run_left_behind_is_never_used(tiny_bundle, caplog):
+    """A graph of 1 step that leaves out a copy whose value the probe and the request share (the step's timestep)
+    replays right on both from what the eager runs left in the buffer, and wrong once a graph of 2 steps has run
+    (the next request of 1 step and new prompts replays it). The check's poisoned buffers catch it before use."""
+    cuda = EmulatedCuda()
+    pipe = emulated_ort_pipeline(tiny_bundle, cuda, shape=SHAPE)
+    timestep = pipe.dev["timestep"].ptr
+    real_graph = cuda.Graph
+
+    def copies_the_timestep(op) -> bool:
+        cells = dict(zip(op.__code__.co_freevars, (c.cell_contents for c in op.__closure__ or ()), strict=True))
+        return "src" in cells and cells.get("dst") == timestep
+
+    class NoTimestepCopyAtOneStep(real_graph):
+        def __init__(self, stream, fn):
+            super().__init__(stream, fn)
+            if sum(map(copies_the_timestep, self.ops)) == 1:
+                self.ops = [op for op in self.ops if not copies_the_timestep(op)]
+
+    cuda.Graph = NoTimestepCopyAtOneStep
+    host = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))
+    with caplog.at_level("WARNING"):
+        image = pipe(PROMPTS, height=64, width=64, seed=5, steps=1)
+        assert pipe.graph_status.startswith("sessions: the captured graph's pixels differ from the eager run's on")
+        pipe(PROMPTS, height=64, width=64, seed=5, steps=2)
+        other = ["a blue sphere", "a green cone"]  # not in the prompt cache: the first graph's shape and steps
+        again = pipe(other, height=64, width=64, seed=5, steps=1)
+    np.testing.assert_array_equal(image, host(PROMPTS, height=64, width=64, seed=5, steps=1))
+    np.testing.assert_array_equal(again, host(other, height=64, width=64, seed=5, steps=1))
+
+
 def test_stage_times_cover_every_stage_and_leave_the_next_image_alone(pipes):
     """The benchmark's per-stage times for a device pipeline: one eager run with events between the stages."""
     pipe = pipes["graph"]

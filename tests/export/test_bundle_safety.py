@@ -71,6 +71,28 @@ def test_exchange_swaps_two_folders(tmp_path):
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
 
 
+def test_atomic_write_readers_see_old_or_new_and_a_failed_write_keeps_the_old(tmp_path, monkeypatch):
+    path = tmp_path / "manifest.json"
+    path.write_text("old")
+    seen, real_fsync = [], os.fsync
+
+    def fsync(fd):  # the moment a reader (or a kill -9) would catch the write half done
+        seen.append(path.read_text())
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    files.atomic_write(path, "new")
+    assert seen == ["old"] and path.read_text() == "new"
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        files.atomic_write(path, "newer")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
 def test_the_model_cache_follows_changes_and_heals(tmp_path, tiny_folder, caplog):
     model = shutil.copytree(tiny_folder, tmp_path / "model")
     first = Bundle(ensure_bundle(str(model), "fp32"))

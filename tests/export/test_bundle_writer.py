@@ -66,6 +66,24 @@ def test_interrupted_precision_add_keeps_the_bundle(tmp_path, tiny_folder, monke
     assert generate(out, "fp16").shape == (1, 64, 64, 3)
 
 
+def test_a_precision_add_killed_before_its_commit_is_completed_next_time(tmp_path, tiny_folder, monkeypatch):
+    """Killed after moving onnx/fp16 in, before the manifest lists it: the folder is not in use, and the next
+    run replaces it and commits."""
+    out = export_bundle("random:tiny", tmp_path / "b", ("fp32",))
+
+    def killed(path, data):
+        raise Boom("killed before the commit")
+
+    monkeypatch.setattr(bundle_writer, "atomic_write", killed)
+    with pytest.raises(Boom):
+        export_bundle("random:tiny", out, ("fp16",))
+    assert (out / "onnx" / "fp16").is_dir() and Bundle(out).precisions == ("fp32",)
+    monkeypatch.undo()
+    export_bundle("random:tiny", out, ("fp16",))
+    assert set(Bundle(out).precisions) == {"fp32", "fp16"}
+    assert generate(out, "fp16").shape == (1, 64, 64, 3)
+
+
 def test_concurrent_export_keeps_the_first_bundle(tmp_path, tiny_folder, monkeypatch):
     """Another process publishes the same bundle while this one exports: theirs stays, ours is dropped."""
     out = tmp_path / "b"
