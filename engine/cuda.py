@@ -39,11 +39,31 @@ def bindings():
     return driver, runtime, nvrtc
 
 
+def _failed(status) -> bool:
+    return int(getattr(status, "value", status)) != 0
+
+
+def _status_text(status) -> str:
+    """A failed status in the library's words: its name, and for the runtime's errors what it means
+    ("cudaErrorNoDevice: no CUDA-capable device is detected"); its repr where it has no name."""
+    name = getattr(status, "name", None)
+    if name is None:
+        return repr(status)
+    if type(status).__name__ != "cudaError_t":  # (the driver's and NVRTC's codes number other errors)
+        return name
+    try:
+        why = bindings()[1].cudaGetErrorString(status)[1]
+        why = why.decode(errors="replace") if isinstance(why, bytes) else str(why)
+    except Exception:  # (a runtime without it: the name alone)
+        why = ""
+    return f"{name}: {why}" if why else name
+
+
 def check(result, what: str = "CUDA call"):
     """Unpack a cuda-python ``(status, *values)`` result; raise BackendError unless the status is success."""
     status, *values = result if isinstance(result, tuple) else (result,)
-    if int(getattr(status, "value", status)) != 0:
-        raise BackendError(f"{what} failed: {status!r}")
+    if _failed(status):
+        raise BackendError(f"{what} failed: {_status_text(status)}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
@@ -101,17 +121,9 @@ def gpu_problem() -> str | None:
     """Why this process cannot use a CUDA GPU (no cuda-python, no driver, no device), in one line; None if it can."""
     try:
         _, rt, _ = bindings()
-        status, count = rt.cudaGetDeviceCount()
+        count = check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
     except BackendError as e:
         return str(e)
-    if int(getattr(status, "value", status)) != 0:
-        try:
-            why = rt.cudaGetErrorString(status)[1]
-            why = why.decode(errors="replace") if isinstance(why, bytes) else str(why)
-        except Exception:  # (a runtime without it: the status's own name)
-            why = ""
-        name = getattr(status, "name", repr(status))
-        return f"{name}{f': {why}' if why else ''}"
     return None if count > 0 else "the CUDA driver finds no device"
 
 
@@ -276,7 +288,7 @@ class Stream(_Held):
         status = check(rt.cudaStreamIsCapturing(self.handle), "cudaStreamIsCapturing")
         if status != rt.cudaStreamCaptureStatus.cudaStreamCaptureStatusNone:
             err, graph = rt.cudaStreamEndCapture(self.handle)
-            if int(getattr(err, "value", err)) == 0:
+            if not _failed(err):
                 rt.cudaGraphDestroy(graph)
         rt.cudaGetLastError()  # reset this runtime's last error for the thread (later calls start clean)
 

@@ -272,7 +272,6 @@ class DevicePipeline:
             self.closed = True
             self.graphs.clear()
             self._release()
-            self.cached_rows = None
 
     def _check_open(self) -> None:
         if self.closed:

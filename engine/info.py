@@ -69,7 +69,7 @@ def describe_optimized(b: Bundle) -> list[str]:
     return lines
 
 
-def describe_tokenizers(b: Bundle, verify: bool = False, broken: list[str] | None = None) -> list[str]:
+def describe_tokenizers(b: Bundle, verify: bool, broken: list[str]) -> list[str]:
     lines = ["tokenizers:"]
     for path, *settings in b.tokenizers:
         sha = b.tokenizer_sha256[path]
@@ -82,8 +82,7 @@ def describe_tokenizers(b: Bundle, verify: bool = False, broken: list[str] | Non
             state = "ok" if sha is not None else "ok (readable; this bundle records no checksum for it)"
         except BundleError as e:
             state = f"BROKEN: {e}"
-            if broken is not None:
-                broken.append(path.name)
+            broken.append(path.name)
         lines.append(f"  {path.name:27} [{state}]")
     return lines
 

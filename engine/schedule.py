@@ -135,11 +135,15 @@ def check_steps(steps: int) -> None:
         raise InputError(f"steps={steps!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
 
 
+def _strength_ok(strength) -> bool:
+    return isinstance(strength, (int, float, np.floating)) and not isinstance(strength, bool) and 0.0 < strength <= 1.0
+
+
 def default_steps(strength: float = 1.0) -> int:
     """The steps a request runs when it names none: 1 (txt2img, or img2img at strength 1); img2img at a lower
     strength, the fewest whose ``int(steps * strength)`` runs a step (2 at the default 0.5: diffusers' own
     SD-Turbo img2img example), at most ``MAX_STEPS`` (make_schedule then says what to raise)."""
-    if not isinstance(strength, (int, float, np.floating)) or isinstance(strength, bool) or not 0.0 < strength <= 1.0:
+    if not _strength_ok(strength):
         return 1  # (make_schedule names the bad strength)
     return next((n for n in range(1, MAX_STEPS + 1) if int(n * strength) >= 1), MAX_STEPS)
 
@@ -149,7 +153,7 @@ def make_schedule(config: SchedulerConfig, steps: int, strength: float = 1.0) ->
 
     Checked here on every call, then memoized by value (its arrays are shared; nothing writes to them)."""
     check_steps(steps)
-    if not isinstance(strength, (int, float, np.floating)) or isinstance(strength, bool) or not 0.0 < strength <= 1.0:
+    if not _strength_ok(strength):
         raise InputError(f"strength={strength!r} is not allowed; use a number in (0, 1]")
     kept = min(int(steps * strength), steps)
     if kept < 1:

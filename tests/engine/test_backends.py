@@ -84,3 +84,23 @@ def test_a_gpu_backend_without_a_gpu_fails_before_any_export(command, backend, t
         f"CUDA-capable device is detected); --backend onnxruntime runs on the CPU (auto picks it where there is no GPU)"
     )
     assert exported == []
+
+
+def test_a_failed_cuda_call_is_said_in_the_librarys_words():
+    """Every CUDA status goes through cuda.check: the runtime's errors by name and meaning (not an enum's repr),
+    the driver's and NVRTC's by name (the runtime's descriptions number other errors)."""
+    from sdturbo.engine.cuda import bindings, check
+
+    try:
+        _, rt, nvrtc = bindings()
+    except BackendError as e:
+        pytest.skip(str(e))
+    cases = [
+        (rt.cudaError_t.cudaErrorInvalidValue, "cudaMalloc failed: cudaErrorInvalidValue: invalid argument"),
+        (nvrtc.nvrtcResult.NVRTC_ERROR_COMPILATION, "cudaMalloc failed: NVRTC_ERROR_COMPILATION"),
+    ]
+    for status, message in cases:
+        with pytest.raises(BackendError) as e:
+            check((status, 0), "cudaMalloc")
+        assert str(e.value) == message
+    assert check((rt.cudaError_t.cudaSuccess, 7), "cudaMalloc") == 7
