@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import InputError, SdTurboError
+from .errors import InputError, NonFiniteOutput, SdTurboError
 
 log = logging.getLogger("sdturbo")
 DEFAULT_MODEL = "stabilityai/sd-turbo"
@@ -120,7 +120,10 @@ def cmd_generate(args) -> None:
         pipe.load(img2img=image is not None)
         log.info("ready in %.2f s", time.perf_counter() - start)
         start = time.perf_counter()
-        images = pipe.run(request)
+        try:
+            images, failed = pipe.run(request), None
+        except NonFiniteOutput as e:  # the good images are saved; the bad ones not (a file there stays)
+            images, failed = e.images, e
         graph = getattr(pipe, "graph_status", None)  # GPU pipelines: "on", "sessions: why", "off: why"
     log.info(
         "generated %d image(s) in %.3f s%s",
@@ -128,8 +131,11 @@ def cmd_generate(args) -> None:
         time.perf_counter() - start,
         f"; CUDA graph {graph}" * bool(graph),
     )
-    for path in save_images(images, args.out):
-        print(path)
+    for i, path in enumerate(check_out_path(args.out, len(images))):
+        if failed is None or i not in failed.bad:
+            print(*save_images(images[i : i + 1], path))
+    if failed is not None:
+        raise failed
 
 
 def cmd_build(args) -> None:

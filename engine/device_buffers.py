@@ -63,7 +63,8 @@ def buffer_specs(bundle, profile, dtype, ancestral: bool, binds: dict, specs: di
         "encoded": (lat, dt),
         "timesteps": ((MAX_STEPS, bmax), np.float32),
         "timestep": ((bmax,), np.float32),  # this step's row of timesteps, copied in on the device
-        "pixels": ((bmax, p.height[2], p.width[2], 3), np.uint8),
+        # a request's [B, H, W, 3] pixels, then B bytes: 1 where image b is NaN or infinite (kernels' to_uint8)
+        "pixels": ((bmax * p.height[2] * p.width[2] * 3 + bmax,), np.uint8),
     }
     if ancestral:
         sizes["step_noise"] = ((MAX_STEPS, *lat), dt)

@@ -39,7 +39,7 @@ from .capture_guard import CaptureGuard
 from .device_buffers import HOST_BUFFERS, bindings, buffer_specs, spec_of
 from .device_cache import DevicePromptRows
 from .engine_store import Profile
-from .errors import BackendError, BundleError, first_line
+from .errors import BackendError, BundleError, NonFiniteOutput, first_line
 from .images import to_model_image
 from .pipeline import check_vae_request
 from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
@@ -318,11 +318,12 @@ class DevicePipeline:
                 self.cached_rows.load(s, self.dev, slots)
         if slots is None and self.cached_rows is not None:
             self.cached_rows.store(s, self.dev, keys)
-        pixels = self.host["pixels"]
-        s.copy_out(pixels, self.dev["pixels"].ptr, B * H * W * 3)
-        s.synchronize()  # the one host wait: for the pixels
+        out = self._pixels(B * H * W * 3 + B)  # the one host wait: for the pixels and their non-finite flags
         self._first_run_done()
-        return pixels.array.reshape(-1)[: B * H * W * 3].reshape(B, H, W, 3).copy()
+        images, flags = out[: B * H * W * 3].reshape(B, H, W, 3), out[B * H * W * 3 :]
+        if flags.any():
+            raise NonFiniteOutput(images, np.flatnonzero(flags).tolist(), fp16=self.dtype == np.float16)
+        return images
 
     def _inputs(self, req: Request, sched, ids: list[np.ndarray] | None = None) -> None:
         """Copy ``req``'s ids (``ids``: its tokens, where already made), noise, timesteps (and image) into their
@@ -361,7 +362,7 @@ class DevicePipeline:
         With ``slots`` (a prompt-cache hit: a graph without the text encoders) the text encoders' outputs are
         inputs too, never poisoned: the request's copied in from the cache, the probe's made by the text
         encoders run eagerly."""
-        s, nbytes = self.stream, req.batch * req.height * req.width * 3
+        s, nbytes = self.stream, req.batch * (req.height * req.width * 3 + 1)  # the pixels and their flags
         keep = self.cached_rows.inputs if slots is not None else ()
         what = self._graph_label()
         guard = CaptureGuard(f"{what} ({self.name})", self._capture_facts())
@@ -562,7 +563,9 @@ class DevicePipeline:
         e[self.decoder].enqueue(s)
         mark("vae_decoder")
         image_dtype = self.buffer_specs["image_out"][1]
-        self.kernels[np.dtype(image_dtype).name].to_uint8(d["image_out"].ptr, d["pixels"].ptr, B, H, W, s.ptr)
+        flags = d["pixels"].ptr + B * H * W * 3  # after the pixels: one byte per image, set where it is not finite
+        s.fill(flags, 0, B)
+        self.kernels[np.dtype(image_dtype).name].to_uint8(d["image_out"].ptr, d["pixels"].ptr, flags, B, H, W, s.ptr)
         mark("other")
 
     def _encode_text(self, e: dict, B: int) -> None:

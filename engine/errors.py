@@ -1,5 +1,7 @@
 """The exceptions the runtime raises. Every one names the bad value and what is allowed."""
 
+from __future__ import annotations
+
 
 class SdTurboError(Exception):
     """Base class: anything this package raises on purpose."""
@@ -32,6 +34,27 @@ class BackendError(SdTurboError):
 class CaptureRefused(BackendError):
     """onnxruntime will not create a session for CUDA graphs: some of the graph runs off the CUDA provider
     through host copies (Memcpy nodes), which a captured graph would replay with stale values."""
+
+
+class NonFiniteOutput(SdTurboError):
+    """The VAE decoder gave NaN or infinite values for some images of a request (an fp16 overflow, most
+    often, in the UNet or the VAE): their pixels would be no image (black where NaN) with nothing to say so.
+    Nothing is lost: ``images`` holds every image's pixels, [B, H, W, 3] uint8, as rounded, and ``bad`` the
+    indices of the wrong ones; the others are good."""
+
+    def __init__(self, images, bad: list[int], fp16: bool = True):
+        self.images, self.bad, self.fp16 = images, [int(i) for i in bad], fp16
+        n, k = len(images), len(self.bad)
+        which = "the image" if n == 1 else f"image{'s' * (k > 1)} {', '.join(map(str, self.bad))} of {n}"
+        why = "an fp16 overflow, most often; the fp32 graphs avoid it: --precision fp32" if fp16 else "with fp32 graphs"
+        super().__init__(
+            f"{which} came out of the VAE decoder with NaN or infinite values ({why}): "
+            f"{'its pixels are' if k == 1 else 'their pixels are'} no image"
+        )
+
+    def alone(self, i: int) -> NonFiniteOutput:
+        """Image ``i``'s error, as a request of that image alone would get it."""
+        return NonFiniteOutput(self.images[i : i + 1], [0], self.fp16)
 
 
 def first_line(e: BaseException) -> str:

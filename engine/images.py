@@ -27,6 +27,11 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return _uint8(image)
 
 
+def nonfinite_images(image: np.ndarray) -> list[int]:
+    """Indices of the images of ``image`` [B, ...] holding a NaN or an infinity, which uint8 would hide."""
+    return np.flatnonzero(~np.isfinite(image.reshape(len(image), -1)).all(axis=1)).tolist()
+
+
 def _uint8(image: np.ndarray) -> np.ndarray:
     x = np.clip(image / np.asarray(2, image.dtype) + np.asarray(0.5, image.dtype), 0, 1)
     return np.round(x.transpose(0, 2, 3, 1).astype(np.float32) * 255).astype(np.uint8)

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
-from .errors import InputError
-from .images import to_model_image, to_uint8
+from .errors import InputError, NonFiniteOutput
+from .images import nonfinite_images, to_model_image, to_uint8
 from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
 from .request import Request, build_request
 from .schedule import make_schedule
@@ -96,8 +96,14 @@ class Pipeline:
         return req
 
     def run(self, req: Request) -> np.ndarray:
-        """Images as [B, H, W, 3] uint8: ``run_float``'s image, rounded."""
-        return to_uint8(self.run_float(req))
+        """Images as [B, H, W, 3] uint8: ``run_float``'s image, rounded. NonFiniteOutput where some image is
+        NaN or infinite (it holds all the pixels)."""
+        image = self.run_float(req)
+        with np.errstate(invalid="ignore"):  # NaN casts anyhow, as on a GPU: such an image is refused here
+            pixels, bad = to_uint8(image), nonfinite_images(image)
+        if bad:
+            raise NonFiniteOutput(pixels, bad, fp16=self.dtype == np.float16)
+        return pixels
 
     def run_float(self, req: Request) -> np.ndarray:
         """The decoder's image before uint8: [B, 3, H, W] in about [-1, 1], in the VAE's float type."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError, SdTurboError
+from .errors import InputError, NonFiniteOutput, SdTurboError
 from .request import Request
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class BatcherStats:
     batches: int = 0
     images: int = 0
     failed_batches: int = 0
+    nonfinite: int = 0  # requests refused alone: their image came out NaN or infinite (NonFiniteOutput)
     sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches ran at that size
 
 
@@ -272,8 +273,13 @@ class Batcher:
 
     def _run(self, batch: list[_Pending]) -> None:
         start = time.perf_counter()
+        bad: dict[int, NonFiniteOutput] = {}
         try:
             images = self.pipe.run(merge(self.pipe, [p.request for p in batch]))  # [B, H, W, 3] uint8
+        except NonFiniteOutput as e:  # those requests fail, each with its own message; the others have images
+            images, bad = e.images, {i: e.alone(i) for i in e.bad}
+            self.stats.nonfinite += len(bad)
+            log.error("%d of a batch of %d failed: %s", len(bad), len(batch), e)
         except Exception as e:  # the pipeline failed this batch: its requests get the error, the server goes on
             self.stats.failed_batches += 1
             log.error("a batch of %d failed: %s", len(batch), e, exc_info=not isinstance(e, SdTurboError))
@@ -281,13 +287,16 @@ class Batcher:
                 p.future.set_exception(e)
             return
         s = self.stats
-        s.batches, s.images = s.batches + 1, s.images + len(batch)
+        s.batches, s.images = s.batches + 1, s.images + len(batch) - len(bad)
         s.sizes[len(batch)] = s.sizes.get(len(batch), 0) + 1
         log.debug(
             "batch of %d %s in %.1f ms", len(batch), batch_key(batch[0].request), 1e3 * (time.perf_counter() - start)
         )
-        for p, image in zip(batch, images, strict=True):
-            p.future.set_result(image)
+        for i, (p, image) in enumerate(zip(batch, images, strict=True)):
+            if i in bad:
+                p.future.set_exception(bad[i])
+            else:
+                p.future.set_result(image)
 
 
 def warm_up(pipe, max_batch: int, side: int) -> None:

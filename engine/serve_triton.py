@@ -134,11 +134,12 @@ def serve(pipe, cfg: ServeConfig, verbose: bool = False) -> int:
             signal.signal(s, h)
         st = batcher.stats
         log.info(
-            "served %d images in %d batches (sizes %s); %d batches failed",
+            "served %d images in %d batches (sizes %s); %d batches failed; %d images refused (NaN or infinite)",
             st.images,
             st.batches,
             st.sizes,
             st.failed_batches,
+            st.nonfinite,
         )
 
 

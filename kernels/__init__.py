@@ -147,10 +147,17 @@ class Kernels:
         p = ctypes.c_void_p
         self._launch("from_float32", n, stream, (src, dst, n), (p, p, ctypes.c_int))
 
-    def to_uint8(self, image: int, pixels: int, batch: int, height: int, width: int, stream: int) -> None:
+    def to_uint8(
+        self, image: int, pixels: int, nonfinite: int, batch: int, height: int, width: int, stream: int
+    ) -> None:
+        """``nonfinite``: ``batch`` bytes, zeroed before; byte b becomes 1 where image b is NaN or infinite."""
         p, i = ctypes.c_void_p, ctypes.c_int
         self._launch(
-            "to_uint8", batch * height * width * 3, stream, (image, pixels, batch, height, width), (p, p, i, i, i)
+            "to_uint8",
+            batch * height * width * 3,
+            stream,
+            (image, pixels, nonfinite, batch, height, width),
+            (p, p, p, i, i, i),
         )
 
 

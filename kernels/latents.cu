@@ -87,14 +87,17 @@ extern "C" __global__ void from_float32(const float* __restrict__ in, T* __restr
 }
 
 // Decoder output [B, 3, H, W] in [-1, 1] -> pixels [B, H, W, 3] uint8: clamp(x / 2 + 0.5, 0, 1) in T,
-// then * 255 in fp32, rounded half to even (numpy's round, which diffusers uses).
-extern "C" __global__ void to_uint8(const T* __restrict__ image, unsigned char* __restrict__ pixels, int batch,
-                                    int height, int width) {
+// then * 255 in fp32, rounded half to even (numpy's round, which diffusers uses). nonfinite[b] is set to 1
+// where image b holds a NaN or an infinity (the pixels would hide it: NaN clamps to 0); it is zeroed before.
+extern "C" __global__ void to_uint8(const T* __restrict__ image, unsigned char* __restrict__ pixels,
+                                    unsigned char* __restrict__ nonfinite, int batch, int height, int width) {
     int i = blockIdx.x * blockDim.x + threadIdx.x;  // one thread per output byte, in output order
     int hw = height * width, n = batch * hw * 3;
     if (i >= n) return;
     int c = i % 3, p = i / 3, b = p / hw, yx = p % hw;
-    float v = f(t(f(t(f(image[(b * 3 + c) * hw + yx]) / 2.0f)) + 0.5f));
+    float x = f(image[(b * 3 + c) * hw + yx]);
+    if (!isfinite(x)) nonfinite[b] = 1;  // every writer writes the same byte: no atomic needed
+    float v = f(t(f(t(x / 2.0f)) + 0.5f));
     v = fminf(fmaxf(v, 0.0f), 1.0f);
     pixels[i] = static_cast<unsigned char>(rintf(v * 255.0f));
 }

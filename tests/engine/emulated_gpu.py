@@ -452,7 +452,7 @@ class EmulatedKernels:
     def from_float32(self, src, dst, n, stream):
         self.streams[stream].do(lambda: self._v(dst, n).__setitem__(..., self.t(self._v(src, n, F32))))
 
-    def to_uint8(self, image, pixels, batch, height, width, stream):
+    def to_uint8(self, image, pixels, nonfinite, batch, height, width, stream):
         f, t = self.f, self.t
 
         def op():
@@ -461,6 +461,8 @@ class EmulatedKernels:
             out = self.mem.array(pixels, np.uint8, (batch, height, width, 3))
             with np.errstate(invalid="ignore"):  # NaN (a poisoned buffer a broken graph never wrote) casts anyhow
                 out[...] = np.rint(v * F32(255)).astype(np.uint8)
+            flags = self.mem.array(nonfinite, np.uint8, (batch,))
+            flags[~np.isfinite(f(img)).reshape(batch, -1).all(axis=1)] = 1
 
         self.streams[stream].do(op)
 

@@ -348,6 +348,42 @@ def test_an_image_that_fails_to_save_leaves_the_one_there_whole(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
 
 
+def test_an_image_that_is_not_finite_is_not_saved(capsys, tiny_bundle, tmp_path, monkeypatch):
+    """A batch of 2 whose decoder gives image 1 a NaN (what an fp16 overflow leaves; uint8 would make it black):
+    image 0 is saved and printed, the file where image 1 would go keeps what it held, and the command fails
+    naming image 1."""
+    from sdturbo.engine.pipeline import Pipeline
+
+    stage = Pipeline.stage
+
+    def spoilt(self, name):
+        run = stage(self, name)
+        if name != self.decoder:
+            return run
+
+        def call(**inputs):
+            out = run(**inputs).copy()
+            out[1, 0, 0, 0] = np.nan
+            return out
+
+        return call
+
+    monkeypatch.setattr(Pipeline, "stage", spoilt)
+    out, kept = tmp_path / "cat.png", tmp_path / "cat-1.png"
+    kept.write_bytes(b"an image from before")
+    args = ["generate", "a cat", "--bundle", str(tiny_bundle), "--batch", "2", "--size", "64x64", "--out", str(out)]
+    assert cli.main(args) == 2
+    printed = capsys.readouterr()
+    assert one_line(printed.err) == (
+        "sdturbo: error: image 1 of 2 came out of the VAE decoder with NaN or infinite values (with fp32 graphs): "
+        "its pixels are no image"
+    )
+    assert printed.out == f"{tmp_path / 'cat-0.png'}\n"
+    assert kept.read_bytes() == b"an image from before"
+    assert images.load_image(tmp_path / "cat-0.png").shape == (64, 64, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat-0.png", "cat-1.png"]
+
+
 # -- bundles, model folders, the cache --------------------------------------------------------------------
 
 

@@ -14,10 +14,11 @@ import threading
 import numpy as np
 import pytest
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
-from sdturbo.engine.errors import BundleError, InputError
+from sdturbo.engine.errors import BundleError, InputError, NonFiniteOutput
 from sdturbo.engine.images import psnr
 from sdturbo.engine.pipeline import Pipeline
 
+from tests import faults
 from tests.engine.emulated_gpu import EmulatedCuda, check_interleaved, emulated_ort_pipeline, thread_key
 
 PROMPTS = ["a red cube on a table", "an astronaut riding a horse"]
@@ -58,6 +59,67 @@ def test_img2img_equals_the_host_pipeline(pipes):
     want = pipes["host"](PROMPTS, **kw)
     for mode in ("graph", "sessions", "plain"):
         np.testing.assert_array_equal(pipes[mode](PROMPTS, **kw), want, err_msg=mode)
+
+
+def spoil_decoder(pipe, monkeypatch, spoilt: dict) -> None:
+    """After each run of ``pipe``'s VAE decoder, its output's first value of image b becomes ``spoilt[b]`` (NaN
+    or an infinity; what an fp16 overflow leaves). ``spoilt`` is read at each run, replays included, so the
+    test changes it between requests."""
+    if isinstance(pipe, Pipeline):
+
+        def wrap(stage):
+            def call(**inputs):
+                out = stage(**inputs).copy()
+                for b, value in spoilt.items():
+                    out[b, 0, 0, 0] = value
+                return out
+
+            return call
+
+        faults._on_stage(pipe.decoder, wrap)(pipe, monkeypatch)
+        return
+    component = pipe.engines[pipe.decoder]
+    session, (_, dtype) = component.session, pipe.buffer_specs["image_out"]
+
+    class Spoilt:
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run_with_iobinding(self, binding, options):
+            session.run_with_iobinding(binding, options)
+            _, _, h, w = binding.get_outputs()[0].shape()
+            for b, value in spoilt.items():
+                first = pipe.dev["image_out"].ptr + b * 3 * h * w * dtype.itemsize
+                pipe.cuda.memory.array(first, dtype, (1,))[0] = value
+
+    monkeypatch.setattr(component, "session", Spoilt())
+
+
+def test_an_image_that_is_not_finite_is_refused_and_the_others_kept(pipes, monkeypatch):
+    """A NaN or an infinity in the decoder's output is hidden by uint8 (NaN clamps to black): every mode refuses
+    the request, naming the images (in a batch of 2, image 1 alone, then both) and keeps every pixel, the good
+    image's equal to a clean run's. The flags are cleared for each request: a clean request after it, at the same
+    shape and graph, is not refused."""
+    kw = dict(steps=1, height=64, width=96, seed=3)
+    clean = pipes["host"](PROMPTS, **kw)
+    for mode in ("host", "graph", "sessions", "plain"):
+        spoilt: dict = {}
+        spoil_decoder(pipes[mode], monkeypatch, spoilt)
+        np.testing.assert_array_equal(pipes[mode](PROMPTS, **kw), clean, err_msg=mode)
+        for value in (np.nan, np.inf, -np.inf):
+            spoilt.update({1: value})
+            with pytest.raises(NonFiniteOutput, match=r"^image 1 of 2 came out of the VAE decoder with NaN") as e:
+                pipes[mode](PROMPTS, **kw)
+            assert e.value.bad == [1], mode
+            assert "(an fp16 overflow, most often; the fp32 graphs avoid it: --precision fp32)" in str(e.value)
+            np.testing.assert_array_equal(e.value.images[0], clean[0], err_msg=mode)
+        spoilt.update({0: np.nan})
+        with pytest.raises(NonFiniteOutput, match=r"^images 0, 1 of 2 came out") as e:
+            pipes[mode](PROMPTS, **kw)
+        assert e.value.bad == [0, 1], mode
+        spoilt.clear()
+        np.testing.assert_array_equal(pipes[mode](PROMPTS, **kw), clean, err_msg=mode)
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("mode", ["graph", "sessions"])

@@ -246,5 +246,17 @@ def check_against_host_twins(kernels, cuda, dtype):
     ties = fp32_ties()[: image.size]  # x * 255 exactly k + 0.5 in fp32: rounded half to even
     image.reshape(-1)[: ties.size] = ties
     pixels = cuda.DeviceBuffer(2 * 16 * 24 * 3)
-    k.to_uint8(dev(image).ptr, pixels.ptr, 2, 16, 24, s.ptr)
+    clear = dev(np.zeros(2, np.uint8))
+    k.to_uint8(dev(image).ptr, pixels.ptr, clear.ptr, 2, 16, 24, s.ptr)
     np.testing.assert_array_equal(back(pixels, (2, 16, 24, 3), np.uint8), to_uint8(image))
+    np.testing.assert_array_equal(back(clear, (2,), np.uint8), [0, 0])  # finite: the flags stay clear
+
+    for value, where in ((np.nan, (1, 2, 15, 23)), (np.inf, (0, 0, 0, 0)), (-np.inf, (1, 1, 7, 3))):
+        bad = image.copy()
+        bad[where] = value  # one value, anywhere: its image alone is flagged; the pixels are as before
+        flags = dev(np.zeros(3, np.uint8))  # one byte more than the batch: never written
+        k.to_uint8(dev(bad).ptr, pixels.ptr, flags.ptr, 2, 16, 24, s.ptr)
+        np.testing.assert_array_equal(back(flags, (3,), np.uint8), [where[0] == 0, where[0] == 1, 0])
+        with np.errstate(invalid="ignore"):
+            want = to_uint8(bad)
+        np.testing.assert_array_equal(back(pixels, (2, 16, 24, 3), np.uint8), want)

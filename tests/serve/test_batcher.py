@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-from sdturbo.engine.errors import InputError
+from sdturbo.engine.errors import InputError, NonFiniteOutput
 from sdturbo.engine.runtime import open_pipeline
 from sdturbo.engine.serve import Batcher, ServerClosing, batch_key, default_size, parse
 
@@ -44,7 +44,11 @@ class Recording:
             self.batches.append((batch_key(req), req.batch))
             if self.fail_batch == len(self.batches):
                 raise RuntimeError("the backend failed")
-            return self.pipe.run(req)
+            images = self.pipe.run(req)
+            bad = [i for i, prompt in enumerate(req.prompts) if "overflow" in prompt]  # as if NaN came out
+            if bad:
+                raise NonFiniteOutput(images, bad)
+            return images
         finally:
             with self._lock:
                 self.active -= 1
@@ -214,6 +218,26 @@ def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs(pipe):
     np.testing.assert_array_equal(fine.result(60), direct(pipe, later))
     batcher.close()
     assert batcher.stats.failed_batches == 1
+
+
+def test_an_image_that_is_not_finite_fails_its_request_alone(pipe):
+    """The pipeline refuses images 0 and 2 of a batch of 3 (NaN or inf came out): those two requests fail, each
+    told of its own image alone, and the third gets its image, as it would alone."""
+    rec = Recording(pipe)
+    batcher = Batcher(rec, max_batch=3)
+    batcher.submit(parse(rec, inputs(width=48)))  # holds the pipeline while the three queue up
+    assert rec.running.wait(30)
+    reqs = [parse(rec, inputs(text, seed=s)) for s, text in enumerate(["an overflow", "a cat", "an overflow too"])]
+    futures = [batcher.submit(r) for r in reqs]
+    rec.gate.set()
+    for f in futures[0], futures[2]:
+        with pytest.raises(NonFiniteOutput, match=r"^the image came out of the VAE decoder with NaN") as e:
+            f.result(60)
+        assert e.value.bad == [0] and e.value.images.shape == (1, 32, 32, 3)
+    np.testing.assert_array_equal(futures[1].result(60), direct(pipe, reqs[1]))
+    batcher.close()
+    assert rec.batches[1] == (batch_key(reqs[0]), 3)  # one batch
+    assert (batcher.stats.images, batcher.stats.nonfinite, batcher.stats.failed_batches) == (2, 2, 0)
 
 
 def test_close_runs_what_is_queued_then_refuses(pipe):
