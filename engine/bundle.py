@@ -192,14 +192,15 @@ class Bundle:
 
     def prompt_tokenizers(self) -> list:
         """The tokenizers, checked: present, of the recorded content (bundles that record it), readable."""
-        from .tokenizer import PromptTokenizer
+        from .tokenizer import PromptTokenizer, Warned
 
         for path, sha in self.tokenizer_sha256.items():
             if not path.is_file():
                 raise BundleError(f"bundle {self.root} is missing {path.name}; export it again")
             if sha is not None:
                 verify([path], sha, f"the tokenizer of bundle {self.root}")
-        return [PromptTokenizer(*t) for t in self.tokenizers]
+        warned = Warned()  # shared: a prompt both of SDXL's tokenizers cut at the same place is warned of once
+        return [PromptTokenizer(*t, warned=warned) for t in self.tokenizers]
 
     def check_request(self, batch: int, height: int, width: int) -> None:
         lim = self.limits

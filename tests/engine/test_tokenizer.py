@@ -57,3 +57,18 @@ def test_a_truncated_prompt_is_named_with_what_is_left_out(both, caplog):
     with caplog.at_level("WARNING", logger="sdturbo.engine.tokenizer"):
         ours(["a cat " * 45 + "THE END"])  # again (a device pipeline's graph check tokenizes a request twice)
     assert caplog.text == ""
+
+
+def test_sdxls_two_tokenizers_warn_of_one_truncation_once(xl_bundle, caplog):
+    """SDXL's two tokenizers cut a long prompt at the same place: one warning for both, not one each; a bundle
+    opened again (another pipeline) warns again, once."""
+    long = "a cat " * 45 + "THE END"
+    for _ in range(2):
+        tokenizers = Bundle(xl_bundle).prompt_tokenizers()
+        assert len(tokenizers) == 2
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sdturbo.engine.tokenizer"):
+            ids = [tok([long]) for tok in tokenizers]
+        assert caplog.text.count("is longer than the text encoder's 77 tokens") == 1, caplog.text
+        assert "THE END'" in caplog.text
+        assert all(i.shape == (1, 77) for i in ids)
