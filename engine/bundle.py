@@ -8,6 +8,7 @@ rename the manifest into place last, so an interrupted export never looks comple
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -53,6 +54,22 @@ class Limits:
     max_size: int
 
 
+def _number(manifest: dict, dotted: str, kind: type = int):
+    """The manifest's value at ``dotted`` (``limits.max_batch``) as ``kind``; a ValueError naming the field
+    and its value otherwise (a bool is not a number here, nor is 2.5 a whole one)."""
+    value = manifest
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(dotted)
+        value = value[key]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and (float(value).is_integer() if kind is int else math.isfinite(value))
+    if not ok:
+        wanted = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{dotted} is {value!r}; it must be {wanted}")
+    return kind(value)
+
+
 class Bundle:
     """A read-only view of a bundle folder, checked on open."""
 
@@ -81,33 +98,37 @@ class Bundle:
             )
         try:
             self._parse()
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{path} is malformed: missing or bad field {e}") from e
+        except KeyError as e:
+            raise BundleError(f"{path} is malformed: field {e} is missing; export the bundle again") from e
+        except (TypeError, ValueError, AttributeError) as e:
+            raise BundleError(f"{path} is malformed: {e}; export the bundle again") from e
 
     def _parse(self) -> None:
         m = self.manifest
         self.model_id: str = m["model"]["id"]
         self.config_hash: str = m["model"]["config_hash"]
         self.scheduler = SchedulerConfig.from_dict(m["scheduler"])
-        self.vae_scale_factor: int = int(m["vae"]["scale_factor"])
+        self.vae_scale_factor: int = _number(m, "vae.scale_factor")
         if self.vae_scale_factor < 1 or self.vae_scale_factor & (self.vae_scale_factor - 1):
             raise ValueError(f"vae.scale_factor {self.vae_scale_factor} (must be a positive power of two, e.g. 8)")
-        self.latent_channels: int = int(m["vae"]["latent_channels"])
+        self.latent_channels: int = _number(m, "vae.latent_channels")
         self.family: str = m["model"].get("family", "sd-turbo")
         if self.family not in FAMILIES:
             raise ValueError(f"model.family {self.family!r} (this sdturbo serves {', '.join(FAMILIES)})")
-        tok = m["tokenizer"]
-        self.tokenizer_file = self._path(tok["file"])
-        self.max_length, self.pad_id, self.pad_token = int(tok["max_length"]), int(tok["pad_id"]), tok["pad_token"]
-        entries = [t for t in (m["tokenizer"], m.get("tokenizer_2")) if t is not None]
+        entries = [(key, m[key]) for key in ("tokenizer", "tokenizer_2") if key == "tokenizer" or key in m]
         self.tokenizers = [
-            (self._path(t["file"]), int(t["max_length"]), int(t["pad_id"]), t["pad_token"]) for t in entries
+            (self._path(t["file"]), _number(m, f"{k}.max_length"), _number(m, f"{k}.pad_id"), t["pad_token"])
+            for k, t in entries
         ]
-        self.tokenizer_sha256 = {self._path(t["file"]): t.get("sha256") for t in entries}  # None: older bundles
-        lim = m["limits"]
-        self.limits = Limits(int(lim["max_batch"]), int(lim["min_size"]), int(lim["max_size"]))
+        self.tokenizer_file, self.max_length, self.pad_id, self.pad_token = self.tokenizers[0]
+        self.tokenizer_sha256 = {self._path(t["file"]): t.get("sha256") for _, t in entries}  # None: older bundles
+        self.limits = lim = Limits(*(_number(m, f"limits.{k}") for k in ("max_batch", "min_size", "max_size")))
+        if lim.max_batch < 1 or not 8 <= lim.min_size <= lim.max_size:
+            raise ValueError(f"limits are {m['limits']}; max_batch must be 1 or more, and 8 <= min_size <= max_size")
         tiny = m.get("tiny_vae")
-        self.tiny_vae = None if tiny is None else TinyVae(str(tiny["source"]), float(tiny["scaling_factor"]))
+        self.tiny_vae = (
+            None if tiny is None else TinyVae(str(tiny["source"]), _number(m, "tiny_vae.scaling_factor", float))
+        )
         self.components: dict[str, dict[str, ComponentFile]] = {}
         for precision, comps in m["components"].items():
             self.components[precision] = {

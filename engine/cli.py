@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -399,8 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """``--size -8x64`` as ``--size=-8x64``: argparse takes a value starting with a dash for an option and says
+    only "expected one argument"; attached, it reaches ``parse_size``, which names what is wrong with it."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--size" and re.match(r"-\d", arg):
+            out[-1] = f"--size={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_attach_dash_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",

@@ -90,9 +90,11 @@ def test_invalid_utf8_prompt_in_python(pipe, prompt):
 @pytest.mark.parametrize(
     "size,match", [("0x0", "width 0"), ("0x64", "width 0"), ("64x0", "height 0"), ("-64x64", "width -64")]
 )
-def test_size_zero_or_negative_is_refused(capsys, tiny_bundle, no_generation, size, match):
-    """0 was taken as 'not given': 0x0 gave 512x512 and 0x64 gave 512x64."""
-    rc, err = generate(capsys, tiny_bundle, f"--size={size}")
+@pytest.mark.parametrize("attached", [True, False], ids=["--size=S", "--size S"])
+def test_size_zero_or_negative_is_refused(capsys, tiny_bundle, no_generation, size, match, attached):
+    """0 was taken as 'not given': 0x0 gave 512x512 and 0x64 gave 512x64. A size starting with a dash, given
+    apart (``--size -64x64``), got argparse's "expected one argument" instead of what is wrong with it."""
+    rc, err = generate(capsys, tiny_bundle, *([f"--size={size}"] if attached else ["--size", size]))
     line = one_line(err)
     assert rc == 2 and f"--size {size!r}" in line and match in line and "positive" in line, line
 
@@ -440,3 +442,38 @@ def test_an_unexpected_os_error_is_one_line(capsys, monkeypatch):
     assert "No space left on device" in one_line(capsys.readouterr().err)
     with pytest.raises(OSError):
         cli.main(["-v", "info", "x"])
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("limits.max_batch", "x", "limits.max_batch is 'x'; it must be a whole number"),
+        ("limits.max_batch", 2.5, "limits.max_batch is 2.5; it must be a whole number"),
+        ("limits.max_batch", True, "limits.max_batch is True; it must be a whole number"),
+        ("limits.max_batch", 0, "limits are {'max_batch': 0, "),
+        ("limits.min_size", 2048, "8 <= min_size <= max_size"),
+        ("tokenizer.max_length", None, "tokenizer.max_length is None; it must be a whole number"),
+        ("vae.latent_channels", [4], "vae.latent_channels is [4]; it must be a whole number"),
+        ("limits.max_size", ..., "field 'limits.max_size' is missing"),
+        ("limits", ..., "field 'limits.max_batch' is missing"),
+        ("model.id", ..., "field 'id' is missing"),
+    ],
+)
+def test_a_malformed_manifest_names_the_field(tiny_bundle, tmp_path, field, value, message):
+    """A manifest edited by hand, or written by something else: one line naming the field and its value (it was
+    "missing or bad field invalid literal for int() with base 10: 'x'")."""
+    shutil.copy(tiny_bundle / "manifest.json", tmp_path / "manifest.json")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    *outer, last = field.split(".")
+    section = manifest
+    for key in outer:
+        section = section[key]
+    if value is ...:
+        del section[last]
+    else:
+        section[last] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as e:
+        Bundle(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'manifest.json'} is malformed: ")
+    assert message in str(e.value) and str(e.value).endswith("; export the bundle again"), str(e.value)
