@@ -127,8 +127,9 @@ def cmd_generate(args) -> None:
             images, failed = e.images, e
         graph = getattr(pipe, "graph_status", None)  # GPU pipelines: "on", "sessions: why", "off: why"
     log.info(
-        "generated %d image(s) in %.3f s%s",
+        "generated %d image(s)%s in %.3f s%s",
         len(images),
+        "" if failed is None else f", {len(failed.bad)} of them refused",
         time.perf_counter() - start,
         f"; CUDA graph {graph}" * bool(graph),
     )

@@ -157,6 +157,7 @@ class DevicePipeline:
     name = "device"
     precision = "fp16"
     encoder_hint = "export the bundle again to add it"
+    fp32_remedy = "--precision fp32"  # how to run fp32 graphs instead, for NonFiniteOutput's message
     capture_errors: tuple[type[BaseException], ...] = ()  # a capture failing with these turns the graph off
 
     def _setup(self, profile: Profile, cuda_graph: bool, components: dict) -> None:
@@ -322,7 +323,8 @@ class DevicePipeline:
         self._first_run_done()
         images, flags = out[: B * H * W * 3].reshape(B, H, W, 3), out[B * H * W * 3 :]
         if flags.any():
-            raise NonFiniteOutput(images, np.flatnonzero(flags).tolist(), fp16=self.dtype == np.float16)
+            remedy = self.fp32_remedy if self.dtype == np.float16 else None
+            raise NonFiniteOutput(images, np.flatnonzero(flags).tolist(), remedy)
         return images
 
     def _inputs(self, req: Request, sched, ids: list[np.ndarray] | None = None) -> None:

@@ -42,11 +42,12 @@ class NonFiniteOutput(SdTurboError):
     Nothing is lost: ``images`` holds every image's pixels, [B, H, W, 3] uint8, as rounded, and ``bad`` the
     indices of the wrong ones; the others are good."""
 
-    def __init__(self, images, bad: list[int], fp16: bool = True):
-        self.images, self.bad, self.fp16 = images, [int(i) for i in bad], fp16
+    def __init__(self, images, bad: list[int], remedy: str | None = "--precision fp32"):
+        """``remedy``: how to run the fp32 graphs instead (None: they are what ran)."""
+        self.images, self.bad, self.remedy = images, [int(i) for i in bad], remedy
         n, k = len(images), len(self.bad)
         which = "the image" if n == 1 else f"image{'s' * (k > 1)} {', '.join(map(str, self.bad))} of {n}"
-        why = "an fp16 overflow, most often; the fp32 graphs avoid it: --precision fp32" if fp16 else "with fp32 graphs"
+        why = f"an fp16 overflow, most often; the fp32 graphs avoid it: {remedy}" if remedy else "with fp32 graphs"
         super().__init__(
             f"{which} came out of the VAE decoder with NaN or infinite values ({why}): "
             f"{'its pixels are' if k == 1 else 'their pixels are'} no image"
@@ -54,7 +55,7 @@ class NonFiniteOutput(SdTurboError):
 
     def alone(self, i: int) -> NonFiniteOutput:
         """Image ``i``'s error, as a request of that image alone would get it."""
-        return NonFiniteOutput(self.images[i : i + 1], [0], self.fp16)
+        return NonFiniteOutput(self.images[i : i + 1], [0], self.remedy)
 
 
 def first_line(e: BaseException) -> str:

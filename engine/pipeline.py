@@ -102,7 +102,7 @@ class Pipeline:
         with np.errstate(invalid="ignore"):  # NaN casts anyhow, as on a GPU: such an image is refused here
             pixels, bad = to_uint8(image), nonfinite_images(image)
         if bad:
-            raise NonFiniteOutput(pixels, bad, fp16=self.dtype == np.float16)
+            raise NonFiniteOutput(pixels, bad, "--precision fp32" if self.dtype == np.float16 else None)
         return pixels
 
     def run_float(self, req: Request) -> np.ndarray:

@@ -305,17 +305,30 @@ def warm_up(pipe, max_batch: int, side: int) -> None:
     graph per batch size, for new prompts and for prompts its cache holds, each captured and checked on first
     use (several chain runs): it is warmed up at every batch size up to the largest, both ways, so that no
     served request pays for one at the default size and steps. A pipeline that cannot serve txt2img at these
-    shapes fails here, before the server is ready; one without img2img (a device pipeline built without the
-    VAE encoder) serves txt2img only."""
+    shapes, or whose warm-up images come out NaN or infinite, fails here, before the server is ready; one
+    without img2img (a device pipeline built without the VAE encoder) serves txt2img only."""
     pipe.load(img2img=True)
     graphs = getattr(pipe, "graphs", None) is not None
     for n in range(1, max_batch + 1) if graphs else sorted({1, max_batch}):
         prompts = [f"warm up {n}.{i}" for i in range(n)]  # new to the prompt cache: the whole chain runs
         request = merge(pipe, [pipe.request(p, seed=i, height=side, width=side) for i, p in enumerate(prompts)])
         for _ in range(2 if graphs else 1):  # the second time, a prompt-cache hit (where the cache is on)
-            pipe.run(request)
+            _warm_run(pipe, request)
     try:
         image = np.zeros((side, side, 3), np.uint8)
-        pipe.run(pipe.request("warm up", height=side, width=side, image=image, steps=2))
+        _warm_run(pipe, pipe.request("warm up", height=side, width=side, image=image, steps=2))
+    except NonFiniteOutput:
+        raise
     except SdTurboError as e:
         log.warning("img2img requests will fail: %s", e)
+
+
+def _warm_run(pipe, request: Request) -> None:
+    """One warm-up run. An image that comes out NaN or infinite stops the server before it is ready (a model
+    that overflows on the warm-up's prompts is not one to serve), with a line saying it was the warm-up's."""
+    try:
+        pipe.run(request)
+    except NonFiniteOutput:
+        what = "img2img" if request.image is not None else "txt2img"
+        log.error("the warm-up's %s at %dx%d failed; the server does not start", what, request.width, request.height)
+        raise

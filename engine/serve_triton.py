@@ -89,7 +89,7 @@ def infer_function(batcher: Batcher):
             futures = [batcher.submit(parse(batcher.pipe, r.data)) for r in requests]
             return [{OUTPUT.name: f.result()} for f in futures]
         except SdTurboError as e:
-            raise type(e)(str(e)) from None  # the client sees the message, not our stack
+            raise e.with_traceback(None) from None  # the client sees the message, not our stack
 
     return infer
 

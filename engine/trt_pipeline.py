@@ -127,6 +127,7 @@ class TrtPipeline(DevicePipeline):
     name = "TensorRT"
     precision = PRECISION
     encoder_hint = "build its engine with `sdturbo build`"
+    fp32_remedy = "--backend onnxruntime-cuda --precision fp32"  # TensorRT engines are fp16 only
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip i
 
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.engine_store import Profile
-from sdturbo.engine.errors import BundleError, EngineMissing
+from sdturbo.engine.errors import BundleError, EngineMissing, NonFiniteOutput
 from sdturbo.engine.pipeline import Pipeline
 from sdturbo.export.trt_build import build_engines
 
@@ -201,3 +201,28 @@ def test_the_benchmarks_tensorrt_sweep_gets_engines_for_every_batch(tiny_bundle,
     rows = throughput(ours, cfg, lambda: None)
     assert [r["batch"] for r in rows] == [1, 2] and all(r["images_per_s"] for r in rows), rows
     assert ours.sweep_profile == "b1-2_64x64" == ours.pipe.profile.tag
+
+
+def test_an_image_that_is_not_finite_says_how_to_run_fp32_graphs(pipes, monkeypatch):
+    """TensorRT engines are fp16 only: an image that comes out NaN is refused (the other kept) with ONNX
+    Runtime's fp32 graphs as the remedy, not a --precision fp32 that this backend refuses."""
+    from sdturbo.engine.trt_pipeline import TrtContext
+
+    pipe, kw = pipes["plain"], dict(steps=1, height=64, width=64, seed=3)
+    clean = pipe(PROMPTS, **kw)
+    enqueue, (_, dtype) = TrtContext.enqueue, pipe.buffer_specs["image_out"]
+
+    def spoilt(self, stream):  # image 1's first value of the decoder's output becomes NaN, on the stream
+        enqueue(self, stream)
+        if self.name == pipe.decoder:
+            first = pipe.dev["image_out"].ptr + 3 * 64 * 64 * dtype.itemsize
+            stream.enqueue(lambda: pipe.cuda.memory.array(first, dtype, (1,)).__setitem__(0, np.nan))
+
+    monkeypatch.setattr(TrtContext, "enqueue", spoilt)
+    with pytest.raises(NonFiniteOutput) as e:
+        pipe(PROMPTS, **kw)
+    assert str(e.value) == (
+        "image 1 of 2 came out of the VAE decoder with NaN or infinite values (an fp16 overflow, most often; the "
+        "fp32 graphs avoid it: --backend onnxruntime-cuda --precision fp32): its pixels are no image"
+    )
+    np.testing.assert_array_equal(e.value.images[0], clean[0])

@@ -5,6 +5,7 @@ time, each image byte for byte the image its request makes on its own."""
 from __future__ import annotations
 
 import threading
+import traceback
 
 import numpy as np
 import pytest
@@ -331,3 +332,48 @@ def test_the_servers_warm_up_leaves_the_serving_thread_nothing_to_capture(tiny_b
         assert set(gpu.graphs) == captured
     finally:
         batcher.close(timeout=30)
+
+
+class Overflowing(Recording):
+    """The tiny pipeline whose images all come out NaN or infinite (as an fp16 overflow leaves them)."""
+
+    def run(self, req):
+        raise NonFiniteOutput(self.pipe.run(req), list(range(req.batch)))
+
+
+def test_a_served_request_whose_image_is_not_finite_gets_that_error(pipe):
+    """pytriton's callable passes our errors on without our stack: a NonFiniteOutput too (re-made from its
+    message alone it was a TypeError), naming the request's own image."""
+    from types import SimpleNamespace
+
+    from sdturbo.engine.serve_triton import infer_function
+
+    batcher = Batcher(Overflowing(pipe), max_batch=1)
+    try:
+        with pytest.raises(NonFiniteOutput, match=r"^the image came out of the VAE decoder with NaN") as e:
+            infer_function(batcher)([SimpleNamespace(data=inputs())])
+        frames = [f.name for f in traceback.extract_tb(e.value.__traceback__)]
+        assert frames[1:] == ["infer"] and e.value.__cause__ is None  # from the callable, not the worker's stack
+        with pytest.raises(InputError, match=r"^width 33 is not allowed"):
+            infer_function(batcher)([SimpleNamespace(data=inputs(width=33))])
+    finally:
+        batcher.close()
+
+
+def test_a_warm_up_image_that_is_not_finite_stops_the_server(pipe, caplog):
+    """The server is not made ready with a model whose warm-up images come out NaN or infinite: the error, and
+    a line saying it was the warm-up's (not "img2img requests will fail", which was the message for img2img)."""
+    from sdturbo.engine.serve import warm_up
+
+    with caplog.at_level("WARNING"), pytest.raises(NonFiniteOutput, match="came out of the VAE decoder"):
+        warm_up(Overflowing(pipe), 1, 32)
+    assert "the warm-up's txt2img at 32x32 failed; the server does not start" in caplog.text
+
+    class Img2imgOverflows(Recording):
+        def run(self, req):
+            return Overflowing.run(self, req) if req.image is not None else self.pipe.run(req)
+
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(NonFiniteOutput):
+        warm_up(Img2imgOverflows(pipe), 1, 32)
+    assert "the warm-up's img2img at 32x32 failed" in caplog.text and "requests will fail" not in caplog.text
