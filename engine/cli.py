@@ -206,6 +206,7 @@ def cmd_check(args) -> int:
         size=parse_size(args.size),
         batch=args.batch,
         tolerance=args.tolerance,
+        engines=args.engines,
     )
     print(format_reports(reports, args.tolerance))
     return 0 if all(e.ok(args.tolerance) for r in reports for e in r.outputs) else 1
@@ -340,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="fp16", help="graph to compare with fp32 (default fp16)")
     c.add_argument("--optimized", choices=("cpu", "cuda"), help="compare the optimized graph for this provider instead")
     c.add_argument("--layerwise", action="store_true", help="compare every shared tensor; name the first jump")
+    c.add_argument(
+        "--engines",
+        nargs="?",
+        const="auto",
+        choices=("auto", "tensorrt", "tensorrt-rtx"),
+        help="compare the bundle's TensorRT engines for --batch and --size on this GPU instead (default library: auto)",
+    )
     c.add_argument("--size", default="64x64", help="WIDTHxHEIGHT of the sample inputs (default 64x64)")
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--tolerance", type=float, default=1e-2, help="largest relative L2 error (default 0.01)")

@@ -11,6 +11,9 @@ same inputs); fp32 tensors with finite values beyond fp16's range that fp16 hold
 of -3.4e38, clamped) are not counted as jumps.
 
 It runs on the CPU; optimized graphs for CUDA (fused ops with CUDA kernels only) need the CUDA provider.
+With ``engines`` the test is the bundle's TensorRT (or TensorRT-RTX) engine of each component instead, the one
+``TrtPipeline`` would load for that batch and size on this GPU, run once through the runtime's own engine code
+(``EngineRunner``) against the fp32 graph on the CPU; that needs the GPU the engines were built for.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import numpy as np
 
 from ..engine.backends.ort_optimized import PROVIDERS, find_optimized
 from ..engine.bundle import EXTERNAL_DATA_BYTES, Bundle
-from ..engine.errors import BackendError, BundleError, InputError
+from ..engine.errors import BackendError, BundleError, EngineMissing, InputError
 from ..engine.request import Request
+from ..engine.spec import axis_values
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +74,7 @@ def sample_feeds(bundle: Bundle, precision: str, name: str, batch: int, height: 
     """Inputs for component ``name`` at this size, in the fp32 graph's dtypes and in ``precision``'s."""
     spec32 = bundle.component("fp32", name).spec
     spec = bundle.component(precision, name).spec
-    f = bundle.vae_scale_factor
-    dims = {"batch": batch, "height": height, "width": width, "latent_height": height // f, "latent_width": width // f}
+    dims = axis_values(batch, height, width, bundle.vae_scale_factor)
     vocab = int(bundle.manifest.get("text", {}).get("vocab_size", 49408))
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -115,9 +118,47 @@ def _infer(runner, feeds):
     return IterationResult({k: np.asarray(v) for k, v in outputs.items()}, runner_name=runner.name)
 
 
+class EngineRunner:
+    """One component's engine as a polygraphy-style runner (``with``, ``infer(feeds)``, ``name``): a context of
+    its own on ``pipe``'s loaded engine (engine/trt_pipeline.py) at ``dims``, the inputs copied to the GPU, one
+    enqueue on a stream of its own, the outputs copied back; everything it allocated given back after."""
+
+    def __init__(self, pipe, component: str, dims: dict[str, int], name: str = "test"):
+        self.pipe, self.component, self.dims, self.name = pipe, component, dims, name
+        self.spec = pipe.bundle.component(pipe.precision, component).spec
+
+    def __enter__(self) -> EngineRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cuda, tensors = self.pipe.cuda, (*self.spec.inputs, *self.spec.outputs)
+        host = {t.name: cuda.PinnedArray(t.concrete(self.dims), t.dtype) for t in tensors}
+        dev = {name: cuda.DeviceBuffer(a.nbytes) for name, a in host.items()}
+        stream = cuda.Stream()
+        try:
+            addresses = {name: buf.ptr for name, buf in dev.items()}
+            context = self.pipe.engines[self.component].context(self.spec, self.dims, addresses)
+            for t in self.spec.inputs:
+                host[t.name].array[...] = feeds[t.name]
+                stream.copy_in(dev[t.name].ptr, host[t.name], host[t.name].nbytes)
+            context.enqueue(stream)
+            for t in self.spec.outputs:
+                stream.copy_out(host[t.name], dev[t.name].ptr, host[t.name].nbytes)
+            stream.synchronize()
+            return {t.name: host[t.name].array.copy() for t in self.spec.outputs}
+        finally:
+            stream.synchronize()
+            for held in (*dev.values(), *host.values(), stream):
+                held.free()
+
+
 def compare_graphs(ref: Path, test: Path, feeds_ref, feeds_test, provider: str = "cpu", layerwise: bool = False):
-    """Run ``ref`` and ``test`` on the same inputs (each in its own dtypes); polygraphy's statistics of every
-    output (and, with ``layerwise``, every shared tensor), the test's relative to the reference's."""
+    """Run ``ref`` and ``test`` (a graph, or an EngineRunner) on the same inputs (each in its own dtypes);
+    polygraphy's statistics of every output (and, with ``layerwise``, every shared tensor), the test's relative
+    to the reference's."""
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.comparator.struct import RunResults
     from polygraphy.logger import G_LOGGER
@@ -126,7 +167,9 @@ def compare_graphs(ref: Path, test: Path, feeds_ref, feeds_test, provider: str =
     with quiet, tempfile.TemporaryDirectory(prefix="sdturbo-check-") as tmp:
         runs = RunResults()
         for path, name, feeds in ((test, "test", feeds_test), (ref, "fp32", feeds_ref)):
-            runs.append((name, [_infer(_runner(path, PROVIDERS[provider], name, layerwise, Path(tmp)), feeds)]))
+            mine = isinstance(path, EngineRunner)  # else a graph, run by onnxruntime
+            runner = path if mine else _runner(path, PROVIDERS[provider], name, layerwise, Path(tmp))
+            runs.append((name, [_infer(runner, feeds)]))
         got, want = runs["test"][0], runs["fp32"][0]
         shared = [k for k in want if k in got and want[k].dtype.kind == "f" and got[k].shape == want[k].shape]
         compare = CompareFunc.simple(
@@ -191,9 +234,13 @@ def check_bundle(
     batch: int = 1,
     tolerance: float = 1e-2,
     seed: int = 0,
+    engines: str | None = None,
+    trt_pipeline=None,
 ) -> list[ComponentReport]:
     """Compare each component's ``precision`` graph (or, with ``optimized`` = a provider, its optimized graph
-    for that provider) with its fp32 graph. ``size`` is (width, height)."""
+    for that provider; with ``engines`` = "auto" or a TensorRT flavour, its engine on this GPU) with its fp32
+    graph. ``size`` is (width, height). ``trt_pipeline``: the TrtPipeline class that loads the engines (tests
+    give an emulated one)."""
     try:
         import onnxruntime
         import polygraphy  # noqa: F401
@@ -211,33 +258,77 @@ def check_bundle(
         )
     if not tolerance > 0:
         raise InputError(f"--tolerance {tolerance} is not allowed; give a positive relative error, e.g. 0.01")
+    if engines is not None and (optimized or layerwise):
+        raise InputError("--engines compares the engines' outputs only: not with --optimized or --layerwise")
     bundle = Bundle(path)
     width, height = size
     bundle.check_request(batch, height, width)
     f = bundle.vae_scale_factor
     if height % f or width % f:
         raise InputError(f"--size {width}x{height} is not allowed; each side must be a multiple of {f}")
-    reports = []
-    for name in bundle.select_components(components):
-        ref = bundle.component("fp32", name).onnx
-        test = bundle.component(precision, name).onnx
-        if optimized:
-            test = find_optimized(bundle, name, onnxruntime.__version__, optimized, precision)
-            if test is None:
-                raise BundleError(
-                    f"bundle {bundle.root} has no valid optimized {name} for {optimized} and onnxruntime "
-                    f"{onnxruntime.__version__}: build it with `sdturbo build {bundle.root} --ort-optimize "
-                    f"--ort-provider {optimized}`"
-                )
-        feeds32, feeds = sample_feeds(bundle, precision, name, batch, height, width, seed)
-        errors, _ = compare_graphs(ref, test, feeds32, feeds, provider, layerwise)
-        outputs = tuple(errors[t.name] for t in bundle.component("fp32", name).spec.outputs)
-        if layerwise:
-            errors = {k: errors[k] for k in same_tensors(ref, test, errors)}
-        jump = first_jump(ref, errors, tolerance) if layerwise else None
-        label = f"optimized-{optimized}" if optimized else precision
-        reports.append(ComponentReport(name, label, outputs, jump, len(errors) if layerwise else 0))
-    return reports
+    names = bundle.select_components(components)
+    if engines is None:
+        return [
+            _check_graph(bundle, name, precision, optimized, layerwise, batch, height, width, tolerance, seed)
+            for name in names
+        ]
+    pipe = _engine_pipeline(bundle, engines, batch, height, width, trt_pipeline)
+    try:
+        missing = [name for name in names if name not in pipe.engines]
+        if missing:
+            raise EngineMissing(
+                f"bundle {bundle.root} has no {pipe.flavour} engine of {', '.join(missing)} for profile "
+                f"{pipe.profile.tag} on {pipe.device}; build it with `sdturbo build {bundle.root}`"
+            )
+        reports = []
+        dims = axis_values(batch, height, width, f)
+        for name in names:
+            feeds32, feeds = sample_feeds(bundle, pipe.precision, name, batch, height, width, seed)
+            ref = bundle.component("fp32", name).onnx
+            errors, _ = compare_graphs(ref, EngineRunner(pipe, name, dims), feeds32, feeds)
+            outputs = tuple(errors[t.name] for t in bundle.component("fp32", name).spec.outputs)
+            reports.append(ComponentReport(name, f"{pipe.flavour} engine", outputs))
+        return reports
+    finally:
+        pipe.close()
+
+
+def _engine_pipeline(bundle: Bundle, engines: str, batch: int, height: int, width: int, trt_pipeline=None):
+    """The engines ``TrtPipeline`` would run for this batch and size here, loaded (no CUDA graphs, no cache)."""
+    flavour = None if engines == "auto" else engines
+    if trt_pipeline is None:
+        from ..engine.cuda import gpu_problem
+        from ..engine.trt_pipeline import TrtPipeline as trt_pipeline
+
+        problem = gpu_problem()
+        if problem:
+            raise BackendError(f"--engines runs the TensorRT engines, on the GPU they were built for: {problem}")
+    return trt_pipeline(bundle, flavour, shape=(batch, height, width), cuda_graph=False, prompt_cache=0)
+
+
+def _check_graph(bundle, name, precision, optimized, layerwise, batch, height, width, tolerance, seed):
+    """One component's graph (``precision``'s, or the optimized one for provider ``optimized``) against fp32."""
+    import onnxruntime
+
+    provider = optimized or "cpu"
+    ref = bundle.component("fp32", name).onnx
+    test = bundle.component(precision, name).onnx
+    if optimized:
+        test = find_optimized(bundle, name, onnxruntime.__version__, optimized, precision)
+        if test is None:
+            raise BundleError(
+                f"bundle {bundle.root} has no valid optimized {name} for {optimized} and onnxruntime "
+                f"{onnxruntime.__version__}: build it with `sdturbo build {bundle.root} --ort-optimize "
+                f"--ort-provider {optimized}`"
+            )
+    feeds32, feeds = sample_feeds(bundle, precision, name, batch, height, width, seed)
+    errors, _ = compare_graphs(ref, test, feeds32, feeds, provider, layerwise)
+    outputs = tuple(errors[t.name] for t in bundle.component("fp32", name).spec.outputs)
+    if layerwise:
+        errors = {k: errors[k] for k in same_tensors(ref, test, errors)}
+    jump = first_jump(ref, errors, tolerance) if layerwise else None
+    label = f"optimized-{optimized}" if optimized else precision
+    return ComponentReport(name, label, outputs, jump, len(errors) if layerwise else 0)
 
 
 def format_reports(reports: list[ComponentReport], tolerance: float) -> str:

@@ -90,3 +90,114 @@ def test_a_missing_cuda_provider_says_how_to_install_it(tiny_bundle, capsys):
         pytest.skip("this onnxruntime has CUDA")
     assert main(["check", str(tiny_bundle), "--optimized", "cuda"]) == 2
     assert "pip install 'sdturbo[cuda]'" in capsys.readouterr().err
+
+
+# -- --engines: the TensorRT engines against fp32 (on an emulated GPU here: tests/engine/emulated_gpu.py) ----------
+
+
+@pytest.fixture(scope="module")
+def engine_bundles(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with TensorRT-RTX engines for batch 1-2 at 64-128 (SM86, as the emulated GPU), and the
+    overflowing one (conv_in scaled) with the same; built for real, run emulated as their fp16 ONNX."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install 'sdturbo[tensorrt-rtx]')")
+    from sdturbo.engine.engine_store import Profile
+    from sdturbo.export.trt_build import build_engines
+
+    out = {}
+    for name, factor in (("healthy", None), ("overflowing", 3e5)):
+        path = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("engines") / name)
+        if factor:
+            rehash_scaled(path, factor)
+        build_engines(path, "tensorrt-rtx", Profile.parse("1-2", "64-128"), compute_capability=86, opt_level=0)
+        out[name] = path
+    return out
+
+
+def rehash_scaled(path, factor: float) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    for precision in ("fp32", "fp16"):
+        entry = manifest["components"][precision]["vae_decoder"]
+        onnx_path = path / entry["onnx"]
+        scale_conv_in(onnx_path, factor)
+        data = onnx_path.read_bytes()
+        entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_engines_are_compared_with_fp32_and_give_back_what_they_held(engine_bundles):
+    """Each component's engine, loaded as TrtPipeline loads it for that batch and size, run on the sample inputs:
+    the emulated engines are the fp16 ONNX, so their errors are exactly the fp16 graphs' (any wrong binding,
+    shape, dtype or copy shows); every buffer, pinned array, stream and engine memory is given back."""
+    import gc
+
+    from tests.engine.emulated_gpu import EmulatedCuda, emulated_trt_class
+
+    cuda = EmulatedCuda()
+    kw = dict(size=(96, 64), batch=2)
+    engines = check_bundle(
+        engine_bundles["healthy"], engines="tensorrt-rtx", trt_pipeline=emulated_trt_class(cuda), **kw
+    )
+    graphs = check_bundle(engine_bundles["healthy"], **kw)
+    assert (
+        [r.component for r in engines]
+        == [r.component for r in graphs]
+        == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
+    )
+    for e, g in zip(engines, graphs, strict=True):
+        assert e.test == "tensorrt-rtx engine" and g.test == "fp16"
+        assert [(o.name, o.rel_l2, o.max_abs) for o in e.outputs] == [(o.name, o.rel_l2, o.max_abs) for o in g.outputs]
+        assert all(0 < o.rel_l2 <= 1e-2 for o in e.outputs), e  # fp16 rounding: there, and small
+    gc.collect()
+    assert cuda.runtime.faults == [] and cuda.live() == {"cudaMalloc": 0, "cudaMallocHost": 0, "stream": 0, "event": 0}
+
+
+def test_an_engine_that_overflows_fails_the_check(engine_bundles, capsys, monkeypatch):
+    from sdturbo.export import check
+
+    from tests.engine.emulated_gpu import emulated_trt_class
+
+    real = check._engine_pipeline
+    monkeypatch.setattr(check, "_engine_pipeline", lambda *a: real(*a[:5], emulated_trt_class()))
+    path = engine_bundles["overflowing"]
+    assert main(["check", str(path), "--engines", "--components", "vae_decoder,unet"]) == 1
+    out = capsys.readouterr().out
+    assert "| vae_decoder | tensorrt-rtx engine | image |" in out and "| unet | tensorrt-rtx engine |" in out
+    (vae,) = check_bundle(path, ("vae_decoder",), engines="auto", trt_pipeline=emulated_trt_class())
+    assert vae.outputs[0].nonfinite > 0
+
+
+def test_engines_not_built_for_the_size_say_how_to_build_them(engine_bundles, tiny_bundle):
+    from sdturbo.engine.errors import EngineMissing
+
+    from tests.engine.emulated_gpu import emulated_trt_class
+
+    with pytest.raises(
+        EngineMissing, match=r"no tensorrt-rtx .* engines on sm86 for batch 1 at 256x64 .*sdturbo build"
+    ):
+        check_bundle(
+            engine_bundles["healthy"], engines="tensorrt-rtx", size=(256, 64), trt_pipeline=emulated_trt_class()
+        )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--engines", "--layerwise"], "--engines compares the engines' outputs only"),
+        (["--engines", "tensorrt-rtx", "--optimized", "cpu"], "--engines compares the engines' outputs only"),
+    ],
+)
+def test_bad_engine_check_input_is_one_line(tiny_bundle, capsys, args, message):
+    assert main(["check", str(tiny_bundle), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdturbo: error:") and message in err and "\n" not in err
+
+
+def test_engines_without_a_gpu_say_so(tiny_bundle, capsys):
+    from sdturbo.engine.cuda import gpu_problem
+
+    if gpu_problem() is None:
+        pytest.skip("this machine has a GPU")
+    assert main(["check", str(tiny_bundle), "--engines"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdturbo: error: --engines runs the TensorRT engines, on the GPU they were built for: ")
+    assert "\n" not in err
