@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import threading
 import weakref
 from contextlib import contextmanager
@@ -117,14 +118,29 @@ def ensure_context(device: int = 0) -> None:
         _CONTEXTS.add(device)
 
 
+DRIVER_LIBRARY = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"  # the NVIDIA driver's CUDA library
+
+
 def gpu_problem() -> str | None:
-    """Why this process cannot use a CUDA GPU (no cuda-python, no driver, no device), in one line; None if it can."""
+    """Why this process cannot use a CUDA GPU (no cuda-python, no driver, no device), in one line; None if it can.
+    Without a driver at all the runtime says "CUDA driver version is insufficient": this says there is none."""
     try:
         _, rt, _ = bindings()
+    except BackendError as e:  # no cuda-python: how to install it
+        return str(e)
+    try:
         count = check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
     except BackendError as e:
-        return str(e)
+        return str(e) if _driver_loads() else f"no NVIDIA driver is installed here ({DRIVER_LIBRARY} cannot be loaded)"
     return None if count > 0 else "the CUDA driver finds no device"
+
+
+def _driver_loads() -> bool:
+    try:
+        ctypes.CDLL(DRIVER_LIBRARY)
+    except OSError:
+        return False
+    return True
 
 
 def gpu_available() -> bool:

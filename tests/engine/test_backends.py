@@ -86,6 +86,31 @@ def test_a_gpu_backend_without_a_gpu_fails_before_any_export(command, backend, t
     assert exported == []
 
 
+def test_a_machine_without_a_driver_is_told_so(monkeypatch):
+    """Where no NVIDIA driver is installed, the CUDA runtime says "CUDA driver version is insufficient": the user
+    is told there is no driver; where one loads, the runtime's own words are kept."""
+    from sdturbo.engine import cuda
+    from sdturbo.engine.errors import BackendError
+
+    class Runtime:
+        @staticmethod
+        def cudaGetDeviceCount():
+            return ("a failed status", 0)
+
+    def check(result, what):
+        raise BackendError(f"{what} failed: cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA")
+
+    monkeypatch.setattr(cuda, "bindings", lambda: (None, Runtime, None))
+    monkeypatch.setattr(cuda, "check", check)
+    monkeypatch.setattr(cuda, "DRIVER_LIBRARY", "libno-such-driver.so.1")
+    assert cuda.gpu_problem() == "no NVIDIA driver is installed here (libno-such-driver.so.1 cannot be loaded)"
+    monkeypatch.setattr(cuda, "_driver_loads", lambda: True)
+    assert (
+        cuda.gpu_problem()
+        == "cudaGetDeviceCount failed: cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA"
+    )
+
+
 def test_a_failed_cuda_call_is_said_in_the_librarys_words():
     """Every CUDA status goes through cuda.check: the runtime's errors by name and meaning (not an enum's repr),
     the driver's and NVRTC's by name (the runtime's descriptions number other errors)."""
