@@ -54,6 +54,9 @@ class Limits:
     max_size: int
 
 
+MAX_BATCH, MIN_SIDE, MAX_SIDE = 256, 8, 4096  # the widest limits a bundle may hold (export refuses wider)
+
+
 def _number(manifest: dict, dotted: str, kind: type = int):
     """The manifest's value at ``dotted`` (``limits.max_batch``) as ``kind``; a ValueError naming the field
     and its value otherwise (a bool is not a number here, nor is 2.5 a whole one)."""
@@ -62,8 +65,12 @@ def _number(manifest: dict, dotted: str, kind: type = int):
         if not isinstance(value, dict) or key not in value:
             raise KeyError(dotted)
         value = value[key]
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = number and (float(value).is_integer() if kind is int else math.isfinite(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        ok = False
+    elif kind is int:
+        ok = isinstance(value, int) or value.is_integer()
+    else:
+        ok = isinstance(value, int) or math.isfinite(value)
     if not ok:
         wanted = "a whole number" if kind is int else "a number"
         raise ValueError(f"{dotted} is {value!r}; it must be {wanted}")
@@ -115,7 +122,8 @@ class Bundle:
         self.family: str = m["model"].get("family", "sd-turbo")
         if self.family not in FAMILIES:
             raise ValueError(f"model.family {self.family!r} (this sdturbo serves {', '.join(FAMILIES)})")
-        entries = [(key, m[key]) for key in ("tokenizer", "tokenizer_2") if key == "tokenizer" or key in m]
+        keys = ("tokenizer", *(("tokenizer_2",) if m.get("tokenizer_2") is not None else ()))
+        entries = [(key, m[key]) for key in keys]
         self.tokenizers = [
             (self._path(t["file"]), _number(m, f"{k}.max_length"), _number(m, f"{k}.pad_id"), t["pad_token"])
             for k, t in entries
@@ -123,8 +131,11 @@ class Bundle:
         self.tokenizer_file, self.max_length, self.pad_id, self.pad_token = self.tokenizers[0]
         self.tokenizer_sha256 = {self._path(t["file"]): t.get("sha256") for _, t in entries}  # None: older bundles
         self.limits = lim = Limits(*(_number(m, f"limits.{k}") for k in ("max_batch", "min_size", "max_size")))
-        if lim.max_batch < 1 or not 8 <= lim.min_size <= lim.max_size:
-            raise ValueError(f"limits are {m['limits']}; max_batch must be 1 or more, and 8 <= min_size <= max_size")
+        if not 1 <= lim.max_batch <= MAX_BATCH or not MIN_SIDE <= lim.min_size <= lim.max_size <= MAX_SIDE:
+            raise ValueError(
+                f"limits are {m['limits']}; max_batch must be 1 to {MAX_BATCH}, and "
+                f"{MIN_SIDE} <= min_size <= max_size <= {MAX_SIDE}"
+            )
         tiny = m.get("tiny_vae")
         self.tiny_vae = (
             None if tiny is None else TinyVae(str(tiny["source"]), _number(m, "tiny_vae.scaling_factor", float))

@@ -203,7 +203,7 @@ def cmd_check(args) -> int:
         precision=args.precision,
         optimized=args.optimized,
         layerwise=args.layerwise,
-        size=parse_size(args.size),
+        size=parse_size(args.size) if args.size else None,
         batch=args.batch,
         tolerance=args.tolerance,
         engines=args.engines,
@@ -348,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "tensorrt", "tensorrt-rtx"),
         help="compare the bundle's TensorRT engines for --batch and --size on this GPU instead (default library: auto)",
     )
-    c.add_argument("--size", default="64x64", help="WIDTHxHEIGHT of the sample inputs (default 64x64)")
+    c.add_argument(
+        "--size", help="WIDTHxHEIGHT of the sample inputs (default 64x64; with --engines, their profile's optimum)"
+    )
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--tolerance", type=float, default=1e-2, help="largest relative L2 error (default 0.01)")
     c.set_defaults(func=cmd_check)

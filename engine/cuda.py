@@ -131,16 +131,18 @@ def gpu_problem() -> str | None:
     try:
         count = check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
     except BackendError as e:
-        return str(e) if _driver_loads() else f"no NVIDIA driver is installed here ({DRIVER_LIBRARY} cannot be loaded)"
+        why = _driver_unloadable()
+        return str(e) if why is None else f"no NVIDIA driver can be loaded here ({why})"
     return None if count > 0 else "the CUDA driver finds no device"
 
 
-def _driver_loads() -> bool:
+def _driver_unloadable() -> str | None:
+    """Why the NVIDIA driver's library does not load (absent, or a broken install), or None if it does."""
     try:
         ctypes.CDLL(DRIVER_LIBRARY)
-    except OSError:
-        return False
-    return True
+    except OSError as e:
+        return str(e) or f"{DRIVER_LIBRARY} cannot be loaded"
+    return None
 
 
 def gpu_available() -> bool:

@@ -32,7 +32,9 @@ class TrtEngine:
     context it was captured with, and TensorRT's guidance is never to change that state afterwards. The
     contexts of one engine share its device memory (one stream: they never run at once)."""
 
-    def __init__(self, trt, runtime, plan: Path, cuda=cuda_module):
+    def __init__(self, trt, runtime, plan: Path, cuda=cuda_module, rtx: bool = False):
+        """``rtx``: the library is TensorRT-RTX (TensorRT has ``create_runtime_config`` too since 10.11, with
+        no runtime cache: the engine's attributes cannot tell them apart)."""
         self.trt = trt
         self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
@@ -40,7 +42,7 @@ class TrtEngine:
         self.name = plan.stem
         self.cache_path = plan.with_suffix(".runtime-cache")
         self.runtime_cache = None
-        self.rtx = hasattr(self.engine, "create_runtime_config")
+        self.rtx = rtx
         if self.rtx:  # TensorRT-RTX: its JIT kernels cached across runs (one cache for every context)
             self.runtime_cache = self.engine.create_runtime_config().create_runtime_cache()
             data = read_checked(self.cache_path, "the runtime cache")
@@ -202,7 +204,8 @@ class TrtPipeline(DevicePipeline):
 
         trt, flavour = import_trt(flavour)
         runtime = trt.Runtime(Logger.get(trt))
-        return flavour, trt.__version__, lambda plan: TrtEngine(trt, runtime, plan, self.cuda)
+        rtx = flavour == "tensorrt-rtx"
+        return flavour, trt.__version__, lambda plan: TrtEngine(trt, runtime, plan, self.cuda, rtx)
 
     def _unsupported(self, cc: int) -> str | None:
         from .backends.trt_lib import import_trt, unsupported_here

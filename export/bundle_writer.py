@@ -18,7 +18,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..engine.bundle import MANIFEST, SCHEMA_VERSION, Bundle
+from ..engine.bundle import MANIFEST, MAX_BATCH, MAX_SIDE, MIN_SIDE, SCHEMA_VERSION, Bundle
 from ..engine.errors import BundleError, InputError
 from ..engine.files import atomic_write, locked, make_shareable, remove_leftovers, replace_dir
 from ..engine.integrity import file_sha256, stamp
@@ -253,10 +253,10 @@ def _check_args(precisions, limits: dict) -> tuple[str, ...]:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"{name}={value!r} is not allowed; give a whole number")
-        if name == "max_batch" and not 1 <= value <= 256:
-            raise InputError(f"max_batch={value} is not allowed; use 1 to 256")
-        if name != "max_batch" and (value % 8 or not 8 <= value <= 4096):
-            raise InputError(f"{name}={value} is not allowed; use a multiple of 8 within 8-4096")
+        if name == "max_batch" and not 1 <= value <= MAX_BATCH:
+            raise InputError(f"max_batch={value} is not allowed; use 1 to {MAX_BATCH}")
+        if name != "max_batch" and (value % 8 or not MIN_SIDE <= value <= MAX_SIDE):
+            raise InputError(f"{name}={value} is not allowed; use a multiple of 8 within {MIN_SIDE}-{MAX_SIDE}")
     return precisions
 
 

@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.backends.ort_optimized import PROVIDERS, find_optimized
-from ..engine.bundle import EXTERNAL_DATA_BYTES, Bundle
-from ..engine.errors import BackendError, BundleError, EngineMissing, InputError
+from ..engine.bundle import EXTERNAL_DATA_BYTES, TINY_VAE, Bundle
+from ..engine.errors import BackendError, BundleError, EngineMissing, InputError, first_line
 from ..engine.request import Request
 from ..engine.spec import axis_values
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SIZE = (64, 64)  # (width, height) of the graphs' sample inputs where none is given
 JUMP = 10.0  # a layer's error "jumps" when it is this many times its inputs' worst (and over the tolerance)
 FP16_MAX = 65504.0
 
@@ -149,10 +150,12 @@ class EngineRunner:
                 stream.copy_out(host[t.name], dev[t.name].ptr, host[t.name].nbytes)
             stream.synchronize()
             return {t.name: host[t.name].array.copy() for t in self.spec.outputs}
-        finally:
-            stream.synchronize()
-            for held in (*dev.values(), *host.values(), stream):
-                held.free()
+        finally:  # each step on its own: after a CUDA fault the first failure is the error to see, not these
+            for step in (stream.synchronize, *(h.free for h in (*dev.values(), *host.values(), stream))):
+                try:
+                    step()
+                except BackendError as e:
+                    log.debug("giving back %s's check buffers: %s", self.component, first_line(e))
 
 
 def compare_graphs(ref: Path, test: Path, feeds_ref, feeds_test, provider: str = "cpu", layerwise: bool = False):
@@ -230,7 +233,7 @@ def check_bundle(
     precision: str = "fp16",
     optimized: str | None = None,
     layerwise: bool = False,
-    size: tuple[int, int] = (64, 64),
+    size: tuple[int, int] | None = None,
     batch: int = 1,
     tolerance: float = 1e-2,
     seed: int = 0,
@@ -239,7 +242,8 @@ def check_bundle(
 ) -> list[ComponentReport]:
     """Compare each component's ``precision`` graph (or, with ``optimized`` = a provider, its optimized graph
     for that provider; with ``engines`` = "auto" or a TensorRT flavour, its engine on this GPU) with its fp32
-    graph. ``size`` is (width, height). ``trt_pipeline``: the TrtPipeline class that loads the engines (tests
+    graph. ``size`` is (width, height): where None, ``DEFAULT_SIZE`` for graphs and the built profile's optimal
+    size for engines. ``trt_pipeline``: the TrtPipeline class that loads the engines (tests
     give an emulated one)."""
     try:
         import onnxruntime
@@ -261,40 +265,31 @@ def check_bundle(
     if engines is not None and (optimized or layerwise):
         raise InputError("--engines compares the engines' outputs only: not with --optimized or --layerwise")
     bundle = Bundle(path)
-    width, height = size
-    bundle.check_request(batch, height, width)
-    f = bundle.vae_scale_factor
-    if height % f or width % f:
-        raise InputError(f"--size {width}x{height} is not allowed; each side must be a multiple of {f}")
+    if engines is None:
+        size = size or DEFAULT_SIZE
+    if size is not None:
+        width, height = size
+        bundle.check_request(batch, height, width)
+        f = bundle.vae_scale_factor
+        if height % f or width % f:
+            raise InputError(f"--size {width}x{height} is not allowed; each side must be a multiple of {f}")
     names = bundle.select_components(components)
     if engines is None:
         return [
             _check_graph(bundle, name, precision, optimized, layerwise, batch, height, width, tolerance, seed)
             for name in names
         ]
-    pipe = _engine_pipeline(bundle, engines, batch, height, width, trt_pipeline)
-    try:
-        missing = [name for name in names if name not in pipe.engines]
-        if missing:
-            raise EngineMissing(
-                f"bundle {bundle.root} has no {pipe.flavour} engine of {', '.join(missing)} for profile "
-                f"{pipe.profile.tag} on {pipe.device}; build it with `sdturbo build {bundle.root}`"
-            )
-        reports = []
-        dims = axis_values(batch, height, width, f)
-        for name in names:
-            feeds32, feeds = sample_feeds(bundle, pipe.precision, name, batch, height, width, seed)
-            ref = bundle.component("fp32", name).onnx
-            errors, _ = compare_graphs(ref, EngineRunner(pipe, name, dims), feeds32, feeds)
-            outputs = tuple(errors[t.name] for t in bundle.component("fp32", name).spec.outputs)
-            reports.append(ComponentReport(name, f"{pipe.flavour} engine", outputs))
-        return reports
-    finally:
-        pipe.close()
+    reports: dict[str, ComponentReport] = {}
+    for vae in ("full", "tiny"):  # the tiny VAE's engines are loaded by a pipeline asked for it
+        group = [name for name in names if (name in TINY_VAE) == (vae == "tiny")]
+        if group:
+            reports.update(_check_engines(bundle, group, engines, vae, size, batch, seed, trt_pipeline))
+    return [reports[name] for name in names]
 
 
-def _engine_pipeline(bundle: Bundle, engines: str, batch: int, height: int, width: int, trt_pipeline=None):
-    """The engines ``TrtPipeline`` would run for this batch and size here, loaded (no CUDA graphs, no cache)."""
+def _check_engines(bundle, names, engines: str, vae: str, size, batch: int, seed: int, trt_pipeline=None) -> dict:
+    """``names``' engines (as TrtPipeline loads them for this batch and size, with this VAE) against fp32. With
+    no ``size``: the one profile built, at its optimal size."""
     flavour = None if engines == "auto" else engines
     if trt_pipeline is None:
         from ..engine.cuda import gpu_problem
@@ -303,7 +298,32 @@ def _engine_pipeline(bundle: Bundle, engines: str, batch: int, height: int, widt
         problem = gpu_problem()
         if problem:
             raise BackendError(f"--engines runs the TensorRT engines, on the GPU they were built for: {problem}")
-    return trt_pipeline(bundle, flavour, shape=(batch, height, width), cuda_graph=False, prompt_cache=0)
+    shape = None if size is None else (batch, size[1], size[0])
+    try:
+        pipe = trt_pipeline(bundle, flavour, shape=shape, cuda_graph=False, vae=vae, prompt_cache=0)
+    except EngineMissing as e:
+        raise EngineMissing(f"{e} (or give check's --batch and --size within a built profile)") from e
+    try:
+        missing = [name for name in names if name not in pipe.engines]
+        if missing:
+            raise EngineMissing(
+                f"bundle {bundle.root} has no {pipe.flavour} engine of {', '.join(missing)} for profile "
+                f"{pipe.profile.tag} on {pipe.device}; build it with `sdturbo build {bundle.root}`"
+            )
+        p, f = pipe.profile, bundle.vae_scale_factor
+        if not p.batch[0] <= batch <= p.batch[2]:
+            raise InputError(f"--batch {batch} is outside the engines' profile {p.tag}; give a batch within it")
+        height, width = (size[1], size[0]) if size else (p.height[1], p.width[1])
+        out = {}
+        for name in names:
+            feeds32, feeds = sample_feeds(bundle, pipe.precision, name, batch, height, width, seed)
+            runner = EngineRunner(pipe, name, axis_values(batch, height, width, f))
+            errors, _ = compare_graphs(bundle.component("fp32", name).onnx, runner, feeds32, feeds)
+            outputs = tuple(errors[t.name] for t in bundle.component("fp32", name).spec.outputs)
+            out[name] = ComponentReport(name, f"{pipe.flavour} engine", outputs)
+        return out
+    finally:
+        pipe.close()
 
 
 def _check_graph(bundle, name, precision, optimized, layerwise, batch, height, width, tolerance, seed):

@@ -295,8 +295,17 @@ class EmulatedCudaEngine:
         if trt.rtx:  # TensorRT-RTX engines have device_memory_size_v2 only
             self.create_runtime_config = self._runtime_config
             self.device_memory_size_v2 = 1 << 20
-        else:
+        else:  # TensorRT >= 10.11: a runtime config too, but with the allocation strategy only (no runtime cache)
+            self.create_runtime_config = self._trt_runtime_config
             self.device_memory_size = 1 << 20
+
+    @staticmethod
+    def _trt_runtime_config():
+        class RuntimeConfig:
+            def set_execution_context_allocation_strategy(self, strategy):
+                self.strategy = strategy
+
+        return RuntimeConfig()
 
     def _runtime_config(self):
         class RuntimeCache:
@@ -497,7 +506,7 @@ def emulated_trt_class(cuda: EmulatedCuda | None = None, rtx: bool = False) -> t
             import tensorrt_rtx
 
             trt = self.emulated_trt = EmulatedTensorRT(self.bundle, cuda, rtx)
-            return "tensorrt-rtx", tensorrt_rtx.__version__, lambda p: TrtEngine(trt, trt.runtime(p.stem), p, cuda)
+            return "tensorrt-rtx", tensorrt_rtx.__version__, lambda p: TrtEngine(trt, trt.runtime(p.stem), p, cuda, rtx)
 
         def _kernels(self, dtype, cc):
             return EmulatedKernels(dtype, cuda)

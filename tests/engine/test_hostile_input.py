@@ -444,6 +444,16 @@ def test_an_unexpected_os_error_is_one_line(capsys, monkeypatch):
         cli.main(["-v", "info", "x"])
 
 
+def test_numbers_a_manifest_may_hold_and_a_null_second_tokenizer_are_taken(tiny_bundle, tmp_path):
+    """Whole floats (8.0) are whole numbers, and ``"tokenizer_2": null`` is no second tokenizer, as before."""
+    shutil.copy(tiny_bundle / "manifest.json", tmp_path / "manifest.json")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["limits"]["max_batch"], manifest["tokenizer_2"] = 8.0, None
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    b = Bundle(tmp_path)
+    assert b.limits.max_batch == 8 and isinstance(b.limits.max_batch, int) and len(b.tokenizers) == 1
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [
@@ -454,6 +464,7 @@ def test_an_unexpected_os_error_is_one_line(capsys, monkeypatch):
         ("limits.min_size", 2048, "8 <= min_size <= max_size"),
         ("tokenizer.max_length", None, "tokenizer.max_length is None; it must be a whole number"),
         ("vae.latent_channels", [4], "vae.latent_channels is [4]; it must be a whole number"),
+        ("limits.max_size", 10**400, "min_size <= max_size <= 4096"),  # past a float's range: still one line
         ("limits.max_size", ..., "field 'limits.max_size' is missing"),
         ("limits", ..., "field 'limits.max_batch' is missing"),
         ("model.id", ..., "field 'id' is missing"),

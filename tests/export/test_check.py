@@ -96,16 +96,21 @@ def test_a_missing_cuda_provider_says_how_to_install_it(tiny_bundle, capsys):
 
 
 @pytest.fixture(scope="module")
-def engine_bundles(tiny_bundle, tmp_path_factory):
-    """The tiny bundle with TensorRT-RTX engines for batch 1-2 at 64-128 (SM86, as the emulated GPU), and the
-    overflowing one (conv_in scaled) with the same; built for real, run emulated as their fp16 ONNX."""
+def engine_bundles(tiny_bundle, tiny_vae_bundle, tmp_path_factory):
+    """The tiny bundle with TensorRT-RTX engines for batch 1-2 at 64-128 (SM86, as the emulated GPU), the
+    overflowing one (conv_in scaled) and the one with a tiny VAE with the same; built for real, run emulated as
+    their fp16 ONNX."""
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install 'sdturbo[tensorrt-rtx]')")
     from sdturbo.engine.engine_store import Profile
     from sdturbo.export.trt_build import build_engines
 
     out = {}
-    for name, factor in (("healthy", None), ("overflowing", 3e5)):
-        path = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("engines") / name)
+    for name, source, factor in (
+        ("healthy", tiny_bundle, None),
+        ("overflowing", tiny_bundle, 3e5),
+        ("tiny-vae", tiny_vae_bundle, None),
+    ):
+        path = shutil.copytree(source, tmp_path_factory.mktemp("engines") / name)
         if factor:
             rehash_scaled(path, factor)
         build_engines(path, "tensorrt-rtx", Profile.parse("1-2", "64-128"), compute_capability=86, opt_level=0)
@@ -156,8 +161,8 @@ def test_an_engine_that_overflows_fails_the_check(engine_bundles, capsys, monkey
 
     from tests.engine.emulated_gpu import emulated_trt_class
 
-    real = check._engine_pipeline
-    monkeypatch.setattr(check, "_engine_pipeline", lambda *a: real(*a[:5], emulated_trt_class()))
+    real = check._check_engines
+    monkeypatch.setattr(check, "_check_engines", lambda *a: real(*a[:7], emulated_trt_class()))
     path = engine_bundles["overflowing"]
     assert main(["check", str(path), "--engines", "--components", "vae_decoder,unet"]) == 1
     out = capsys.readouterr().out
@@ -201,3 +206,32 @@ def test_engines_without_a_gpu_say_so(tiny_bundle, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("sdturbo: error: --engines runs the TensorRT engines, on the GPU they were built for: ")
     assert "\n" not in err
+
+
+def test_tiny_vae_engines_and_the_profiles_own_size(engine_bundles):
+    """A bundle with a tiny VAE: its engines are checked too (a pipeline asked for the tiny VAE loads them), all
+    components by default. Without --size the engines' profile gives the size (its optimum): the errors are
+    those of the fp16 graphs at that size."""
+    from sdturbo.engine.bundle import Bundle
+    from sdturbo.engine.engine_store import built_profiles
+
+    from tests.engine.emulated_gpu import emulated_trt_class
+
+    path = engine_bundles["tiny-vae"]
+    engines = check_bundle(path, engines="auto", trt_pipeline=emulated_trt_class())
+    (profile,) = built_profiles(Bundle(path), "tensorrt-rtx", __import__("tensorrt_rtx").__version__, "sm86")
+    graphs = check_bundle(path, size=(profile.width[1], profile.height[1]))
+    assert [r.component for r in engines] == [r.component for r in graphs]
+    assert {"tiny_vae_decoder", "tiny_vae_encoder", "vae_decoder"} <= {r.component for r in engines}
+    for e, g in zip(engines, graphs, strict=True):
+        assert e.test == "tensorrt-rtx engine"
+        assert [(o.name, o.rel_l2) for o in e.outputs] == [(o.name, o.rel_l2) for o in g.outputs], e.component
+
+
+def test_a_batch_outside_the_engines_profile_is_named(engine_bundles):
+    from sdturbo.engine.errors import InputError
+
+    from tests.engine.emulated_gpu import emulated_trt_class
+
+    with pytest.raises(InputError, match=r"--batch 3 is outside the engines' profile b1-2_64-128x64-128"):
+        check_bundle(engine_bundles["healthy"], engines="auto", batch=3, trt_pipeline=emulated_trt_class())
