@@ -89,10 +89,13 @@ def test_tensorrt_matches_onnxruntime_and_diffusers(steps, pipes, tiny_bundle, t
 
 
 def test_graph_replay_equals_plain_enqueue(pipes):
+    """The graph pipeline's images are its replays' (graph_status "on": no fall back to eager runs, which would
+    make this pass with no graph at all), equal to a pipeline that never captures."""
     for steps in (1, 2, 4):
         a = pipes["graph"](PROMPTS, steps=steps, height=H, width=W, seed=3)
         b = pipes["plain"](PROMPTS, steps=steps, height=H, width=W, seed=3)
         np.testing.assert_array_equal(a, b)
+    assert pipes["graph"].graph_status == "on", pipes["graph"].graph_status
 
 
 def test_repeated_calls_have_no_stale_buffers(pipes):
@@ -113,6 +116,7 @@ def test_repeated_calls_have_no_stale_buffers(pipes):
         pipes["graph"](PROMPTS[:1], height=64, width=64, seed=1),
         pipes["graph"](PROMPTS[:1], height=64, width=64, seed=2),
     )
+    assert pipes["graph"].graph_status == "on", pipes["graph"].graph_status
 
 
 def test_img2img_on_tensorrt(pipes):
