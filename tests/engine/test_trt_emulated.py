@@ -65,6 +65,7 @@ def test_txt2img_equals_the_host_pipeline(pipes, steps):
     for mode in ("graph", "plain"):
         np.testing.assert_array_equal(pipes[mode](PROMPTS, **kw), want, err_msg=mode)
     assert want.std() > 0  # an image, not a constant
+    assert pipes["graph"].graph_status == "on", pipes["graph"].graph_status  # replays, not eager runs
 
 
 def test_img2img_equals_the_host_pipeline(pipes):
@@ -96,6 +97,7 @@ def test_the_graph_replays_engines_instead_of_rerunning_python(pipes):
     contexts = {n: c.context for n, c in graph.contexts[(2, 64, 64)].items()}
     before = {n: c.enqueued for n, c in contexts.items()}
     calls = graph.graphs.copy()
+    assert calls and graph.graph_status == "on"  # (with no graph at all, what follows would hold as well)
     graph(PROMPTS, height=64, width=64, seed=2)
     assert graph.graphs == calls  # no new capture
     cached = {n for n in contexts if n.startswith("text_encoder")}  # a hit: the text encoders do not run
