@@ -122,8 +122,9 @@ class Bundle:
         self.family: str = m["model"].get("family", "sd-turbo")
         if self.family not in FAMILIES:
             raise ValueError(f"model.family {self.family!r} (this sdturbo serves {', '.join(FAMILIES)})")
-        keys = ("tokenizer", *(("tokenizer_2",) if m.get("tokenizer_2") is not None else ()))
-        entries = [(key, m[key]) for key in keys]
+        entries = [("tokenizer", m["tokenizer"])]
+        if m.get("tokenizer_2") is not None:
+            entries.append(("tokenizer_2", m["tokenizer_2"]))
         self.tokenizers = [
             (self._path(t["file"]), _number(m, f"{k}.max_length"), _number(m, f"{k}.pad_id"), t["pad_token"])
             for k, t in entries

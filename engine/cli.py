@@ -133,9 +133,8 @@ def cmd_generate(args) -> None:
         time.perf_counter() - start,
         f"; CUDA graph {graph}" * bool(graph),
     )
-    for i, path in enumerate(check_out_path(args.out, len(images))):
-        if failed is None or i not in failed.bad:
-            print(*save_images(images[i : i + 1], path))
+    for path in save_images(images, args.out, skip=failed.bad if failed else ()):
+        print(path)
     if failed is not None:
         raise failed
 

@@ -49,6 +49,12 @@ def spec_of(component_spec, name: str) -> TensorSpec:
     raise BundleError(f"the manifest's {component_spec.name} has no tensor {name!r}")
 
 
+def pixel_bytes(batch: int, height: int, width: int) -> int:
+    """Bytes of a request's [B, H, W, 3] uint8 pixels at the start of the "pixels" buffer; B bytes follow them,
+    byte b set to 1 where image b is NaN or infinite (kernels' to_uint8)."""
+    return batch * height * width * 3
+
+
 def buffer_specs(bundle, profile, dtype, ancestral: bool, binds: dict, specs: dict) -> tuple[int, dict]:
     """(elements in the largest latents, buffer name -> (shape, dtype)) at ``profile``'s maximum: the latents'
     and the schedule's buffers, and each component-bound one (``binds``: component -> tensor -> buffer) sized
@@ -63,8 +69,7 @@ def buffer_specs(bundle, profile, dtype, ancestral: bool, binds: dict, specs: di
         "encoded": (lat, dt),
         "timesteps": ((MAX_STEPS, bmax), np.float32),
         "timestep": ((bmax,), np.float32),  # this step's row of timesteps, copied in on the device
-        # a request's [B, H, W, 3] pixels, then B bytes: 1 where image b is NaN or infinite (kernels' to_uint8)
-        "pixels": ((bmax * p.height[2] * p.width[2] * 3 + bmax,), np.uint8),
+        "pixels": ((pixel_bytes(bmax, p.height[2], p.width[2]) + bmax,), np.uint8),
     }
     if ancestral:
         sizes["step_noise"] = ((MAX_STEPS, *lat), dt)

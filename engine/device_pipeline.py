@@ -36,10 +36,10 @@ import numpy as np
 from . import cuda as cuda_module
 from .bundle import Bundle
 from .capture_guard import CaptureGuard
-from .device_buffers import HOST_BUFFERS, bindings, buffer_specs, spec_of
+from .device_buffers import HOST_BUFFERS, bindings, buffer_specs, pixel_bytes, spec_of
 from .device_cache import DevicePromptRows
 from .engine_store import Profile
-from .errors import BackendError, BundleError, NonFiniteOutput, first_line
+from .errors import FP32_REMEDY, BackendError, BundleError, NonFiniteOutput, first_line
 from .images import to_model_image
 from .pipeline import check_vae_request
 from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
@@ -157,7 +157,7 @@ class DevicePipeline:
     name = "device"
     precision = "fp16"
     encoder_hint = "export the bundle again to add it"
-    fp32_remedy = "--precision fp32"  # how to run fp32 graphs instead, for NonFiniteOutput's message
+    fp32_remedy = FP32_REMEDY  # how to run fp32 graphs instead, for NonFiniteOutput's message
     capture_errors: tuple[type[BaseException], ...] = ()  # a capture failing with these turns the graph off
 
     def _setup(self, profile: Profile, cuda_graph: bool, components: dict) -> None:
@@ -319,9 +319,10 @@ class DevicePipeline:
                 self.cached_rows.load(s, self.dev, slots)
         if slots is None and self.cached_rows is not None:
             self.cached_rows.store(s, self.dev, keys)
-        out = self._pixels(B * H * W * 3 + B)  # the one host wait: for the pixels and their non-finite flags
+        n = pixel_bytes(B, H, W)
+        out = self._pixels(n + B)  # the one host wait: for the pixels and their non-finite flags
         self._first_run_done()
-        images, flags = out[: B * H * W * 3].reshape(B, H, W, 3), out[B * H * W * 3 :]
+        images, flags = out[:n].reshape(B, H, W, 3), out[n:]
         if flags.any():
             remedy = self.fp32_remedy if self.dtype == np.float16 else None
             raise NonFiniteOutput(images, np.flatnonzero(flags).tolist(), remedy)
@@ -364,7 +365,7 @@ class DevicePipeline:
         With ``slots`` (a prompt-cache hit: a graph without the text encoders) the text encoders' outputs are
         inputs too, never poisoned: the request's copied in from the cache, the probe's made by the text
         encoders run eagerly."""
-        s, nbytes = self.stream, req.batch * (req.height * req.width * 3 + 1)  # the pixels and their flags
+        s, nbytes = self.stream, pixel_bytes(req.batch, req.height, req.width) + req.batch  # pixels and flags
         keep = self.cached_rows.inputs if slots is not None else ()
         what = self._graph_label()
         guard = CaptureGuard(f"{what} ({self.name})", self._capture_facts())
@@ -565,7 +566,7 @@ class DevicePipeline:
         e[self.decoder].enqueue(s)
         mark("vae_decoder")
         image_dtype = self.buffer_specs["image_out"][1]
-        flags = d["pixels"].ptr + B * H * W * 3  # after the pixels: one byte per image, set where it is not finite
+        flags = d["pixels"].ptr + pixel_bytes(B, H, W)  # one byte per image, set where it is not finite
         s.fill(flags, 0, B)
         self.kernels[np.dtype(image_dtype).name].to_uint8(d["image_out"].ptr, d["pixels"].ptr, flags, B, H, W, s.ptr)
         mark("other")

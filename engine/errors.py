@@ -36,13 +36,16 @@ class CaptureRefused(BackendError):
     through host copies (Memcpy nodes), which a captured graph would replay with stale values."""
 
 
+FP32_REMEDY = "--precision fp32"  # how the fp32 graphs are asked for, where a backend has them
+
+
 class NonFiniteOutput(SdTurboError):
     """The VAE decoder gave NaN or infinite values for some images of a request (an fp16 overflow, most
     often, in the UNet or the VAE): their pixels would be no image (black where NaN) with nothing to say so.
     Nothing is lost: ``images`` holds every image's pixels, [B, H, W, 3] uint8, as rounded, and ``bad`` the
     indices of the wrong ones; the others are good."""
 
-    def __init__(self, images, bad: list[int], remedy: str | None = "--precision fp32"):
+    def __init__(self, images, bad: list[int], remedy: str | None = FP32_REMEDY):
         """``remedy``: how to run the fp32 graphs instead (None: they are what ran)."""
         self.images, self.bad, self.remedy = images, [int(i) for i in bad], remedy
         n, k = len(images), len(self.bad)

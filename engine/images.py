@@ -6,6 +6,7 @@ import io
 import os
 import tempfile
 import warnings
+from collections.abc import Collection
 from functools import lru_cache
 from pathlib import Path
 
@@ -138,16 +139,21 @@ def check_out_path(out: str | Path, count: int = 1) -> list[Path]:
     return paths
 
 
-def save_images(images: np.ndarray, out: str | Path) -> list[Path]:
+def save_images(images: np.ndarray, out: str | Path, skip: Collection[int] = ()) -> list[Path]:
     """Save [B, H, W, 3] uint8 images: ``out`` for one image, ``stem-<i><suffix>`` for several (the format
-    follows the extension; see ``check_out_path``)."""
+    follows the extension; see ``check_out_path``), except the images numbered in ``skip`` (a file where one
+    would go is left as it is). The paths written."""
     paths = check_out_path(out, len(images))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    for img, path in zip(images, paths, strict=False):
+    written = []
+    for i, (img, path) in enumerate(zip(images, paths, strict=False)):
+        if i in skip:
+            continue
         data = io.BytesIO()
         Image.fromarray(img).save(data, format=Image.registered_extensions()[path.suffix.lower()])
         atomic_write(path, data.getvalue())  # an image there before is replaced whole or kept, never cut short
-    return paths
+        written.append(path)
+    return written
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
-from .errors import InputError, NonFiniteOutput
+from .errors import FP32_REMEDY, InputError, NonFiniteOutput
 from .images import nonfinite_images, to_model_image, to_uint8
 from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
 from .request import Request, build_request
@@ -102,7 +102,7 @@ class Pipeline:
         with np.errstate(invalid="ignore"):  # NaN casts anyhow, as on a GPU: such an image is refused here
             pixels, bad = to_uint8(image), nonfinite_images(image)
         if bad:
-            raise NonFiniteOutput(pixels, bad, "--precision fp32" if self.dtype == np.float16 else None)
+            raise NonFiniteOutput(pixels, bad, FP32_REMEDY if self.dtype == np.float16 else None)
         return pixels
 
     def run_float(self, req: Request) -> np.ndarray:
