@@ -75,6 +75,8 @@ def test_layerwise_finds_no_jump_in_a_healthy_graph(tiny_bundle):
         (["--tolerance", "0"], "--tolerance 0.0 is not allowed"),
         (["--batch", "0"], "batch 0 is not allowed"),
         (["--optimized", "cpu", "--components", "unet"], "no valid optimized unet for cpu"),
+        (["--engines", "--layerwise"], "--engines compares the engines' outputs only"),
+        (["--engines", "tensorrt-rtx", "--optimized", "cpu"], "--engines compares the engines' outputs only"),
     ],
 )
 def test_bad_check_input_is_one_line(tiny_bundle, capsys, args, message):
@@ -182,19 +184,6 @@ def test_engines_not_built_for_the_size_say_how_to_build_them(engine_bundles, ti
         check_bundle(
             engine_bundles["healthy"], engines="tensorrt-rtx", size=(256, 64), trt_pipeline=emulated_trt_class()
         )
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["--engines", "--layerwise"], "--engines compares the engines' outputs only"),
-        (["--engines", "tensorrt-rtx", "--optimized", "cpu"], "--engines compares the engines' outputs only"),
-    ],
-)
-def test_bad_engine_check_input_is_one_line(tiny_bundle, capsys, args, message):
-    assert main(["check", str(tiny_bundle), *args]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("sdturbo: error:") and message in err and "\n" not in err
 
 
 def test_engines_without_a_gpu_say_so(tiny_bundle, capsys):

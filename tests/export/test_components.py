@@ -57,6 +57,25 @@ def test_graphs_declare_the_manifest_io(precision, tiny_bundle):
         check_manifest_io(b.component(precision, name))
 
 
+def raw_external(comp, folder, **save) -> onnx.ModelProto:
+    """``comp``'s graph saved in ``folder`` with every weight external (as the exporter leaves a graph over
+    2 GB; ``save``: onnx's other external-data options); its head, loaded without the weights."""
+    folder.mkdir()
+    onnx.save_model(
+        onnx.load(str(comp.onnx)), str(folder / "raw.onnx"), save_as_external_data=True, size_threshold=0, **save
+    )
+    return onnx.load(str(folder / "raw.onnx"), load_external_data=False)
+
+
+def external_offsets(model: onnx.ModelProto) -> list[int]:
+    """The ``offset`` of each external initializer of ``model`` (0 where none is recorded)."""
+    return [
+        int({e.key: e.value for e in t.external_data}.get("offset", 0))
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+
+
 def test_large_graph_path_streams_weights_into_one_file(tiny_bundle, tmp_path):
     """Graphs over 2 GB arrive from the exporter with one external file per tensor; they are streamed into
     one page-aligned .data file without loading the weights. Simulated on the tiny UNet."""
@@ -65,28 +84,36 @@ def test_large_graph_path_streams_weights_into_one_file(tiny_bundle, tmp_path):
     from sdturbo.export.onnx_export import _stream_large
 
     comp = Bundle(tiny_bundle).component("fp32", "unet")
-    raw_dir = tmp_path / "raw"
-    raw_dir.mkdir()
-    onnx.save_model(
-        onnx.load(str(comp.onnx)),
-        str(raw_dir / "raw.onnx"),
-        save_as_external_data=True,
-        all_tensors_to_one_file=False,
-        size_threshold=0,
-    )
-    head = onnx.load(str(raw_dir / "raw.onnx"), load_external_data=False)
-    data, total = _stream_large(head, raw_dir, comp.spec, tmp_path / "unet.onnx")
-    shutil.rmtree(raw_dir)  # nothing may still point there
+    head = raw_external(comp, tmp_path / "raw", all_tensors_to_one_file=False)
+    data, total = _stream_large(head, tmp_path / "raw", comp.spec, tmp_path / "unet.onnx")
+    shutil.rmtree(tmp_path / "raw")  # nothing may still point there
     assert data == tmp_path / "unet.onnx.data" and total > 0
-    saved = onnx.load(str(tmp_path / "unet.onnx"), load_external_data=False)
-    offsets = [
-        int({e.key: e.value for e in t.external_data}["offset"])
-        for t in saved.graph.initializer
-        if t.data_location == onnx.TensorProto.EXTERNAL
-    ]
+    offsets = external_offsets(onnx.load(str(tmp_path / "unet.onnx"), load_external_data=False))
     assert offsets and all(o % 4096 == 0 for o in offsets)
     args = sample_inputs(comp.spec, DIMS[0], vocab_size=700, seed=4)
     feeds = {t.name: a.numpy() for t, a in zip(comp.spec.inputs, args, strict=True)}
     want = ort.InferenceSession(str(comp.onnx), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = ort.InferenceSession(str(tmp_path / "unet.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_streaming_reads_each_tensor_at_its_offset_in_a_shared_external_file(tiny_bundle, tmp_path):
+    """An exporter may write every weight into one external file, each tensor at its own ``offset``
+    (onnx's external-data fields): each is read from there, so the streamed graph computes the same."""
+    import shutil
+
+    from sdturbo.export.onnx_export import _stream_large
+
+    comp = Bundle(tiny_bundle).component("fp32", "text_encoder")
+    head = raw_external(comp, tmp_path / "raw", all_tensors_to_one_file=True, location="weights.bin")
+    offsets = external_offsets(head)
+    assert len(offsets) > 1 and max(offsets) > 0  # (the case under test: tensors after the first)
+    _stream_large(head, tmp_path / "raw", comp.spec, tmp_path / "text_encoder.onnx")
+    shutil.rmtree(tmp_path / "raw")
+    args = sample_inputs(comp.spec, DIMS[1], vocab_size=700, seed=7)
+    feeds = {t.name: a.numpy() for t, a in zip(comp.spec.inputs, args, strict=True)}
+    want = ort.InferenceSession(str(comp.onnx), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(tmp_path / "text_encoder.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )[0]
     np.testing.assert_array_equal(got, want)
