@@ -40,6 +40,7 @@ class TrtEngine:
         if self.engine is None:
             raise BackendError(f"TensorRT could not load {plan} (see the [TRT] messages above)")
         self.name = plan.stem
+        self._checked: set[str] = set()  # components whose inputs and outputs check_io has seen to be the spec's
         self.cache_path = plan.with_suffix(".runtime-cache")
         self.runtime_cache = None
         self.rtx = rtx
@@ -56,12 +57,47 @@ class TrtEngine:
     def context(self, spec, dims: dict[str, int], addresses: dict[str, int]) -> TrtContext:
         """A new execution context on this engine's memory, its input shapes (``spec`` at ``dims``) and
         tensor addresses set once."""
+        if spec.name not in self._checked:
+            self.check_io(spec)
         c = self.new_context()
         for t in spec.inputs:
             c.set_shape(t.name, t.concrete(dims))
+        for t in spec.outputs:  # what TensorRT will write, against the buffer made for it
+            got, want = c.shape(t.name), t.concrete(dims)
+            if got != want:
+                raise BackendError(
+                    f"{self.name}'s engine would write {t.name} as {got} where the bundle's graph gives {want}; "
+                    "rebuild its engines (sdturbo build)"
+                )
         for tensor, ptr in addresses.items():
             c.bind(tensor, ptr)
         return c
+
+    def check_io(self, spec) -> None:
+        """The engine's inputs and outputs are the bundle's graph's: the same names, each an input or an output
+        as there, of the same element type. TensorRT binds tensors by address and checks none of this, so an
+        engine built from another graph would read and write the pipeline's buffers as what they are not."""
+        e, trt = self.engine, self.trt
+        have = {e.get_tensor_name(i) for i in range(e.num_io_tensors)}
+        want = {t.name: (t, trt.TensorIOMode.INPUT) for t in spec.inputs}
+        want |= {t.name: (t, trt.TensorIOMode.OUTPUT) for t in spec.outputs}
+        rebuild = "rebuild its engines (sdturbo build)"
+        if have != set(want):
+            raise BackendError(
+                f"{self.name}'s engine has tensors {sorted(have)}, the bundle's graph {sorted(want)}; {rebuild}"
+            )
+        types = {"float32": trt.DataType.FLOAT, "float16": trt.DataType.HALF, "int32": trt.DataType.INT32}
+        for name, (t, mode) in want.items():
+            got_mode, got_type = e.get_tensor_mode(name), e.get_tensor_dtype(name)
+            if got_mode != mode:
+                raise BackendError(
+                    f"{self.name}'s engine has {name} as {got_mode}, the bundle's graph as {mode}; {rebuild}"
+                )
+            if got_type != types.get(t.dtype):
+                raise BackendError(
+                    f"{self.name}'s engine has {name} as {got_type}, the bundle's graph as {t.dtype}; {rebuild}"
+                )
+        self._checked.add(spec.name)
 
     def new_context(self) -> TrtContext:
         """A new execution context on this engine's memory."""
@@ -108,6 +144,10 @@ class TrtContext:
     def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
         if not self.context.set_input_shape(name, tuple(int(d) for d in shape)):
             raise BackendError(f"TensorRT refused shape {shape} for {self.name}.{name}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """``name``'s shape in this context (an output's, as inferred from the input shapes set)."""
+        return tuple(int(d) for d in self.context.get_tensor_shape(name))
 
     def bind(self, name: str, ptr: int) -> None:
         if not self.context.set_tensor_address(name, ptr):
@@ -164,6 +204,7 @@ class TrtPipeline(DevicePipeline):
                     continue
                 raise
             engines[name] = open_engine(plan)
+            engines[name].check_io(b.component(PRECISION, name).spec)  # at open, not at the first request
         self._caches_saved = False
         self._setup(self.profile, cuda_graph, engines)
 

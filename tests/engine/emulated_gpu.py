@@ -26,6 +26,7 @@ import time
 import weakref
 
 import numpy as np
+import onnx
 from sdturbo.engine import cuda as cuda_module
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.bundle import Bundle
@@ -33,6 +34,7 @@ from sdturbo.engine.ort_pipeline import OrtCudaPipeline
 from sdturbo.engine.trt_pipeline import PRECISION, TrtEngine, TrtPipeline
 
 F32 = np.float32
+ONNX_TYPES = {1: "DataType.FLOAT", 10: "DataType.HALF", 6: "DataType.INT32", 7: "DataType.INT64"}  # as TensorRT's
 
 
 class Memory:
@@ -272,6 +274,12 @@ class EmulatedTensorRT:
     class DynamicShapesKernelSpecializationStrategy:
         LAZY, EAGER, NONE = "lazy", "eager", "none"
 
+    class TensorIOMode:
+        NONE, INPUT, OUTPUT = "TensorIOMode.NONE", "TensorIOMode.INPUT", "TensorIOMode.OUTPUT"
+
+    class DataType:
+        FLOAT, HALF, INT32, INT64 = "DataType.FLOAT", "DataType.HALF", "DataType.INT32", "DataType.INT64"
+
     def __init__(self, bundle: Bundle, cuda: EmulatedCuda, rtx: bool = False):
         self.bundle, self.cuda, self.rtx = bundle, cuda, rtx
         self.contexts: dict[str, list[EmulatedContext]] = {}  # every context made, per component
@@ -288,10 +296,22 @@ class EmulatedTensorRT:
 
 
 class EmulatedCudaEngine:
+    """An engine built from ``component``'s fp16 ONNX: its input and output tensors are that graph's (names,
+    roles, element types, axes), read from the file, not from the bundle's spec that the runtime checks them by."""
+
     def __init__(self, trt: EmulatedTensorRT, component: str):
         self.trt, self.component = trt, component
         if not trt.cuda.context_current:
             raise RuntimeError("deserialize_cuda_engine without a current CUDA context")
+        graph = onnx.load(str(trt.bundle.component(PRECISION, component).onnx), load_external_data=False).graph
+        mode = trt.TensorIOMode
+        self.io = {  # name -> (mode, data type, axes: int or the symbolic name)
+            v.name: (m, ONNX_TYPES[v.type.tensor_type.elem_type], [d.dim_param or d.dim_value for d in dims])
+            for m, values in ((mode.INPUT, graph.input), (mode.OUTPUT, graph.output))
+            for v in values
+            for dims in [v.type.tensor_type.shape.dim]
+        }
+        self.num_io_tensors = len(self.io)
         if trt.rtx:  # TensorRT-RTX engines have device_memory_size_v2 only
             self.create_runtime_config = self._runtime_config
             self.device_memory_size_v2 = 1 << 20
@@ -329,12 +349,21 @@ class EmulatedCudaEngine:
 
         return RuntimeConfig()
 
+    def get_tensor_name(self, index: int) -> str:
+        return list(self.io)[index]
+
+    def get_tensor_mode(self, name: str):
+        return self.io[name][0] if name in self.io else self.trt.TensorIOMode.NONE
+
+    def get_tensor_dtype(self, name: str):
+        return self.io[name][1]
+
     def create_execution_context(self, strategy_or_config):
         if self.trt.rtx and strategy_or_config.dynamic_shapes_kernel_specialization_strategy != "eager":
             raise AssertionError(
                 "TensorRT-RTX context without EAGER kernel specialisation: a generic kernel would be captured"
             )
-        ctx = EmulatedContext(self.trt.bundle, self.component, self.trt.cuda)
+        ctx = EmulatedContext(self.trt.bundle, self.component, self.trt.cuda, self)
         self.trt.contexts.setdefault(self.component, []).append(ctx)
         return ctx
 
@@ -343,8 +372,8 @@ class EmulatedContext:
     """An execution context: shapes and addresses as set, read when enqueued (as TensorRT records them).
     Once enqueued into a captured graph its shapes and addresses may not change (TensorRT's CUDA-graph rule)."""
 
-    def __init__(self, bundle: Bundle, name: str, cuda: EmulatedCuda):
-        self.name, self.cuda = name, cuda
+    def __init__(self, bundle: Bundle, name: str, cuda: EmulatedCuda, engine: EmulatedCudaEngine):
+        self.name, self.cuda, self.engine, self.scale = name, cuda, engine, bundle.vae_scale_factor
         self.spec = bundle.component(PRECISION, name).spec
         self.stage = OnnxRuntimeBackend(PRECISION).load(bundle, name)
         self.shapes: dict[str, tuple] = {}
@@ -365,6 +394,20 @@ class EmulatedContext:
             self._frozen(f"input shape {name}")
         self.shapes[name] = tuple(shape)
         return True
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        """As TensorRT infers it from the input shapes set: the graph's axes, the pixel and latent sides from
+        each other by the VAE's scale factor; -1 where unknown (TensorRT's answer before every input is set)."""
+        values = {}
+        for tensor, shape in self.shapes.items():
+            values |= {a: v for a, v in zip(self.engine.io[tensor][2], shape, strict=True) if isinstance(a, str)}
+        for pixels in ("height", "width"):
+            latent = f"latent_{pixels}"
+            if latent in values:
+                values.setdefault(pixels, values[latent] * self.scale)
+            elif pixels in values:
+                values[latent] = values[pixels] // self.scale
+        return tuple(a if isinstance(a, int) else values.get(a, -1) for a in self.engine.io[name][2])
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         if name not in {t.name for t in (*self.spec.inputs, *self.spec.outputs)}:

@@ -8,6 +8,7 @@ step order or stale buffer shows. The real GPU path is tests/engine/test_gpu_pip
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -17,7 +18,7 @@ pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip i
 
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.engine_store import Profile
-from sdturbo.engine.errors import BundleError, EngineMissing, NonFiniteOutput
+from sdturbo.engine.errors import BackendError, BundleError, EngineMissing, NonFiniteOutput
 from sdturbo.engine.pipeline import Pipeline
 from sdturbo.export.trt_build import build_engines
 
@@ -228,3 +229,59 @@ def test_an_image_that_is_not_finite_says_how_to_run_fp32_graphs(pipes, monkeypa
         "fp32 graphs avoid it: --backend onnxruntime-cuda --precision fp32): its pixels are no image"
     )
     np.testing.assert_array_equal(e.value.images[0], clean[0])
+
+
+ENGINE_NOT_THE_GRAPH = {  # component, how its engine differs from the bundle's graph, what the error names
+    "element type": (
+        "unet",
+        lambda io: io["noise_pred"].__setitem__(1, "DataType.FLOAT"),
+        "noise_pred as DataType.FLOAT",
+    ),
+    "tensor names": (
+        "vae_decoder",
+        lambda io: io.__setitem__("sample", io.pop("image")),
+        "tensors ['latents', 'sample']",
+    ),
+    "roles": ("text_encoder", lambda io: io["hidden_states"].__setitem__(0, "TensorIOMode.INPUT"), "hidden_states as"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENGINE_NOT_THE_GRAPH))
+def test_an_engine_that_is_not_the_bundles_graph_is_refused_at_open(bundles, monkeypatch, case):
+    """TensorRT binds by address and checks no type or name: an engine whose inputs and outputs are not the
+    bundle's graph's would read and write the buffers as what they are not. Refused when the engines load."""
+    from tests.engine.emulated_gpu import EmulatedCudaEngine
+
+    component, change, named = ENGINE_NOT_THE_GRAPH[case]
+    built = EmulatedCudaEngine.__init__
+
+    def engine(self, trt, name):
+        built(self, trt, name)
+        self.io = {k: list(v) for k, v in self.io.items()}
+        if name == component:
+            change(self.io)
+
+    monkeypatch.setattr(EmulatedCudaEngine, "__init__", engine)
+    with pytest.raises(BackendError, match=f"{component}'s engine has .*{re.escape(named)}.*sdturbo build"):
+        emulated_pipeline(bundles["sd-turbo"], EmulatedCuda(), rtx=True)
+
+
+def test_an_engine_whose_output_shape_is_not_the_buffers_is_refused_before_it_runs(bundles, monkeypatch):
+    """An engine that would write more (or less) than the buffer made for its output (here: a decoder that
+    does not upsample) is refused when its shape's context is made, before any enqueue writes past it."""
+    from tests.engine.emulated_gpu import EmulatedContext, EmulatedCudaEngine
+
+    built = EmulatedCudaEngine.__init__
+
+    def engine(self, trt, name):
+        built(self, trt, name)
+        if name == "vae_decoder":
+            self.io = {**self.io, "image": (*self.io["image"][:2], ["batch", 3, "latent_height", "latent_width"])}
+
+    monkeypatch.setattr(EmulatedCudaEngine, "__init__", engine)
+    pipe = emulated_pipeline(bundles["sd-turbo"], EmulatedCuda(), rtx=True)
+    monkeypatch.setattr(EmulatedContext, "execute_async_v3", lambda *a: pytest.fail("an engine was enqueued"))
+    with pytest.raises(
+        BackendError, match=r"vae_decoder's engine would write image as \(1, 3, 8, 8\) where .* \(1, 3, 64, 64\)"
+    ):
+        pipe(PROMPTS[:1], height=64, width=64, seed=1)
