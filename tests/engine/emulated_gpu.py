@@ -363,7 +363,7 @@ class EmulatedCudaEngine:
             raise AssertionError(
                 "TensorRT-RTX context without EAGER kernel specialisation: a generic kernel would be captured"
             )
-        ctx = EmulatedContext(self.trt.bundle, self.component, self.trt.cuda, self)
+        ctx = EmulatedContext(self.trt.bundle, self.component, self.trt.cuda, self.io)
         self.trt.contexts.setdefault(self.component, []).append(ctx)
         return ctx
 
@@ -372,8 +372,9 @@ class EmulatedContext:
     """An execution context: shapes and addresses as set, read when enqueued (as TensorRT records them).
     Once enqueued into a captured graph its shapes and addresses may not change (TensorRT's CUDA-graph rule)."""
 
-    def __init__(self, bundle: Bundle, name: str, cuda: EmulatedCuda, engine: EmulatedCudaEngine):
-        self.name, self.cuda, self.engine, self.scale = name, cuda, engine, bundle.vae_scale_factor
+    def __init__(self, bundle: Bundle, name: str, cuda: EmulatedCuda, io: dict):
+        """``io``: its engine's tensors (not the engine: a context kept by the test must not keep it alive)."""
+        self.name, self.cuda, self.io, self.scale = name, cuda, io, bundle.vae_scale_factor
         self.spec = bundle.component(PRECISION, name).spec
         self.stage = OnnxRuntimeBackend(PRECISION).load(bundle, name)
         self.shapes: dict[str, tuple] = {}
@@ -400,14 +401,14 @@ class EmulatedContext:
         each other by the VAE's scale factor; -1 where unknown (TensorRT's answer before every input is set)."""
         values = {}
         for tensor, shape in self.shapes.items():
-            values |= {a: v for a, v in zip(self.engine.io[tensor][2], shape, strict=True) if isinstance(a, str)}
+            values |= {a: v for a, v in zip(self.io[tensor][2], shape, strict=True) if isinstance(a, str)}
         for pixels in ("height", "width"):
             latent = f"latent_{pixels}"
             if latent in values:
                 values.setdefault(pixels, values[latent] * self.scale)
             elif pixels in values:
                 values[latent] = values[pixels] // self.scale
-        return tuple(a if isinstance(a, int) else values.get(a, -1) for a in self.engine.io[name][2])
+        return tuple(a if isinstance(a, int) else values.get(a, -1) for a in self.io[name][2])
 
     def set_tensor_address(self, name: str, ptr: int) -> bool:
         if name not in {t.name for t in (*self.spec.inputs, *self.spec.outputs)}:
