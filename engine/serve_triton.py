@@ -94,6 +94,26 @@ def infer_function(batcher: Batcher):
     return infer
 
 
+class _Interrupted(BaseException):
+    """SIGTERM or SIGINT while Triton starts. A terminal's Ctrl-C reaches tritonserver too (one process group),
+    and pytriton would then wait minutes for it to turn ready: the wait is broken off instead."""
+
+
+class StopSignal(threading.Event):
+    """The handler of SIGTERM and SIGINT: set. While ``armed`` (Triton starting) it also raises _Interrupted in
+    the main thread, once; otherwise the serving loop sees it within a second."""
+
+    def __init__(self):
+        super().__init__()
+        self.armed = False
+
+    def __call__(self, *_) -> None:
+        self.set()
+        if self.armed:
+            self.armed = False
+            raise _Interrupted
+
+
 def check_ports(cfg: ServeConfig) -> None:
     """Each port free on the host, or an InputError now (tritonserver would fail to bind it much later)."""
     for option, port in (
@@ -117,8 +137,8 @@ def serve(pipe, cfg: ServeConfig, verbose: bool = False) -> int:
     timed out with one still running): open another to use it after."""
     triton, model_config = import_pytriton()
     check_ports(cfg)
-    stop = threading.Event()
-    handlers = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    stop = StopSignal()
+    handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     batcher = Batcher(pipe, cfg.max_batch, cfg.max_queue_delay_ms / 1000)
     try:
         side = default_size(pipe.bundle)
@@ -143,12 +163,15 @@ def serve(pipe, cfg: ServeConfig, verbose: bool = False) -> int:
         )
 
 
-def _serve(triton, model_config, batcher: Batcher, cfg: ServeConfig, stop: threading.Event, verbose: bool) -> int:
+def _serve(triton, model_config, batcher: Batcher, cfg: ServeConfig, stop: StopSignal, verbose: bool) -> int:
     use_own_libpython()
     if not verbose:
         logging.getLogger("pytriton").setLevel(logging.WARNING)
     _allow_drain(cfg.drain_timeout_s)
-    server = _start(triton, model_config, batcher, cfg, verbose)
+    server = _start(triton, model_config, batcher, cfg, verbose, stop)
+    if server is None:
+        log.info("stopped while Triton was starting")
+        return 0
     bundle = batcher.pipe.bundle
     log.info(
         "serving %s (%s) as model %r on %s: HTTP port %d, gRPC port %d, metrics port %d; max batch %d",
@@ -167,11 +190,12 @@ def _serve(triton, model_config, batcher: Batcher, cfg: ServeConfig, stop: threa
     return rc
 
 
-def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bool):
-    """A running Triton with the model loaded. The model goes into the repository before tritonserver starts,
-    so /v2/health/ready turns true only once it is loaded (pytriton's default loads it into a running, already
-    ready server). pytriton's model instances start in parallel and look for the first one's handshake socket
-    for one second only, which a loaded machine can miss: then the model fails to load, and we start again."""
+def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bool, stop: StopSignal):
+    """A running Triton with the model loaded, or None when ``stop`` came first (whatever had started is
+    stopped). The model goes into the repository before tritonserver starts, so /v2/health/ready turns true
+    only once it is loaded (pytriton's default loads it into a running, already ready server). pytriton's model
+    instances start in parallel and look for the first one's handshake socket for one second only, which a
+    loaded machine can miss: then the model fails to load, and we start again."""
     config = triton.TritonConfig(
         http_address=cfg.host,
         grpc_address=cfg.host,
@@ -184,26 +208,41 @@ def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bo
     )
     inputs, outputs = tensors(model_config)
     policy = triton.TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
-    for attempt in range(1, START_ATTEMPTS + 1):
-        server = triton.Triton(config=config, triton_lifecycle_policy=policy)
-        try:
-            server.bind(
-                model_name=MODEL,
-                infer_func=[infer_function(batcher)] * (2 * cfg.max_batch),
-                inputs=inputs,
-                outputs=outputs,
-                config=model_config.ModelConfig(batching=False),
-                strict=True,
-            )
-            server.run()
-            return server
-        except Exception as e:  # pytriton's own error types; tritonserver's log above says why
+    server = None
+    try:
+        for attempt in range(1, START_ATTEMPTS + 1):
+            stop.armed = True  # from here a stop signal breaks off the start (before: it is seen just below)
+            if stop.is_set():
+                break
+            server = triton.Triton(config=config, triton_lifecycle_policy=policy)
+            try:
+                server.bind(
+                    model_name=MODEL,
+                    infer_func=[infer_function(batcher)] * (2 * cfg.max_batch),
+                    inputs=inputs,
+                    outputs=outputs,
+                    config=model_config.ModelConfig(batching=False),
+                    strict=True,
+                )
+                server.run()
+                stop.armed = False
+                return server
+            except Exception as e:  # pytriton's own error types; tritonserver's log above says why
+                stop.armed = False
+                server.stop()
+                server = None
+                if stop.is_set():  # the stop signal reached tritonserver too: that is why it failed
+                    break
+                if attempt == START_ATTEMPTS:
+                    raise BackendError(f"Triton did not load the model in {START_ATTEMPTS} attempts: {e}") from e
+                log.warning(
+                    "Triton did not load the model (%s); starting it again (%d of %d)", e, attempt + 1, START_ATTEMPTS
+                )
+    except _Interrupted:
+        stop.armed = False
+        if server is not None:
             server.stop()
-            if attempt == START_ATTEMPTS:
-                raise BackendError(f"Triton did not load the model in {START_ATTEMPTS} attempts: {e}") from e
-            log.warning(
-                "Triton did not load the model (%s); starting it again (%d of %d)", e, attempt + 1, START_ATTEMPTS
-            )
+    return None
 
 
 def _allow_drain(seconds: int) -> None:

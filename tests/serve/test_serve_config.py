@@ -1,11 +1,16 @@
-"""serve_triton.py's checks that need no server: ports, the libpython path handed to Triton's stub."""
+"""serve_triton.py's checks that need no server: ports, the libpython path handed to Triton's stub, a stop
+while Triton starts."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sysconfig
 import threading
+import time
+import types
+import typing
 
 import pytest
 from sdturbo.engine.errors import InputError
@@ -58,3 +63,53 @@ def test_serve_warms_up_on_the_thread_that_serves(tiny_bundle, monkeypatch):
     cfg = ServeConfig(host="127.0.0.1", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
     assert serve_triton.serve(open_pipeline(tiny_bundle, "onnxruntime", "fp32"), cfg) == 0
     assert threads == ["sdturbo-batcher"]
+
+
+class StartingTriton:
+    """pytriton's Triton while it starts, after a terminal's Ctrl-C (sent to the whole process group) killed
+    tritonserver: run() polls in Python for a server that will never be ready (pytriton gives up after 120 s)."""
+
+    made: typing.ClassVar[list[StartingTriton]] = []
+
+    def __init__(self, config=None, triton_lifecycle_policy=None):
+        self.stopped = self.waited_out = False
+        StartingTriton.made.append(self)
+
+    def bind(self, **kwargs):
+        pass
+
+    def run(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # the stop signal, at this process too
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.waited_out = True
+        raise TimeoutError("Waiting for server to be ready timed out.")
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_a_stop_while_triton_starts_stops_it_now(tiny_bundle, monkeypatch, caplog):
+    """Ctrl-C during start-up: the start is broken off and what had started is stopped, instead of waiting
+    out pytriton's readiness timeout and starting Triton again for each attempt left."""
+    from sdturbo.engine import serve_triton
+    from sdturbo.engine.runtime import open_pipeline
+
+    triton = types.SimpleNamespace(
+        Triton=StartingTriton, TritonConfig=lambda **kw: kw, TritonLifecyclePolicy=lambda **kw: kw
+    )
+    model_config = types.SimpleNamespace(ModelConfig=lambda **kw: kw)
+    monkeypatch.setattr(serve_triton, "import_pytriton", lambda: (triton, model_config))
+    monkeypatch.setattr(serve_triton, "tensors", lambda model_config: ([], []))
+    for name in ("check_ports", "warm_up", "use_own_libpython", "_allow_drain"):
+        monkeypatch.setattr(serve_triton, name, lambda *args: None)
+    StartingTriton.made.clear()
+    outer = signal.signal(signal.SIGTERM, lambda *_: None)  # were serve's own handler missing: no harm done here
+    try:
+        with caplog.at_level("INFO", logger="sdturbo.engine.serve_triton"):
+            assert serve_triton.serve(open_pipeline(tiny_bundle, "onnxruntime", "fp32"), ServeConfig()) == 0
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+    assert [(t.waited_out, t.stopped) for t in StartingTriton.made] == [(False, True)]  # one start, stopped
+    assert "stopped while Triton was starting" in caplog.messages
