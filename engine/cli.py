@@ -61,6 +61,7 @@ def cmd_generate(args) -> None:
     from .cache import ensure_bundle
     from .images import check_out_path, load_image, save_images
     from .prompt_cache import DEFAULT_SIZE as DEFAULT_PROMPT_CACHE
+    from .request import check_settings
     from .runtime import check_gpu_backend, choose_backend, default_precision, open_pipeline
 
     if args.bundle and args.model:
@@ -94,6 +95,9 @@ def cmd_generate(args) -> None:
             latents = np.load(args.latents)
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read --latents {args.latents}: {e}") from e
+    strength = 0.5 if args.strength is None else args.strength
+    settings = dict(steps=args.steps, height=height, width=width, seed=args.seed, strength=strength)
+    check_settings(prompts, **settings, img2img=image is not None)  # before minutes of export or loading
     backend = choose_backend(args.backend)
     check_gpu_backend(backend)
     precision = args.precision or default_precision(backend)
@@ -108,16 +112,7 @@ def cmd_generate(args) -> None:
         vae=args.vae,
         prompt_cache=0 if args.no_prompt_cache else DEFAULT_PROMPT_CACHE,
     ) as pipe:
-        request = pipe.request(
-            prompts,
-            steps=args.steps,
-            height=height,
-            width=width,
-            seed=args.seed,
-            latents=latents,
-            image=image,
-            strength=0.5 if args.strength is None else args.strength,
-        )
+        request = pipe.request(prompts, **settings, latents=latents, image=image)
         pipe.load(img2img=image is not None)
         log.info("ready in %.2f s", time.perf_counter() - start)
         start = time.perf_counter()

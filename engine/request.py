@@ -10,7 +10,7 @@ import numpy as np
 from .bundle import Bundle
 from .errors import InputError
 from .images import check_pixels
-from .schedule import check_steps, default_steps, make_schedule
+from .schedule import check_steps, default_steps, make_schedule, steps_kept
 
 # The largest |value| allowed in caller's noise (latents, image_noise, step_noise). They are unit-variance
 # normal draws, whose peak over a billion values is about 6; a value past this bound is not noise and only
@@ -60,25 +60,9 @@ class Request:
 
     def check(self, bundle: Bundle) -> None:
         """Raise InputError naming the first bad value; nothing has run yet."""
-        if not self.prompts:
-            raise InputError("the prompt list is empty; give at least one prompt")
-        bad = [p for p in self.prompts if not isinstance(p, str)]
-        if bad:
-            raise InputError(f"prompts must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
-        for i, p in enumerate(self.prompts):
-            check_utf8(i, p)
-        check_steps(self.steps)
-        f = bundle.vae_scale_factor
-        for side, v in (("height", self.height), ("width", self.width)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
-                raise InputError(f"{side} {v!r} is not allowed; use a positive multiple of {f}")
+        self.check_values(bundle.vae_scale_factor)
         bundle.check_request(self.batch, self.height, self.width)
-        seeds = self.seed if isinstance(self.seed, tuple) else (self.seed,)
-        if isinstance(self.seed, tuple) and len(seeds) != self.batch:
-            raise InputError(f"{len(seeds)} seeds for {self.batch} prompts; give one seed, or one per prompt")
-        for s in seeds:
-            if not isinstance(s, (int, np.integer)) or not 0 <= s < 2**63:
-                raise InputError(f"seed {s!r} is not allowed; use an integer from 0 to 2**63 - 1")
+        f = bundle.vae_scale_factor
         shape = self.latent_shape(bundle)
         for name in ("latents", "image_noise"):
             if getattr(self, name) is not None:
@@ -97,6 +81,34 @@ class Request:
             if not sched.ancestral:
                 raise InputError("step_noise is only used by ancestral schedulers (SDXL-Turbo)")
             check_noise("step_noise", self.step_noise, (sched.steps, *shape), "[steps run, batch, ...]")
+
+    def check_values(self, scale: int) -> None:
+        """The checks that need no bundle: prompts, steps (and strength, for img2img), sides (multiples of
+        ``scale``, the VAE's), seeds; InputError naming the first bad value."""
+        if not self.prompts:
+            raise InputError("the prompt list is empty; give at least one prompt")
+        bad = [p for p in self.prompts if not isinstance(p, str)]
+        if bad:
+            raise InputError(f"prompts must be strings; got {type(bad[0]).__name__} {bad[0]!r}")
+        for i, p in enumerate(self.prompts):
+            check_utf8(i, p)
+        check_steps(self.steps)
+        if self.image is not None:
+            steps_kept(self.steps, self.strength)
+        for side, v in (("height", self.height), ("width", self.width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % scale:
+                raise InputError(f"{side} {v!r} is not allowed; use a positive multiple of {scale}")
+        seeds = self.seed if isinstance(self.seed, tuple) else (self.seed,)
+        if isinstance(self.seed, tuple) and len(seeds) != self.batch:
+            raise InputError(f"{len(seeds)} seeds for {self.batch} prompts; give one seed, or one per prompt")
+        for s in seeds:
+            if not isinstance(s, (int, np.integer)) or not 0 <= s < 2**63:
+                raise InputError(f"seed {s!r} is not allowed; use an integer from 0 to 2**63 - 1")
+        if not isinstance(self.seed, tuple) and int(self.seed) + self.batch - 1 >= 2**63:  # image i: seed + i
+            raise InputError(
+                f"seed {self.seed} is not allowed for a batch of {self.batch}: image i uses seed + i; "
+                f"use an integer from 0 to 2**63 - {self.batch}"
+            )
 
 
 def check_utf8(index: int, prompt: str) -> None:
@@ -164,6 +176,17 @@ def build_request(
     req = Request(prompts, height, width, steps, seed, latents, image, strength, image_noise, step_noise)
     req.check(bundle)
     return req
+
+
+def check_settings(
+    prompts: Sequence[str], *, steps: int | None, height: int, width: int, seed: int, strength: float, img2img: bool
+) -> None:
+    """build_request's checks that need no bundle (sides by 8: every family's VAE's), for a request of
+    ``prompts``: the CLI asks before a model is exported or loaded, so a mistyped value costs neither."""
+    if steps is None:
+        steps = default_steps(strength) if img2img else 1
+    image = np.zeros((0,), np.uint8) if img2img else None  # only whether there is one matters here
+    Request(tuple(prompts), height, width, steps, seed, image=image, strength=strength).check_values(8)
 
 
 def draw_noise(seed: int | Sequence[int], shape: tuple[int, ...], draws: int = 1) -> list[np.ndarray]:

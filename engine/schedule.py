@@ -7,6 +7,7 @@ torch. The values are fixed per (steps, strength): a request never computes them
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -152,16 +153,26 @@ def make_schedule(config: SchedulerConfig, steps: int, strength: float = 1.0) ->
     """The schedule for ``steps`` inference steps; img2img keeps the last int(steps * strength) of them.
 
     Checked here on every call, then memoized by value (its arrays are shared; nothing writes to them)."""
+    return _schedule(config, int(steps), steps_kept(steps, strength))
+
+
+def steps_kept(steps: int, strength: float = 1.0) -> int:
+    """How many of ``steps`` an img2img request at ``strength`` runs (all at 1.0); InputError when the values
+    are not allowed or run no step. Needs no model: the CLI asks before a bundle is exported or loaded."""
     check_steps(steps)
     if not _strength_ok(strength):
         raise InputError(f"strength={strength!r} is not allowed; use a number in (0, 1]")
     kept = min(int(steps * strength), steps)
     if kept < 1:
+        shown = f"{1 / steps:g}"  # the least strength that runs a step, as a number that does when typed
+        shown = shown if int(steps * float(shown)) >= 1 else f"{math.ceil(1e6 / steps) / 1e6:g}"
+        least = f"at {steps} step{'s' * (steps > 1)}, strength must be at least {shown}"
+        more = f", or more steps (up to {MAX_STEPS})" if steps < MAX_STEPS else ""
         raise InputError(
-            f"steps * strength = {steps} * {strength} = {steps * strength:g} runs no step; "
-            f"int(steps * strength) must be at least 1 (raise --steps or --strength)"
+            f"steps * strength = {steps} * {float(strength):g} = {steps * strength:g} runs no step; "
+            f"int(steps * strength) must be at least 1: {least}{more}"
         )
-    return _schedule(config, int(steps), kept)
+    return kept
 
 
 @lru_cache(maxsize=64)

@@ -89,11 +89,13 @@ def test_cli_error_leaves_cache_intact(tiny_bundle, tmp_path):
 
     from sdturbo.engine.cache import bundle_dir_for
 
+    good = ("generate", "a cat", "--model", "random:tiny", "--size", "64x64", "--out")
+    assert run_cli(*good, str(tmp_path / "first.png"), env=dict(os.environ)).returncode == 0  # cached now
     r = run_cli("generate", "a cat", "--model", "random:tiny", "--size", "64x60", env=dict(os.environ))
     assert r.returncode == 2 and "height 60" in r.stderr
     cached = bundle_dir_for("random:tiny")
     assert Bundle(cached).precisions == ("fp32",)
     out = tmp_path / "ok.png"
-    r = run_cli("generate", "a cat", "--model", "random:tiny", "--size", "64x64", "--out", str(out))
+    r = run_cli(*good, str(out))
     assert r.returncode == 0, r.stderr
     assert out.is_file()

@@ -488,3 +488,34 @@ def test_a_malformed_manifest_names_the_field(tiny_bundle, tmp_path, field, valu
         Bundle(tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 'manifest.json'} is malformed: ")
     assert message in str(e.value) and str(e.value).endswith("; export the bundle again"), str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--steps", "5"], "steps=5 is not allowed"),
+        (["--size", "100x64"], "width 100 is not allowed"),
+        (["--seed", "9223372036854775807", "--batch", "2"], "seed 9223372036854775807 is not allowed for a batch of 2"),
+        (["--image", "{image}", "--strength", "0.1"], "at 4 steps, strength must be at least 0.25"),
+        (["--image", "{image}", "--strength", "0.2", "--steps", "2"], "at least 0.5, or more steps (up to 4)"),
+    ],
+)
+def test_generate_names_a_bad_setting_before_exporting_or_loading_anything(capsys, tmp_path, monkeypatch, args, named):
+    """A typo in a setting that needs no model is named at once, not after the model's download and export
+    (minutes, for the real one) or its load."""
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in.png")
+    args = [a.format(image=tmp_path / "in.png") for a in args]
+    monkeypatch.setattr("sdturbo.engine.cache.ensure_bundle", lambda *a, **k: pytest.fail("a bundle was asked for"))
+    monkeypatch.setattr("sdturbo.engine.runtime.open_pipeline", lambda *a, **k: pytest.fail("a pipeline was opened"))
+    rc = cli.main(["generate", "a cat", "--model", "random:tiny", "--out", str(tmp_path / "x.png"), *args])
+    line = one_line(capsys.readouterr().err)
+    assert rc == 2 and named in line, line
+
+
+def test_a_batchs_last_seed_must_be_a_seed_too(pipe):
+    """Image i of a batch uses seed + i, so the last image's seed must be in range as a batch-1 call's is."""
+    top = 2**63 - 1
+    with pytest.raises(InputError, match="not allowed for a batch of 2"):
+        pipe.request(["a", "b"], height=64, width=64, seed=np.int64(top))
+    assert pipe.request(["a", "b"], height=64, width=64, seed=top - 1).seed == top - 1
+    assert pipe.request(["a", "b"], height=64, width=64, seed=(top, top)).seed == (top, top)  # one per image
