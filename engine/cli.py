@@ -158,9 +158,15 @@ def cmd_build(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    import importlib.util
+
     try:
         from ..benchmarks import report
         from ..benchmarks.bench import BenchConfig, run
+
+        missing = next((m for m in ("matplotlib",) if importlib.util.find_spec(m) is None), None)
+        if missing:  # imported only to draw the plot, after the whole run: asked for now
+            raise ImportError(name=missing)
     except ImportError as e:
         raise InputError(
             f"the benchmark needs the export and bench extras ({e.name} is missing): "

@@ -120,3 +120,20 @@ def test_a_contender_closes_its_pipeline_and_the_sweep_closes_the_latency_one_be
     ours.close()
     assert events == ["open 1-1", "close 1-1", "open 1-4", "close 1-4"]
     assert ours.pipe is None
+
+
+def test_a_missing_plotting_library_is_named_before_the_run(monkeypatch, capsys):
+    """matplotlib draws the plot after the whole run (many minutes at full size): its absence is named first,
+    with the extra that brings it, instead of a traceback once the run is over."""
+    import importlib.util
+
+    from sdturbo.benchmarks import bench
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a)
+    )
+    monkeypatch.setattr(bench, "run", lambda cfg: pytest.fail("the benchmark ran"))
+    assert main(["bench", "--model", "random:tiny", "--size", "64x64"]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib is missing" in err and "pip install 'sdturbo[export,bench,cpu]'" in err, err
