@@ -253,8 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdturbo", description="Fast SD-Turbo: export, build, generate.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
+    verbose = argparse.ArgumentParser(add_help=False)  # -v after the command too (not set there: the top's stays)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
 
-    e = sub.add_parser("export", help="export a model to an ONNX bundle")
+    def add_parser(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbose], **kwargs)
+
+    e = add_parser("export", help="export a model to an ONNX bundle")
     e.add_argument("model", help="hub id, local diffusers folder, or random:sd-turbo / random:tiny")
     e.add_argument("--out", required=True, help="bundle folder to create (or complete)")
     e.add_argument("--precision", choices=("fp32", "fp16", "all"), default="all")
@@ -271,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=cmd_export)
 
-    g = sub.add_parser("generate", help="make images from a prompt")
+    g = add_parser("generate", help="make images from a prompt")
     g.add_argument("prompt", nargs="+", help="one prompt per image (or one, repeated by --batch)")
     g.add_argument("--model", help=f"model to export and cache on first use (default {DEFAULT_MODEL})")
     g.add_argument("--bundle", help="an exported bundle folder")
@@ -307,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out.png", help="output PNG; several images get -0, -1, ... (default out.png)")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("build", help="build TensorRT engines from a bundle's fp16 ONNX")
+    b = add_parser("build", help="build TensorRT engines from a bundle's fp16 ONNX")
     b.add_argument("bundle")
     b.add_argument("--trt", choices=("tensorrt", "tensorrt-rtx"), help="library (default: whichever is installed)")
     b.add_argument("--batch", default="1", help="batch size N (static) or MIN-MAX (default 1)")
@@ -335,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=cmd_build)
 
-    c = sub.add_parser("check", help="compare each component's fp16 (or optimized) graph with its fp32 graph")
+    c = add_parser("check", help="compare each component's fp16 (or optimized) graph with its fp32 graph")
     c.add_argument("bundle")
     c.add_argument("--components", help="comma-separated subset (default: all)")
     c.add_argument("--precision", default="fp16", help="graph to compare with fp32 (default fp16)")
@@ -355,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tolerance", type=float, default=1e-2, help="largest relative L2 error (default 0.01)")
     c.set_defaults(func=cmd_check)
 
-    n = sub.add_parser("bench", help="compare latency with the diffusers reference on the same weights")
+    n = add_parser("bench", help="compare latency with the diffusers reference on the same weights")
     n.add_argument("--model", default="random:sd-turbo", help="model for every contender (default random:sd-turbo)")
     n.add_argument("--size", default="512x512", help="WIDTHxHEIGHT (default 512x512)")
     n.add_argument("--steps", type=int, default=1)
@@ -377,14 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     n.set_defaults(func=cmd_bench)
 
-    i = sub.add_parser("info", help="show what a bundle holds")
+    i = add_parser("info", help="show what a bundle holds")
     i.add_argument("bundle")
     i.add_argument(
         "--verify", action="store_true", help="hash every file again (default: only files changed since last checked)"
     )
     i.set_defaults(func=cmd_info)
 
-    v = sub.add_parser("serve", help="serve a model on Triton Inference Server (HTTP, gRPC: KServe v2)")
+    v = add_parser("serve", help="serve a model on Triton Inference Server (HTTP, gRPC: KServe v2)")
     src = v.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", help="an exported bundle folder")
     src.add_argument("--model", help="model to export and cache on first use (hub id, folder, random:...)")

@@ -68,7 +68,7 @@ def export_bundle(
     out = Path(out)
     asked = {"max_batch": max_batch, "min_size": min_size, "max_size": max_size}
     precisions = _check_args(precisions, asked)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
     with locked(out, "is exporting"):
         remove_leftovers(out.parent, f".{out.name}.tmp-*")
         remove_leftovers(out.parent, f".{out.name}.old-*")
@@ -87,6 +87,7 @@ def export_bundle(
             _check_same_name(existing, model, out)  # nothing to export: say so only for the bundle's own model
             log.info("bundle %s already has %s", out, ", ".join(precisions))
             return out
+        _check_can_write(out)  # before the model loads (minutes, for a real one)
         lm = load_model(model, half="fp32" not in todo) if todo else None
         if existing is not None and lm is not None:
             _check_same_model(existing, lm, out)
@@ -239,6 +240,28 @@ def _stamp_written(bundle: Bundle, written: dict, tokenizers: bool) -> None:
     for path, sha in bundle.tokenizer_sha256.items() if tokenizers else ():
         if sha is not None:
             stamp([path], sha)
+
+
+def _make_parent(out: Path) -> None:
+    """``out``'s parent folder, made if missing; InputError naming a file in the way."""
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write the bundle {out}: {folder} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write the bundle {out}: {out.parent} cannot be made ({e.strerror})") from e
+
+
+def _check_can_write(out: Path) -> None:
+    """The bundle is written into a temporary folder beside ``out``, then renamed: one is made and removed now
+    (what os.access cannot tell, such as a read-only mount, included); InputError if that fails."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise InputError(f"cannot write the bundle {out}: no folder can be made in {out.parent} ({e.strerror})") from e
 
 
 def _check_args(precisions, limits: dict) -> tuple[str, ...]:

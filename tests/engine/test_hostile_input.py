@@ -442,6 +442,8 @@ def test_an_unexpected_os_error_is_one_line(capsys, monkeypatch):
     assert "No space left on device" in one_line(capsys.readouterr().err)
     with pytest.raises(OSError):
         cli.main(["-v", "info", "x"])
+    with pytest.raises(OSError):  # -v after the command too, as users type it
+        cli.main(["info", "x", "-v"])
 
 
 def test_numbers_a_manifest_may_hold_and_a_null_second_tokenizer_are_taken(tiny_bundle, tmp_path):
@@ -519,3 +521,25 @@ def test_a_batchs_last_seed_must_be_a_seed_too(pipe):
         pipe.request(["a", "b"], height=64, width=64, seed=np.int64(top))
     assert pipe.request(["a", "b"], height=64, width=64, seed=top - 1).seed == top - 1
     assert pipe.request(["a", "b"], height=64, width=64, seed=(top, top)).seed == (top, top)  # one per image
+
+
+@pytest.mark.parametrize("where", ["read-only folder", "file in the way"])
+def test_export_names_an_unwritable_destination_before_loading_the_model(tmp_path, monkeypatch, capsys, where):
+    """A bundle goes into a temporary folder beside --out: one that cannot be made there is named before the
+    model loads (minutes for a real one), in one line, not as an errno after it with a temporary name."""
+    folder = tmp_path / "dest"
+    out = folder / "b"
+    if where == "file in the way":
+        folder.write_text("")
+        named = f"{folder} is a file, not a folder"
+        monkeypatch.setattr("sdturbo.export.bundle_writer.load_model", lambda *a, **k: pytest.fail("model loaded"))
+        rc, err = cli.main(["export", "random:tiny", "--out", str(out)]), capsys.readouterr().err
+    else:
+        folder.mkdir()
+        folder.chmod(0o555)
+        named = f"no folder can be made in {folder} (Permission denied)"
+        r = run_cli("export", "random:tiny", "--out", str(out), "-v", as_user=True)
+        rc, err = r.returncode, r.stderr
+        assert "loading" not in err.lower(), err  # the model was not loaded first
+    line = one_line(err)
+    assert rc == 2 and named in line and str(out) in line, line
