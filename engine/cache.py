@@ -37,9 +37,12 @@ def cache_folder(path: Path) -> Path:
 
 
 def bundle_dir_for(model: str) -> Path:
-    """The cache folder of the bundle exported from ``model`` (a hub id, folder or random:<name>)."""
-    key = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-")[-60:] or "model"
+    """The cache folder of the bundle exported from ``model`` (a hub id, folder or random:<name>): one per
+    model, however a local folder is spelled (``mdl``, ``./mdl``, its absolute path: named after the folder)."""
+    local = Path(model).expanduser()
+    key = str(local.resolve()) if local.exists() else model
+    name = Path(key).name if local.exists() else model
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[-60:] or "model"
     return cache_root() / "bundles" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 

@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from sdturbo.engine import files
 from sdturbo.engine.bundle import MANIFEST, Bundle
-from sdturbo.engine.cache import bundle_dir_for, ensure_bundle
+from sdturbo.engine.cache import bundle_dir_for, cache_root, ensure_bundle
 from sdturbo.engine.cli import main
 from sdturbo.engine.errors import BundleError
 from sdturbo.export import bundle_writer
@@ -116,6 +116,20 @@ def test_the_model_cache_follows_changes_and_heals(tmp_path, tiny_folder, caplog
         assert ensure_bundle(str(model), "fp32") == second.root
     assert "is damaged" in caplog.text and "exporting it again" in caplog.text
     Bundle(second.root).component("fp32", "text_encoder")  # intact again
+
+
+def test_a_model_folder_however_spelled_is_one_cached_bundle(tmp_path, tiny_folder, monkeypatch):
+    """``mdl``, ``./mdl``, ``mdl/`` and its absolute path are one model: exported once, one bundle."""
+    import sdturbo.export.bundle_writer as writer
+
+    model = shutil.copytree(tiny_folder, tmp_path / "mdl")
+    monkeypatch.chdir(tmp_path)
+    loads = []
+    load_model = writer.load_model
+    monkeypatch.setattr(writer, "load_model", lambda *a, **k: loads.append(a) or load_model(*a, **k))
+    roots = {ensure_bundle(spelling, "fp32") for spelling in ("mdl", "./mdl", "mdl/", str(model))}
+    assert len(roots) == 1 and len(loads) == 1, (roots, len(loads))
+    assert sorted(p.name for p in (cache_root() / "bundles").iterdir() if "mdl" in p.name) == [roots.pop().name]
 
 
 def test_adding_a_precision_from_a_changed_model_is_refused(tmp_path, tiny_folder):
