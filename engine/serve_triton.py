@@ -9,6 +9,7 @@ another runs.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -125,7 +126,14 @@ def check_ports(cfg: ServeConfig) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((cfg.host, port))
+            except socket.gaierror as e:
+                raise InputError(f"--host {cfg.host} is not an address or a name of one ({e.strerror})") from e
             except OSError as e:
+                if e.errno == errno.EADDRNOTAVAIL:
+                    raise InputError(
+                        f"--host {cfg.host} is not an address of this machine ({e.strerror}); "
+                        "give one of its own, or 0.0.0.0 for all"
+                    ) from e
                 raise InputError(
                     f"{option} {port} is not free on {cfg.host} ({e.strerror}); choose another port"
                 ) from e

@@ -4,6 +4,7 @@ while Triton starts."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sysconfig
@@ -32,6 +33,19 @@ def test_a_taken_port_is_named_before_anything_loads():
         cfg = ServeConfig(host="127.0.0.1", http_port=port, grpc_port=port + 1 if port < 65535 else port - 1)
         with pytest.raises(InputError, match=rf"--http-port {port} is not free on 127.0.0.1"):
             check_ports(cfg)
+
+
+@pytest.mark.parametrize(
+    ("host", "named"),
+    [
+        ("192.0.2.1", "--host 192.0.2.1 is not an address of this machine"),  # TEST-NET-1: documentation only
+        ("no such host.invalid", "--host no such host.invalid is not an address or a name of one"),
+    ],
+)
+def test_a_host_that_is_not_this_machines_is_named_not_the_port(host, named):
+    with pytest.raises(InputError, match=re.escape(named)) as e:
+        check_ports(ServeConfig(host=host))
+    assert "port" not in str(e.value)
 
 
 LIBPYTHON = os.path.join(sysconfig.get_config_var("LIBDIR") or "", sysconfig.get_config_var("LDLIBRARY") or "")
