@@ -90,6 +90,9 @@ class Bundle:
             raise BundleError(f"bundle {self.root} does not exist (run `sdturbo export MODEL --out {self.root}`)")
         path = self.root / MANIFEST
         if not path.is_file():
+            inside = next((p for p in self.root.resolve().parents if (p / MANIFEST).is_file()), None)
+            if inside is not None:
+                raise BundleError(f"{self.root} is a folder inside the bundle {inside}; give the bundle's own folder")
             raise BundleError(
                 f"bundle {self.root} has no {MANIFEST}: it is incomplete or not a bundle; export it again"
             )

@@ -94,7 +94,8 @@ def cmd_generate(args) -> None:
         try:
             latents = np.load(args.latents)
         except (OSError, ValueError) as e:
-            raise InputError(f"cannot read --latents {args.latents}: {e}") from e
+            why = "it is not a .npy array file (write one with numpy.save)" if isinstance(e, ValueError) else e
+            raise InputError(f"cannot read --latents {args.latents}: {why}") from e
     strength = 0.5 if args.strength is None else args.strength
     settings = dict(steps=args.steps, height=height, width=width, seed=args.seed, strength=strength)
     check_settings(prompts, **settings, img2img=image is not None)  # before minutes of export or loading

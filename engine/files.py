@@ -77,7 +77,7 @@ def locked(target: Path, what: str):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("waiting for another process %s %s", what, target)
+            log.info("waiting: another process %s %s", what, target)
             start = time.monotonic()
             fcntl.flock(fd, fcntl.LOCK_EX)
             log.info("waited %.1f s for %s", time.monotonic() - start, target)

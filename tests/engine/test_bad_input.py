@@ -75,9 +75,11 @@ def test_cli_errors_are_one_line(tiny_bundle, args, match):
     assert match in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cli_bad_bundle(tmp_path):
+def test_cli_bad_bundle(tmp_path, tiny_bundle):
     r = run_cli("generate", "a cat", "--bundle", str(tmp_path / "nope"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("info", str(tiny_bundle / "onnx"))  # a folder of a bundle, not the bundle: not "export it again"
+    assert r.returncode == 2 and f"is a folder inside the bundle {tiny_bundle.resolve()};" in r.stderr, r.stderr
     (tmp_path / "file.png").write_bytes(b"not a bundle")
     r = run_cli("info", str(tmp_path / "file.png"))
     assert r.returncode == 2 and "is a file, not a bundle folder" in r.stderr and "Traceback" not in r.stderr

@@ -170,6 +170,14 @@ def test_cli_latents_file(capsys, tiny_bundle, tmp_path, array, match):
     assert rc == 2 and match in one_line(err), err
 
 
+def test_cli_latents_that_are_not_an_array_file(capsys, tiny_bundle, tmp_path):
+    """An image given as --latents: named as not a .npy file, not numpy's advice to load it with pickle."""
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "noise.png")
+    rc, err = generate(capsys, tiny_bundle, "--size", "64x64", "--latents", str(tmp_path / "noise.png"))
+    line = one_line(err)
+    assert rc == 2 and "is not a .npy array file (write one with numpy.save)" in line and "pickle" not in line, line
+
+
 # -- the image input --------------------------------------------------------------------------------------
 
 
