@@ -249,6 +249,7 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..export.random_models import ALL_RANDOM  # names only: no torch
     from .runtime import BACKENDS
 
     p = argparse.ArgumentParser(prog="sdturbo", description="Fast SD-Turbo: export, build, generate.")
@@ -261,9 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[verbose], **kwargs)
 
     e = add_parser("export", help="export a model to an ONNX bundle")
-    e.add_argument("model", help="hub id, local diffusers folder, or random:sd-turbo / random:tiny")
+    e.add_argument(
+        "model",
+        help="hub id (stabilityai/sd-turbo, stabilityai/sdxl-turbo), local diffusers folder, or a random-weight "
+        f"model: {', '.join('random:' + name for name in ALL_RANDOM)}",
+    )
     e.add_argument("--out", required=True, help="bundle folder to create (or complete)")
-    e.add_argument("--precision", choices=("fp32", "fp16", "all"), default="all")
+    e.add_argument("--precision", choices=("fp32", "fp16", "all"), default="all", help="(default all)")
     e.add_argument("--max-batch", type=int, help="largest batch the bundle allows (default 16)")
     e.add_argument("--min-size", type=int, help="smallest image side in pixels (default 64)")
     e.add_argument("--max-size", type=int, help="largest image side in pixels (default 1024)")
