@@ -138,8 +138,6 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
     """Load every component on the CPU from safetensors: fp32, or fp16 with ``half`` (for fp16-only
     exports: half the memory). The SDXL VAE always loads in fp32: it overflows in fp16."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = resolve_model_folder(model)
     family = model_family(folder)
@@ -153,6 +151,19 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
     kw = {"use_safetensors": True, "torch_dtype": torch.float16 if half else torch.float32}
     te_kw = {**kw, "attn_implementation": "eager"}
     vae_kw = {**kw, "torch_dtype": torch.float32} if xl else kw
+    try:
+        return _load(folder, model, family, kw, te_kw, vae_kw)
+    except (OSError, ValueError) as e:  # transformers' and diffusers' words for a damaged config or file
+        raise InputError(
+            f"cannot load the model {model} from {folder}: {first_line(e)}; download or save the model again"
+        ) from e
+
+
+def _load(folder: Path, model: str, family: str, kw: dict, te_kw: dict, vae_kw: dict) -> LoadedModel:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    xl = family == "sdxl-turbo"
     return LoadedModel(
         model_id=model,
         folder=folder,

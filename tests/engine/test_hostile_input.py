@@ -419,6 +419,16 @@ def test_truncated_safetensors_in_a_model_folder(capsys, tiny_folder, tmp_path, 
     assert rc == 2 and "unet" in line and str(weights) in line and "truncated or corrupt" in line, line
 
 
+@pytest.mark.parametrize("damaged", ["unet/config.json", "tokenizer/tokenizer.json", "scheduler/scheduler_config.json"])
+def test_a_damaged_file_in_a_model_folder_is_a_users_error_in_one_line(capsys, tiny_folder, tmp_path, damaged):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    (folder / damaged).write_text("{not json")
+    rc = cli.main(["export", str(folder), "--out", str(tmp_path / "bundle"), "--precision", "fp32"])
+    line = one_line(capsys.readouterr().err)
+    assert rc == 2 and f"cannot load the model {folder} from" in line and "save the model again" in line, line
+
+
 def test_cache_that_is_a_file(capsys, tmp_path, monkeypatch):
     (tmp_path / "cache").write_text("")
     monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path / "cache"))
