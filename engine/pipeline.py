@@ -23,6 +23,11 @@ from .request import Request, build_request
 from .schedule import make_schedule
 
 log = logging.getLogger(__name__)
+# On the CPU a batch runs in parts of at most this many pixels: peak memory grows with the batch while the
+# CPU's speed does not (random:tiny at 1024x1024, whose UNet attends over 128x128 latents: peak RSS 3.4 GB at
+# batch 1, 6.8 GB at batch 2 run whole; in parts, 6.9 GB at batch 4 in 15.3 s against 4.3 s for one). Each part
+# makes the same images as the whole batch would, bit for bit (tested).
+CPU_PART_PIXELS = 1024 * 1024
 
 
 def check_vae_request(vae: str, req: Request) -> None:
@@ -61,6 +66,8 @@ class Pipeline:
         self._stages: dict = {}
         latent_spec = b.component(backend.precision, "unet").spec.inputs[0]
         self.dtype = np.dtype(latent_spec.dtype)  # latents live in the UNet's float type between steps
+        on_cpu = tuple(getattr(backend, "providers", ())) == ("CPUExecutionProvider",)
+        self.part_pixels = CPU_PART_PIXELS if on_cpu else None  # None: a batch runs whole
 
     def stage(self, name: str):
         if name not in self._stages:
@@ -106,7 +113,14 @@ class Pipeline:
         return pixels
 
     def run_float(self, req: Request) -> np.ndarray:
-        """The decoder's image before uint8: [B, 3, H, W] in about [-1, 1], in the VAE's float type."""
+        """The decoder's image before uint8: [B, 3, H, W] in about [-1, 1], in the VAE's float type (in parts
+        of at most ``part_pixels`` pixels when set, each at least one image)."""
+        per = req.batch if self.part_pixels is None else max(1, self.part_pixels // (req.height * req.width))
+        if per >= req.batch:
+            return self._run_float(req)
+        return np.concatenate([self._run_float(req.part(i, i + per)) for i in range(0, req.batch, per)])
+
+    def _run_float(self, req: Request) -> np.ndarray:
         b, dt = self.bundle, self.dtype
         img2img = req.image is not None
         sched = make_schedule(b.scheduler, req.steps, req.strength if img2img else 1.0)

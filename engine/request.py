@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -57,6 +57,14 @@ class Request:
     def latent_shape(self, bundle: Bundle) -> tuple[int, int, int, int]:
         f = bundle.vae_scale_factor
         return (self.batch, bundle.latent_channels, self.height // f, self.width // f)
+
+    def part(self, lo: int, hi: int) -> Request:
+        """Images ``lo`` to ``hi - 1`` as a request of their own, which makes the same images: image i's seed
+        stays seed + i, and the noise given is cut to them."""
+        seed = self.seed[lo:hi] if isinstance(self.seed, tuple) else self.seed + lo
+        cut = {n: getattr(self, n)[lo:hi] for n in ("latents", "image", "image_noise") if getattr(self, n) is not None}
+        steps = None if self.step_noise is None else self.step_noise[:, lo:hi]
+        return replace(self, prompts=self.prompts[lo:hi], seed=seed, step_noise=steps, **cut)
 
     def check(self, bundle: Bundle) -> None:
         """Raise InputError naming the first bad value; nothing has run yet."""

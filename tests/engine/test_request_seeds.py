@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.bundle import Bundle
 from sdturbo.engine.errors import InputError
+from sdturbo.engine.pipeline import Pipeline
 from sdturbo.engine.request import build_request, draw_noise
 from sdturbo.engine.runtime import open_pipeline
 from sdturbo.engine.schedule import make_schedule
@@ -59,3 +61,33 @@ def _flat(noises):
 def test_bad_seeds_name_the_value(tiny_bundle, seed, message):
     with pytest.raises(InputError, match=message):
         build_request(Bundle(tiny_bundle), ["a", "b", "c"], seed=seed, height=32, width=32)
+
+
+@pytest.mark.parametrize("family", ["sd-turbo", "sdxl-turbo"])
+@pytest.mark.parametrize("img2img", [False, True])
+def test_a_cpu_batch_run_in_parts_makes_the_whole_batchs_images(tiny_bundle, xl_bundle, family, img2img):
+    """The CPU runs a batch in parts of at most part_pixels pixels (peak memory): every part makes, bit for
+    bit, the images the whole batch makes, with seeds and given noise (txt2img latents, img2img's image and
+    posterior noise, SDXL's ancestral step noise) cut to its images."""
+    bundle = tiny_bundle if family == "sd-turbo" else xl_bundle
+    whole, parted = (Pipeline(bundle, OnnxRuntimeBackend("fp32"), prompt_cache=0) for _ in range(2))
+    whole.part_pixels, parted.part_pixels = None, 3 * 64 * 64  # three images a part: parts of 3 and 1
+    rng = np.random.default_rng(5)
+    kw = dict(height=64, width=64, steps=2, seed=11)
+    if img2img:
+        kw |= dict(image=rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8), strength=1.0)
+        kw["image_noise"] = rng.standard_normal((4, 4, 8, 8), dtype=np.float32)
+    else:
+        kw["latents"] = rng.standard_normal((4, 4, 8, 8), dtype=np.float32)
+    if family == "sdxl-turbo":
+        kw["step_noise"] = rng.standard_normal((2, 4, 4, 8, 8), dtype=np.float32)
+    prompts = [f"prompt {i}" for i in range(4)]
+    calls = []
+    run = parted._run_float
+    parted._run_float = lambda req: calls.append(req.batch) or run(req)
+    np.testing.assert_array_equal(
+        parted.run_float(parted.request(prompts, **kw)), whole.run_float(whole.request(prompts, **kw))
+    )
+    assert calls == [3, 1]
+    seeded = {k: v for k, v in kw.items() if k in ("height", "width", "steps", "seed")}  # noise drawn from seeds
+    np.testing.assert_array_equal(parted(prompts, **seeded), whole(prompts, **seeded))
