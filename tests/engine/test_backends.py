@@ -130,3 +130,26 @@ def test_a_failed_cuda_call_is_said_in_the_librarys_words():
             check((status, 0), "cudaMalloc")
         assert str(e.value) == message
     assert check((rt.cudaError_t.cudaSuccess, 7), "cudaMalloc") == 7
+
+
+@pytest.mark.parametrize("cache_optimized", [True, False])
+def test_every_session_gets_the_providers_options(tiny_bundle, tmp_path, monkeypatch, cache_optimized):
+    """A device pipeline hands the CUDA provider its stream through ``provider_options``: each session is created
+    with them, from the bundle's graph or from the cached optimized one (loaded twice: written, then read)."""
+    import shutil
+
+    import onnxruntime
+
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    created, real = [], onnxruntime.InferenceSession
+
+    def recording(model, options=None, providers=None, **kwargs):
+        created.append(providers)
+        return real(model, options, providers=["CPUExecutionProvider"], **kwargs)  # (these options are made up)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    options = {"CPUExecutionProvider": {"user_compute_stream": "1234"}}
+    for _ in range(2):
+        backend = OnnxRuntimeBackend("fp32", provider_options=options, cache_optimized=cache_optimized)
+        backend.session(Bundle(path), "text_encoder")
+    assert len(created) == 2 and all(p == [("CPUExecutionProvider", options["CPUExecutionProvider"])] for p in created)

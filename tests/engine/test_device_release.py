@@ -319,3 +319,27 @@ def test_a_dropped_graph_is_destroyed_once_and_never_during_a_capture(monkeypatc
     del graph
     gc.collect()
     assert [c for c in calls if c[0].startswith("destroy")] == destroyed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sessions_and_engines_go_before_the_buffers_bound_to_them(open_pipe, kind):
+    """close() lets go of the sessions (or engines) before it frees the buffers their tensors are bound to: no
+    library is left holding an address already given back."""
+    cuda = EmulatedCuda()
+    rt, bound, seen = cuda.runtime, set(), []
+    free = rt.cudaFree
+
+    def free_buffer(ptr):
+        if ptr in bound:
+            gc.collect()  # what is still alive now is held by the pipeline
+            seen.append([r() is not None for r in libraries])
+        return free(ptr)
+
+    rt.cudaFree = free_buffer  # before the buffers are made: their release is the runtime's, bound then
+    pipe = open_pipe(kind, cuda)
+    use(pipe)
+    bound.update(b.ptr for b in pipe.dev.values())
+    libraries = [weakref.ref(getattr(c, "session", None) or c.engine) for c in pipe.engines.values()]
+    pipe.close()
+    assert held(cuda) == NOTHING
+    assert seen == [[False] * len(libraries)] * len(bound)

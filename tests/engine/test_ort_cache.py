@@ -53,3 +53,31 @@ def test_a_cache_written_on_another_cpu_is_not_used(tiny_bundle, tmp_path, monke
     assert cached_model(b, comp, onnxruntime.__version__, "fp32") is not None
     monkeypatch.setattr(ort_cache, "cpu_key", lambda: "x86_64-0000beef")
     assert cached_model(b, comp, onnxruntime.__version__, "fp32") is None
+
+
+def test_a_cached_graph_onnxruntime_cannot_load_is_rebuilt_fully_optimized(tiny_bundle, tmp_path, monkeypatch):
+    """A cached graph is loaded with the optimizer off (it is optimized already). Where onnxruntime refuses it all
+    the same, the session is made from the bundle's ONNX with the optimizer as asked, as the first time, and the
+    graph cached again is that optimized one."""
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    shutil.rmtree(path / "ort", ignore_errors=True)
+    b = Bundle(path)
+    levels, real = [], onnxruntime.InferenceSession
+    refuse = []
+
+    def recording(model, options=None, **kwargs):
+        levels.append((model, options.graph_optimization_level))
+        if refuse and refuse.pop() == model:
+            raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : this onnxruntime cannot load it")
+        return real(model, options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    backend = OnnxRuntimeBackend()
+    backend.session(b, "unet")  # optimizes, writes the cache
+    cached, _ = cache_paths(b, onnxruntime.__version__, "fp32", "unet")
+    (first,) = levels
+    refuse.append(str(cached))
+    levels.clear()
+    backend.session(b, "unet")
+    assert [m for m, _ in levels] == [str(cached), first[0]]  # the cached graph refused, then the bundle's
+    assert levels[-1] == first

@@ -686,3 +686,87 @@ def test_another_thread_checks_its_own_session_graphs(tiny_bundle):
     worker.join()
     np.testing.assert_array_equal(out["image"], want)
     assert pipe.graph_status.startswith("off: capturing the sessions' own graphs failed: CUDA failure 2")
+
+
+def test_img2img_at_another_strength_gets_a_graph_of_its_own(tiny_bundle):
+    """Two img2img requests of one shape whose strengths run the same number of steps (4 at 0.5, 2 at 1.0) still
+    differ in every sigma the graph replays: each gets its own graph, and each image equals the host pipeline's."""
+    pipe = emulated_ort_pipeline(tiny_bundle, EmulatedCuda(), shape=SHAPE, prompt_cache=0)
+    host = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))
+    image = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    calls = [dict(steps=4, strength=0.5), dict(steps=2, strength=1.0)]
+    for _ in range(2):  # captured, then replayed
+        for kw in calls:
+            kw = dict(kw, height=64, width=64, image=image, seed=9)
+            np.testing.assert_array_equal(pipe(PROMPTS, **kw), host(PROMPTS, **kw), err_msg=str(kw))
+    assert pipe.graph_status == "on" and len(pipe.graphs) == len(calls)
+
+
+def test_a_graph_replaying_start_noise_made_at_capture_is_never_used(tiny_bundle, caplog):
+    """As with the text encoder's outputs: a graph that replays the start latents as they were made from the noise
+    in the buffers at capture (a step run on the host then) is right for that noise only. The probe's other seed
+    catches it; the image, and that of a later request with another seed, equal the host pipeline's."""
+    cuda = EmulatedCuda()
+    pipe = emulated_ort_pipeline(tiny_bundle, cuda, shape=SHAPE, prompt_cache=0)  # one graph per shape
+    kernels = pipe.kernels[pipe.dtype.name]
+    real = kernels.init_latents
+
+    def init_on_the_host_under_capture(noise, x, init_sigma, n, stream):
+        s = cuda.streams[stream]
+        if s.recording is None:
+            return real(noise, x, init_sigma, n, stream)
+        recording, s.recording = s.recording, None
+        real(noise, x, init_sigma, n, stream)  # runs now, on the noise in the buffer at capture time
+        s.recording = recording
+        latents = cuda.memory.view(x, n * pipe.dtype.itemsize)
+        snapshot = latents.copy()
+        s.recording.append(lambda: latents.__setitem__(slice(None), snapshot))
+
+    kernels.init_latents = init_on_the_host_under_capture
+    host = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))
+    with caplog.at_level("WARNING"):
+        image = pipe(PROMPTS, height=64, width=64, seed=5)
+        assert pipe.graph_status.startswith("sessions: the captured graph's pixels differ from the eager run's on")
+        other = pipe(PROMPTS, height=64, width=64, seed=6)
+    np.testing.assert_array_equal(image, host(PROMPTS, height=64, width=64, seed=5))
+    np.testing.assert_array_equal(other, host(PROMPTS, height=64, width=64, seed=6))
+
+
+def test_a_prompt_cache_hit_whose_capture_fails_runs_with_its_own_rows(tiny_bundle, caplog):
+    """A hit's capture check runs the text encoders on the probe's prompts into the buffers the hit reads; where
+    that capture fails and no graph is left, the request runs eagerly from its own cached rows again (here the
+    sessions' own graphs of a new shape fail to capture on a hit), and its image equals the host pipeline's."""
+    pipe = emulated_ort_pipeline(tiny_bundle, EmulatedCuda(), shape=SHAPE, cuda_graph="sessions")
+    host = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))
+    kw = dict(height=64, width=64, seed=2)
+    np.testing.assert_array_equal(pipe(PROMPTS, **kw), host(PROMPTS, **kw))  # a miss: its rows are cached
+
+    def fail(thread, graph_id):
+        raise RuntimeError("CUDA failure 2: out of memory; expr=cudaMalloc (during capture)")
+
+    pipe.engines["unet"].session.fail_capture = fail
+    with caplog.at_level("WARNING"):
+        image = pipe(PROMPTS, height=64, width=96, seed=3)  # the same prompts: a hit, at a shape not captured yet
+    assert pipe.prompt_cache.stats()["hits"] == 1
+    assert pipe.graph_status.startswith("off: capturing the sessions' own graphs failed: CUDA failure 2")
+    np.testing.assert_array_equal(image, host(PROMPTS, height=64, width=96, seed=3))
+
+
+def test_chain_is_the_whole_chain_as_true_is(tiny_bundle):
+    """``cuda_graph="chain"`` (the documented other name of True) captures the whole chain as one graph."""
+    pipe = emulated_ort_pipeline(tiny_bundle, EmulatedCuda(), shape=(2, 64, 64), cuda_graph="chain")
+    want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=1)
+    np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=1), want)
+    assert pipe.graph_status == "on"
+    assert [type(g).__name__ for g in pipe.graphs.values()] == ["Graph"]
+
+
+@pytest.mark.parametrize("seed", [np.int64(3), (np.int64(2**63 - 1), np.int64(4))], ids=["numpy", "numpy-per-image"])
+def test_numpy_integer_seeds_are_seeds_on_the_device_too(tiny_bundle, seed):
+    """Seeds from numpy (``rng.integers``) are taken as the host pipeline takes them, the largest included:
+    the graph check's probe request (the seed plus one) once raised a TypeError on them."""
+    pipe = emulated_ort_pipeline(tiny_bundle, EmulatedCuda(), shape=SHAPE)
+    prompts = PROMPTS[: 1 if isinstance(seed, np.integer) else 2]
+    want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(prompts, height=64, width=64, seed=seed)
+    np.testing.assert_array_equal(pipe(prompts, height=64, width=64, seed=seed), want)
+    assert pipe.graph_status == "on"

@@ -59,3 +59,22 @@ def test_export_refuses_a_bad_source(tiny_bundle, tmp_path, capsys):
     assert cli.main(["export", "random:tiny", "--out", str(copy), "--tiny-vae", "random:nope"]) == 2
     assert "unknown random tiny VAE 'random:nope'" in one_line(capsys.readouterr().err)
     assert Bundle(copy).tiny_vae is None
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-prompt-cache"], ["--no-cuda-graph"]])
+def test_generates_switches_reach_the_pipeline(tiny_bundle, tmp_path, monkeypatch, flags):
+    """`--no-prompt-cache` and `--no-cuda-graph` reach the pipeline `generate` opens, each off only when given."""
+    from sdturbo.engine import runtime
+
+    opened, real = [], runtime.open_pipeline
+
+    def recording(*args, **kwargs):
+        opened.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "open_pipeline", recording)
+    args = ["generate", "a cat", "--bundle", str(tiny_bundle), "--size", "64x64", "--out", str(tmp_path / "a.png")]
+    assert cli.main([*args, *flags]) == 0
+    (kwargs,) = opened
+    assert (kwargs["prompt_cache"] == 0) == ("--no-prompt-cache" in flags), kwargs
+    assert (kwargs["cuda_graph"] is False) == ("--no-cuda-graph" in flags), kwargs

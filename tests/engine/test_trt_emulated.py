@@ -285,3 +285,28 @@ def test_an_engine_whose_output_shape_is_not_the_buffers_is_refused_before_it_ru
         BackendError, match=r"vae_decoder's engine would write image as \(1, 3, 8, 8\) where .* \(1, 3, 64, 64\)"
     ):
         pipe(PROMPTS[:1], height=64, width=64, seed=1)
+
+
+def test_a_capture_that_killed_a_process_is_tried_again_with_another_tensorrt(bundles, tmp_path, monkeypatch):
+    """A capture that killed a process is skipped while the facts it depends on stay the same, the library's
+    version among them: a record left under another TensorRT-RTX version does not keep the graph off (a newer
+    library is tried again); one left under this version does. The image is the host pipeline's either way."""
+    from sdturbo.engine import capture_guard
+    from sdturbo.engine.capture_guard import CaptureGuard
+
+    monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SDTURBO_CAPTURE_TRIALS", raising=False)
+    path = bundles["sd-turbo"]
+    want = Pipeline(path, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=1)
+    for other_version in (True, False):
+        pipe = emulated_pipeline(path, EmulatedCuda(), cuda_graph=True)
+        version = pipe.version
+        if other_version:
+            pipe.version = f"{version}.older"
+        guard = CaptureGuard(f"{pipe._graph_label()} ({pipe.name})", pipe._capture_facts())
+        pipe.version = version
+        folder = capture_guard.trials_folder()  # a marker no process holds: its process died in that capture
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{guard.key}.{capture_guard._host()}-1-dead.pending").write_text("{}")
+        np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=1), want)
+        assert (pipe.graph_status == "on") == other_version, pipe.graph_status
