@@ -62,7 +62,7 @@ def probe_request(req: Request) -> Request:
     """A request of the same shape, steps and strength as ``req`` with every input changed: each prompt
     swapped for one of another length, other noise, the image mirrored (checks a captured graph)."""
     prompts = tuple(PROBE_PROMPTS[len(p.split()) <= 3] for p in req.prompts)
-    seed = req.seed + 1 if isinstance(req.seed, int) else tuple(s + 1 for s in req.seed)
+    seed = tuple(int(s) + 1 for s in req.seed) if isinstance(req.seed, tuple) else int(req.seed) + 1  # numpy's too
 
     def negated(a):
         return None if a is None else -a

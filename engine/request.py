@@ -61,7 +61,7 @@ class Request:
     def part(self, lo: int, hi: int) -> Request:
         """Images ``lo`` to ``hi - 1`` as a request of their own, which makes the same images: image i's seed
         stays seed + i, and the noise given is cut to them."""
-        seed = self.seed[lo:hi] if isinstance(self.seed, tuple) else self.seed + lo
+        seed = self.seed[lo:hi] if isinstance(self.seed, tuple) else int(self.seed) + lo
         cut = {n: getattr(self, n)[lo:hi] for n in ("latents", "image", "image_noise") if getattr(self, n) is not None}
         steps = None if self.step_noise is None else self.step_noise[:, lo:hi]
         return replace(self, prompts=self.prompts[lo:hi], seed=seed, step_noise=steps, **cut)
