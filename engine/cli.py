@@ -115,7 +115,10 @@ def cmd_generate(args) -> None:
     ) as pipe:
         request = pipe.request(prompts, **settings, latents=latents, image=image)
         pipe.load(img2img=image is not None)
-        log.info("ready in %.2f s", time.perf_counter() - start)
+        log.info(
+            "ready in %.2f s; generating %d image(s) at %dx%d, %d step(s)",
+            *(time.perf_counter() - start, request.batch, width, height, request.steps),
+        )
         start = time.perf_counter()
         try:
             images, failed = pipe.run(request), None
