@@ -25,7 +25,7 @@ from ..engine.integrity import file_sha256, stamp
 from ..engine.spec import component_specs, component_specs_xl
 from .models import LoadedModel, load_model
 from .onnx_export import export_record
-from .tiny_vae import AUTO, default_source, load_tiny_vae, same_source, write_tiny_onnx
+from .tiny_vae import AUTO, check_tiny_source, default_source, load_tiny_vae, same_source, write_tiny_onnx
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")  # export order matters: fp16 converts the loaded modules in place
@@ -68,6 +68,8 @@ def export_bundle(
     out = Path(out)
     asked = {"max_batch": max_batch, "min_size": min_size, "max_size": max_size}
     precisions = _check_args(precisions, asked)
+    if tiny_vae not in (None, AUTO):
+        check_tiny_source(tiny_vae)  # before it is compared with a bundle's own, or the model loads
     _make_parent(out)
     with locked(out, "is exporting"):
         remove_leftovers(out.parent, f".{out.name}.tmp-*")

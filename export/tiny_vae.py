@@ -90,22 +90,30 @@ def same_source(a: str, b: str) -> bool:
     return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
 
-def resolve_tiny_vae_folder(source: str) -> Path:
-    """The local AutoencoderTiny folder for ``source``, building or downloading it if needed."""
+def check_tiny_source(source: str) -> None:
+    """What ``source`` can be told to be wrong by its name alone (nothing read, built or downloaded): an
+    unknown random:<name>, a file, neither a folder nor an owner/name hub id."""
     if source.startswith("random:"):
-        name = source.removeprefix("random:")
-        if name not in RANDOM_TINY_VAES:
+        if source.removeprefix("random:") not in RANDOM_TINY_VAES:
             allowed = ", ".join("random:" + n for n in RANDOM_TINY_VAES)
             raise InputError(f"unknown random tiny VAE {source!r}; allowed: {allowed}")
-        return random_folder(name, build=build_random_tiny_vae, marker="config.json")
+        return
     path = Path(source).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise InputError(f"--tiny-vae {source!r} is a file; give an AutoencoderTiny folder, hub id or random:taesd")
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--tiny-vae {source!r} is a file; give an AutoencoderTiny folder, hub id or random:taesd")
+    if not path.exists() and (source.count("/") != 1 or source.startswith((".", "/"))):
+        raise InputError(f"--tiny-vae {source!r} is neither an existing folder nor a hub id like 'madebyollin/taesd'")
+
+
+def resolve_tiny_vae_folder(source: str) -> Path:
+    """The local AutoencoderTiny folder for ``source``, building or downloading it if needed."""
+    check_tiny_source(source)
+    if source.startswith("random:"):
+        return random_folder(source.removeprefix("random:"), build=build_random_tiny_vae, marker="config.json")
+    path = Path(source).expanduser()
+    if path.is_dir():
         check_tiny_vae_folder(path)
         return path
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        raise InputError(f"--tiny-vae {source!r} is neither an existing folder nor a hub id like 'madebyollin/taesd'")
     try:
         from huggingface_hub import snapshot_download
 

@@ -61,6 +61,14 @@ def test_export_refuses_a_bad_source(tiny_bundle, tmp_path, capsys):
     assert Bundle(copy).tiny_vae is None
 
 
+def test_a_bad_source_is_named_as_bad_before_it_is_compared_with_the_bundles_own(tiny_vae_bundle, capsys):
+    """A bundle that has a tiny VAE, asked for a source that cannot be one: that is the error, not "it already
+    has one from ...; use --force" (which would only reach the same error after exporting again)."""
+    assert cli.main(["export", "random:tiny", "--out", str(tiny_vae_bundle), "--tiny-vae", "nonsense"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "--tiny-vae 'nonsense' is neither an existing folder nor a hub id" in line, line
+
+
 @pytest.mark.parametrize("flags", [[], ["--no-prompt-cache"], ["--no-cuda-graph"]])
 def test_generates_switches_reach_the_pipeline(tiny_bundle, tmp_path, monkeypatch, flags):
     """`--no-prompt-cache` and `--no-cuda-graph` reach the pipeline `generate` opens, each off only when given."""
