@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
     b.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
-    b.add_argument("--components", help="comma-separated subset (default: all four)")
+    b.add_argument("--components", help="comma-separated subset (default: every component of the bundle)")
     b.add_argument("--force", action="store_true", help="rebuild even when engines are up to date")
     b.add_argument(
         "--ort-optimize",

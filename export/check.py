@@ -249,7 +249,9 @@ def check_bundle(
         import onnxruntime
         import polygraphy  # noqa: F401
     except ImportError as e:
-        raise BackendError(f"sdturbo check needs polygraphy ({e.name} is missing): pip install 'sdturbo[dev]'") from e
+        raise BackendError(
+            f"sdturbo check needs polygraphy ({e.name} is missing): pip install 'sdturbo[export]'"
+        ) from e
     if precision != "fp16":
         raise InputError(f"--precision {precision!r} is not allowed; the fp32 graphs are the reference, so: fp16")
     provider = optimized or "cpu"

@@ -121,7 +121,8 @@ def resolve_tiny_vae_folder(source: str) -> Path:
     except Exception as e:  # network, auth, or unknown repo: say which and why
         raise InputError(
             f"could not download the tiny VAE {source!r} from the Hugging Face Hub ({first_line(e)}); "
-            f"offline, give a local AutoencoderTiny folder or random:taesd / random:taesdxl"
+            f"offline, give `sdturbo export ... --tiny-vae` a local AutoencoderTiny folder or random:taesd / "
+            f"random:taesdxl"
         ) from e
     check_tiny_vae_folder(folder)  # a repo without diffusers' AutoencoderTiny files: one line naming them
     return folder
