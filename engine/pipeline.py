@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle
-from .errors import FP32_REMEDY, InputError, NonFiniteOutput
+from .errors import FP32_REMEDY, BackendError, InputError, NonFiniteOutput
 from .images import nonfinite_images, to_model_image, to_uint8
 from .prompt_cache import DEFAULT_SIZE, PromptCache, as_prompt_cache
 from .request import Request, build_request
@@ -64,12 +64,15 @@ class Pipeline:
         shas = tuple(b.components[backend.precision][n].sha256 for n in self.text_encoders)
         self.encoder_id = (backend.name, backend.precision, *shas)  # whose outputs the cache holds
         self._stages: dict = {}
+        self.closed = False
         latent_spec = b.component(backend.precision, "unet").spec.inputs[0]
         self.dtype = np.dtype(latent_spec.dtype)  # latents live in the UNet's float type between steps
         on_cpu = tuple(getattr(backend, "providers", ())) == ("CPUExecutionProvider",)
         self.part_pixels = CPU_PART_PIXELS if on_cpu else None  # None: a batch runs whole
 
     def stage(self, name: str):
+        if self.closed:
+            raise BackendError("this pipeline is closed; open another one")
         if name not in self._stages:
             log.info("loading %s (%s, %s)", name, self.backend.name, self.backend.precision)
             self._stages[name] = self.backend.load(self.bundle, name)
@@ -82,9 +85,10 @@ class Pipeline:
         return self
 
     def close(self) -> None:
-        """Let go of the loaded stages (their sessions, and a GPU provider's memory); a later request loads them
-        again. The device pipelines' close() gives back what they hold for good."""
+        """Let go of the loaded stages (their sessions, and a GPU provider's memory), for good: a request after
+        it raises, as on the device pipelines."""
         self._stages.clear()
+        self.closed = True
 
     def __enter__(self) -> Pipeline:
         return self

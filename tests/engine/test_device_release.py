@@ -251,6 +251,19 @@ def test_a_request_after_close_raises_one_line(open_pipe, kind):
         assert "\n" not in str(e.value)
 
 
+def test_the_host_pipeline_after_close_raises_too(tiny_bundle):
+    """As the README says of every pipeline: closed means closed (it used to load its sessions again)."""
+    from sdturbo.engine.runtime import open_pipeline
+
+    with open_pipeline(tiny_bundle, "onnxruntime", "fp32") as pipe:
+        req = pipe.request("a red cube", height=64, width=64)
+        pipe.run(req)
+    for call in (lambda: pipe("a red cube", height=64, width=64), lambda: pipe.run(req), pipe.load):
+        with pytest.raises(BackendError, match="pipeline is closed; open another one"):
+            call()
+    assert not pipe._stages  # nothing loaded again
+
+
 def test_a_pipeline_collected_during_anothers_capture_waits_for_its_end(open_pipe):
     """A collection can run in the middle of a capture (here: forced there); what it frees is given back after
     the capture, which stays valid (the emulation faults on a free while a stream records)."""
