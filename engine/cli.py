@@ -55,8 +55,21 @@ def cmd_export(args) -> None:
     )
 
 
-def cmd_generate(args) -> None:
+def _noise_file(flag: str, path: str | None):
+    """The array in the .npy file ``path`` given as ``flag`` (None when not given); its values are the
+    request's to check."""
     import numpy as np
+
+    if not path:
+        return None
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        why = "it is not a .npy array file (write one with numpy.save)" if isinstance(e, ValueError) else e
+        raise InputError(f"cannot read {flag} {path}: {why}") from e
+
+
+def cmd_generate(args) -> None:
 
     from .cache import ensure_bundle
     from .images import check_out_path, load_image, save_images
@@ -89,13 +102,11 @@ def cmd_generate(args) -> None:
         raise InputError("--strength is for img2img; give --image too")
     if width is None:
         width, height = 512, 512
-    latents = None
-    if args.latents:
-        try:
-            latents = np.load(args.latents)
-        except (OSError, ValueError) as e:
-            why = "it is not a .npy array file (write one with numpy.save)" if isinstance(e, ValueError) else e
-            raise InputError(f"cannot read --latents {args.latents}: {why}") from e
+    if args.image_noise and not args.image:
+        raise InputError("--image-noise samples the VAE posterior of img2img; give --image too")
+    latents, image_noise = (
+        _noise_file(flag, path) for flag, path in (("--latents", args.latents), ("--image-noise", args.image_noise))
+    )
     strength = 0.5 if args.strength is None else args.strength
     settings = dict(steps=args.steps, height=height, width=width, seed=args.seed, strength=strength)
     check_settings(prompts, **settings, img2img=image is not None)  # before minutes of export or loading
@@ -113,7 +124,7 @@ def cmd_generate(args) -> None:
         vae=args.vae,
         prompt_cache=0 if args.no_prompt_cache else DEFAULT_PROMPT_CACHE,
     ) as pipe:
-        request = pipe.request(prompts, **settings, latents=latents, image=image)
+        request = pipe.request(prompts, **settings, latents=latents, image=image, image_noise=image_noise)
         pipe.load(img2img=image is not None)
         log.info(
             "ready in %.2f s; generating %d image(s) at %dx%d, %d step(s)",
@@ -300,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="img2img: the input image")
     g.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.5)")
     g.add_argument("--latents", help="float32 .npy [B,4,H/8,W/8]: txt2img start noise / img2img added noise")
+    g.add_argument(
+        "--image-noise",
+        help="img2img: float32 .npy [B,4,H/8,W/8] sampling the VAE posterior (full VAE; with --latents, "
+        "reproduces a diffusers img2img image)",
+    )
     g.add_argument(
         "--backend",
         default="auto",

@@ -561,3 +561,30 @@ def test_export_names_an_unwritable_destination_before_loading_the_model(tmp_pat
         assert "loading" not in err.lower(), err  # the model was not loaded first
     line = one_line(err)
     assert rc == 2 and named in line and str(out) in line, line
+
+
+def test_cli_image_noise_is_the_apis_image_noise(capsys, tiny_bundle, tmp_path):
+    """`--image-noise` (with `--latents`) reaches img2img as the API's ``image_noise``: the CLI's image is the
+    API's with both noises given (what reproduces a diffusers img2img image), not the seed's posterior draw."""
+    rng = np.random.default_rng(3)
+    picture = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "in.png")
+    latents, noise = (rng.standard_normal((1, 4, 8, 8), dtype=np.float32) for _ in range(2))
+    np.save(tmp_path / "latents.npy", latents)
+    np.save(tmp_path / "noise.npy", noise)
+    args = ["--image", str(tmp_path / "in.png"), "--latents", str(tmp_path / "latents.npy"), "--out"]
+    rc, err = generate(
+        capsys, tiny_bundle, *args, str(tmp_path / "a.png"), "--image-noise", str(tmp_path / "noise.npy")
+    )
+    assert rc == 0, err
+    pipe = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp32"))
+    want = pipe(["a cat"], height=64, width=64, image=picture, latents=latents, image_noise=noise)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), want[0])
+    seeded = pipe(["a cat"], height=64, width=64, image=picture, latents=latents)
+    assert not np.array_equal(seeded, want)  # the posterior noise matters: the flag is not a no-op here
+
+
+def test_cli_image_noise_needs_an_image(capsys, tiny_bundle, tmp_path, no_generation):
+    np.save(tmp_path / "noise.npy", np.zeros((1, 4, 8, 8), np.float32))
+    rc, err = generate(capsys, tiny_bundle, "--size", "64x64", "--image-noise", str(tmp_path / "noise.npy"))
+    assert rc == 2 and "--image-noise samples the VAE posterior of img2img; give --image too" in one_line(err)
