@@ -70,7 +70,6 @@ def _noise_file(flag: str, path: str | None):
 
 
 def cmd_generate(args) -> None:
-
     from .cache import ensure_bundle
     from .images import check_out_path, load_image, save_images
     from .prompt_cache import DEFAULT_SIZE as DEFAULT_PROMPT_CACHE
@@ -179,9 +178,8 @@ def cmd_bench(args) -> None:
         from ..benchmarks import report
         from ..benchmarks.bench import BenchConfig, run
 
-        missing = next((m for m in ("matplotlib",) if importlib.util.find_spec(m) is None), None)
-        if missing:  # imported only to draw the plot, after the whole run: asked for now
-            raise ImportError(name=missing)
+        if importlib.util.find_spec("matplotlib") is None:  # imported to draw the plot, after the whole run
+            raise ImportError(name="matplotlib")
     except ImportError as e:
         raise InputError(
             f"the benchmark needs the export and bench extras ({e.name} is missing): "
