@@ -66,6 +66,15 @@ def test_layerwise_finds_no_jump_in_a_healthy_graph(tiny_bundle):
     assert report.tensors > 20 and report.jump is None
 
 
+def test_the_verdict_is_the_graphs_as_they_run_with_or_without_layerwise(tiny_bundle):
+    """--layerwise makes every tensor an output, which changes what onnxruntime fuses (and so the outputs'
+    errors): the outputs' statistics, and the exit status with them, are those of the graphs as they run."""
+    (plain,) = check_bundle(tiny_bundle, ("unet",))
+    (layered,) = check_bundle(tiny_bundle, ("unet",), layerwise=True)
+    assert layered.tensors > 0 and plain.tensors == 0
+    assert layered.outputs == plain.outputs
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
