@@ -137,3 +137,118 @@ def test_a_missing_plotting_library_is_named_before_the_run(monkeypatch, capsys)
     assert main(["bench", "--model", "random:tiny", "--size", "64x64"]) == 2
     err = capsys.readouterr().err
     assert "matplotlib is missing" in err and "pip install 'sdturbo[export,bench,cpu]'" in err, err
+
+
+class FakeClock:
+    """time.perf_counter under test: it moves only when a fake contender says it has worked."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_measure_counts_the_timed_runs_only_and_throughput_per_image(monkeypatch):
+    """Warm-up runs stay out of the statistics; the median, min and percentiles are those of the timed runs; the
+    UNet's stage is per step over ``steps``; "other" is the rest of each run; throughput is images (not batches)
+    per second, from the median of the 3 timed calls after each batch's warm-up."""
+    import time
+
+    import numpy as np
+    from sdturbo.benchmarks import bench
+    from sdturbo.benchmarks.timers import StageTimer
+
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    cfg = BenchConfig(model="random:tiny", width=64, height=64, steps=2, runs=5, warmup=2, batches=(1, 3))
+    latency_s = iter([1.0, 0.9, 0.030, 0.010, 0.020, 0.050, 0.040])  # 2 slow warm-ups, then the timed runs
+    sweep = [9.0, 1.0, 1.3, 0.9]  # per batch: a slow warm-up, then 3 timed calls (x the batch's own time)
+    per_image_s, unet_share = 0.007, 0.4
+    timer = StageTimer()
+    sweep_calls = []
+
+    class Fake:
+        name = "fake"
+
+        def load(self, shape, max_batch=1):
+            pass
+
+        def __call__(self, prompts, latents, steps, height, width, step_noise=None):
+            seconds = next(latency_s, None)
+            if seconds is None:  # the throughput sweep
+                seconds = len(prompts) * per_image_s * sweep[len(sweep_calls) % len(sweep)]
+                sweep_calls.append((len(prompts), seconds))
+            timer.start("unet")
+            clock.now += unet_share * seconds
+            timer.stop("unet")
+            clock.now += (1 - unet_share) * seconds
+            return np.zeros((len(prompts), height, width, 3), np.uint8)
+
+    prompts = [cfg.prompt] * cfg.batch
+    res = bench.measure(Fake(), cfg, prompts, np.zeros((1, 4, 8, 8), np.float32), timer, "cpu")
+
+    warm, timed = [1e3, 900.0], [30.0, 10.0, 20.0, 50.0, 40.0]
+    e = res["e2e_ms"]
+    assert res["warmup_ms"] == pytest.approx(warm) and e["runs"] == pytest.approx(timed)
+    assert e["median"] == pytest.approx(np.median(timed)) and e["min"] == pytest.approx(min(timed))
+    assert e["p90"] == pytest.approx(np.percentile(timed, 90)) and e["p99"] == pytest.approx(np.percentile(timed, 99))
+    st = res["stages_ms"]
+    assert st["unet"] == pytest.approx(np.median([unet_share * t for t in timed]))
+    assert st["unet_per_step"] == pytest.approx(st["unet"] / cfg.steps)
+    assert st["other"] == pytest.approx(np.median([(1 - unet_share) * t for t in timed]))
+    assert [t["batch"] for t in res["throughput"]] == [1, 3]
+    for t in res["throughput"]:
+        timed_calls = [s for b, s in sweep_calls if b == t["batch"]][1:]  # the warm-up call left out
+        assert len(timed_calls) == 3
+        assert t["images_per_s"] == pytest.approx(t["batch"] / np.median(timed_calls))
+
+
+def test_each_contender_s_psnr_is_against_its_mode_s_first_contender(monkeypatch, tmp_path):
+    """The reference of each mode is its first contender: PSNR is that image against the reference's (null for
+    the reference itself), never a contender against itself or against the one before it."""
+    import numpy as np
+    from sdturbo.benchmarks import bench, floors
+    from sdturbo.engine import cache
+    from sdturbo.engine.images import psnr
+    from sdturbo.export import models
+
+    names = ("diffusers-fp32", "sdturbo-onnxruntime-fp32", "sdturbo-onnxruntime-unfused-fp32")
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    images = {names[0]: reference}
+    for name, noise in zip(names[1:], (3, 9), strict=True):
+        images[name] = np.clip(reference.astype(int) + rng.integers(-noise, noise + 1, reference.shape), 0, 255)
+        images[name] = images[name].astype(np.uint8)
+    medians = {names[0]: 100.0, names[1]: 40.0, names[2]: 50.0}
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            pass
+
+    def measure(contender, cfg, *args, **kw):
+        n = contender.name
+        stages = {"text_encoder": 1.0, "unet_per_step": 1.0, "vae_decoder": 1.0}
+        return {"name": n, "stages_ms": stages, "e2e_ms": {"median": medians[n]}, "image": images[n]}
+
+    monkeypatch.setattr(cache, "ensure_bundle", lambda *a, **kw: tmp_path / "bundle")
+    monkeypatch.setattr(models, "resolve_model_folder", lambda model: tmp_path / "model")
+    monkeypatch.setattr(floors, "machine_rates", lambda dev: {"matmul_tflops": 1.0, "copy_gbps": 1.0})
+    stage = {"flops": 1e9, "params": 1e6}
+    flops = {s: stage for s in ("text_encoder", "unet_step", "vae_decoder", "vae_encoder")}
+    monkeypatch.setattr(floors, "stage_flops", lambda *a: dict(flops))
+    monkeypatch.setattr(bench, "device", lambda: "cpu")
+    monkeypatch.setattr(bench, "make", lambda name, *a, **kw: Fake(name))
+    monkeypatch.setattr(bench, "measure", measure)
+    cfg = BenchConfig(model="random:tiny", width=64, height=64, contenders=names, cold=False, out=str(tmp_path / "o"))
+    res = bench.run(cfg)
+
+    by_name = {r["name"]: r for r in res["contenders"]}
+    assert res["reference"] == names[0] and by_name[names[0]]["psnr_vs_reference_db"] is None
+    for name in names[1:]:
+        r = by_name[name]
+        assert r["psnr_vs_reference_db"] == pytest.approx(psnr(images[name], reference))
+        assert r["speedup_vs_reference"] == pytest.approx(medians[names[0]] / medians[name])

@@ -83,3 +83,36 @@ def test_onnxruntime_s_own_pipeline_is_measured_in_a_run_of_its_own_beside_ours_
     assert demo[demo.index("--contenders") + 1] == "diffusers-fp16,sdturbo-onnxruntime-cuda-fp16,onnxruntime-demo-fp16"
     assert demo[demo.index("--steps") + 1] == "1" and demo[demo.index("--out") + 1] == str(tmp_path / "bench-ort-demo")
     assert not list(tmp_path.glob("*.error.txt"))
+
+
+def test_each_benchmark_runs_with_the_settings_it_was_given(tmp_path, monkeypatch):
+    """Every step count's benchmark gets its --steps, the contenders, model and compile mode asked for; the
+    1-step one runs the throughput sweep (--batches), the others skip the sweep's cold start; the ort-demo run
+    gets its own --demo-batches."""
+    calls = fake_runs(monkeypatch, [0, 0, 0])
+    argv = ["--out", str(tmp_path), "--skip", "device,probe,tests", "--steps", "1,4", "--model", "random:tiny"]
+    argv += ["--contenders", "diffusers-fp16,sdturbo-tensorrt-fp16", "--compile-mode", "default"]
+    argv += ["--batches", "2,3", "--demo-batches", "5"]
+    assert gpu_check.main(argv) == 0
+    one, four, demo = calls
+
+    def value(cmd, option):
+        return cmd[cmd.index(option) + 1] if option in cmd else None
+
+    for cmd, steps in ((one, "1"), (four, "4")):
+        assert value(cmd, "--steps") == steps and value(cmd, "--model") == "random:tiny"
+        assert value(cmd, "--contenders") == "diffusers-fp16,sdturbo-tensorrt-fp16"
+        assert value(cmd, "--compile-mode") == "default"
+        assert value(cmd, "--out") == str(tmp_path / f"bench-{steps}step")
+    assert value(one, "--batches") == "2,3" and "--no-cold" not in one
+    assert "--no-cold" in four
+    assert value(demo, "--batches") == "5" and value(demo, "--model") == "random:tiny"
+
+
+def test_a_skipped_step_does_not_run_and_the_others_do(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, [0, 0])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests,ort-demo", "--steps", "1,4"])
+    assert [c[c.index("--steps") + 1] for c in calls] == ["1", "4"]  # the benchmarks only: no ort-demo run
+    calls = fake_runs(monkeypatch, [0])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests,bench"])
+    assert len(calls) == 1 and "onnxruntime-demo-fp16" in " ".join(calls[0])  # the ort-demo run only

@@ -153,3 +153,30 @@ def test_every_session_gets_the_providers_options(tiny_bundle, tmp_path, monkeyp
         backend = OnnxRuntimeBackend("fp32", provider_options=options, cache_optimized=cache_optimized)
         backend.session(Bundle(path), "text_encoder")
     assert len(created) == 2 and all(p == [("CPUExecutionProvider", options["CPUExecutionProvider"])] for p in created)
+
+
+@pytest.mark.parametrize("version, usable", [("9.3.0", False), ("10.0.1", True), ("11.2.0", True), ("12.0.0", False)])
+def test_tensorrt_10_and_11_are_used_and_no_other(monkeypatch, version, usable):
+    import types
+
+    from sdturbo.engine.backends import trt_lib
+
+    fake = types.SimpleNamespace(Builder=object, __version__=version)
+    monkeypatch.setattr(trt_lib.importlib, "import_module", lambda name: fake)
+    if usable:
+        assert trt_lib.import_trt("tensorrt") == (fake, "tensorrt")
+    else:
+        with pytest.raises(BackendError, match=f"tensorrt {version} is not supported"):
+            trt_lib.import_trt("tensorrt")
+
+
+def test_networks_are_created_strongly_typed():
+    """STRONGLY_TYPED is a bit position in TensorRT's creation flags: the flags hold 1 << it (none: 0)."""
+    import types
+
+    from sdturbo.engine.backends import trt_lib
+
+    for position in (0, 1, 5):
+        trt = types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=position))
+        assert trt_lib.network_flags(trt) == 2**position
+    assert trt_lib.network_flags(types.SimpleNamespace(NetworkDefinitionCreationFlag=types.SimpleNamespace())) == 0

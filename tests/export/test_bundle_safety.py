@@ -202,3 +202,19 @@ def test_precision_adds_wait_for_each_other(tmp_path, tiny_bundle, monkeypatch):
     assert waited == [True]  # it looked at the bundle only once the other process was done with it
     assert set(Bundle(out).precisions) == {"fp32", "fp16"}
     assert json.loads((out / MANIFEST).read_text())["components"]["fp32"]
+
+
+def test_a_model_file_rewritten_in_place_changes_the_folder_stamp(tmp_path):
+    """The cache re-exports a local model whose files changed: a file rewritten with the same size (new
+    weights of the same shapes) must change the stamp, by its modification time."""
+    from sdturbo.engine.cache import folder_stamp
+
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    weights = folder / "unet" / "w.safetensors"
+    weights.write_bytes(b"1" * 64)
+    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
+    before = folder_stamp(folder)
+    weights.write_bytes(b"2" * 64)
+    os.utime(weights, ns=(2_000_000_000, 2_000_000_000))
+    assert folder_stamp(folder) != before

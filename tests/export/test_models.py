@@ -41,3 +41,33 @@ def test_folder_missing_a_component(tiny_folder, tmp_path, remove):
 def test_bad_model_names(name, match):
     with pytest.raises(InputError, match=match):
         resolve_model_folder(name)
+
+
+@pytest.mark.parametrize("change", ["truncated", "trailing bytes"])
+def test_weights_that_are_not_exactly_what_their_header_describes_are_refused(tiny_folder, tmp_path, change):
+    """A safetensors file must hold exactly the bytes its header describes: a cut file and one with bytes
+    appended (a partial overwrite, two files concatenated) are both refused, naming the file."""
+    from sdturbo.export.models import check_safetensors
+
+    path = tmp_path / "model.safetensors"
+    data = (tiny_folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    path.write_bytes(data[:-16] if change == "truncated" else data + b"\0" * 16)
+    check_safetensors(tiny_folder / "unet" / "diffusion_pytorch_model.safetensors")  # the whole file: fine
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        check_safetensors(path)
+
+
+@pytest.mark.parametrize("sub, name", [("unet", "config.json"), ("scheduler", "scheduler_config.json")])
+def test_the_config_hash_follows_every_component_s_config(tiny_folder, tmp_path, sub, name):
+    """Bundles exported with another scheduler or architecture setting must not hash the same."""
+    import json
+
+    from sdturbo.export.models import LoadedModel
+
+    folder = shutil.copytree(tiny_folder, tmp_path / "m", ignore=shutil.ignore_patterns("*.safetensors"))
+    model = LoadedModel("m", folder, None, None, None, None, {})
+    before = model.config_hash()
+    cfg = json.loads((folder / sub / name).read_text())
+    cfg["sdturbo_test_setting"] = 1
+    (folder / sub / name).write_text(json.dumps(cfg))
+    assert model.config_hash() != before

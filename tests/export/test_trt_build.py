@@ -219,3 +219,23 @@ def test_a_damaged_plan_is_rebuilt_never_loaded(built, tmp_path, caplog):
         build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("vae_decoder",))
     assert "vae_decoder" in caplog.text and "rebuilding it" in caplog.text
     find_engine(Bundle(copy), "vae_decoder", "tensorrt-rtx", version, f"sm{CC}", PROFILE)
+
+
+def test_force_rebuilds_every_engine_even_when_up_to_date_at_any_allowed_level(built, monkeypatch):
+    """--force builds again engines whose key still matches (a suspect plan); every level 0 to 5 is allowed."""
+    from sdturbo.export import trt_build
+
+    path, plans = built
+    rebuilt = []
+
+    def build_one(trt, bundle, name, key, profile, target, opt_level, workspace_gb, folder):
+        rebuilt.append((name, opt_level))
+        return folder / f"{name}.plan"
+
+    monkeypatch.setattr(trt_build, "_build_one", build_one)
+    assert build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0) == plans
+    assert rebuilt == []  # up to date: kept
+    for level in (0, 5):
+        again = build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=level, force=True)
+        assert again == plans and rebuilt == [(p.stem, level) for p in plans]
+        rebuilt.clear()

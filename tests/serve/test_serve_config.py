@@ -127,3 +127,69 @@ def test_a_stop_while_triton_starts_stops_it_now(tiny_bundle, monkeypatch, caplo
         signal.signal(signal.SIGTERM, outer)
     assert [(t.waited_out, t.stopped) for t in StartingTriton.made] == [(False, True)]  # one start, stopped
     assert "stopped while Triton was starting" in caplog.messages
+
+
+def test_load_test_results_count_served_images_and_any_mismatch_is_incorrect():
+    """The load test's summary: images/s counts the images served right (not requests sent, errors or
+    mismatches) over the level's wall time; one mismatch makes the run incorrect; the overhead is the median of
+    served minus direct per pair (positive when serving costs time)."""
+    import numpy as np
+    from sdturbo.benchmarks.serve_load import Level, LoadConfig, results
+
+    direct, served = [100.0, 120.0, 110.0], [130.0, 125.0, 160.0]
+    paired = {"served_minus_direct_p50_ms": float(np.median(np.subtract(served, direct))), "equal": True}
+    clean = Level(1, sent=8, ok=8, latencies_ms=[10.0, 30.0, 20.0], wall_s=2.0)
+    res = results(LoadConfig(), "b", "fp32", None, None, None, paired, [clean])
+    assert res["correct"] and res["levels"][0]["images_per_s"] == pytest.approx(clean.ok / clean.wall_s)
+    assert res["levels"][0]["p50_ms"] == pytest.approx(np.median(clean.latencies_ms))
+    assert res["overhead_ms_p50_1_client"] == paired["served_minus_direct_p50_ms"] > 0
+    wrong = Level(4, sent=8, ok=5, error_count=1, mismatches=2, latencies_ms=[10.0] * 5, wall_s=2.5)
+    res = results(LoadConfig(), "b", "fp32", None, None, None, paired, [clean, wrong])
+    assert not res["correct"]
+    assert res["levels"][1]["images_per_s"] == pytest.approx(wrong.ok / wrong.wall_s)
+    only_mismatch = Level(4, sent=8, ok=7, mismatches=1, latencies_ms=[10.0] * 7, wall_s=1.0)
+    assert not results(LoadConfig(), "b", "fp32", None, None, None, paired, [clean, only_mismatch])["correct"]
+
+
+def test_the_overhead_is_served_minus_direct_per_pair(monkeypatch):
+    """direct_phase(): each pair's direct call, then the same request served; the overhead is the median of the
+    pairs' differences (served minus direct), timed here on a fake clock."""
+    import time as time_module
+
+    import numpy as np
+    from sdturbo.benchmarks import serve_load
+    from sdturbo.engine import runtime
+
+    now = [0.0]
+    direct_s, served_s = iter([0.0, 0.0, 0.100, 0.120, 0.110]), iter([0.0, 0.130, 0.125, 0.160])  # warm-ups first
+    image = np.zeros((8, 8, 3), np.uint8)
+
+    class Pipe:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def load(self):
+            return self
+
+        def __call__(self, prompt, seed, **kw):
+            now[0] += next(direct_s, 0.0)
+            return [image]
+
+    def infer(tc, conn, prompt, seed, cfg, width):
+        now[0] += next(served_s)
+        return image
+
+    monkeypatch.setattr(time_module, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time_module, "sleep", lambda s: None)
+    monkeypatch.setattr(runtime, "open_pipeline", lambda *a, **kw: Pipe())
+    monkeypatch.setattr(serve_load, "client", lambda protocol, url: (None, types.SimpleNamespace(close=lambda: None)))
+    monkeypatch.setattr(serve_load, "infer", infer)
+    cfg = serve_load.LoadConfig(pairs=3, distinct=1, warm_like_server=False, duration_s=1e6)
+    _, paired = serve_load.direct_phase("bundle", cfg, "fp32", "url")
+    assert paired["direct_ms"] == pytest.approx([100.0, 120.0, 110.0])
+    assert paired["served_ms"] == pytest.approx([130.0, 125.0, 160.0])
+    diffs = np.subtract(paired["served_ms"], paired["direct_ms"])
+    assert paired["served_minus_direct_p50_ms"] == pytest.approx(np.median(diffs)) and paired["equal"]
