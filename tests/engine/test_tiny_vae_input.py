@@ -86,3 +86,18 @@ def test_generates_switches_reach_the_pipeline(tiny_bundle, tmp_path, monkeypatc
     (kwargs,) = opened
     assert (kwargs["prompt_cache"] == 0) == ("--no-prompt-cache" in flags), kwargs
     assert (kwargs["cuda_graph"] is False) == ("--no-cuda-graph" in flags), kwargs
+
+
+def test_generate_with_the_tiny_vae_adds_it_to_a_cached_bundle_that_lacks_it(tmp_path, monkeypatch):
+    """`generate --vae tiny` on a model cached without a tiny VAE: the model's own is added to the cached bundle
+    (the model is not exported again), not refused and not ignored."""
+    from sdturbo.engine.cache import ensure_bundle
+
+    monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path / "cache"))
+    plain = Bundle(ensure_bundle("random:tiny", "fp32"))
+    assert plain.tiny_vae is None
+    unet = plain.components["fp32"]["unet"].sha256
+    with_tiny = Bundle(ensure_bundle("random:tiny", "fp32", tiny_vae=True))
+    assert with_tiny.root == plain.root and with_tiny.tiny_vae is not None
+    assert with_tiny.tiny_vae.source == "random:taesd" and with_tiny.components["fp32"]["unet"].sha256 == unet
+    assert Bundle(ensure_bundle("random:tiny", "fp32", tiny_vae=True)).tiny_vae.source == "random:taesd"
