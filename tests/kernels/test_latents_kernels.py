@@ -260,3 +260,16 @@ def check_against_host_twins(kernels, cuda, dtype):
         with np.errstate(invalid="ignore"):
             want = to_uint8(bad)
         np.testing.assert_array_equal(back(pixels, (2, 16, 24, 3), np.uint8), want)
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0])
+def test_a_step_from_a_sigma_that_is_not_positive_is_refused_before_launch(host_kernels, sigma):
+    """A schedule's current sigma is always positive (only the last sigma_next is 0): a step from 0 or below is
+    a caller's bug, refused before anything is enqueued."""
+    k, cuda = host_kernels["float32"], HostCuda()
+    s = cuda.Stream()
+    buf = cuda.DeviceBuffer(64)
+    with pytest.raises(ValueError, match=f"euler_step: sigma {sigma} must be positive"):
+        k.euler_step(buf.ptr, buf.ptr, sigma, 0.0, 16, s.ptr)
+    with pytest.raises(ValueError, match=f"ancestral_step: sigma {sigma} must be positive"):
+        k.ancestral_step(buf.ptr, buf.ptr, buf.ptr, sigma, 0.0, 0.0, 16, s.ptr)
