@@ -40,7 +40,6 @@ class TrtEngine:
         if self.engine is None:
             raise BackendError(f"TensorRT could not load {plan} (see the [TRT] messages above)")
         self.name = plan.stem
-        self._checked: set[str] = set()  # components whose inputs and outputs check_io has seen to be the spec's
         self.cache_path = plan.with_suffix(".runtime-cache")
         self.runtime_cache = None
         self.rtx = rtx
@@ -56,9 +55,7 @@ class TrtEngine:
 
     def context(self, spec, dims: dict[str, int], addresses: dict[str, int]) -> TrtContext:
         """A new execution context on this engine's memory, its input shapes (``spec`` at ``dims``) and
-        tensor addresses set once."""
-        if spec.name not in self._checked:
-            self.check_io(spec)
+        tensor addresses set once (the engine's inputs and outputs were checked when it loaded: check_io)."""
         c = self.new_context()
         for t in spec.inputs:
             c.set_shape(t.name, t.concrete(dims))
@@ -97,7 +94,6 @@ class TrtEngine:
                 raise BackendError(
                     f"{self.name}'s engine has {name} as {got_type}, the bundle's graph as {t.dtype}; {rebuild}"
                 )
-        self._checked.add(spec.name)
 
     def new_context(self) -> TrtContext:
         """A new execution context on this engine's memory."""
@@ -204,7 +200,7 @@ class TrtPipeline(DevicePipeline):
                     continue
                 raise
             engines[name] = open_engine(plan)
-            engines[name].check_io(b.component(PRECISION, name).spec)  # at open, not at the first request
+            engines[name].check_io(b.component(PRECISION, name).spec)  # at open: every context is made on these
         self._caches_saved = False
         self._setup(self.profile, cuda_graph, engines)
 
