@@ -138,6 +138,8 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
     """Load every component on the CPU from safetensors: fp32, or fp16 with ``half`` (for fp16-only
     exports: half the memory). The SDXL VAE always loads in fp32: it overflows in fp16."""
     import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = resolve_model_folder(model)
     family = model_family(folder)
@@ -151,33 +153,25 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
     kw = {"use_safetensors": True, "torch_dtype": torch.float16 if half else torch.float32}
     te_kw = {**kw, "attn_implementation": "eager"}
     vae_kw = {**kw, "torch_dtype": torch.float32} if xl else kw
-    try:
-        return _load(folder, model, family, kw, te_kw, vae_kw)
-    except (OSError, ValueError) as e:  # transformers' and diffusers' words for a damaged config or file
+    try:  # transformers' and diffusers' words for a damaged config or file become one line naming the model
+        return LoadedModel(
+            model_id=model,
+            folder=folder,
+            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **te_kw).eval(),
+            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval(),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw).eval(),
+            scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
+            family=family,
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **te_kw).eval()
+            if xl
+            else None,
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if xl else None,
+        )
+    except (OSError, ValueError) as e:
         raise InputError(
             f"cannot load the model {model} from {folder}: {first_line(e)}; download or save the model again"
         ) from e
-
-
-def _load(folder: Path, model: str, family: str, kw: dict, te_kw: dict, vae_kw: dict) -> LoadedModel:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    xl = family == "sdxl-turbo"
-    return LoadedModel(
-        model_id=model,
-        folder=folder,
-        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **te_kw).eval(),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval(),
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw).eval(),
-        scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
-        family=family,
-        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **te_kw).eval()
-        if xl
-        else None,
-        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if xl else None,
-    )
 
 
 def check_safetensors(path: Path) -> None:
