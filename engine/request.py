@@ -68,9 +68,9 @@ class Request:
 
     def check(self, bundle: Bundle) -> None:
         """Raise InputError naming the first bad value; nothing has run yet."""
-        self.check_values(bundle.vae_scale_factor)
-        bundle.check_request(self.batch, self.height, self.width)
         f = bundle.vae_scale_factor
+        self.check_values(f)
+        bundle.check_request(self.batch, self.height, self.width)
         shape = self.latent_shape(bundle)
         for name in ("latents", "image_noise"):
             if getattr(self, name) is not None:
@@ -91,8 +91,8 @@ class Request:
             check_noise("step_noise", self.step_noise, (sched.steps, *shape), "[steps run, batch, ...]")
 
     def check_values(self, scale: int) -> None:
-        """The checks that need no bundle: prompts, steps (and strength, for img2img), sides (multiples of
-        ``scale``, the VAE's), seeds; InputError naming the first bad value."""
+        """The checks that need no bundle: prompts, steps, sides (multiples of ``scale``, the VAE's), seeds;
+        InputError naming the first bad value. (img2img's strength: ``steps_kept``, with the schedule.)"""
         if not self.prompts:
             raise InputError("the prompt list is empty; give at least one prompt")
         bad = [p for p in self.prompts if not isinstance(p, str)]
@@ -101,8 +101,6 @@ class Request:
         for i, p in enumerate(self.prompts):
             check_utf8(i, p)
         check_steps(self.steps)
-        if self.image is not None:
-            steps_kept(self.steps, self.strength)
         for side, v in (("height", self.height), ("width", self.width)):
             if not isinstance(v, (int, np.integer)) or v <= 0 or v % scale:
                 raise InputError(f"{side} {v!r} is not allowed; use a positive multiple of {scale}")
@@ -193,8 +191,9 @@ def check_settings(
     ``prompts``: the CLI asks before a model is exported or loaded, so a mistyped value costs neither."""
     if steps is None:
         steps = default_steps(strength) if img2img else 1
-    image = np.zeros((0,), np.uint8) if img2img else None  # only whether there is one matters here
-    Request(tuple(prompts), height, width, steps, seed, image=image, strength=strength).check_values(8)
+    Request(tuple(prompts), height, width, steps, seed).check_values(8)
+    if img2img:
+        steps_kept(steps, strength)
 
 
 def draw_noise(seed: int | Sequence[int], shape: tuple[int, ...], draws: int = 1) -> list[np.ndarray]:
