@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import InputError
-from .files import atomic_write
+from .files import atomic_write, nearest_existing
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -123,9 +123,7 @@ def check_out_path(out: str | Path, count: int = 1) -> list[Path]:
             raise InputError(f"cannot save an image as {path}: it is a folder; choose another name")
         if path.exists() and not os.access(path, os.W_OK):
             raise InputError(f"cannot write {path}: the file is read-only for this user")
-    folder = out.parent
-    while not folder.exists():  # the nearest existing folder, which save_images creates the rest under
-        folder = folder.parent
+    folder = nearest_existing(out.parent)  # save_images creates the rest under it
     if not folder.is_dir():
         raise InputError(f"cannot save images in {out.parent}: {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..engine.bundle import MANIFEST, MAX_BATCH, MAX_SIDE, MIN_SIDE, SCHEMA_VERSION, Bundle
 from ..engine.errors import BundleError, InputError
-from ..engine.files import atomic_write, locked, make_shareable, remove_leftovers, replace_dir
+from ..engine.files import atomic_write, locked, make_shareable, nearest_existing, remove_leftovers, replace_dir
 from ..engine.integrity import file_sha256, stamp
 from ..engine.spec import component_specs, component_specs_xl
 from .models import LoadedModel, load_model
@@ -246,9 +246,7 @@ def _stamp_written(bundle: Bundle, written: dict, tokenizers: bool) -> None:
 
 def _make_parent(out: Path) -> None:
     """``out``'s parent folder, made if missing; InputError naming a file in the way."""
-    folder = out.parent
-    while not folder.exists():
-        folder = folder.parent
+    folder = nearest_existing(out.parent)
     if not folder.is_dir():
         raise InputError(f"cannot write the bundle {out}: {folder} is a file, not a folder")
     try:
