@@ -246,13 +246,11 @@ ENGINE_NOT_THE_GRAPH = {  # component, how its engine differs from the bundle's 
 }
 
 
-@pytest.mark.parametrize("case", sorted(ENGINE_NOT_THE_GRAPH))
-def test_an_engine_that_is_not_the_bundles_graph_is_refused_at_open(bundles, monkeypatch, case):
-    """TensorRT binds by address and checks no type or name: an engine whose inputs and outputs are not the
-    bundle's graph's would read and write the buffers as what they are not. Refused when the engines load."""
+def built_otherwise(monkeypatch, component: str, change) -> None:
+    """Engines loaded from now on are as built, except ``component``'s, whose tensor table (name -> [role,
+    type, axes]) ``change`` edits in place: an engine built from another graph."""
     from tests.engine.emulated_gpu import EmulatedCudaEngine
 
-    component, change, named = ENGINE_NOT_THE_GRAPH[case]
     built = EmulatedCudaEngine.__init__
 
     def engine(self, trt, name):
@@ -262,6 +260,14 @@ def test_an_engine_that_is_not_the_bundles_graph_is_refused_at_open(bundles, mon
             change(self.io)
 
     monkeypatch.setattr(EmulatedCudaEngine, "__init__", engine)
+
+
+@pytest.mark.parametrize("case", sorted(ENGINE_NOT_THE_GRAPH))
+def test_an_engine_that_is_not_the_bundles_graph_is_refused_at_open(bundles, monkeypatch, case):
+    """TensorRT binds by address and checks no type or name: an engine whose inputs and outputs are not the
+    bundle's graph's would read and write the buffers as what they are not. Refused when the engines load."""
+    component, change, named = ENGINE_NOT_THE_GRAPH[case]
+    built_otherwise(monkeypatch, component, change)
     with pytest.raises(BackendError, match=f"{component}'s engine has .*{re.escape(named)}.*sdturbo build"):
         emulated_pipeline(bundles["sd-turbo"], EmulatedCuda(), rtx=True)
 
@@ -269,16 +275,11 @@ def test_an_engine_that_is_not_the_bundles_graph_is_refused_at_open(bundles, mon
 def test_an_engine_whose_output_shape_is_not_the_buffers_is_refused_before_it_runs(bundles, monkeypatch):
     """An engine that would write more (or less) than the buffer made for its output (here: a decoder that
     does not upsample) is refused when its shape's context is made, before any enqueue writes past it."""
-    from tests.engine.emulated_gpu import EmulatedContext, EmulatedCudaEngine
+    from tests.engine.emulated_gpu import EmulatedContext
 
-    built = EmulatedCudaEngine.__init__
-
-    def engine(self, trt, name):
-        built(self, trt, name)
-        if name == "vae_decoder":
-            self.io = {**self.io, "image": (*self.io["image"][:2], ["batch", 3, "latent_height", "latent_width"])}
-
-    monkeypatch.setattr(EmulatedCudaEngine, "__init__", engine)
+    built_otherwise(
+        monkeypatch, "vae_decoder", lambda io: io["image"].__setitem__(2, ["batch", 3, "latent_height", "latent_width"])
+    )
     pipe = emulated_pipeline(bundles["sd-turbo"], EmulatedCuda(), rtx=True)
     monkeypatch.setattr(EmulatedContext, "execute_async_v3", lambda *a: pytest.fail("an engine was enqueued"))
     with pytest.raises(
