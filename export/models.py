@@ -41,19 +41,17 @@ WEIGHTS = {
     "unet": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
 }
+# Large weights may be sharded: ``<stem>-00001-of-00002.safetensors``... listed by ``<name>.index.json``
+# (save_pretrained does it above its shard size, 10 GB in diffusers: SDXL's UNet in fp32). Either form loads.
 HUB_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
     "tokenizer/*",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "text_encoder_2/config.json",
-    "text_encoder_2/model.safetensors",
     "tokenizer_2/*",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
+    *(f"{sub}/config.json" for sub in WEIGHTS),
+    *(f"{sub}/{name}" for sub, name in WEIGHTS.items()),
+    *(f"{sub}/{name}.index.json" for sub, name in WEIGHTS.items()),
+    *(f"{sub}/{name.removesuffix('.safetensors')}-*-of-*.safetensors" for sub, name in WEIGHTS.items()),
 ]
 
 
@@ -126,7 +124,9 @@ def check_model_folder(folder: Path) -> None:
     missing = [f"{sub}/" for sub in required if not (folder / sub).is_dir()]
     for sub, files in required.items():
         if (folder / sub).is_dir():
-            missing += [f"{sub}/{f}" for f in (*files, WEIGHTS.get(sub)) if f and not (folder / sub / f).is_file()]
+            missing += [f"{sub}/{f}" for f in files if not (folder / sub / f).is_file()]
+            if sub in WEIGHTS:
+                missing += [f"{sub}/{f.name}" for f in weight_files(folder / sub, WEIGHTS[sub]) if not f.is_file()]
     if missing:
         raise InputError(
             f"model folder {folder} lacks {', '.join(missing)} (a diffusers folder of this model "
@@ -145,7 +145,8 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
     family = model_family(folder)
     for sub in REQUIRED_XL if family == "sdxl-turbo" else REQUIRED:
         if sub in WEIGHTS:
-            check_safetensors(folder / sub / WEIGHTS[sub])
+            for path in weight_files(folder / sub, WEIGHTS[sub]):
+                check_safetensors(path)
     log.info("loading %s (%s) from %s", model, family, folder)
     # Eager attention exports as plain MatMul/Softmax in the model's dtype; the TorchScript exporter
     # lowers transformers' SDPA path with fp32 casts that leave fp16 graphs ill-typed.
@@ -171,6 +172,22 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
     except (OSError, ValueError) as e:
         raise InputError(
             f"cannot load the model {model} from {folder}: {first_line(e)}; download or save the model again"
+        ) from e
+
+
+def weight_files(folder: Path, name: str) -> list[Path]:
+    """The safetensors files holding a component's weights: ``name`` itself, or where it is absent and its
+    ``name.index.json`` is there, the shards that index lists (each file once, in order)."""
+    index = folder / f"{name}.index.json"
+    if (folder / name).is_file() or not index.is_file():
+        return [folder / name]
+    try:
+        shards = json.loads(index.read_text())["weight_map"].values()
+        return [folder / shard for shard in dict.fromkeys(sorted(shards))]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(
+            f"model weights index {index} is not a safetensors index ({first_line(e)}); the file is truncated or "
+            "corrupt; download or save the model again"
         ) from e
 
 

@@ -71,3 +71,77 @@ def test_the_config_hash_follows_every_component_s_config(tiny_folder, tmp_path,
     cfg["sdturbo_test_setting"] = 1
     (folder / sub / name).write_text(json.dumps(cfg))
     assert model.config_hash() != before
+
+
+def _sharded_copy(tiny_folder, tmp_path):
+    """random:tiny saved again with its UNet's weights in shards, as save_pretrained writes a UNet above its
+    shard size (diffusers' 10 GB: SDXL's UNet in fp32): ``<stem>-0000i-of-0000n.safetensors`` + an index."""
+    from diffusers import UNet2DConditionModel
+
+    folder = shutil.copytree(tiny_folder, tmp_path / "m")
+    unet = UNet2DConditionModel.from_pretrained(tiny_folder / "unet")
+    shutil.rmtree(folder / "unet")
+    unet.save_pretrained(folder / "unet", safe_serialization=True, max_shard_size="100KB")
+    shards = sorted((folder / "unet").glob("diffusion_pytorch_model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (folder / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    return folder, shards
+
+
+def test_a_model_whose_weights_are_sharded_loads_the_same_weights(tiny_folder, tmp_path):
+    """A diffusers folder whose UNet is sharded is a model like any other (it was refused as lacking
+    unet/diffusion_pytorch_model.safetensors, and random:sdxl-turbo, saved that way, failed with an errno)."""
+    import torch
+
+    folder, _ = _sharded_copy(tiny_folder, tmp_path)
+    resolve_model_folder(str(folder))
+    sharded, whole = load_model(str(folder)).unet.state_dict(), load_model("random:tiny").unet.state_dict()
+    assert sharded.keys() == whole.keys()
+    assert all(torch.equal(sharded[k], whole[k]) for k in whole)
+
+
+@pytest.mark.parametrize("damage", ["missing shard", "truncated shard", "damaged index"])
+def test_a_sharded_model_with_a_damaged_shard_or_index_is_refused_naming_it(tiny_folder, tmp_path, damage):
+    folder, shards = _sharded_copy(tiny_folder, tmp_path)
+    index = folder / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    if damage == "missing shard":
+        shards[-1].unlink()
+        with pytest.raises(InputError, match=f"lacks unet/{shards[-1].name}"):
+            resolve_model_folder(str(folder))
+        return
+    if damage == "truncated shard":
+        shards[0].write_bytes(shards[0].read_bytes()[:-8])
+        named, match = shards[0], "truncated or corrupt"
+    else:
+        index.write_text(index.read_text()[:40])
+        named, match = index, "not a safetensors index"
+    with pytest.raises(InputError, match=match) as e:
+        load_model(str(folder))
+    assert str(named) in str(e.value)
+
+
+def test_the_hub_download_takes_sharded_weights_and_no_other_variant():
+    """Which files a Hub download fetches: each component's weights whole or sharded (with their index), not
+    the fp16 or non-safetensors copies a repo also holds."""
+    from fnmatch import fnmatch
+
+    from sdturbo.export.models import HUB_PATTERNS
+
+    def fetched(name):
+        return any(fnmatch(name, p) for p in HUB_PATTERNS)
+
+    for name in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "text_encoder_2/model-00002-of-00002.safetensors",
+        "vae/config.json",
+        "tokenizer_2/vocab.json",
+    ):
+        assert fetched(name), name
+    for name in (
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "text_encoder/model.fp16.safetensors",
+        "sd_turbo.safetensors",
+    ):
+        assert not fetched(name), name
