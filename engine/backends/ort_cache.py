@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..bundle import Bundle, ComponentFile
-from ..errors import IntegrityError
+from ..errors import IntegrityError, first_line
 from ..files import atomic_write, locked, make_shareable, remove_leftovers
 from ..integrity import file_sha256, stamp, verify
 
@@ -137,10 +137,35 @@ def create_and_cache(
             "session.optimized_model_external_initializers_file_name", model.name + ".data"
         )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        session = ort.InferenceSession(str(comp.onnx), options, providers=providers)
+        try:
+            session = ort.InferenceSession(str(comp.onnx), options, providers=providers)
+        except Exception as e:  # writing the optimized graph failed (a full disk), or the bundle's ONNX did
+            shutil.rmtree(tmp, ignore_errors=True)  # (what onnxruntime wrote of it: the space it may need)
+            options.optimized_model_filepath = ""  # nothing written: a bad ONNX raises its own error here
+            session = ort.InferenceSession(str(comp.onnx), options, providers=providers)
+            _not_cached(comp.spec.name, model.parent, first_line(e).rsplit(" FAIL : ", 1)[-1])  # (its own words)
+            return session
         rec = {"onnx_sha256": comp.sha256, "source": source_stat(comp), "onnxruntime": ort_version, "cpu": cpu_key()}
-        publish_graph(tmp, model, record, rec)
+        try:
+            publish_graph(tmp, model, record, rec)
+        except OSError as e:  # the session is made; only its cache is lost (without a record, never used)
+            _not_cached(comp.spec.name, model.parent, str(e))
+            return session
         log.info("cached the optimized %s graph in %s", comp.spec.name, model.parent)
         return session
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _not_cached(name: str, folder: Path, why: str) -> None:
+    """Say that ``name``'s optimized graph could not be cached in ``folder``: it runs all the same, optimized
+    again at every load (seconds, or a minute for a full-size UNet)."""
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 1e6:.0f} MB free there"
+    except OSError:
+        free = ""
+    log.warning(
+        "could not cache the optimized %s graph in %s (%s%s); it runs without the cache, and every load "
+        "optimizes it again",
+        *(name, folder, why, free),
+    )

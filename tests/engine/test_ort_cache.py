@@ -81,3 +81,56 @@ def test_a_cached_graph_onnxruntime_cannot_load_is_rebuilt_fully_optimized(tiny_
     backend.session(b, "unet")
     assert [m for m, _ in levels] == [str(cached), first[0]]  # the cached graph refused, then the bundle's
     assert levels[-1] == first
+
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_cache(tiny_bundle, tmp_path, monkeypatch, caplog):
+    """A full disk while onnxruntime writes the optimized graph, or while it is moved into place: the image is
+    made all the same (the same one), with a warning that names the folder; nothing half-written is left or
+    used. It was refused before as "the file is corrupt, export the bundle again"; a bundle's ONNX that
+    onnxruntime cannot load still is."""
+    import errno
+    import os
+    import tempfile
+
+    import pytest
+    from sdturbo.engine.errors import BundleError
+
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    shutil.rmtree(path / "ort", ignore_errors=True)
+    want = Pipeline(path, OnnxRuntimeBackend(cache_optimized=False))(["a cat"], height=64, width=64)
+    real_mkdtemp = tempfile.mkdtemp
+
+    def unwritable(*args, **kwargs):  # the names onnxruntime writes taken by folders: its write fails
+        tmp = real_mkdtemp(*args, **kwargs)
+        graph = kwargs["prefix"].removeprefix(".").split(".tmp-")[0] + ".onnx"
+        for taken in (graph, graph + ".data"):
+            os.mkdir(os.path.join(tmp, taken))
+        return tmp
+
+    monkeypatch.setattr(ort_cache.tempfile, "mkdtemp", unwritable)
+    out = Pipeline(path, OnnxRuntimeBackend())(["a cat"], height=64, width=64)
+    np.testing.assert_array_equal(out, want)
+    folder = cache_paths(Bundle(path), onnxruntime.__version__, "fp32", "unet")[0].parent
+    warned = [r.getMessage() for r in caplog.records if "could not cache the optimized" in r.getMessage()]
+    assert len(warned) == 3 and all(str(folder) in w and "MB free there" in w for w in warned), warned
+    assert not list(folder.iterdir())  # no graph, record or leftover
+
+    monkeypatch.setattr(ort_cache.tempfile, "mkdtemp", real_mkdtemp)
+    caplog.clear()
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ort_cache, "publish_graph", full)
+    out = Pipeline(path, OnnxRuntimeBackend())(["a cat"], height=64, width=64)
+    np.testing.assert_array_equal(out, want)
+    assert sum("No space left on device" in r.getMessage() for r in caplog.records) == 3
+    assert not list(folder.iterdir())
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : cannot load it")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refused)
+    with pytest.raises(BundleError, match="INVALID_GRAPH.*corrupt"):
+        OnnxRuntimeBackend().session(Bundle(path), "unet")
