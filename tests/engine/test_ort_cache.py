@@ -132,5 +132,5 @@ def test_a_cache_that_cannot_be_written_costs_only_the_cache(tiny_bundle, tmp_pa
         raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : cannot load it")
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", refused)
-    with pytest.raises(BundleError, match="INVALID_GRAPH.*corrupt"):
+    with pytest.raises(BundleError, match=r"INVALID_GRAPH.*corrupt"):
         OnnxRuntimeBackend().session(Bundle(path), "unet")
