@@ -83,7 +83,6 @@ def test_a_cached_graph_onnxruntime_cannot_load_is_rebuilt_fully_optimized(tiny_
     assert levels[-1] == first
 
 
-
 def test_a_cache_that_cannot_be_written_costs_only_the_cache(tiny_bundle, tmp_path, monkeypatch, caplog):
     """A full disk while onnxruntime writes the optimized graph, or while it is moved into place: the image is
     made all the same (the same one), with a warning that names the folder; nothing half-written is left or
