@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.backends.ort_optimized import PROVIDERS, find_optimized
-from ..engine.bundle import EXTERNAL_DATA_BYTES, TINY_VAE, Bundle
+from ..engine.bundle import TINY_VAE, Bundle
 from ..engine.errors import BackendError, BundleError, EngineMissing, InputError, first_line
 from ..engine.request import Request
 from ..engine.spec import axis_values
@@ -106,7 +106,9 @@ def _runner(path: Path, provider: str, name: str, mark_all: bool, tmp: Path):
 
         model = ModifyOutputs(OnnxFromPath(str(path)), outputs=constants.MARK_ALL)()
         path = tmp / f"{name}.onnx"
-        big = model.ByteSize() >= EXTERNAL_DATA_BYTES
+        from .graph_fixes import needs_external_data
+
+        big = needs_external_data(model)
         onnx.save(model, str(path), save_as_external_data=big, location=f"{name}.onnx.data")
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=[provider]), name=name)
 

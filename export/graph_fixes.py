@@ -87,3 +87,12 @@ def integer_argmax(path) -> bool:
         return False
     types = element_types(graph)
     return any(types.get(n.input[0]) in INTEGER_TYPES for n in graph.node if n.op_type == "ArgMax")
+
+
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """Whether ``model``'s weights are too large to be saved inside its .onnx file (``EXTERNAL_DATA_BYTES``).
+    Counted tensor by tensor: ``model.ByteSize()`` serializes the whole model to measure it (with protobuf's
+    upb backend), a full-size UNet's weights once more in memory."""
+    from ..engine.bundle import EXTERNAL_DATA_BYTES
+
+    return sum(t.ByteSize() for t in model.graph.initializer) >= EXTERNAL_DATA_BYTES

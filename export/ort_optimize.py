@@ -39,7 +39,7 @@ import numpy as np
 
 from ..engine.backends.ort_cache import publish_graph
 from ..engine.backends.ort_optimized import PROVIDERS, check_optimized, optimized_paths, recipe, sources
-from ..engine.bundle import EXTERNAL_DATA_BYTES, Bundle
+from ..engine.bundle import Bundle
 from ..engine.errors import BackendError, InputError
 from ..engine.files import locked, remove_leftovers
 from ..engine.spec import axis_values
@@ -112,6 +112,54 @@ def numpy2_compatible():
         FusionAttentionUnet.get_num_heads = original
 
 
+# Initializers above this size are left out of the copies onnxruntime's shape inference makes (as graph inputs
+# of the same type and shape): weights, not the few-element tensors whose values make shapes.
+WEIGHTLESS_ABOVE = 1 << 20
+
+
+@contextlib.contextmanager
+def weightless_shape_inference(above: int | None = None):
+    """onnxruntime's optimizer and fp16 converter run its symbolic shape inference, for shapes and types
+    alone, on whole copies of the model, weights included: a full-size UNet's fp32 weights two and three times
+    in memory at once (SDXL's 10 GB took `build --ort-optimize` past 24 GB and the kernel's OOM killer). While
+    this block runs, each copy leaves out the initializers above ``above`` bytes, made graph inputs of the same
+    type and shape; the shapes and types inferred are the same (tested: the graphs made are identical)."""
+    import onnx
+    import onnxruntime.transformers  # noqa: F401  (puts the optimizer's own folder on sys.path)
+    from shape_infer_helper import SymbolicShapeInference  # the class the optimizer itself uses
+
+    original = SymbolicShapeInference._preprocess  # where a run copies the model it is given
+    above = WEIGHTLESS_ABOVE if above is None else above
+
+    def _preprocess(self, in_mp):
+        return original(self, weightless(in_mp, above, onnx))
+
+    SymbolicShapeInference._preprocess = _preprocess
+    try:
+        yield
+    finally:
+        SymbolicShapeInference._preprocess = original
+
+
+def weightless(model, above: int, onnx):
+    """``model`` without the initializers above ``above`` bytes, which become graph inputs (its nodes copied)."""
+    graph = model.graph
+    big = [t for t in graph.initializer if t.ByteSize() > above]
+    if not big:
+        return model
+    inputs = [*graph.input, *(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big)]
+    names = {t.name for t in big}
+    light = onnx.helper.make_graph(
+        graph.node,
+        graph.name,
+        inputs,
+        graph.output,
+        [t for t in graph.initializer if t.name not in names],
+        value_info=graph.value_info,
+    )
+    return onnx.helper.make_model(light, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
 def fused_op_counts(model) -> dict[str, int]:
     """Operators of onnxruntime's contrib domain in ``model`` (an onnx ModelProto), counted."""
     return dict(sorted(collections.Counter(n.op_type for n in model.graph.node if n.domain == "com.microsoft").items()))
@@ -137,7 +185,7 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
             import onnx
 
             onnx.load_external_data_for_model(fused, str(src.parent))
-    with numpy2_compatible():
+    with numpy2_compatible(), weightless_shape_inference():
         m = optimize_model(
             str(src) if fused is None else fused,
             model_type=model_type,
@@ -148,10 +196,14 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
             use_gpu=provider == "cuda",
         )
     if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
-        m.convert_float_to_float16(keep_io_types=[n for n, d in floats.items() if d == "float32"], **fp32_kept(m.model))
+        with weightless_shape_inference():
+            m.convert_float_to_float16(
+                keep_io_types=[n for n, d in floats.items() if d == "float32"], **fp32_kept(m.model)
+            )
     _check_contract(m.model, spec)
-    big = m.model.ByteSize() >= EXTERNAL_DATA_BYTES
-    m.save_model_to_file(str(dst), use_external_data_format=big)
+    from .graph_fixes import needs_external_data
+
+    m.save_model_to_file(str(dst), use_external_data_format=needs_external_data(m.model))
     return fused_op_counts(m.model)
 
 

@@ -185,3 +185,39 @@ def test_a_bundle_without_fp32_cannot_be_optimized(tiny_bundle, tmp_path, capsys
     (path / "manifest.json").write_text(json.dumps(manifest))
     assert main(["build", str(path), "--ort-optimize", "--components", "text_encoder"]) == 2
     assert "has no fp32 ONNX" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny", "xl"])
+def test_shape_inference_without_the_weights_converts_the_same_graphs(tiny_bundle, xl_bundle, model, tmp_path, caplog):
+    """The fp16 converter's shape inference runs on a copy of the model without its large initializers (as
+    graph inputs), not on a copy of every weight (a full-size SDXL UNet went past 24 GB for it). With the bar
+    at 64 bytes, so that every weight of the tiny models is left out, each component's converted graph must be
+    the one converting with the weights gives, byte for byte."""
+    from sdturbo.export.ort_optimize import weightless
+
+    seen = {}  # threshold -> the largest initializer of each copy shape inference ran on
+
+    def spy(model, above, onnx):
+        light = weightless(model, above, onnx)
+        seen.setdefault(above, []).append(max((len(t.raw_data) for t in light.graph.initializer), default=0))
+        return light
+
+    bundle = Bundle(tiny_bundle if model == "tiny" else xl_bundle)
+    for name in bundle.component_names:
+        src, spec = bundle.component("fp32", name).onnx, bundle.component("fp16", name).spec
+        graphs = []
+        seen.clear()
+        for above in (1 << 62, 64):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(ort_optimize, "WEIGHTLESS_ABOVE", above)
+                mp.setattr(ort_optimize, "weightless", spy)
+                out = tmp_path / f"{name}-{above}" / f"{name}.onnx"
+                out.parent.mkdir()
+                ort_optimize.optimize_graph(src, out, name, spec, "cuda")
+                graphs.append(onnx.load(str(out)))
+        with_weights, without = graphs
+        assert any(len(t.raw_data) > 64 for t in with_weights.graph.initializer)
+        if seen:  # (the shape inference runs for the fusions of some components, and to convert to fp16)
+            assert min(seen[1 << 62]) > 64 >= max(seen[64])  # it saw the weights, then none
+        assert with_weights.SerializeToString() == without.SerializeToString(), name
+    assert "Failed to run symbolic shape inference" not in caplog.text
