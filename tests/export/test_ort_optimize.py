@@ -221,3 +221,20 @@ def test_shape_inference_without_the_weights_converts_the_same_graphs(tiny_bundl
             assert min(seen[1 << 62]) > 64 >= max(seen[64])  # it saw the weights, then none
         assert with_weights.SerializeToString() == without.SerializeToString(), name
     assert "Failed to run symbolic shape inference" not in caplog.text
+
+
+def test_graphs_over_the_external_data_bar_are_saved_with_their_weights_beside_them(monkeypatch):
+    """Whether a graph's weights go to a .data file is decided by their size counted tensor by tensor (the
+    whole ModelProto's ByteSize would serialize a full-size UNet once more to measure it)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from sdturbo.engine import bundle as bundle_module
+    from sdturbo.export.graph_fixes import needs_external_data
+
+    weights = [numpy_helper.from_array(np.zeros(1000, np.float32), name=f"w{i}") for i in range(2)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1000])
+    nodes = [helper.make_node("Add", ["x", "w0"], ["y"]), helper.make_node("Add", ["y", "w1"], ["z"])]
+    out = helper.make_tensor_value_info("z", TensorProto.FLOAT, [1000])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [out], weights))
+    for bar, big in ((7900, True), (8100, False)):  # 2 x 4000 bytes of weights, and their headers
+        monkeypatch.setattr(bundle_module, "EXTERNAL_DATA_BYTES", bar)
+        assert needs_external_data(model) is big
