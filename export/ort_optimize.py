@@ -126,9 +126,14 @@ def weightless_shape_inference(above: int | None = None):
     type and shape; the shapes and types inferred are the same (tested: the graphs made are identical)."""
     import onnx
     import onnxruntime.transformers  # noqa: F401  (puts the optimizer's own folder on sys.path)
-    from shape_infer_helper import SymbolicShapeInference  # the class the optimizer itself uses
 
-    original = SymbolicShapeInference._preprocess  # where a run copies the model it is given
+    try:
+        from shape_infer_helper import SymbolicShapeInference  # the class the optimizer itself uses
+
+        original = SymbolicShapeInference._preprocess  # where a run copies the model it is given
+    except (ImportError, AttributeError):  # another onnxruntime's layout: its own copies (more memory, same graphs)
+        yield
+        return
     above = WEIGHTLESS_ABOVE if above is None else above
 
     def _preprocess(self, in_mp):
