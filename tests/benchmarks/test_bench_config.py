@@ -252,3 +252,77 @@ def test_each_contender_s_psnr_is_against_its_mode_s_first_contender(monkeypatch
         r = by_name[name]
         assert r["psnr_vs_reference_db"] == pytest.approx(psnr(images[name], reference))
         assert r["speedup_vs_reference"] == pytest.approx(medians[names[0]] / medians[name])
+
+
+def test_cold_start_times_each_phase_from_the_process_start(monkeypatch, capsys):
+    """benchmarks/cold.py on a fake clock: import, load and first image each measured from where the one before
+    ended, the whole from the process start; the size is WIDTHxHEIGHT, as everywhere else."""
+    import json
+    import types
+
+    from sdturbo.benchmarks import cold, contenders
+
+    calls = []
+
+    class Fake:
+        def __init__(self, path, backend, precision, timer):
+            calls.append(("made", path, backend, precision))
+
+        def load(self):
+            calls.append("load")
+
+        def __call__(self, prompts, latents, steps, height, width):
+            calls.append((prompts, latents.shape, steps, height, width))
+
+    clock = iter([3.0, 5.0, 9.5])  # after the import (the contender made), after load, after the first image
+    monkeypatch.setattr(cold, "T0", 0.0)
+    monkeypatch.setattr(cold, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(contenders, "Ours", Fake)
+    cold.main(["ours", "bundle", "onnxruntime", "fp32", "64x32", "2"])
+    assert json.loads(capsys.readouterr().out) == {
+        "import_s": 3.0,
+        "load_s": 2.0,
+        "first_image_s": 4.5,
+        "in_process_s": 9.5,
+    }
+    assert calls == [("made", "bundle", "onnxruntime", "fp32"), "load", (["a photo of a cat"], (1, 4, 4, 8), 2, 32, 64)]
+
+
+def test_a_stage_s_floor_is_its_slower_bound():
+    """max(FLOPs / matmul rate, weight bytes / copy bandwidth), in ms (benchmarks/floors.py's doc)."""
+    from sdturbo.benchmarks.floors import floor_ms
+
+    rates = {"matmul_tflops": 2.0, "copy_gbps": 100.0}
+    assert floor_ms(4e12, 1e9, rates) == pytest.approx(2000.0)  # compute-bound: 4 TFLOP at 2 TFLOP/s
+    assert floor_ms(1e9, 50e9, rates) == pytest.approx(500.0)  # memory-bound: 50 GB at 100 GB/s
+
+
+def test_machine_rates_count_two_flops_per_multiply_add_and_a_copy_s_read_and_write(monkeypatch):
+    """On a fake clock (every timed call 0.5 s): an n x n matmul is 2 n^3 FLOPs; a copy of B bytes moves 2 B."""
+    from sdturbo.benchmarks import floors
+
+    monkeypatch.setattr(floors, "_best", lambda fn, cuda, repeats: 0.5)
+    rates = floors.machine_rates("cpu")
+    assert rates["matmul_tflops"] == pytest.approx(2 * 2048**3 / 0.5 / 1e12) and rates["matmul_dtype"] == "float32"
+    assert rates["copy_gbps"] == pytest.approx(2 * 256 * 2**20 / 0.5 / 1e9)
+
+
+def test_stage_flops_are_the_model_s_own_at_the_benchmark_s_size(tiny_folder):
+    """What stage_flops counts on the meta device is what the model's own modules do at that size: the VAE works
+    on latents of an eighth of each side; its decoder stage reads the decoder's weights, its encoder's the
+    encoder's."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import AttnProcessor
+    from sdturbo.benchmarks.floors import stage_flops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    got = stage_flops(tiny_folder, 2, 64, 96)
+    vae = AutoencoderKL.from_pretrained(tiny_folder / "vae").eval()
+    vae.set_attn_processor(AttnProcessor())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vae.decode(torch.zeros(2, 4, 64 // 8, 96 // 8))
+    assert got["vae_decoder"]["flops"] == counter.get_total_flops() > 0
+    decoder = sum(p.numel() for m in (vae.decoder, vae.post_quant_conv) for p in m.parameters())
+    assert got["vae_decoder"]["params"] == decoder
+    assert got["vae_decoder"]["params"] + got["vae_encoder"]["params"] == sum(p.numel() for p in vae.parameters())

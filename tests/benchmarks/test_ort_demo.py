@@ -96,6 +96,19 @@ def test_the_build_is_keyed_by_the_model_s_files(tiny_folder, monkeypatch, tmp_p
     assert ort_demo.work_folder(copy) != before
 
 
+@pytest.mark.parametrize("package", ["onnxruntime", "torch", "diffusers", "transformers"])
+def test_the_build_is_keyed_by_the_libraries_that_make_it(tiny_folder, monkeypatch, tmp_path, package):
+    """A new onnxruntime (its optimizer), torch (its exporter), diffusers or transformers (the modules exported)
+    makes other graphs: a build made with the old ones is not reused."""
+    import importlib.metadata
+
+    monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path))
+    before = ort_demo.work_folder(tiny_folder)
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "99.0" if name == package else real(name))
+    assert ort_demo.work_folder(tiny_folder) != before
+
+
 def test_its_export_runs_the_torchscript_exporter(monkeypatch):
     import torch
 

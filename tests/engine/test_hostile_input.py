@@ -511,6 +511,30 @@ def test_a_malformed_manifest_names_the_field(tiny_bundle, tmp_path, field, valu
 
 
 @pytest.mark.parametrize(
+    "limits", [{"max_batch": 1}, {"max_batch": 256}, {"min_size": 8}, {"max_size": 4096}, {"min_size": 256}]
+)
+def test_limits_at_the_widest_a_bundle_may_hold_are_taken(tiny_bundle, tmp_path, limits):
+    """The ends of the allowed limits (max_batch 1 to 256, 8 <= min_size <= max_size <= 4096) are limits a
+    bundle may hold: ``export --max-batch 1`` makes one, and it must open."""
+    shutil.copy(tiny_bundle / "manifest.json", tmp_path / "manifest.json")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["limits"].update(limits)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    got = Bundle(tmp_path).limits
+    assert {k: getattr(got, k) for k in limits} == limits
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "1.0"])
+def test_a_tiny_vae_scaling_factor_that_is_not_a_number_is_named(tiny_vae_bundle, tmp_path, value):
+    shutil.copy(tiny_vae_bundle / "manifest.json", tmp_path / "manifest.json")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["tiny_vae"]["scaling_factor"] = value
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))  # NaN and Infinity, as Python's json writes them
+    with pytest.raises(BundleError, match=rf"tiny_vae.scaling_factor is {value!r}; it must be a number"):
+        Bundle(tmp_path)
+
+
+@pytest.mark.parametrize(
     ("args", "named"),
     [
         (["--steps", "5"], "steps=5 is not allowed"),

@@ -218,3 +218,84 @@ def test_a_file_changed_while_it_is_hashed_is_hashed_again(tmp_path, monkeypatch
     monkeypatch.setattr(integrity, "file_sha256", real)
     with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
         integrity.verify([path], sha, "the unet")
+
+
+def with_external_data(bundle, precision="fp32", name="unet"):
+    """The bundle's ``name`` saved as .onnx + .onnx.data, as export saves graphs over 2 GB, and its manifest entry
+    made to match: sha256 of both files' bytes, one after the other, and their total size."""
+    import hashlib
+
+    import onnx
+
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    entry = manifest["components"][precision][name]
+    onnx_path = bundle / entry["onnx"]
+    onnx.save_model(
+        onnx.load(str(onnx_path)),
+        str(onnx_path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=onnx_path.name + ".data",
+        size_threshold=0,
+    )
+    files = [onnx_path, onnx_path.with_name(onnx_path.name + ".data")]
+    entry["data"] = str(files[1].relative_to(bundle))
+    entry["sha256"] = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    entry["bytes"] = sum(f.stat().st_size for f in files)
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    return files[1]
+
+
+def test_a_component_s_external_data_file_is_checked_too(bundle_copy):
+    """The weights of a large graph live in its .data file: their damage is found as the .onnx file's is."""
+    data = with_external_data(bundle_copy)
+    comp = Bundle(bundle_copy).component("fp32", "unet")
+    assert comp.data == data and data.stat().st_size > comp.onnx.stat().st_size
+    damage(data)
+    with pytest.raises(IntegrityError, match="does not match its recorded sha256"):
+        Bundle(bundle_copy).component("fp32", "unet")
+    assert "BROKEN" in next(x for x in describe(bundle_copy).splitlines() if "fp32  unet" in x)
+
+
+def test_info_verify_hashes_again_what_a_stamp_would_trust(bundle_copy):
+    """Damage that leaves a file's stat as it was (bit rot on the disk: same size, times, inode) keeps its stamp,
+    so a load trusts it; `sdturbo info --verify` hashes every file again and finds it, component and tokenizer."""
+    b = Bundle(bundle_copy)
+    comp = b.components["fp16"]["unet"]
+    files = [comp.onnx] + ([comp.data] if comp.data else [])
+    damage(files[-1])
+    tok = bundle_copy / "tokenizer.json"
+    spec = json.loads(tok.read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = list(vocab)[:2]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # still a tokenizer, a wrong one
+    tok.write_text(json.dumps(spec))
+    for paths, sha in ((files, comp.sha256), ([tok], b.tokenizer_sha256[tok])):
+        integrity.stamp(paths, sha)  # the stamp of the file as it now is: as if its stat had not changed
+    report = describe(bundle_copy)
+    assert "BROKEN" not in report  # trusted by its stamp: what --verify is for
+    broken = []
+    lines = describe(bundle_copy, verify=True, broken=broken).splitlines()
+    assert "BROKEN" in next(x for x in lines if "fp16  unet" in x)
+    assert "BROKEN" in next(x for x in lines if x.lstrip().startswith("tokenizer.json"))
+    assert broken == ["fp16 unet", "tokenizer.json"]
+
+
+def test_info_exits_1_when_a_tokenizer_is_broken(bundle_copy, capsys):
+    (bundle_copy / "tokenizer.json").unlink()
+    assert main(["info", str(bundle_copy)]) == 1
+    assert "tokenizer.json              [BROKEN" in capsys.readouterr().out
+
+
+def test_the_integrity_cost_benchmark_hashes_every_component(bundle_copy, monkeypatch, capsys):
+    """benchmarks/integrity_cost.py's first table is the cost of hashing: each component hashed, stamps or not."""
+    from sdturbo.benchmarks import integrity_cost
+
+    b = Bundle(bundle_copy)
+    for name in b.component_names:
+        b.component("fp32", name)  # stamped: a plain check would hash nothing
+    calls = count_hashes(monkeypatch)
+    integrity_cost.main([str(bundle_copy), "--precision", "fp32"])
+    assert len(calls) == len(b.component_names)  # once each, in the table; none in the stamped check after it
+    out = capsys.readouterr().out
+    assert all(f"| {name} |" in out for name in b.component_names) and "stamped check of 4 components" in out

@@ -18,7 +18,7 @@ pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip i
 
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.engine_store import Profile
-from sdturbo.engine.errors import BackendError, BundleError, EngineMissing, NonFiniteOutput
+from sdturbo.engine.errors import BackendError, BundleError, EngineCorrupt, EngineMissing, NonFiniteOutput
 from sdturbo.engine.pipeline import Pipeline
 from sdturbo.export.trt_build import build_engines
 
@@ -155,6 +155,26 @@ def test_open_builds_one_static_profile_and_a_server_gets_every_batch_up_to_its_
     assert cls.open(path, (1, 64, 64)).profile.tag == "b1-2_64x64"  # nothing built: the range covers it
     with pytest.raises(EngineMissing, match=r"for batch 1-2 at 96x64 \(built profiles: b1-2_64x64, b2_64x64\)"):
         cls.open(path, (2, 64, 96), any_batch=True, build=False)
+
+
+def test_a_damaged_plan_is_built_again_when_a_pipeline_opens(bundles, tmp_path, monkeypatch):
+    """A plan that fails its checksum (changed in place: same size, mtime set back) is an engine to build, as a
+    missing one is, when a pipeline opens (never loaded, and no error the user must act on first)."""
+    import os
+
+    path = shutil.copytree(bundles["sd-turbo"], tmp_path / "b")
+    plan = next((path / "engines").glob("tensorrt-rtx-*/*/unet.plan"))
+    st = plan.stat()
+    with open(plan, "r+b") as f:
+        f.seek(st.st_size // 2)
+        f.write(bytes(255 - b for b in f.read(256)))
+    os.utime(plan, ns=(st.st_atime_ns, st.st_mtime_ns))
+    cls = emulated_trt_class(EmulatedCuda(), rtx=True)
+    built = []
+    monkeypatch.setattr(cls, "_build", staticmethod(lambda root, profile: built.append(profile.tag)))
+    with pytest.raises(EngineCorrupt, match="does not match its recorded sha256"):  # (nothing was built here)
+        cls.open(path, (1, 64, 64))
+    assert built == ["b1_64x64"]
 
 
 def test_sdturbo_serve_on_tensorrt_builds_engines_for_batch_1_to_its_max_batch(tiny_bundle, tmp_path, monkeypatch):

@@ -93,6 +93,39 @@ def test_atomic_write_readers_see_old_or_new_and_a_failed_write_keeps_the_old(tm
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
 
+def test_atomic_write_gives_the_usual_modes_not_the_temporary_file_s(tmp_path):
+    """A manifest or cache file is written through a private temporary file (0600); the file in place gets the
+    mode any file gets under the umask, so that other users (a server's) can read a shared bundle or cache."""
+    umask = os.umask(0o022)
+    try:
+        files.atomic_write(tmp_path / "manifest.json", "{}")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_folder_however_spelled_has_one_lock(tmp_path, monkeypatch):
+    """Writers of one bundle given as ``b``, ``./b``, its absolute path or a link to it wait for each other."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "b")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    spellings = [Path("b"), Path("./b"), tmp_path / "b", tmp_path / "link", Path("sub/../b")]
+    assert len({files._lock_file(p) for p in spellings}) == 1
+
+
+def test_replace_dir_without_an_atomic_exchange_leaves_only_the_new_folder(tmp_path, monkeypatch):
+    """Where renameat2 is not available: two renames, and the old folder is removed, not left beside it."""
+    new, dest = tmp_path / ".b.tmp-1", tmp_path / "b"
+    for folder, text in ((new, "new"), (dest, "old")):
+        folder.mkdir()
+        (folder / "manifest.json").write_text(text)
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    files.replace_dir(new, dest)
+    assert (dest / "manifest.json").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
 def test_the_model_cache_follows_changes_and_heals(tmp_path, tiny_folder, caplog):
     model = shutil.copytree(tiny_folder, tmp_path / "model")
     first = Bundle(ensure_bundle(str(model), "fp32"))

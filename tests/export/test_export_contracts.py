@@ -1,6 +1,6 @@
 """Export behaviours no other test pinned down (found by a mutation-testing pass): which integer ArgMax is made
 float, the export order of precisions, a new bundle's default limits, every file of a component in its checksum,
-the tiny VAE ``auto`` names, and ``check``'s relative error."""
+the tiny VAE ``auto`` names, ``check``'s relative error, and the peak RSS of a span."""
 
 from __future__ import annotations
 
@@ -160,3 +160,24 @@ def test_relative_error_is_relative_to_the_reference():
     both[1, 0, 0, 0] = np.inf  # not finite in the reference too: not counted against the test
     with np.errstate(invalid="ignore"):  # inf - inf where both are infinite
         assert rel_l2(both, both)[1] == 0
+
+
+# --- rss: the peak memory of a span of work -----------------------------------------------------------------
+
+
+def test_peak_rss_is_the_span_s_own_peak_not_the_process_s():
+    """Each PeakRss starts a span: memory used and freed before it is not its peak (export records and the
+    benchmark's CPU peak memory are per span)."""
+    from pathlib import Path
+
+    from sdturbo.export.rss import PeakRss
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs here: the peak is the process's")
+    big = np.ones(256 * 2**20 // 8)  # 256 MiB, every page touched
+    high = PeakRss().peak_mb()
+    del big
+    span = PeakRss()
+    assert span.peak_mb() < high - 128
+    more = np.ones(64 * 2**20 // 8)
+    assert span.peak_mb() >= PeakRss().peak_mb() and more.sum() > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 from sdturbo.engine.errors import InputError
 from sdturbo.export.models import load_model, resolve_model_folder
@@ -145,3 +146,35 @@ def test_the_hub_download_takes_sharded_weights_and_no_other_variant():
         "sd_turbo.safetensors",
     ):
         assert not fetched(name), name
+
+
+@pytest.mark.parametrize("model", ["random:tiny", "random:sdxl-tiny"])
+def test_random_models_pool_clip_at_the_end_of_text_as_the_released_ones_do(tiny_folder, xl_folder, model):
+    """The released text encoders pool at argmax(ids) (eos_token_id 2, see random_models.py): that is the
+    end-of-text token only where it has the highest id, so the random tokenizers must give it that (else the
+    pooled SDXL embedding would be the start token's, a path the real models never take)."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    folder = tiny_folder if model == "random:tiny" else xl_folder
+    for sub in ("tokenizer", "tokenizer_2") if model == "random:sdxl-tiny" else ("tokenizer",):
+        tok = CLIPTokenizer.from_pretrained(folder / sub)
+        ids = tok("a photo of a cat").input_ids
+        assert ids.index(tok.eos_token_id) == int(np.argmax(ids)) == len(ids) - 1
+        assert max(tok.get_vocab().values()) == tok.eos_token_id
+    config = CLIPTextConfig.from_pretrained(folder / "text_encoder")
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (0, 2, 1)
+    assert config.vocab_size > max(tok.get_vocab().values())
+
+
+def test_random_models_are_the_same_weights_every_time_they_are_built():
+    """``random:*`` weights are seeded: two caches, two machines, the same model (bundles and benchmarks agree)."""
+    import torch
+    from sdturbo.export.random_models import build_random
+
+    torch.manual_seed(1234)  # whatever the process drew before
+    first = build_random("tiny")
+    torch.randn(10)
+    second = build_random("tiny")
+    for name in ("text_encoder", "unet", "vae"):
+        a, b = getattr(first, name).state_dict(), getattr(second, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -129,6 +129,58 @@ def test_a_stop_while_triton_starts_stops_it_now(tiny_bundle, monkeypatch, caplo
     assert "stopped while Triton was starting" in caplog.messages
 
 
+class FlakyTriton:
+    """pytriton's Triton whose model fails to load (pytriton's one-second handshake missed) the first ``fails``
+    times it is started; once loaded, the server stops on its own at once."""
+
+    fails: typing.ClassVar[int] = 0
+    made: typing.ClassVar[list[FlakyTriton]] = []
+
+    def __init__(self, config=None, triton_lifecycle_policy=None):
+        self.stopped = False
+        FlakyTriton.made.append(self)
+
+    def bind(self, **kwargs):
+        pass
+
+    def run(self):
+        if len(FlakyTriton.made) <= FlakyTriton.fails:
+            raise RuntimeError("Model sdturbo failed to load")
+
+    def is_alive(self):
+        return False
+
+    def stop(self):
+        self.stopped = True
+
+
+@pytest.mark.parametrize(("fails", "started"), [(2, True), (3, False)])
+def test_a_model_that_fails_to_load_is_started_again_up_to_three_times(tiny_bundle, monkeypatch, fails, started):
+    """Each failed start is stopped and tried again, three starts in all; a third failure is an error (never
+    exit 0 as if stopped by a signal)."""
+    from sdturbo.engine import serve_triton
+    from sdturbo.engine.errors import BackendError
+    from sdturbo.engine.runtime import open_pipeline
+
+    triton = types.SimpleNamespace(
+        Triton=FlakyTriton, TritonConfig=lambda **kw: kw, TritonLifecyclePolicy=lambda **kw: kw
+    )
+    model_config = types.SimpleNamespace(ModelConfig=lambda **kw: kw)
+    monkeypatch.setattr(serve_triton, "import_pytriton", lambda: (triton, model_config))
+    monkeypatch.setattr(serve_triton, "tensors", lambda model_config: ([], []))
+    for name in ("check_ports", "warm_up", "use_own_libpython", "_allow_drain"):
+        monkeypatch.setattr(serve_triton, name, lambda *args: None)
+    FlakyTriton.made.clear()
+    monkeypatch.setattr(FlakyTriton, "fails", fails)
+    pipe = open_pipeline(tiny_bundle, "onnxruntime", "fp32")
+    if started:
+        assert serve_triton.serve(pipe, ServeConfig()) == 1  # it ran, then stopped on its own
+    else:
+        with pytest.raises(BackendError, match="Triton did not load the model in 3 attempts"):
+            serve_triton.serve(pipe, ServeConfig())
+    assert len(FlakyTriton.made) == 3 and all(t.stopped for t in FlakyTriton.made)
+
+
 def test_load_test_results_count_served_images_and_any_mismatch_is_incorrect():
     """The load test's summary: images/s counts the images served right (not requests sent, errors or
     mismatches) over the level's wall time; one mismatch makes the run incorrect; the overhead is the median of
