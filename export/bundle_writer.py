@@ -91,6 +91,8 @@ def export_bundle(
             return out
         _check_can_write(out)  # before the model loads (minutes, for a real one)
         lm = load_model(model, half="fp32" not in todo) if todo else None
+        if lm is not None:
+            _check_disk(lm, out, todo)  # before minutes of export that a full disk would end
         if existing is not None and lm is not None:
             _check_same_model(existing, lm, out)
         elif existing is not None:
@@ -262,6 +264,46 @@ def _check_can_write(out: Path) -> None:
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
         raise InputError(f"cannot write the bundle {out}: no folder can be made in {out.parent} ({e.strerror})") from e
+
+
+def weight_bytes(lm: LoadedModel, precision: str) -> dict[str, int]:
+    """Each component's weights in ``precision``: what its ONNX file holds, but for its graph's few MB (the
+    SDXL VAE is fp32 in every precision)."""
+    vae = lm.vae
+    parts = {
+        "text_encoder": [lm.text_encoder],
+        "text_encoder_2": [lm.text_encoder_2],
+        "unet": [lm.unet],
+        "vae_decoder": [vae.decoder, getattr(vae, "post_quant_conv", None)],
+        "vae_encoder": [vae.encoder, getattr(vae, "quant_conv", None)],
+    }
+    sizes = {}
+    for name, modules in parts.items():
+        if modules[0] is None:
+            continue
+        count = sum(p.numel() for m in modules if m is not None for p in m.parameters())
+        fp32 = precision == "fp32" or (lm.family == "sdxl-turbo" and name.startswith("vae"))
+        sizes[name] = count * (4 if fp32 else 2)
+    return sizes
+
+
+def _check_disk(lm: LoadedModel, out: Path, todo: list[str]) -> None:
+    """Refuse an export that the free space under ``out`` cannot hold: every graph, plus the largest once more
+    (a large graph is traced to a temporary file, then cleaned into its own)."""
+    sizes = {f"{name} ({p})": n for p in todo for name, n in weight_bytes(lm, p).items()}
+    largest = max(sizes, key=sizes.get)
+    need = sum(sizes.values()) + sizes[largest]
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+
+        def size(n: int) -> str:
+            return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+        raise InputError(
+            f"exporting {lm.model_id} ({', '.join(todo)}) needs about {size(need)} free in {out.parent}: "
+            f"{size(sum(sizes.values()))} of graphs, and room to write the largest, {largest}, twice; "
+            f"{size(free)} is free there. Free some space, or give --out on another disk"
+        )
 
 
 def _check_args(precisions, limits: dict) -> tuple[str, ...]:

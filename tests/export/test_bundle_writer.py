@@ -219,3 +219,43 @@ def test_missing_precision(tmp_path, tiny_folder):
     out = export_bundle("random:tiny", tmp_path / "b", ("fp32",))
     with pytest.raises(BundleError, match="no fp16 ONNX"):
         generate(out, "fp16")
+
+
+def test_an_export_the_disk_cannot_hold_is_refused_before_it_writes(tmp_path, tiny_folder, bundle_copy, monkeypatch):
+    """Every graph plus the largest once more (its temporary trace) must fit in the free space under --out:
+    refused otherwise, naming what it needs and what is free, before any file is written; an existing bundle
+    being completed is left as it was."""
+    import re
+    from collections import namedtuple
+
+    Usage = namedtuple("Usage", "total used free")
+    lm = bundle_writer.load_model("random:tiny")
+    sizes = [*bundle_writer.weight_bytes(lm, "fp32").values(), *bundle_writer.weight_bytes(lm, "fp16").values()]
+    need = sum(sizes) + max(sizes)
+    monkeypatch.setattr(bundle_writer.shutil, "disk_usage", lambda path: Usage(0, 0, need - 1))
+    said = rf"needs about [\d.]+ MB free in {re.escape(str(tmp_path))}: [\d.]+ MB of graphs, .*unet \(fp32\), twice"
+    with pytest.raises(InputError, match=said + r"; [\d.]+ MB is free"):
+        export_bundle("random:tiny", tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no bundle, no temporary folder
+    monkeypatch.setattr(bundle_writer.shutil, "disk_usage", lambda path: Usage(0, 0, need))
+    bundle_writer._check_disk(lm, tmp_path / "b", ["fp32", "fp16"])  # exactly enough: no error
+
+
+@pytest.mark.parametrize("model", ["tiny", "xl"])
+def test_the_disk_estimate_is_the_weights_the_graphs_hold(tiny_bundle, xl_bundle, model):
+    """The estimate behind the free-space check is each component's weights in its precision (SDXL's VAE in
+    fp32 in every precision): at least what the exported ONNX holds as initializers (within 5%), and not far
+    above it (SDXL's encoders leave their last layer out, as the penultimate hidden states need it not: a
+    seventh of the tiny models' weights, a twelfth of the released ones')."""
+    import onnx
+
+    path = tiny_bundle if model == "tiny" else xl_bundle
+    bundle = Bundle(path)
+    lm = bundle_writer.load_model("random:tiny" if model == "tiny" else "random:sdxl-tiny")
+    for precision in ("fp32", "fp16"):
+        estimate = bundle_writer.weight_bytes(lm, precision)
+        assert sorted(estimate) == sorted(bundle.component_names)
+        for name, n in estimate.items():
+            graph = onnx.load(str(bundle.component(precision, name).onnx))
+            held = sum(len(t.raw_data) for t in graph.graph.initializer)
+            assert 0.8 * n <= held <= 1.05 * n, (precision, name, held, n)
