@@ -293,8 +293,9 @@ def _check_disk(lm: LoadedModel, out: Path, todo: list[str]) -> None:
     sizes = {f"{name} ({p})": n for p in todo for name, n in weight_bytes(lm, p).items()}
     largest = max(sizes, key=sizes.get)
     need = sum(sizes.values()) + sizes[largest]
-    free = shutil.disk_usage(out.parent).free
-    if free < need:
+    usage = shutil.disk_usage(out.parent)
+    free = usage.free
+    if usage.total and free < need:  # (a file system that reports no size at all is not judged)
 
         def size(n: int) -> str:
             return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
