@@ -104,20 +104,27 @@ class StartingTriton:
         self.stopped = True
 
 
-def test_a_stop_while_triton_starts_stops_it_now(tiny_bundle, monkeypatch, caplog):
-    """Ctrl-C during start-up: the start is broken off and what had started is stopped, instead of waiting
-    out pytriton's readiness timeout and starting Triton again for each attempt left."""
+def stand_in_pytriton(monkeypatch, triton_class) -> None:
+    """serve_triton with ``triton_class`` as pytriton's Triton, and no ports, warm-up or model tensors."""
     from sdturbo.engine import serve_triton
-    from sdturbo.engine.runtime import open_pipeline
 
     triton = types.SimpleNamespace(
-        Triton=StartingTriton, TritonConfig=lambda **kw: kw, TritonLifecyclePolicy=lambda **kw: kw
+        Triton=triton_class, TritonConfig=lambda **kw: kw, TritonLifecyclePolicy=lambda **kw: kw
     )
     model_config = types.SimpleNamespace(ModelConfig=lambda **kw: kw)
     monkeypatch.setattr(serve_triton, "import_pytriton", lambda: (triton, model_config))
     monkeypatch.setattr(serve_triton, "tensors", lambda model_config: ([], []))
     for name in ("check_ports", "warm_up", "use_own_libpython", "_allow_drain"):
         monkeypatch.setattr(serve_triton, name, lambda *args: None)
+
+
+def test_a_stop_while_triton_starts_stops_it_now(tiny_bundle, monkeypatch, caplog):
+    """Ctrl-C during start-up: the start is broken off and what had started is stopped, instead of waiting
+    out pytriton's readiness timeout and starting Triton again for each attempt left."""
+    from sdturbo.engine import serve_triton
+    from sdturbo.engine.runtime import open_pipeline
+
+    stand_in_pytriton(monkeypatch, StartingTriton)
     StartingTriton.made.clear()
     outer = signal.signal(signal.SIGTERM, lambda *_: None)  # were serve's own handler missing: no harm done here
     try:
@@ -162,14 +169,7 @@ def test_a_model_that_fails_to_load_is_started_again_up_to_three_times(tiny_bund
     from sdturbo.engine.errors import BackendError
     from sdturbo.engine.runtime import open_pipeline
 
-    triton = types.SimpleNamespace(
-        Triton=FlakyTriton, TritonConfig=lambda **kw: kw, TritonLifecyclePolicy=lambda **kw: kw
-    )
-    model_config = types.SimpleNamespace(ModelConfig=lambda **kw: kw)
-    monkeypatch.setattr(serve_triton, "import_pytriton", lambda: (triton, model_config))
-    monkeypatch.setattr(serve_triton, "tensors", lambda model_config: ([], []))
-    for name in ("check_ports", "warm_up", "use_own_libpython", "_allow_drain"):
-        monkeypatch.setattr(serve_triton, name, lambda *args: None)
+    stand_in_pytriton(monkeypatch, FlakyTriton)
     FlakyTriton.made.clear()
     monkeypatch.setattr(FlakyTriton, "fails", fails)
     pipe = open_pipeline(tiny_bundle, "onnxruntime", "fp32")
