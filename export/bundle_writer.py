@@ -29,6 +29,7 @@ from .tiny_vae import AUTO, check_tiny_source, default_source, load_tiny_vae, sa
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")  # export order matters: fp16 converts the loaded modules in place
+ITEM_BYTES = {"float32": 4, "float16": 2}
 
 
 EXPORT_TOOLS = ("sdturbo", "torch", "diffusers", "transformers", "onnx", "onnx-graphsurgeon", "tokenizers")
@@ -267,10 +268,10 @@ def _check_can_write(out: Path) -> None:
 
 
 def weight_bytes(lm: LoadedModel, precision: str) -> dict[str, int]:
-    """Each component's weights in ``precision``: what its ONNX file holds, but for its graph's few MB (the
-    SDXL VAE is fp32 in every precision)."""
+    """Each component's weights in its float type at ``precision`` (its contract's: SDXL's VAE stays fp32): what
+    its ONNX file holds, but for its graph's few MB."""
     vae = lm.vae
-    parts = {
+    modules = {
         "text_encoder": [lm.text_encoder],
         "text_encoder_2": [lm.text_encoder_2],
         "unet": [lm.unet],
@@ -278,12 +279,9 @@ def weight_bytes(lm: LoadedModel, precision: str) -> dict[str, int]:
         "vae_encoder": [vae.encoder, getattr(vae, "quant_conv", None)],
     }
     sizes = {}
-    for name, modules in parts.items():
-        if modules[0] is None:
-            continue
-        count = sum(p.numel() for m in modules if m is not None for p in m.parameters())
-        fp32 = precision == "fp32" or (lm.family == "sdxl-turbo" and name.startswith("vae"))
-        sizes[name] = count * (4 if fp32 else 2)
+    for name, spec in specs_for(lm).items():
+        count = sum(p.numel() for m in modules[name] if m is not None for p in m.parameters())
+        sizes[name] = count * ITEM_BYTES[spec.resolve(precision).outputs[0].dtype]
     return sizes
 
 
