@@ -190,7 +190,7 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
             import onnx
 
             onnx.load_external_data_for_model(fused, str(src.parent))
-    with numpy2_compatible(), weightless_shape_inference():
+    with numpy2_compatible(), weightless_shape_inference():  # (both fusing and converting infer shapes)
         m = optimize_model(
             str(src) if fused is None else fused,
             model_type=model_type,
@@ -200,11 +200,9 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
             optimization_options=fusion_options(model_type, provider, float16),
             use_gpu=provider == "cuda",
         )
-    if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
-        with weightless_shape_inference():
-            m.convert_float_to_float16(
-                keep_io_types=[n for n, d in floats.items() if d == "float32"], **fp32_kept(m.model)
-            )
+        if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
+            keep = [n for n, d in floats.items() if d == "float32"]
+            m.convert_float_to_float16(keep_io_types=keep, **fp32_kept(m.model))
     _check_contract(m.model, spec)
     from .graph_fixes import needs_external_data
 
