@@ -177,13 +177,13 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
 
 def weight_files(folder: Path, name: str) -> list[Path]:
     """The safetensors files holding a component's weights: ``name`` itself, or where it is absent and its
-    ``name.index.json`` is there, the shards that index lists (each file once, in order)."""
+    ``name.index.json`` is there, the shards that index lists (each file once, in name order)."""
     index = folder / f"{name}.index.json"
     if (folder / name).is_file() or not index.is_file():
         return [folder / name]
     try:
         shards = json.loads(index.read_text())["weight_map"].values()
-        return [folder / shard for shard in dict.fromkeys(sorted(shards))]
+        return [folder / shard for shard in sorted(set(shards))]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(
             f"model weights index {index} is not a safetensors index ({first_line(e)}); the file is truncated or "
