@@ -6,7 +6,8 @@
 - ``random:sd-turbo`` / ``random:tiny``: the real (or a tiny) architecture with seeded random weights,
   built once into the cache as an ordinary diffusers folder, then loaded like any other.
 
-Weights load through safetensors only.
+Weights load through safetensors only: each component's whole file, its shards, or where neither is there
+its fp16 variant (``save_pretrained(variant="fp16")``, the form the model cards load).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ WEIGHTS = {
 }
 # Large weights may be sharded: ``<stem>-00001-of-00002.safetensors``... listed by ``<name>.index.json``
 # (save_pretrained does it above its shard size, 10 GB in diffusers: SDXL's UNet in fp32). Either form loads.
+# A folder saved with ``variant="fp16"`` names them ``<stem>.fp16.safetensors`` (or ``<name>.index.fp16.json``
+# and ``<stem>.fp16-0000i-of-0000n.safetensors``); a component read from those only where the plain ones are
+# absent (as diffusers reads the plain ones unless told the variant). Hub downloads take the plain ones.
+VARIANT = "fp16"
 HUB_PATTERNS = [
     "model_index.json",
     "scheduler/*.json",
@@ -126,11 +131,12 @@ def check_model_folder(folder: Path) -> None:
         if (folder / sub).is_dir():
             missing += [f"{sub}/{f}" for f in files if not (folder / sub / f).is_file()]
             if sub in WEIGHTS:
-                missing += [f"{sub}/{f.name}" for f in weight_files(folder / sub, WEIGHTS[sub]) if not f.is_file()]
+                _, files = component_weights(folder / sub, WEIGHTS[sub])
+                missing += [f"{sub}/{f.name}" for f in files if not f.is_file()]
     if missing:
         raise InputError(
             f"model folder {folder} lacks {', '.join(missing)} (a diffusers folder of this model "
-            f"needs {', '.join(required)} with safetensors weights)"
+            f"needs {', '.join(required)} with safetensors weights: whole, sharded, or the {VARIANT} variant)"
         )
 
 
@@ -143,28 +149,38 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
 
     folder = resolve_model_folder(model)
     family = model_family(folder)
+    variants = {}
     for sub in REQUIRED_XL if family == "sdxl-turbo" else REQUIRED:
         if sub in WEIGHTS:
-            for path in weight_files(folder / sub, WEIGHTS[sub]):
+            variants[sub], files = component_weights(folder / sub, WEIGHTS[sub])
+            for path in files:
                 check_safetensors(path)
     log.info("loading %s (%s) from %s", model, family, folder)
+    if any(variants.values()):
+        log.info("weights of the %s variant: %s", VARIANT, ", ".join(sub for sub, v in variants.items() if v))
     # Eager attention exports as plain MatMul/Softmax in the model's dtype; the TorchScript exporter
     # lowers transformers' SDPA path with fp32 casts that leave fp16 graphs ill-typed.
     xl = family == "sdxl-turbo"
-    kw = {"use_safetensors": True, "torch_dtype": torch.float16 if half else torch.float32}
-    te_kw = {**kw, "attn_implementation": "eager"}
-    vae_kw = {**kw, "torch_dtype": torch.float32} if xl else kw
+    dtype = torch.float16 if half else torch.float32
+
+    def kw(sub, **extra):
+        return {"use_safetensors": True, "torch_dtype": dtype, "variant": variants[sub], **extra}
+
+    te_kw = {"attn_implementation": "eager"}
+    xl_vae = {"torch_dtype": torch.float32} if xl else {}
     try:  # transformers' and diffusers' words for a damaged config or file become one line naming the model
         return LoadedModel(
             model_id=model,
             folder=folder,
-            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **te_kw).eval(),
+            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw("text_encoder", **te_kw)).eval(),
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw).eval(),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **vae_kw).eval(),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw("unet")).eval(),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw("vae", **xl_vae)).eval(),
             scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
             family=family,
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", **te_kw).eval()
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder_2", **kw("text_encoder_2", **te_kw)
+            ).eval()
             if xl
             else None,
             tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if xl else None,
@@ -175,12 +191,30 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
         ) from e
 
 
-def weight_files(folder: Path, name: str) -> list[Path]:
-    """The safetensors files holding a component's weights: ``name`` itself, or where it is absent and its
-    ``name.index.json`` is there, the shards that index lists (each file once, in name order)."""
-    index = folder / f"{name}.index.json"
-    if (folder / name).is_file() or not index.is_file():
-        return [folder / name]
+def component_weights(folder: Path, name: str) -> tuple[str | None, list[Path]]:
+    """(variant, files) of a component's weights: the plain ones (whole or sharded) where there, else the
+    fp16 variant's where there (variant ``"fp16"``), else (None, the plain file), which is missing."""
+    for variant in (None, VARIANT):
+        single, index = _weight_names(name, variant)
+        if (folder / single).is_file() or (folder / index).is_file():
+            return variant, weight_files(folder, name, variant)
+    return None, [folder / name]
+
+
+def _weight_names(name: str, variant: str | None) -> tuple[str, str]:
+    """The whole file's and the index's names, as save_pretrained writes them for ``variant``."""
+    if variant is None:
+        return name, f"{name}.index.json"
+    return name.replace(".safetensors", f".{variant}.safetensors"), f"{name}.index.{variant}.json"
+
+
+def weight_files(folder: Path, name: str, variant: str | None = None) -> list[Path]:
+    """The safetensors files holding a component's weights: the whole file, or where it is absent and its
+    index is there, the shards that index lists (each file once, in name order)."""
+    single, index_name = _weight_names(name, variant)
+    index = folder / index_name
+    if (folder / single).is_file() or not index.is_file():
+        return [folder / single]
     try:
         shards = json.loads(index.read_text())["weight_map"].values()
         return [folder / shard for shard in sorted(set(shards))]

@@ -178,3 +178,64 @@ def test_random_models_are_the_same_weights_every_time_they_are_built():
     for name in ("text_encoder", "unet", "vae"):
         a, b = getattr(first, name).state_dict(), getattr(second, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def _fp16_variant_copy(tiny_folder, tmp_path, shard_unet=False):
+    """random:tiny as a folder saved with ``variant="fp16"`` in fp16 (the form the model cards load, and
+    what a Hub cache holds after ``from_pretrained(..., variant="fp16")``): no plain weights in it."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float16)
+    folder = tmp_path / "fp16"
+    pipe.save_pretrained(folder, safe_serialization=True, variant="fp16")
+    if shard_unet:
+        shutil.rmtree(folder / "unet")
+        pipe.unet.save_pretrained(folder / "unet", safe_serialization=True, variant="fp16", max_shard_size="100KB")
+    assert not list(folder.glob("*/diffusion_pytorch_model.safetensors")) + list(folder.glob("*/model.safetensors"))
+    return folder, pipe
+
+
+@pytest.mark.parametrize("shard_unet", [False, True])
+def test_a_folder_of_fp16_variant_weights_loads_those_weights(tiny_folder, tmp_path, shard_unet):
+    """It was refused as lacking unet/diffusion_pytorch_model.safetensors. Each component is read from its
+    fp16 files (whole or sharded): the weights equal them, in fp32 for an fp32 export."""
+    import torch
+
+    folder, pipe = _fp16_variant_copy(tiny_folder, tmp_path, shard_unet)
+    if shard_unet:
+        assert len(list((folder / "unet").glob("diffusion_pytorch_model.fp16-*-of-*.safetensors"))) > 1
+    lm = load_model(str(folder))
+    for name in ("text_encoder", "unet", "vae"):
+        ours, theirs = getattr(lm, name).state_dict(), getattr(pipe, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        assert all(ours[k].dtype == torch.float32 and torch.equal(ours[k], theirs[k].float()) for k in theirs), name
+
+
+def test_plain_weights_are_read_before_the_fp16_variant_and_each_component_on_its_own(tiny_folder, tmp_path):
+    """As diffusers without ``variant=``: where a component has its plain weights, those; a component with
+    only the fp16 variant's, those (here the VAE only)."""
+    import torch
+
+    folder, pipe = _fp16_variant_copy(tiny_folder, tmp_path)
+    for sub, name in (("text_encoder", "model.safetensors"), ("unet", "diffusion_pytorch_model.safetensors")):
+        shutil.copy(tiny_folder / sub / name, folder / sub / name)
+    lm, plain = load_model(str(folder)), load_model("random:tiny")
+    for name in ("text_encoder", "unet"):
+        ours, theirs = getattr(lm, name).state_dict(), getattr(plain, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    ours, theirs = lm.vae.state_dict(), pipe.vae.state_dict()
+    assert all(torch.equal(ours[k], theirs[k].float()) for k in theirs)
+    assert any(not torch.equal(ours[k], plain.vae.state_dict()[k]) for k in theirs)  # fp16-rounded: not the plain
+
+
+def test_a_damaged_fp16_variant_is_refused_naming_it(tiny_folder, tmp_path):
+    folder, _ = _fp16_variant_copy(tiny_folder, tmp_path)
+    weights = folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(InputError, match="truncated or corrupt") as e:
+        load_model(str(folder))
+    assert str(weights) in str(e.value)
+    weights.unlink()
+    with pytest.raises(InputError, match=r"lacks unet/diffusion_pytorch_model.safetensors .*or the fp16 variant"):
+        resolve_model_folder(str(folder))
