@@ -271,12 +271,38 @@ def random_folder(name: str, build=build_random, marker: str = "model_index.json
 
 
 def _download(repo_id: str) -> Path:
+    """The Hub's copy of ``repo_id`` (the plain weights), downloaded once into the Hugging Face cache. Where
+    that fails (offline, or the Hub unreachable) and the cache holds a whole model of it in a form we read
+    (such as the fp16 variant alone, as ``from_pretrained(..., variant="fp16")`` leaves it), that copy."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # network, auth, or unknown repo: say which model and why
-        raise InputError(
-            f"could not download model {repo_id!r} from the Hugging Face Hub ({first_line(e)}); offline, "
-            f"give a local diffusers folder or random:sd-turbo / random:tiny with --model"
-        ) from e
+        cached = _cached_snapshot(repo_id)
+        if cached is None:
+            raise InputError(
+                f"could not download model {repo_id!r} from the Hugging Face Hub ({first_line(e)}); offline, "
+                f"give a local diffusers folder or random:sd-turbo / random:tiny with --model"
+            ) from e
+        log.warning(
+            "could not download %s (%s); using its copy in the Hugging Face cache, %s", repo_id, first_line(e), cached
+        )
+        return cached
+    check_model_folder(folder)  # offline, the Hub library returns a cached folder it cannot vouch for
+    return folder
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The Hugging Face cache's snapshot of ``repo_id`` (its main revision) if it holds a whole model."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(repo_id, "model_index.json")
+        if not isinstance(index, str):
+            return None
+        folder = Path(index).parent
+        check_model_folder(folder)
+        return folder
+    except Exception:  # not cached, or not whole: the download's own error is the one to give
+        return None

@@ -239,3 +239,66 @@ def test_a_damaged_fp16_variant_is_refused_naming_it(tiny_folder, tmp_path):
     weights.unlink()
     with pytest.raises(InputError, match=r"lacks unet/diffusion_pytorch_model.safetensors .*or the fp16 variant"):
         resolve_model_folder(str(folder))
+
+
+def _hub_cache(tmp_path, monkeypatch, snapshot=None):
+    """A Hugging Face cache under tmp_path holding ``org/m`` at one revision: ``snapshot`` (a model folder) as
+    its files, the layout huggingface_hub writes (refs/main names the snapshot), and the Hub unreachable."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf"
+    repo = cache / "models--org--m"
+    if snapshot is not None:
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0123abcd")
+        shutil.copytree(snapshot, repo / "snapshots" / "0123abcd")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo / "snapshots" / "0123abcd"
+
+
+def _unreachable(monkeypatch, folder=None):
+    """snapshot_download failing as offline with a cached listing that misses files (huggingface_hub 1.x+
+    raises then), or returning ``folder`` as it is (without such a listing it cannot tell)."""
+    import huggingface_hub
+
+    def snapshot_download(repo_id, **kw):
+        if folder is None:
+            raise OSError(f"The cached snapshot for {repo_id!r} is incomplete: 3 file(s) are missing")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+
+def test_offline_a_hub_id_uses_the_fp16_variant_copy_in_the_hugging_face_cache(
+    tiny_folder, tmp_path, monkeypatch, caplog
+):
+    """The model cards load SD-Turbo with ``variant="fp16"``, which leaves only the fp16 files in the cache.
+    Offline, that copy is the model (it was refused: the plain weights were missing), with a warning."""
+    import torch
+
+    folder, pipe = _fp16_variant_copy(tiny_folder, tmp_path)
+    snapshot = _hub_cache(tmp_path, monkeypatch, folder)
+    assert resolve_model_folder("org/m") == snapshot  # huggingface_hub's own offline answer: the folder
+    _unreachable(monkeypatch)
+    with caplog.at_level("WARNING", logger="sdturbo.export.models"):
+        lm = load_model("org/m")
+    assert lm.folder == snapshot and "using its copy in the Hugging Face cache" in caplog.text
+    ours, theirs = lm.unet.state_dict(), pipe.unet.state_dict()
+    assert all(torch.equal(ours[k], theirs[k].float()) for k in theirs)
+
+
+@pytest.mark.parametrize("cached", ["nothing", "a copy without its UNet weights"])
+def test_offline_a_hub_id_without_a_whole_cached_copy_is_refused(tiny_folder, tmp_path, monkeypatch, cached):
+    snapshot = None
+    if cached != "nothing":
+        snapshot = shutil.copytree(tiny_folder, tmp_path / "partial")
+        (snapshot / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    snapshot = _hub_cache(tmp_path, monkeypatch, snapshot)
+    _unreachable(monkeypatch)
+    with pytest.raises(InputError, match=r"could not download model 'org/m' .*is incomplete"):
+        resolve_model_folder("org/m")
+    if cached != "nothing":  # handed over as it is, the partial copy is refused naming what it lacks
+        _unreachable(monkeypatch, snapshot)
+        with pytest.raises(InputError, match=r"lacks unet/diffusion_pytorch_model.safetensors"):
+            resolve_model_folder("org/m")
