@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import SdTurboError
+from .errors import InputError, SdTurboError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,23 @@ def nearest_existing(path: Path) -> Path:
     while not path.exists():
         path = path.parent
     return path
+
+
+def human_size(n: float) -> str:
+    """``n`` bytes as people read them: 1.2 GB, 5.5 MB."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_free_space(folder: Path, need: int, doing: str, why: str, advice: str) -> None:
+    """Refuse, before the work starts, what the free space under ``folder`` cannot hold: an InputError saying
+    ``doing`` needs about ``need`` bytes (``why``: what they are) and how much is free. A file system that
+    reports no size at all (some network mounts) is not judged."""
+    usage = shutil.disk_usage(nearest_existing(folder))
+    if usage.total and usage.free < need:
+        raise InputError(
+            f"{doing} needs about {human_size(need)} free in {folder}: {why}; {human_size(usage.free)} is free "
+            f"there. {advice}"
+        )
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:

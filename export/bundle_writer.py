@@ -20,7 +20,16 @@ from pathlib import Path
 
 from ..engine.bundle import MANIFEST, MAX_BATCH, MAX_SIDE, MIN_SIDE, SCHEMA_VERSION, Bundle
 from ..engine.errors import BundleError, InputError
-from ..engine.files import atomic_write, locked, make_shareable, nearest_existing, remove_leftovers, replace_dir
+from ..engine.files import (
+    atomic_write,
+    check_free_space,
+    human_size,
+    locked,
+    make_shareable,
+    nearest_existing,
+    remove_leftovers,
+    replace_dir,
+)
 from ..engine.integrity import file_sha256, stamp
 from ..engine.spec import component_specs, component_specs_xl
 from .models import LoadedModel, load_model
@@ -290,19 +299,13 @@ def _check_disk(lm: LoadedModel, out: Path, todo: list[str]) -> None:
     (a large graph is traced to a temporary file, then cleaned into its own)."""
     sizes = {f"{name} ({p})": n for p in todo for name, n in weight_bytes(lm, p).items()}
     largest = max(sizes, key=sizes.get)
-    need = sum(sizes.values()) + sizes[largest]
-    usage = shutil.disk_usage(out.parent)
-    free = usage.free
-    if usage.total and free < need:  # (a file system that reports no size at all is not judged)
-
-        def size(n: int) -> str:
-            return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-        raise InputError(
-            f"exporting {lm.model_id} ({', '.join(todo)}) needs about {size(need)} free in {out.parent}: "
-            f"{size(sum(sizes.values()))} of graphs, and room to write the largest, {largest}, twice; "
-            f"{size(free)} is free there. Free some space, or give --out on another disk"
-        )
+    check_free_space(
+        out.parent,
+        sum(sizes.values()) + sizes[largest],
+        f"exporting {lm.model_id} ({', '.join(todo)})",
+        f"{human_size(sum(sizes.values()))} of graphs, and room to write the largest, {largest}, twice",
+        "Free some space, or give --out on another disk",
+    )
 
 
 def _check_args(precisions, limits: dict) -> tuple[str, ...]:

@@ -41,7 +41,7 @@ from ..engine.backends.ort_cache import publish_graph
 from ..engine.backends.ort_optimized import PROVIDERS, check_optimized, optimized_paths, recipe, sources
 from ..engine.bundle import Bundle
 from ..engine.errors import BackendError, InputError
-from ..engine.files import locked, remove_leftovers
+from ..engine.files import check_free_space, human_size, locked, remove_leftovers
 from ..engine.spec import axis_values
 from . import attention
 
@@ -256,6 +256,7 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
         if why != "none was built":
             log.warning("rebuilding the optimized %s: %s", name, "--force" if why is None else why)
         remove_leftovers(model.parent, f".{name}.tmp-*")
+        _check_space(bundle, name, provider, precision, model.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=model.parent))
         try:
             start = time.perf_counter()
@@ -278,6 +279,24 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("optimized %s for %s in %.1f s: %s", name, provider, seconds, fused)
     return model
+
+
+def _check_space(bundle: Bundle, name: str, provider: str, precision: str, folder: Path) -> None:
+    """Refuse to start what the free space cannot hold (the UNet's fusion takes minutes): the optimized graph
+    (the same weights as the bundle's graph in ``precision``) and, for the components whose attention we fuse
+    first (export/attention.py), a copy of the fp32 graph it checks the fusion on."""
+    out = bundle.component(precision, name).bytes
+    copy = bundle.component("fp32", name).bytes if MODEL_TYPES[name] in ("clip", "vae") else 0
+    why = f"its optimized graph, about {human_size(out)}"
+    if copy:
+        why += f", and a copy of its fp32 graph, {human_size(copy)}, while its attention is fused"
+    check_free_space(
+        folder,
+        out + copy,
+        f"optimizing {name} for {provider}",
+        why,
+        "Free some space, then run the same command again (the graphs optimized so far are kept)",
+    )
 
 
 def optimize_bundle(

@@ -18,7 +18,7 @@ from ..engine.backends.trt_lib import Logger, compute_capability_enum, import_tr
 from ..engine.bundle import Bundle, atomic_write
 from ..engine.engine_store import Profile, engine_dir, engine_key, find_engine
 from ..engine.errors import BackendError, BundleError, EngineCorrupt, EngineMissing, InputError
-from ..engine.files import locked, remove_leftovers
+from ..engine.files import check_free_space, human_size, locked, remove_leftovers
 from ..engine.integrity import read_checked, stamp, write_checked
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,14 @@ def build_engines(
         for i, name in enumerate(components, 1):
             plan = None if force else _valid_engine(bundle, name, flavour, trt.__version__, device, profile, i, n)
             if plan is None:
+                need = bundle.component("fp16", name).bytes
+                check_free_space(
+                    folder,
+                    need,
+                    f"building the {name} engine",
+                    f"an engine holds at least its fp16 weights, {human_size(need)}",
+                    "Free some space, then run the same command again (the engines built so far are kept)",
+                )
                 log.info(
                     "[%d/%d] building %s for %s (%s %s, profile %s)",
                     *(i, n, name, device, flavour, trt.__version__, profile.tag),

@@ -15,6 +15,7 @@ from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.backends.ort_optimized import find_optimized, optimized_paths
 from sdturbo.engine.bundle import Bundle
 from sdturbo.engine.cli import main
+from sdturbo.engine.errors import InputError
 from sdturbo.engine.info import describe
 from sdturbo.engine.pipeline import Pipeline
 from sdturbo.export import ort_optimize
@@ -238,3 +239,45 @@ def test_graphs_over_the_external_data_bar_are_saved_with_their_weights_beside_t
     for bar, big in ((7900, True), (8100, False)):  # 2 x 4000 bytes of weights, and their headers
         monkeypatch.setattr(bundle_module, "EXTERNAL_DATA_BYTES", bar)
         assert needs_external_data(model) is big
+
+
+def test_an_optimization_the_disk_cannot_hold_is_refused_before_it_starts(optimized, tmp_path, monkeypatch):
+    """Each component checks the free space first (the UNet's fusion takes minutes at full size): its optimized
+    graph, and for a text encoder or VAE a copy of its fp32 graph (the attention checks). Short of that: one line
+    naming both and what is free, nothing written, the graphs already made kept; exactly that much: it runs. The
+    estimate is never below what the optimized graphs take (measured: the tiny ones are 80-90% of it)."""
+    import re
+    import shutil as sh
+    from collections import namedtuple
+
+    Usage = namedtuple("Usage", "total used free")
+    path = sh.copytree(optimized, tmp_path / "b")
+    b = Bundle(path)
+    need = {
+        n: b.component("fp16", n).bytes + (b.component("fp32", n).bytes if n != "unet" else 0)
+        for n in b.component_names
+    }
+    for provider, names in (("cuda", ("unet", "vae_decoder")), ("cpu", ("text_encoder", "unet", "vae_decoder"))):
+        for name in names:  # what each optimized graph takes, against the estimate of it
+            model, _ = optimized_paths(b, VERSION, provider, "fp16", name)
+            made = sum(f.stat().st_size for f in model.parent.glob(f"{name}.onnx*"))
+            assert 0.7 * b.component("fp16", name).bytes <= made <= b.component("fp16", name).bytes, (provider, name)
+    fused, real = [], ort_optimize.optimize_graph
+    monkeypatch.setattr(
+        ort_optimize, "optimize_graph", lambda src, dst, name, *a: fused.append(name) or real(src, dst, name, *a)
+    )
+    for name in ("unet", "vae_decoder"):
+        model, _ = optimized_paths(b, VERSION, "cuda", "fp16", name)
+        before = sorted(model.parent.iterdir())
+        monkeypatch.setattr(sh, "disk_usage", lambda p, n=need[name]: Usage(10 * n, 9 * n, n - 1))
+        said = rf"optimizing {name} for cuda needs about [\d.]+ MB free in {re.escape(str(model.parent))}: "
+        said += r"its optimized graph, about [\d.]+ MB"
+        if name != "unet":
+            said += r", and a copy of its fp32 graph, [\d.]+ MB, while its attention is fused"
+        with pytest.raises(InputError, match=said + r"; [\d.]+ MB is free there"):
+            optimize_bundle(path, (name,), provider="cuda", force=True)
+        assert sorted(model.parent.iterdir()) == before and not fused
+        assert find_optimized(b, name, VERSION, "cuda", "fp16") == model  # the one made before: kept, valid
+        monkeypatch.setattr(sh, "disk_usage", lambda p, n=need[name]: Usage(10 * n, 9 * n, n))
+        optimize_bundle(path, (name,), provider="cuda", force=True)
+        assert fused.pop() == name and find_optimized(b, name, VERSION, "cuda", "fp16") == model

@@ -239,3 +239,36 @@ def test_force_rebuilds_every_engine_even_when_up_to_date_at_any_allowed_level(b
         again = build_engines(path, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=level, force=True)
         assert again == plans and rebuilt == [(p.stem, level) for p in plans]
         rebuilt.clear()
+
+
+def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp_path, monkeypatch):
+    """Each engine to build checks the free space first (a full-size build takes minutes, and a plan is written
+    only at its end): at least the component's fp16 weights (measured: the tiny engines are 4x their ONNX, with
+    their kernels). Short of that: one line, nothing built, the engines before it kept; with that much: built."""
+    import re
+    from collections import namedtuple
+
+    from sdturbo.export import trt_build
+
+    Usage = namedtuple("Usage", "total used free")
+    path, plans = built
+    copy = shutil.copytree(path, tmp_path / "b")
+    need = Bundle(copy).component("fp16", "unet").bytes
+    assert all(p.stat().st_size >= Bundle(copy).component("fp16", p.stem).bytes for p in plans)
+    built_now, real = [], trt_build._build_one
+    monkeypatch.setattr(
+        trt_build, "_build_one", lambda trt, b, name, *a: built_now.append(name) or real(trt, b, name, *a)
+    )
+    plan = next((copy / "engines").glob(f"tensorrt-rtx-*-sm{CC}/*/unet.plan"))
+    before = {p: p.stat().st_mtime_ns for p in plan.parent.iterdir()}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * need, 9 * need, need - 1))
+    said = rf"building the unet engine needs about [\d.]+ MB free in {re.escape(str(plan.parent))}: an engine holds "
+    with pytest.raises(InputError, match=said + r"at least its fp16 weights, [\d.]+ MB; [\d.]+ MB is free there"):
+        build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, force=True)
+    assert built_now == ["text_encoder"]  # built before the UNet, kept; the UNet's engine untouched
+    assert {p: p.stat().st_mtime_ns for p in plan.parent.iterdir() if p.stem != "text_encoder"} == {
+        p: t for p, t in before.items() if p.stem != "text_encoder"
+    }
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * need, 9 * need, need))
+    build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("unet",), force=True)
+    assert built_now == ["text_encoder", "unet"]
