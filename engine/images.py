@@ -76,21 +76,23 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndar
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             img.load()
+            fmt = img.format  # exif_transpose returns a copy, which has no format
             img = ImageOps.exif_transpose(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"image {path} is too large to open safely: {e}") from e
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read image {path}: {e}") from e
-    img = _to_rgb(img, path)
+    img = _to_rgb(img, path, fmt)
     if size is not None and img.size != size:
         img = img.resize(size, Image.LANCZOS)
     return np.asarray(img, dtype=np.uint8)
 
 
-def _to_rgb(img: Image.Image, path) -> Image.Image:
+def _to_rgb(img: Image.Image, path, fmt: str | None = None) -> Image.Image:
     """RGB as Pillow converts it, but 16-bit grayscale (which Pillow clips at 255) scaled 65535 -> 255,
-    rounded; 32-bit integer and float pixels, which have no fixed range, are refused."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N") or (img.mode == "I" and img.format == "PNG"):
+    rounded; 32-bit integer and float pixels, which have no fixed range, are refused. ``fmt``: the file's format
+    (Pillow < 10.3 opens a 16-bit grayscale PNG as mode "I", later ones as "I;16")."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N") or (img.mode == "I" and (fmt or img.format) == "PNG"):
         gray = (np.asarray(img).astype(np.uint32) + 128) // 257  # round(v / 257): 0..65535 -> 0..255
         return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
     if img.mode == "F" or img.mode.startswith("I"):

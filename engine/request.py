@@ -108,7 +108,8 @@ class Request:
         if isinstance(self.seed, tuple) and len(seeds) != self.batch:
             raise InputError(f"{len(seeds)} seeds for {self.batch} prompts; give one seed, or one per prompt")
         for s in seeds:
-            if not isinstance(s, (int, np.integer)) or not 0 <= s < 2**63:
+            # int(s): numpy < 2 compares np.int64 with 2**63 as floats (2**63 - 1 would be refused)
+            if not isinstance(s, (int, np.integer)) or not 0 <= int(s) < 2**63:
                 raise InputError(f"seed {s!r} is not allowed; use an integer from 0 to 2**63 - 1")
         if not isinstance(self.seed, tuple) and int(self.seed) + self.batch - 1 >= 2**63:  # image i: seed + i
             raise InputError(

@@ -121,6 +121,7 @@ def export_record(model, spec: ComponentSpec, folder: Path, precision: str, dims
 
 def _clean_small(model: onnx.ModelProto, spec: ComponentSpec, path: Path) -> tuple[Path | None, int]:
     """A graph whose weights are embedded (under 2 GB): onnx-graphsurgeon cleanup, contract, save."""
+    ir_version = model.ir_version
     graph = gs.import_onnx(model)
     del model
     graph.cleanup().toposort()
@@ -131,6 +132,9 @@ def _clean_small(model: onnx.ModelProto, spec: ComponentSpec, path: Path) -> tup
     weight_bytes = sum(t.values.nbytes for t in graph.tensors().values() if isinstance(t, gs.Constant))
     proto = gs.export_onnx(graph)
     del graph  # the weights now live in ``proto``
+    # the exporter's IR version, not the installed onnx's newest, which onnx-graphsurgeon 0.5 writes (0.6 keeps
+    # the graph's): IR 10 with onnx 1.16, which ONNX Runtime 1.17 cannot load
+    proto.ir_version = ir_version
     float_argmax(proto.graph, spec)
     data = path.with_name(path.name + ".data") if weight_bytes > EXTERNAL_DATA_BYTES else None
     if data is not None:

@@ -181,3 +181,24 @@ def test_peak_rss_is_the_span_s_own_peak_not_the_process_s():
     assert span.peak_mb() < high - 128
     more = np.ones(64 * 2**20 // 8)
     assert span.peak_mb() >= PeakRss().peak_mb() and more.sum() > 0
+
+
+def test_a_graph_keeps_the_exporter_s_ir_version_whatever_graphsurgeon_writes(tiny_bundle, tmp_path, monkeypatch):
+    """onnx-graphsurgeon 0.5 stamps the graphs it writes with the installed onnx's newest IR version (10 with
+    onnx 1.16), which onnxruntime 1.17 refuses to load; the graph keeps the IR version the exporter gave it."""
+    import onnx_graphsurgeon as gs
+    from sdturbo.export import onnx_export
+
+    comp = Bundle(tiny_bundle).component("fp32", "vae_decoder")
+    model = onnx.load(str(comp.onnx))
+    model.ir_version = 8
+    real = gs.export_onnx
+
+    def newest_ir(graph, *args, **kwargs):  # as graphsurgeon 0.5 does
+        proto = real(graph, *args, **kwargs)
+        proto.ir_version = 10
+        return proto
+
+    monkeypatch.setattr(gs, "export_onnx", newest_ir)
+    onnx_export._clean_small(model, comp.spec, tmp_path / "vae_decoder.onnx")
+    assert onnx.load(str(tmp_path / "vae_decoder.onnx")).ir_version == 8
