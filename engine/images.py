@@ -88,11 +88,11 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> np.ndar
     return np.asarray(img, dtype=np.uint8)
 
 
-def _to_rgb(img: Image.Image, path, fmt: str | None = None) -> Image.Image:
+def _to_rgb(img: Image.Image, path, fmt: str | None) -> Image.Image:
     """RGB as Pillow converts it, but 16-bit grayscale (which Pillow clips at 255) scaled 65535 -> 255,
-    rounded; 32-bit integer and float pixels, which have no fixed range, are refused. ``fmt``: the file's format
-    (Pillow < 10.3 opens a 16-bit grayscale PNG as mode "I", later ones as "I;16")."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N") or (img.mode == "I" and (fmt or img.format) == "PNG"):
+    rounded; 32-bit integer and float pixels, which have no fixed range, are refused. ``fmt``: the file's format,
+    read before exif_transpose (Pillow < 10.3 opens a 16-bit grayscale PNG as mode "I", later ones as "I;16")."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N") or (img.mode == "I" and fmt == "PNG"):
         gray = (np.asarray(img).astype(np.uint32) + 128) // 257  # round(v / 257): 0..65535 -> 0..255
         return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
     if img.mode == "F" or img.mode.startswith("I"):

@@ -124,7 +124,6 @@ def weightless_shape_inference(above: int | None = None):
     in memory at once (SDXL's 10 GB took `build --ort-optimize` past 24 GB and the kernel's OOM killer). While
     this block runs, each copy leaves out the initializers above ``above`` bytes, made graph inputs of the same
     type and shape; the shapes and types inferred are the same (tested: the graphs made are identical)."""
-    import onnx
     import onnxruntime.transformers  # noqa: F401  (puts the optimizer's own folder on sys.path)
 
     try:
@@ -137,7 +136,7 @@ def weightless_shape_inference(above: int | None = None):
     above = WEIGHTLESS_ABOVE if above is None else above
 
     def _preprocess(self, in_mp):
-        return original(self, weightless(in_mp, above, onnx))
+        return original(self, weightless(in_mp, above))
 
     SymbolicShapeInference._preprocess = _preprocess
     try:
@@ -146,8 +145,10 @@ def weightless_shape_inference(above: int | None = None):
         SymbolicShapeInference._preprocess = original
 
 
-def weightless(model, above: int, onnx):
+def weightless(model, above: int):
     """``model`` without the initializers above ``above`` bytes, which become graph inputs (its nodes copied)."""
+    import onnx
+
     graph = model.graph
     big = [t for t in graph.initializer if t.ByteSize() > above]
     if not big:

@@ -198,8 +198,8 @@ def test_shape_inference_without_the_weights_converts_the_same_graphs(tiny_bundl
 
     seen = {}  # threshold -> the largest initializer of each copy shape inference ran on
 
-    def spy(model, above, onnx):
-        light = weightless(model, above, onnx)
+    def spy(model, above):
+        light = weightless(model, above)
         seen.setdefault(above, []).append(max((len(t.raw_data) for t in light.graph.initializer), default=0))
         return light
 
@@ -241,17 +241,14 @@ def test_graphs_over_the_external_data_bar_are_saved_with_their_weights_beside_t
         assert needs_external_data(model) is big
 
 
-def test_an_optimization_the_disk_cannot_hold_is_refused_before_it_starts(optimized, tmp_path, monkeypatch):
+def test_an_optimization_the_disk_cannot_hold_is_refused_before_it_starts(optimized, tmp_path, monkeypatch, disk_free):
     """Each component checks the free space first (the UNet's fusion takes minutes at full size): its optimized
     graph, and for a text encoder or VAE a copy of its fp32 graph (the attention checks). Short of that: one line
     naming both and what is free, nothing written, the graphs already made kept; exactly that much: it runs. The
     estimate is never below what the optimized graphs take (measured: the tiny ones are 80-90% of it)."""
     import re
-    import shutil as sh
-    from collections import namedtuple
 
-    Usage = namedtuple("Usage", "total used free")
-    path = sh.copytree(optimized, tmp_path / "b")
+    path = shutil.copytree(optimized, tmp_path / "b")
     b = Bundle(path)
     need = {
         n: b.component("fp16", n).bytes + (b.component("fp32", n).bytes if n != "unet" else 0)
@@ -269,7 +266,7 @@ def test_an_optimization_the_disk_cannot_hold_is_refused_before_it_starts(optimi
     for name in ("unet", "vae_decoder"):
         model, _ = optimized_paths(b, VERSION, "cuda", "fp16", name)
         before = sorted(model.parent.iterdir())
-        monkeypatch.setattr(sh, "disk_usage", lambda p, n=need[name]: Usage(10 * n, 9 * n, n - 1))
+        disk_free(need[name] - 1)
         said = rf"optimizing {name} for cuda needs about [\d.]+ MB free in {re.escape(str(model.parent))}: "
         said += r"its optimized graph, about [\d.]+ MB"
         if name != "unet":
@@ -278,6 +275,6 @@ def test_an_optimization_the_disk_cannot_hold_is_refused_before_it_starts(optimi
             optimize_bundle(path, (name,), provider="cuda", force=True)
         assert sorted(model.parent.iterdir()) == before and not fused
         assert find_optimized(b, name, VERSION, "cuda", "fp16") == model  # the one made before: kept, valid
-        monkeypatch.setattr(sh, "disk_usage", lambda p, n=need[name]: Usage(10 * n, 9 * n, n))
+        disk_free(need[name])
         optimize_bundle(path, (name,), provider="cuda", force=True)
         assert fused.pop() == name and find_optimized(b, name, VERSION, "cuda", "fp16") == model
