@@ -98,3 +98,19 @@ def xl_tiny_vae_bundle(xl_bundle, taesd_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "sdxl-tiny-taesd"
     shutil.copytree(xl_bundle, out)
     return export_bundle("random:sdxl-tiny", out, ("fp32", "fp16"), tiny_vae=TINY_VAE)
+
+
+@pytest.fixture
+def disk_free(monkeypatch):
+    """``disk_free(n)``: from then on the disk reports ``n`` bytes free (of ten times as many); with ``total=0``
+    it reports no size at all, as some network mounts do."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+
+    def set_free(n: int, total: int | None = None) -> None:
+        total = 10 * n if total is None else total
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(total, total - n, n))
+
+    return set_free

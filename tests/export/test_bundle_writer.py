@@ -221,25 +221,23 @@ def test_missing_precision(tmp_path, tiny_folder):
         generate(out, "fp16")
 
 
-def test_an_export_the_disk_cannot_hold_is_refused_before_it_writes(tmp_path, tiny_folder, bundle_copy, monkeypatch):
+def test_an_export_the_disk_cannot_hold_is_refused_before_it_writes(tmp_path, tiny_folder, bundle_copy, disk_free):
     """Every graph plus the largest once more (its temporary trace) must fit in the free space under --out:
     refused otherwise, naming what it needs and what is free, before any file is written; an existing bundle
     being completed is left as it was."""
     import re
-    from collections import namedtuple
 
-    Usage = namedtuple("Usage", "total used free")
     lm = bundle_writer.load_model("random:tiny")
     sizes = [*bundle_writer.weight_bytes(lm, "fp32").values(), *bundle_writer.weight_bytes(lm, "fp16").values()]
     need = sum(sizes) + max(sizes)
-    monkeypatch.setattr(bundle_writer.shutil, "disk_usage", lambda path: Usage(10 * need, 9 * need, need - 1))
+    disk_free(need - 1)
     said = rf"needs about [\d.]+ MB free in {re.escape(str(tmp_path))}: [\d.]+ MB of graphs, .*unet \(fp32\), twice"
     with pytest.raises(InputError, match=said + r"; [\d.]+ MB is free"):
         export_bundle("random:tiny", tmp_path / "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no bundle, no temporary folder
-    monkeypatch.setattr(bundle_writer.shutil, "disk_usage", lambda path: Usage(10 * need, 9 * need, need))
+    disk_free(need)
     bundle_writer._check_disk(lm, tmp_path / "b", ["fp32", "fp16"])  # exactly enough: no error
-    monkeypatch.setattr(bundle_writer.shutil, "disk_usage", lambda path: Usage(0, 0, 0))
+    disk_free(0, total=0)
     bundle_writer._check_disk(lm, tmp_path / "b", ["fp32", "fp16"])  # a file system that reports no size
 
 

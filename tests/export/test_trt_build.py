@@ -241,16 +241,14 @@ def test_force_rebuilds_every_engine_even_when_up_to_date_at_any_allowed_level(b
         rebuilt.clear()
 
 
-def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp_path, monkeypatch):
+def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp_path, monkeypatch, disk_free):
     """Each engine to build checks the free space first (a full-size build takes minutes, and a plan is written
     only at its end): at least the component's fp16 weights (measured: the tiny engines are 4x their ONNX, with
     their kernels). Short of that: one line, nothing built, the engines before it kept; with that much: built."""
     import re
-    from collections import namedtuple
 
     from sdturbo.export import trt_build
 
-    Usage = namedtuple("Usage", "total used free")
     path, plans = built
     copy = shutil.copytree(path, tmp_path / "b")
     need = Bundle(copy).component("fp16", "unet").bytes
@@ -261,7 +259,7 @@ def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp
     )
     plan = next((copy / "engines").glob(f"tensorrt-rtx-*-sm{CC}/*/unet.plan"))
     before = {p: p.stat().st_mtime_ns for p in plan.parent.iterdir()}
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * need, 9 * need, need - 1))
+    disk_free(need - 1)
     said = rf"building the unet engine needs about [\d.]+ MB free in {re.escape(str(plan.parent))}: an engine holds "
     with pytest.raises(InputError, match=said + r"at least its fp16 weights, [\d.]+ MB; [\d.]+ MB is free there"):
         build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, force=True)
@@ -269,6 +267,6 @@ def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp
     assert {p: p.stat().st_mtime_ns for p in plan.parent.iterdir() if p.stem != "text_encoder"} == {
         p: t for p, t in before.items() if p.stem != "text_encoder"
     }
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 * need, 9 * need, need))
+    disk_free(need)
     build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("unet",), force=True)
     assert built_now == ["text_encoder", "unet"]
