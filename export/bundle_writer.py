@@ -41,7 +41,7 @@ PRECISIONS = ("fp32", "fp16")  # export order matters: fp16 converts the loaded 
 ITEM_BYTES = {"float32": 4, "float16": 2}
 
 
-EXPORT_TOOLS = ("sdturbo", "torch", "diffusers", "transformers", "onnx", "onnx-graphsurgeon", "tokenizers")
+EXPORT_TOOLS = ("sdturbo", "torch", "diffusers", "transformers", "onnx", "tokenizers")
 
 
 def tool_versions(dists: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
