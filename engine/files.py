@@ -54,11 +54,23 @@ def check_free_space(folder: Path, need: int, doing: str, why: str, advice: str)
         )
 
 
+@contextlib.contextmanager
+def naming_failures(path: Path):
+    """An OSError raised in the block without a path (``write()`` on a full disk says only "[Errno 28] No space
+    left on device") is raised again naming ``path``, where it was writing, so the user knows which disk to free."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers see old or new, never half."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with naming_failures(path), os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())

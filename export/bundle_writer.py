@@ -26,6 +26,7 @@ from ..engine.files import (
     human_size,
     locked,
     make_shareable,
+    naming_failures,
     nearest_existing,
     remove_leftovers,
     replace_dir,
@@ -110,29 +111,30 @@ def export_bundle(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         make_shareable(tmp)
         try:
-            components = _write_onnx(lm, tmp, todo) if todo else {}
-            tiny = None
-            if tiny_todo:
-                tiny = load_tiny_vae(tiny_source)
-                if lm is not None:
-                    vae = lm.vae.config
-                    channels, scale = vae.latent_channels, 2 ** (len(vae.block_out_channels) - 1)
+            with naming_failures(out.parent):  # a full disk mid-write names where it was writing
+                components = _write_onnx(lm, tmp, todo) if todo else {}
+                tiny = None
+                if tiny_todo:
+                    tiny = load_tiny_vae(tiny_source)
+                    if lm is not None:
+                        vae = lm.vae.config
+                        channels, scale = vae.latent_channels, 2 ** (len(vae.block_out_channels) - 1)
+                    else:
+                        channels, scale = existing.latent_channels, existing.vae_scale_factor
+                    for p, comps in write_tiny_onnx(tiny, tmp, tiny_todo, channels, scale).items():
+                        components.setdefault(p, {}).update(comps)
+                if existing is None:
+                    manifest = _manifest(lm, tmp, max_batch, min_size, max_size)
+                    manifest["components"] = components
+                    if tiny is not None:
+                        manifest["tiny_vae"] = tiny.manifest_entry()
+                    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+                    if force:
+                        replace_dir(tmp, out)  # out is absent, an empty folder or a bundle
+                    else:
+                        _publish(tmp, out)
                 else:
-                    channels, scale = existing.latent_channels, existing.vae_scale_factor
-                for p, comps in write_tiny_onnx(tiny, tmp, tiny_todo, channels, scale).items():
-                    components.setdefault(p, {}).update(comps)
-            if existing is None:
-                manifest = _manifest(lm, tmp, max_batch, min_size, max_size)
-                manifest["components"] = components
-                if tiny is not None:
-                    manifest["tiny_vae"] = tiny.manifest_entry()
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-                if force:
-                    replace_dir(tmp, out)  # out is absent, an empty folder or a bundle
-                else:
-                    _publish(tmp, out)
-            else:
-                _complete(existing, out, tmp, todo, components, tiny)
+                    _complete(existing, out, tmp, todo, components, tiny)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         _stamp_written(Bundle(out), components, tokenizers=existing is None)

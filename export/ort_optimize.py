@@ -41,7 +41,7 @@ from ..engine.backends.ort_cache import publish_graph
 from ..engine.backends.ort_optimized import PROVIDERS, check_optimized, optimized_paths, recipe, sources
 from ..engine.bundle import Bundle
 from ..engine.errors import BackendError, InputError
-from ..engine.files import check_free_space, human_size, locked, remove_leftovers
+from ..engine.files import check_free_space, human_size, locked, naming_failures, remove_leftovers
 from ..engine.spec import axis_values
 from . import attention
 
@@ -260,22 +260,23 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
         _check_space(bundle, name, provider, precision, model.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=model.parent))
         try:
-            start = time.perf_counter()
-            scale = bundle.vae_scale_factor
-            dims = axis_values(2, 32 * scale, 32 * scale, scale)  # a 32x32 latent for the checks
-            fused = optimize_graph(src.onnx, tmp / model.name, name, spec, provider, dims)
-            seconds = time.perf_counter() - start
-            rec = {
-                "component": name,
-                "precision": precision,
-                "provider": provider,
-                "onnxruntime": version,
-                "sources": keys,
-                "recipe": recipe(name),
-                "fused": fused,
-                "seconds": round(seconds, 2),
-            }
-            publish_graph(tmp, model, record, rec)
+            with naming_failures(model.parent):  # a full disk mid-write names where it was writing
+                start = time.perf_counter()
+                scale = bundle.vae_scale_factor
+                dims = axis_values(2, 32 * scale, 32 * scale, scale)  # a 32x32 latent for the checks
+                fused = optimize_graph(src.onnx, tmp / model.name, name, spec, provider, dims)
+                seconds = time.perf_counter() - start
+                rec = {
+                    "component": name,
+                    "precision": precision,
+                    "provider": provider,
+                    "onnxruntime": version,
+                    "sources": keys,
+                    "recipe": recipe(name),
+                    "fused": fused,
+                    "seconds": round(seconds, 2),
+                }
+                publish_graph(tmp, model, record, rec)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("optimized %s for %s in %.1f s: %s", name, provider, seconds, fused)

@@ -88,9 +88,30 @@ def test_atomic_write_readers_see_old_or_new_and_a_failed_write_keeps_the_old(tm
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(files.os, "fsync", full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="No space") as e:
         files.atomic_write(path, "newer")
+    assert e.value.filename == str(path)  # named: a failed write() says only "[Errno 28] No space left on device"
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+
+
+def test_a_disk_that_fills_during_an_export_is_named_and_nothing_is_left(tmp_path, monkeypatch, capsys):
+    """The free-space check passed, then another writer filled the disk: the write fails with an OSError that
+    names no file. The one line says where the export was writing (the disk to free), exit 1, and neither the
+    bundle nor its temporary folder is left."""
+    real = bundle_writer._write_onnx
+
+    def disk_fills(lm, root, precisions):
+        real(lm, root, precisions[:1])  # one precision written, then the next write fails
+        (root / "onnx" / "partial.onnx").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bundle_writer, "_write_onnx", disk_fills)
+    out = tmp_path / "disk" / "b"
+    out.parent.mkdir()
+    assert main(["export", "random:tiny", "--out", str(out), "--precision", "all"]) == 1
+    line = " ".join(capsys.readouterr().err.split("sdturbo: error: ")[-1].split())
+    assert line == f"[Errno 28] No space left on device: '{out.parent}'", line
+    assert os.listdir(out.parent) == []
 
 
 def test_atomic_write_gives_the_usual_modes_not_the_temporary_file_s(tmp_path):

@@ -160,6 +160,25 @@ def test_writes_are_atomic(optimized, monkeypatch):
     assert find_optimized(b, "text_encoder", VERSION, "cpu", "fp16") == model
 
 
+def test_a_disk_that_fills_while_optimizing_is_named_and_the_old_graph_kept(optimized, monkeypatch):
+    """A write that fails for a full disk says only "[Errno 28] No space left on device": the error raised names
+    the folder the optimized graph was being written to; the graph there before is kept, nothing half-written."""
+    b = Bundle(optimized)
+    model, record = optimized_paths(b, VERSION, "cpu", "fp16", "text_encoder")
+    before = (model.read_bytes(), record.read_text())
+
+    def disk_fills(src, dst, *args):
+        dst.write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ort_optimize, "optimize_graph", disk_fills)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        optimize_bundle(optimized, ("text_encoder",), provider="cpu", force=True)
+    assert e.value.filename == str(model.parent)
+    assert (model.read_bytes(), record.read_text()) == before
+    assert not list(model.parent.glob(".text_encoder.tmp-*"))
+
+
 def test_info_lists_optimized_graphs(optimized):
     text = describe(optimized)
     assert f"onnxruntime {VERSION} cuda fp16 unet" in text and "MultiHeadAttention 8" in text
