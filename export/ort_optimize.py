@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import logging
 import shutil
 import tempfile
@@ -191,6 +192,10 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
             import onnx
 
             onnx.load_external_data_for_model(fused, str(src.parent))
+    from onnx_model import OnnxModel  # the optimizer's own (onnxruntime.transformers puts its folder on sys.path)
+
+    from .graph_fixes import needs_external_data
+
     with numpy2_compatible(), weightless_shape_inference():  # (both fusing and converting infer shapes)
         m = optimize_model(
             str(src) if fused is None else fused,
@@ -201,14 +206,50 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
             optimization_options=fusion_options(model_type, provider, float16),
             use_gpu=provider == "cuda",
         )
-        if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
-            keep = [n for n, d in floats.items() if d == "float32"]
-            m.convert_float_to_float16(keep_io_types=keep, **fp32_kept(m.model))
+        del fused
+        # Each stage below replaces weights (the fusions transpose and concatenate them, the converter makes fp16
+        # copies), and protobuf (upb) frees a replaced weight only with the whole graph: a graph carried through
+        # every stage held the weights of all of them at once (SD-Turbo's UNet: 3.4 GB of fp32 weights, peak
+        # 9.3 GB). Between stages the graph goes through the disk, so each stage starts with its live weights only.
+        with tempfile.TemporaryDirectory(prefix=".stage-", dir=dst.parent) as work:
+            if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
+                graph = [m.model]
+                del m  # (with its caches of the graph's nodes, which keep all of the graph's memory alive)
+                m = OnnxModel(_through_disk(graph, Path(work)))
+                keep = [n for n, d in floats.items() if d == "float32"]
+                m.convert_float_to_float16(keep_io_types=keep, **fp32_kept(m.model))
+            external = needs_external_data(m.model)
+            if not external:  # written in one piece: serializing copies the weights, twice; leave no others beside
+                graph = [m.model]
+                del m
+                m = OnnxModel(_through_disk(graph, Path(work)))
     _check_contract(m.model, spec)
-    from .graph_fixes import needs_external_data
+    m.save_model_to_file(str(dst), use_external_data_format=external)
+    counts = fused_op_counts(m.model)
+    del m
+    gc.collect()  # the optimizer's objects refer to each other: without this the graph outlives the call
+    return counts
 
-    m.save_model_to_file(str(dst), use_external_data_format=needs_external_data(m.model))
-    return fused_op_counts(m.model)
+
+def _through_disk(holder: list, work: Path):
+    """The graph in ``holder`` (a one-item list, its only reference) written to ``work`` with its weights
+    beside it, freed, then read back: the same graph (node order, names, values), in memory that holds its live
+    weights and nothing else."""
+    import onnx
+
+    path = work / "graph.onnx"
+    located = {t.name for t in holder[0].graph.initializer if t.HasField("data_location")}
+    onnx.save_model(
+        holder.pop(), str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="graph.onnx.data"
+    )
+    gc.collect()
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:  # reading the weights back sets data_location (to DEFAULT): as it was
+        if t.name not in located:
+            t.ClearField("data_location")
+    for f in work.iterdir():
+        f.unlink()
+    return model
 
 
 def fp32_kept(model) -> dict:
@@ -285,18 +326,17 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
 
 def _check_space(bundle: Bundle, name: str, provider: str, precision: str, folder: Path) -> None:
     """Refuse to start what the free space cannot hold (the UNet's fusion takes minutes): the optimized graph
-    (the same weights as the bundle's graph in ``precision``) and, for the components whose attention we fuse
-    first (export/attention.py), a copy of the fp32 graph it checks the fusion on."""
+    (the same weights as the bundle's graph in ``precision``) and a copy of the fp32 graph, which is written
+    between the optimizer's stages (and, for the components whose attention we fuse first, export/attention.py,
+    to check that fusion on)."""
     out = bundle.component(precision, name).bytes
-    copy = bundle.component("fp32", name).bytes if MODEL_TYPES[name] in ("clip", "vae") else 0
-    why = f"its optimized graph, about {human_size(out)}"
-    if copy:
-        why += f", and a copy of its fp32 graph, {human_size(copy)}, while its attention is fused"
+    copy = bundle.component("fp32", name).bytes
     check_free_space(
         folder,
         out + copy,
         f"optimizing {name} for {provider}",
-        why,
+        f"its optimized graph, about {human_size(out)}, and a copy of its fp32 graph, {human_size(copy)}, "
+        "while it is optimized",
         "Free some space, then run the same command again (the graphs optimized so far are kept)",
     )
 
