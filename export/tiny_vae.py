@@ -149,7 +149,9 @@ def load_tiny_vae(source: str) -> TinyVaeModel:
     if not source.startswith("random:") and Path(source).expanduser().is_dir():
         source = str(Path(source).expanduser().resolve())
     log.info("loading the tiny VAE %s from %s", source, folder)
-    vae = AutoencoderTiny.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32).eval()
+    vae = AutoencoderTiny.from_pretrained(  # (low_cpu_mem_usage: see models.load_model)
+        folder, use_safetensors=True, torch_dtype=torch.float32, low_cpu_mem_usage=False
+    ).eval()
     return TinyVaeModel(source, folder, vae)
 
 

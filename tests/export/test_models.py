@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import numpy as np
@@ -302,3 +303,29 @@ def test_offline_a_hub_id_without_a_whole_cached_copy_is_refused(tiny_folder, tm
         _unreachable(monkeypatch, snapshot)
         with pytest.raises(InputError, match=r"lacks unet/diffusion_pytorch_model.safetensors"):
             resolve_model_folder("org/m")
+
+
+def test_loading_a_model_asks_the_user_to_install_nothing(tiny_folder, taesd_folder, monkeypatch, capfd, caplog):
+    """diffusers loads through accelerate by default and, where it is missing (as in our extras), warns at every
+    load that it is "strongly recommended" to install it. We load the way it falls back to (measured on full-size
+    SD-Turbo: the same peak memory, a faster load), so a newcomer's first run prints no such advice, with or
+    without accelerate installed."""
+    import diffusers.models.modeling_utils as modeling_utils
+    from sdturbo.export.tiny_vae import load_tiny_vae
+
+    from tests.conftest import TINY_VAE
+
+    monkeypatch.setattr(modeling_utils, "is_accelerate_available", lambda: False)
+    records = []  # diffusers' loggers do not propagate to the root logger (caplog's), and their handler keeps the
+    handler = logging.Handler()  # stderr it found first: listen on diffusers' own root logger
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        load_model("random:tiny")
+        load_model("random:sdxl-tiny")
+        load_tiny_vae(TINY_VAE)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    said = capfd.readouterr()
+    logged = " ".join(r.getMessage() for r in [*records, *caplog.records])
+    assert "accelerate" not in said.err + said.out + logged
