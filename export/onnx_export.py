@@ -85,12 +85,12 @@ def export_component(model, spec: ComponentSpec, path: Path, dims=None, wrapper=
                 do_constant_folding=True,
                 dynamo=False,
             )
-        model = onnx.load(str(raw), load_external_data=False)  # a large graph without its weights
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-            data, weight_bytes = _stream_large(model, Path(tmp), spec, path)
+        proto = onnx.load(str(raw), load_external_data=False)  # a large graph's weights stay in their files
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            data, weight_bytes = _stream_large(proto, Path(tmp), spec, path)
         else:
-            data, weight_bytes = _clean_small(model, spec, path)
-        del model
+            data, weight_bytes = _clean_small(proto, spec, path)
+        del proto
     gc.collect()  # the graph sits in a reference cycle: without this, its bytes stay through the next component
     onnx.checker.check_model(str(path), full_check=False)
     onnx.shape_inference.infer_shapes_path(str(path), str(path))

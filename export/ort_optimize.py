@@ -211,18 +211,19 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
         # copies), and protobuf (upb) frees a replaced weight only with the whole graph: a graph carried through
         # every stage held the weights of all of them at once (SD-Turbo's UNet: 3.4 GB of fp32 weights, peak
         # 9.3 GB). Between stages the graph goes through the disk, so each stage starts with its live weights only.
-        with tempfile.TemporaryDirectory(prefix=".stage-", dir=dst.parent) as work:
+        with tempfile.TemporaryDirectory(prefix=".stage-", dir=dst.parent) as folder:
+            work = Path(folder)
             if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
                 graph = [m.model]
                 del m  # (with its caches of the graph's nodes, which keep all of the graph's memory alive)
-                m = OnnxModel(_through_disk(graph, Path(work)))
+                m = OnnxModel(_through_disk(graph, work))
                 keep = [n for n, d in floats.items() if d == "float32"]
                 m.convert_float_to_float16(keep_io_types=keep, **fp32_kept(m.model))
             external = needs_external_data(m.model)
             if not external:  # written in one piece: serializing copies the weights, twice; leave no others beside
                 graph = [m.model]
                 del m
-                m = OnnxModel(_through_disk(graph, Path(work)))
+                m = OnnxModel(_through_disk(graph, work))
     _check_contract(m.model, spec)
     m.save_model_to_file(str(dst), use_external_data_format=external)
     counts = fused_op_counts(m.model)
