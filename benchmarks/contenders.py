@@ -134,9 +134,12 @@ class Diffusers:
         self.pipe = None
 
     def load(self) -> None:
+        from sdturbo.export.models import model_family
+        from sdturbo.export.random_models import quiet_torchvision_notice
+
+        quiet_torchvision_notice()
         import torch
         from diffusers import AutoPipelineForText2Image
-        from sdturbo.export.models import model_family
 
         dtype = getattr(torch, {"fp16": "float16", "fp32": "float32"}[self.dtype])
         xl = {"add_watermarker": False} if model_family(Path(self.folder)) == "sdxl-turbo" else {}  # pixels as made

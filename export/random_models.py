@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from .random_tokenizer import build_vocab
 
 SEED = 0
@@ -114,8 +116,27 @@ RANDOM_MODELS = {
 }
 
 
+TORCHVISION_NOTICE = "requires torchvision (not installed)"
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCHVISION_NOTICE not in record.getMessage()
+
+
+def quiet_torchvision_notice() -> None:
+    """Importing a diffusers pipeline makes transformers 5 warn that CLIP's image processor "requires
+    torchvision (not installed)" and advise installing it. We never process images with it, and on a machine
+    with the CPU build of torch, ``pip install torchvision`` can pull a CUDA build of torch over it (several GB).
+    This drops that one notice, before the import that makes it; every other transformers message still shows."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropTorchvisionNotice) for f in logger.filters):
+        logger.addFilter(_DropTorchvisionNotice())
+
+
 def build_random_pipeline(name: str):
     """A diffusers StableDiffusionPipeline of architecture ``name`` with seeded random weights."""
+    quiet_torchvision_notice()
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -248,6 +269,7 @@ RANDOM_SDXL = {
 
 def build_random_sdxl_pipeline(name: str):
     """A diffusers StableDiffusionXLPipeline of architecture ``name`` with seeded random weights."""
+    quiet_torchvision_notice()
     import torch
     from diffusers import (
         AutoencoderKL,

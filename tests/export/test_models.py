@@ -329,3 +329,38 @@ def test_loading_a_model_asks_the_user_to_install_nothing(tiny_folder, taesd_fol
     said = capfd.readouterr()
     logged = " ".join(r.getMessage() for r in [*records, *caplog.records])
     assert "accelerate" not in said.err + said.out + logged
+
+
+def test_building_a_random_model_does_not_advise_installing_torchvision():
+    """Importing a diffusers pipeline makes transformers 5 advise installing torchvision (for CLIP's image
+    processor, which we never use); on a CPU torch, that pip install can pull a CUDA torch over it. The README's
+    first offline run builds a random model through those pipelines: a fresh process (transformers warns once per
+    process) must print no such advice."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: transformers has no such notice to give")
+    for name in ("tiny", "sdxl-tiny"):  # each in a process of its own: the first filter quiets the rest
+        code = f"from sdturbo.export.random_models import build_random; build_random({name!r})"
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+        assert "torchvision" not in run.stdout + run.stderr, name
+
+
+def test_the_torchvision_filter_drops_that_notice_and_nothing_else():
+    from sdturbo.export.random_models import quiet_torchvision_notice
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    quiet_torchvision_notice()
+    filters = len(logger.filters)
+    quiet_torchvision_notice()  # once is enough: no second filter
+    assert len(logger.filters) == filters
+
+    def passes(message: str) -> bool:
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, None, None)))
+
+    assert not passes("`CLIPImageProcessor` requires torchvision (not installed); falling back to ...")
+    assert passes("`CLIPImageProcessor` requires something else")
+    assert passes("VideoProcessor requires the torchvision library but it was not found in your environment")
+    assert passes("Could not import module 'CLIPImageProcessor'")
