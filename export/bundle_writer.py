@@ -117,7 +117,7 @@ def export_bundle(
                 if tiny_todo:
                     tiny = load_tiny_vae(tiny_source)
                     if lm is not None:
-                        vae = lm.vae.config
+                        vae = lm.config("vae")
                         channels, scale = vae.latent_channels, 2 ** (len(vae.block_out_channels) - 1)
                     else:
                         channels, scale = existing.latent_channels, existing.vae_scale_factor
@@ -278,20 +278,23 @@ def _check_can_write(out: Path) -> None:
         raise InputError(f"cannot write the bundle {out}: no folder can be made in {out.parent} ({e.strerror})") from e
 
 
+# Each component's torch module, and the parts of it that the component runs (all of it: ()).
+COMPONENT_MODULES = {
+    "text_encoder": ("text_encoder", ()),
+    "text_encoder_2": ("text_encoder_2", ()),
+    "unet": ("unet", ()),
+    "vae_decoder": ("vae", ("decoder", "post_quant_conv")),
+    "vae_encoder": ("vae", ("encoder", "quant_conv")),
+}
+
+
 def weight_bytes(lm: LoadedModel, precision: str) -> dict[str, int]:
     """Each component's weights in its float type at ``precision`` (its contract's: SDXL's VAE stays fp32): what
     its ONNX file holds, but for its graph's few MB."""
-    vae = lm.vae
-    modules = {
-        "text_encoder": [lm.text_encoder],
-        "text_encoder_2": [lm.text_encoder_2],
-        "unet": [lm.unet],
-        "vae_decoder": [vae.decoder, getattr(vae, "post_quant_conv", None)],
-        "vae_encoder": [vae.encoder, getattr(vae, "quant_conv", None)],
-    }
     sizes = {}
     for name, spec in specs_for(lm).items():
-        count = sum(p.numel() for m in modules[name] if m is not None for p in m.parameters())
+        module, children = COMPONENT_MODULES[name]
+        count = lm.parameter_count(module, children)
         sizes[name] = count * ITEM_BYTES[spec.resolve(precision).outputs[0].dtype]
     return sizes
 
@@ -348,9 +351,9 @@ def _existing(out: Path, force: bool) -> Bundle | None:
 
 def specs_for(lm: LoadedModel) -> dict:
     """The component contracts of ``lm``'s family, sized from its configs."""
-    te, channels = lm.text_encoder.config, lm.vae.config.latent_channels
+    te, channels = lm.config("text_encoder"), lm.config("vae").latent_channels
     if lm.family == "sdxl-turbo":
-        te2 = lm.text_encoder_2.config
+        te2 = lm.config("text_encoder_2")
         return component_specs_xl(
             te.max_position_embeddings, te.hidden_size, te2.hidden_size, te2.projection_dim, channels
         )
@@ -358,29 +361,32 @@ def specs_for(lm: LoadedModel) -> dict:
 
 
 def _write_onnx(lm: LoadedModel, root: Path, precisions: list[str]) -> dict:
+    """Each component in each precision; one module's weights held at a time (measured, SDXL-Turbo fp16: the
+    second text encoder's export beside the loaded UNet made the peak), each module in every precision before
+    the next loads: fp32 first, then made fp16 in place (the SDXL VAE stays fp32: it overflows in fp16)."""
     specs = specs_for(lm)
-    components: dict = {}
+    components: dict = {p: {} for p in precisions}
     total = len(precisions) * len(specs)
     done = 0
-    for precision in precisions:
-        if precision == "fp16":  # the SDXL VAE stays fp32: it overflows in fp16 (component_specs_xl)
-            modules = [lm.text_encoder, lm.unet, *([lm.text_encoder_2] if lm.text_encoder_2 else [])]
-            for module in modules + ([] if lm.family == "sdxl-turbo" else [lm.vae]):
-                module.half()
-        folder = root / "onnx" / precision
-        folder.mkdir(parents=True, exist_ok=True)
-        for name in specs:
-            done += 1
-            log.info("[%d/%d] exporting %s (%s)", done, total, name, precision)
-            spec = specs[name].resolve(precision)
-            components.setdefault(precision, {})[name] = export_record(lm, spec, folder, precision)
-    return components
+    for module in dict.fromkeys(COMPONENT_MODULES[name][0] for name in specs):
+        for precision in precisions:
+            folder = root / "onnx" / precision
+            folder.mkdir(parents=True, exist_ok=True)
+            if precision == "fp16" and not (module == "vae" and lm.family == "sdxl-turbo"):
+                lm.module(module).half()
+            for name in (n for n in specs if COMPONENT_MODULES[n][0] == module):
+                done += 1
+                log.info("[%d/%d] exporting %s (%s)", done, total, name, precision)
+                spec = specs[name].resolve(precision)
+                components[precision][name] = export_record(lm, spec, folder, precision)
+        lm.release(module)
+    return {p: {name: components[p][name] for name in specs} for p in precisions}
 
 
 def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_size: int) -> dict:
     tok = lm.tokenizer
     tok.backend_tokenizer.save(str(root / "tokenizer.json"))
-    te, vae = lm.text_encoder.config, lm.vae.config
+    te, vae = lm.config("text_encoder"), lm.config("vae")
     extra = {}
     if lm.tokenizer_2 is not None:
         lm.tokenizer_2.backend_tokenizer.save(str(root / "tokenizer_2.json"))

@@ -12,12 +12,13 @@ its fp16 variant (``save_pretrained(variant="fp16")``, the form the model cards 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.bundle import make_shareable
@@ -62,18 +63,49 @@ HUB_PATTERNS = [
 
 @dataclass
 class LoadedModel:
-    """The torch modules and configs export needs; everything in fp32 on the CPU."""
+    """A model to export: its configs, tokenizers and scheduler settings at once; each torch module (on the CPU,
+    fp32, or fp16 with ``half``; the SDXL VAE always fp32) loaded from its weights when first used, and let go
+    with ``release`` once its components are written, so that an export holds one module's weights at a time."""
 
     model_id: str
     folder: Path
-    text_encoder: object
     tokenizer: object
-    unet: object
-    vae: object
     scheduler_config: dict
     family: str = "sd-turbo"  # or "sdxl-turbo"
-    text_encoder_2: object = None  # SDXL: CLIPTextModelWithProjection
     tokenizer_2: object = None
+    loaders: dict = field(default_factory=dict, repr=False)  # module name -> () -> the loaded module
+    skeletons: dict = field(default_factory=dict, repr=False)  # module name -> the module on the meta device
+    loaded: dict = field(default_factory=dict, repr=False)
+
+    def module(self, name: str):
+        """The torch module ``name`` (text_encoder, text_encoder_2, unet, vae): loaded on first use; None where
+        the family has none (text_encoder_2 of SD-Turbo)."""
+        if name not in self.loaders:
+            return None
+        if name not in self.loaded:
+            self.loaded[name] = self.loaders[name]()
+        return self.loaded[name]
+
+    def config(self, name: str):
+        """Module ``name``'s config, as its loaded module would have it (defaults filled in), without its weights."""
+        return self.skeletons[name].config
+
+    def parameter_count(self, name: str, children: tuple[str, ...] = ()) -> int:
+        """Parameters of module ``name`` (or of its ``children``), counted without loading its weights."""
+        skeleton = self.skeletons[name]
+        parts = [getattr(skeleton, c, None) for c in children] if children else [skeleton]
+        return sum(p.numel() for part in parts if part is not None for p in part.parameters())
+
+    def release(self, *names: str) -> None:
+        """Let go of loaded modules (loaded again if used later)."""
+        for name in names:
+            self.loaded.pop(name, None)
+        gc.collect()
+
+    text_encoder = property(lambda self: self.module("text_encoder"))
+    text_encoder_2 = property(lambda self: self.module("text_encoder_2"))
+    unet = property(lambda self: self.module("unet"))
+    vae = property(lambda self: self.module("vae"))
 
     def source_stamp(self) -> str:
         """The model folder's fingerprint (engine/cache.py): a cached bundle is exported again when it changes."""
@@ -141,8 +173,9 @@ def check_model_folder(folder: Path) -> None:
 
 
 def load_model(model: str, half: bool = False) -> LoadedModel:
-    """Load every component on the CPU from safetensors: fp32, or fp16 with ``half`` (for fp16-only
-    exports: half the memory). The SDXL VAE always loads in fp32: it overflows in fp16."""
+    """``model``'s configs and tokenizers, its weights checked (each file's safetensors header); each torch module
+    loads from them on the CPU when first used: fp32, or fp16 with ``half`` (for fp16-only exports: half the
+    memory). The SDXL VAE always loads in fp32: it overflows in fp16."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -172,27 +205,51 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
     # falls back to this with a warning at every load that tells the user to install it.
     dm_kw = {"low_cpu_mem_usage": False}
     xl_vae = {"torch_dtype": torch.float32} if xl else {}
+    modules = {  # each module's class and loading arguments, as diffusers' pipelines load it
+        "text_encoder": (CLIPTextModel, te_kw),
+        "unet": (UNet2DConditionModel, dm_kw),
+        "vae": (AutoencoderKL, {**xl_vae, **dm_kw}),
+    }
+    if xl:
+        modules["text_encoder_2"] = (CLIPTextModelWithProjection, te_kw)
+
+    def loader(name):
+        cls, extra = modules[name]
+
+        def load():
+            try:
+                return cls.from_pretrained(folder / name, **kw(name, **extra)).eval()
+            except (OSError, ValueError) as e:
+                raise _load_error(model, folder, e) from e
+
+        return load
+
     try:  # transformers' and diffusers' words for a damaged config or file become one line naming the model
+        with torch.device("meta"):  # configs as the modules hold them, and parameter counts: no weights
+            skeletons = {name: _skeleton(cls, folder / name) for name, (cls, _) in modules.items()}
         return LoadedModel(
             model_id=model,
             folder=folder,
-            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", **kw("text_encoder", **te_kw)).eval(),
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw("unet", **dm_kw)).eval(),
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw("vae", **xl_vae, **dm_kw)).eval(),
             scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
             family=family,
-            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
-                folder / "text_encoder_2", **kw("text_encoder_2", **te_kw)
-            ).eval()
-            if xl
-            else None,
             tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2") if xl else None,
+            loaders={name: loader(name) for name in modules},
+            skeletons=skeletons,
         )
     except (OSError, ValueError) as e:
-        raise InputError(
-            f"cannot load the model {model} from {folder}: {first_line(e)}; download or save the model again"
-        ) from e
+        raise _load_error(model, folder, e) from e
+
+
+def _skeleton(cls, folder: Path):
+    """Module class ``cls`` built from the config in ``folder`` (under a meta device: no memory for weights)."""
+    if hasattr(cls, "load_config"):  # diffusers
+        return cls.from_config(cls.load_config(folder))
+    return cls(cls.config_class.from_pretrained(folder))
+
+
+def _load_error(model: str, folder: Path, e: Exception) -> InputError:
+    return InputError(f"cannot load the model {model} from {folder}: {first_line(e)}; download or save the model again")
 
 
 def component_weights(folder: Path, name: str) -> tuple[str | None, list[Path]]:

@@ -34,8 +34,8 @@ def trace_dims(model) -> dict[str, int]:
     its total up-factor. Tracing at a size that does not divide it records the general branch
     (upsample to the skip connection's size), so the graph serves every size that is a multiple of 8.
     """
-    up = 2 ** (len(model.unet.config.block_out_channels) - 1)
-    scale = 2 ** (len(model.vae.config.block_out_channels) - 1)
+    up = 2 ** (len(model.config("unet").block_out_channels) - 1)
+    scale = 2 ** (len(model.config("vae").block_out_channels) - 1)
     lh, lw = up + 1, 2 * up + 1
     return {"batch": 2, "latent_height": lh, "latent_width": lw, "height": lh * scale, "width": lw * scale}
 
@@ -66,7 +66,7 @@ def export_component(model, spec: ComponentSpec, path: Path, dims=None, wrapper=
     """
     dims = dims or trace_dims(model)
     wrapper = (wrapper or build_wrapper(spec.name, model)).eval()
-    args = sample_inputs(spec, dims, model.text_encoder.config.vocab_size if model is not None else 1)
+    args = sample_inputs(spec, dims, model.config("text_encoder").vocab_size if model is not None else 1)
     dynamic_axes = {
         t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)} for t in (*spec.inputs, *spec.outputs)
     }

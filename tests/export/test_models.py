@@ -364,3 +364,25 @@ def test_the_torchvision_filter_drops_that_notice_and_nothing_else():
     assert passes("`CLIPImageProcessor` requires something else")
     assert passes("VideoProcessor requires the torchvision library but it was not found in your environment")
     assert passes("Could not import module 'CLIPImageProcessor'")
+
+
+@pytest.mark.parametrize("model", ["random:tiny", "random:sdxl-tiny"])
+def test_configs_and_sizes_known_before_loading_are_the_loaded_modules(tiny_folder, xl_folder, model):
+    """An export reads configs and parameter counts (for its contracts, trace sizes, manifest and disk check)
+    before any weights load: they must be the loaded modules' own, defaults filled in as loading fills them."""
+    lm = load_model(model)
+    names = ["text_encoder", "unet", "vae"] + (["text_encoder_2"] if lm.family == "sdxl-turbo" else [])
+    assert lm.loaded == {}
+    for name in names:
+        config, module = lm.config(name), lm.module(name)
+        # loading adds where it loaded from, and transformers its dtype and attention choice; nothing else differs
+        skip = {"_name_or_path", "dtype", "torch_dtype", "_attn_implementation_autoset", "attn_implementation"}
+        mine, own = (c.to_dict() if hasattr(c, "to_dict") else dict(c) for c in (config, module.config))
+        assert {k: v for k, v in mine.items() if k not in skip} == {k: v for k, v in own.items() if k not in skip}
+        assert lm.parameter_count(name) == sum(p.numel() for p in module.parameters()), name
+    vae = lm.module("vae")
+    assert lm.parameter_count("vae", ("decoder", "post_quant_conv")) == sum(
+        p.numel() for part in (vae.decoder, vae.post_quant_conv) for p in part.parameters()
+    )
+    lm.release(*names)
+    assert lm.loaded == {} and lm.module("text_encoder_2" if lm.family == "sdxl-turbo" else "unet") is not None
