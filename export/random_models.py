@@ -136,7 +136,6 @@ def quiet_torchvision_notice() -> None:
 
 def build_random_pipeline(name: str):
     """A diffusers StableDiffusionPipeline of architecture ``name`` with seeded random weights."""
-    quiet_torchvision_notice()
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -269,7 +268,6 @@ RANDOM_SDXL = {
 
 def build_random_sdxl_pipeline(name: str):
     """A diffusers StableDiffusionXLPipeline of architecture ``name`` with seeded random weights."""
-    quiet_torchvision_notice()
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -306,6 +304,7 @@ def build_random_sdxl_pipeline(name: str):
 
 def build_random(name: str):
     """Any random model by name: SD-Turbo or SDXL-Turbo architecture."""
+    quiet_torchvision_notice()  # before either builder imports diffusers' pipelines
     return build_random_sdxl_pipeline(name) if name in RANDOM_SDXL else build_random_pipeline(name)
 
 

@@ -342,10 +342,9 @@ def test_building_a_random_model_does_not_advise_installing_torchvision():
 
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: transformers has no such notice to give")
-    for name in ("tiny", "sdxl-tiny"):  # each in a process of its own: the first filter quiets the rest
-        code = f"from sdturbo.export.random_models import build_random; build_random({name!r})"
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-        assert "torchvision" not in run.stdout + run.stderr, name
+    code = "from sdturbo.export.random_models import build_random; build_random('tiny')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert "torchvision" not in run.stdout + run.stderr
 
 
 def test_the_torchvision_filter_drops_that_notice_and_nothing_else():
