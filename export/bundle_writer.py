@@ -365,7 +365,7 @@ def _write_onnx(lm: LoadedModel, root: Path, precisions: list[str]) -> dict:
     second text encoder's export beside the loaded UNet made the peak), each module in every precision before
     the next loads: fp32 first, then made fp16 in place (the SDXL VAE stays fp32: it overflows in fp16)."""
     specs = specs_for(lm)
-    components: dict = {p: {} for p in precisions}
+    components = {p: dict.fromkeys(specs) for p in precisions}  # the manifest lists them in the specs' order
     total = len(precisions) * len(specs)
     done = 0
     for module in dict.fromkeys(COMPONENT_MODULES[name][0] for name in specs):
@@ -380,7 +380,7 @@ def _write_onnx(lm: LoadedModel, root: Path, precisions: list[str]) -> dict:
                 spec = specs[name].resolve(precision)
                 components[precision][name] = export_record(lm, spec, folder, precision)
         lm.release(module)
-    return {p: {name: components[p][name] for name in specs} for p in precisions}
+    return components
 
 
 def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_size: int) -> dict:
