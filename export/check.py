@@ -107,9 +107,12 @@ def _runner(path: Path, provider: str, name: str, mark_all: bool, tmp: Path):
         model = ModifyOutputs(OnnxFromPath(str(path)), outputs=constants.MARK_ALL)()
         path = tmp / f"{name}.onnx"
         from .graph_fixes import needs_external_data
+        from .proto_io import save_streamed
 
-        big = needs_external_data(model)
-        onnx.save(model, str(path), save_as_external_data=big, location=f"{name}.onnx.data")
+        if needs_external_data(model):
+            onnx.save(model, str(path), save_as_external_data=True, location=f"{name}.onnx.data")
+        else:
+            save_streamed(model, path)
     return OnnxrtRunner(SessionFromOnnx(str(path), providers=[provider]), name=name)
 
 

@@ -18,6 +18,7 @@ from ..engine.files import make_shareable
 from ..engine.integrity import file_sha256
 from ..engine.spec import DTYPES, ComponentSpec
 from .graph_fixes import float_argmax
+from .proto_io import save_streamed
 from .rss import PeakRss
 from .wrappers import build_wrapper
 
@@ -127,7 +128,8 @@ def _clean_small(model: onnx.ModelProto, spec: ComponentSpec, path: Path) -> tup
     Edited in place, as the large graphs are: the TorchScript exporter has already folded constants and removed
     dead nodes (an onnx-graphsurgeon cleanup, measured on every component of both families, changed only the
     nodes' order), and a graph library's copies of the weights made SD-Turbo's fp16 UNet (1.7 GB) peak at
-    10.8 GB here instead of about twice its weights."""
+    10.8 GB here. Written one weight at a time (export/proto_io.py): onnx.save_model's whole serialization
+    peaked at 9.4 GB for it, above the TorchScript export's own 7.0 GB."""
     _stamp_contract(model.graph, spec)
     float_argmax(model.graph, spec)
     weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
@@ -141,8 +143,8 @@ def _clean_small(model: onnx.ModelProto, spec: ComponentSpec, path: Path) -> tup
             location=data.name,
             size_threshold=1024,
         )
-    else:
-        onnx.save_model(model, str(path))
+    else:  # (not onnx.save_model: serializing the whole graph at once peaks at five times its weights)
+        save_streamed(model, path)
     return data, weight_bytes
 
 

@@ -45,6 +45,7 @@ from ..engine.errors import BackendError, InputError
 from ..engine.files import check_free_space, human_size, locked, naming_failures, remove_leftovers
 from ..engine.spec import axis_values
 from . import attention
+from .proto_io import save_streamed
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +220,26 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
                 m = OnnxModel(_through_disk(graph, work))
                 keep = [n for n, d in floats.items() if d == "float32"]
                 m.convert_float_to_float16(keep_io_types=keep, **fp32_kept(m.model))
-            external = needs_external_data(m.model)
-            if not external:  # written in one piece: serializing copies the weights, twice; leave no others beside
-                graph = [m.model]
-                del m
-                m = OnnxModel(_through_disk(graph, work))
     _check_contract(m.model, spec)
-    m.save_model_to_file(str(dst), use_external_data_format=external)
+    if needs_external_data(m.model):
+        m.save_model_to_file(str(dst), use_external_data_format=True)
+    else:  # in one piece, as save_model_to_file writes it, but one weight at a time (export/proto_io.py)
+        m.topological_sort()
+        _declare_ms_opset(m.model)
+        save_streamed(m.model, dst)
     counts = fused_op_counts(m.model)
     del m
     gc.collect()  # the optimizer's objects refer to each other: without this the graph outlives the call
     return counts
+
+
+def _declare_ms_opset(model) -> None:
+    """The com.microsoft opset (version 1) in ``model``'s imports where its graph uses that domain's (fused) ops and
+    does not import it: what onnxruntime's ``OnnxModel.save`` adds before it writes a graph."""
+    domain = "com.microsoft"
+    if any(n.domain == domain for n in model.graph.node) and not any(o.domain == domain for o in model.opset_import):
+        opset = model.opset_import.add()
+        opset.domain, opset.version = domain, 1
 
 
 def _through_disk(holder: list, work: Path):

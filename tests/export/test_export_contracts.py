@@ -183,11 +183,12 @@ def test_peak_rss_is_the_span_s_own_peak_not_the_process_s():
     assert span.peak_mb() >= PeakRss().peak_mb() and more.sum() > 0
 
 
-def test_writing_a_graph_costs_the_copies_serializing_makes_and_no_more(tiny_bundle, tmp_path):
-    """Writing a graph under 2 GB costs the two copies of its weights that serializing makes (protobuf's buffer,
-    then Python's bytes: measured 2.0x), not the six that onnx-graphsurgeon's import, cleanup and export made
-    (measured 6.0x; SD-Turbo's fp16 UNet, 1.7 GB of weights, peaked at 10.8 GB that way). One weight of the tiny
-    decoder is made 256 MiB so that the copies stand out of the noise; the bar leaves one copy of room."""
+def test_writing_a_graph_costs_one_weight_s_copy_at_a_time(tiny_bundle, tmp_path):
+    """Writing a graph under 2 GB costs one copy of a weight at a time (Python's bytes of its values, to write them:
+    export/proto_io.py; measured 1.0x), not the two that serializing it whole makes (protobuf's buffer, then
+    Python's bytes: 2.0x), nor the six that onnx-graphsurgeon's import, cleanup and export made (6.0x; SD-Turbo's
+    fp16 UNet, 1.7 GB of weights, peaked at 10.8 GB that way). One weight of the tiny decoder is made 256 MiB so
+    that the copies stand out of the noise; the bar is 1.5x."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no /proc/self/clear_refs here: the peak is the process's")
     comp = Bundle(tiny_bundle).component("fp32", "vae_decoder")
@@ -201,4 +202,4 @@ def test_writing_a_graph_costs_the_copies_serializing_makes_and_no_more(tiny_bun
     span = PeakRss()
     onnx_export._clean_small(model, comp.spec, tmp_path / "vae_decoder.onnx")
     assert (tmp_path / "vae_decoder.onnx").stat().st_size > size
-    assert span.peak_mb() - before < 3 * size / 2**20
+    assert span.peak_mb() - before < 1.5 * size / 2**20
