@@ -47,8 +47,11 @@ def anon_rise(setup, *args, timeout: float = 600) -> tuple[int, int, object]:
     worker.start()
     child.close()  # (the worker's end: if it dies, recv() ends instead of waiting)
     try:
-        if not conn.poll(timeout) or conn.recv() != "ready":
-            raise EOFError
+        if not conn.poll(timeout):
+            worker.kill()
+            worker.join()
+            pytest.fail(f"the measured process's setup did not finish in {timeout} s")
+        assert conn.recv() == "ready"
         before = peak = anon_mb(worker.pid)
         conn.send("go")
         while not conn.poll(SAMPLE_SECONDS):
