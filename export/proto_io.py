@@ -9,7 +9,8 @@ weight at twice its size. SD-Turbo's fp16 UNet (1.7 GB) went through that in its
 ``save_streamed`` writes the same bytes as ``onnx.save_model`` (byte for byte: protobuf writes a message's
 fields in the order of their numbers, which is the order they are written in here) with the graph's weights
 written from the graph itself, one at a time: beside the graph, it holds one weight's values (Python's copy of
-them, to write) and the small fields around them.
+them, to write) and the small fields around them. Fields this onnx does not know (a newer onnx's) are not carried
+over; the graphs written here come from torch's exporter and onnxruntime's optimizer, which this onnx reads whole.
 """
 
 from __future__ import annotations
