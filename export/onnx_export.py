@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import tempfile
 import time
 import warnings
@@ -18,7 +17,7 @@ from ..engine.files import make_shareable
 from ..engine.integrity import file_sha256
 from ..engine.spec import DTYPES, ComponentSpec
 from .graph_fixes import float_argmax
-from .proto_io import save_streamed
+from .proto_io import save_streamed, value_bytes
 from .rss import PeakRss
 from .wrappers import build_wrapper
 
@@ -132,7 +131,7 @@ def _clean_small(model: onnx.ModelProto, spec: ComponentSpec, path: Path) -> tup
     peaked at 9.4 GB for it, above the TorchScript export's own 7.0 GB."""
     _stamp_contract(model.graph, spec)
     float_argmax(model.graph, spec)
-    weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    weight_bytes = sum(value_bytes(t) for t in model.graph.initializer)
     data = path.with_name(path.name + ".data") if weight_bytes > EXTERNAL_DATA_BYTES else None
     if data is not None:
         onnx.save_model(
@@ -146,11 +145,6 @@ def _clean_small(model: onnx.ModelProto, spec: ComponentSpec, path: Path) -> tup
     else:  # (not onnx.save_model: serializing the whole graph at once peaks at five times its weights)
         save_streamed(model, path)
     return data, weight_bytes
-
-
-def _tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """The bytes of an initializer's values, from its type and shape (wherever the proto keeps them)."""
-    return math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def _stream_large(model: onnx.ModelProto, raw_dir: Path, spec: ComponentSpec, path: Path) -> tuple[Path, int]:

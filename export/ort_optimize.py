@@ -45,7 +45,7 @@ from ..engine.errors import BackendError, InputError
 from ..engine.files import check_free_space, human_size, locked, naming_failures, remove_leftovers
 from ..engine.spec import axis_values
 from . import attention
-from .proto_io import save_streamed
+from .proto_io import save_streamed, value_bytes
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def weightless(model, above: int):
     import onnx
 
     graph = model.graph
-    big = [t for t in graph.initializer if t.ByteSize() > above]
+    big = [t for t in graph.initializer if value_bytes(t) > above]
     if not big:
         return model
     inputs = [*graph.input, *(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big)]

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from sdturbo.engine.bundle import Bundle
 from sdturbo.export import onnx_export
-from sdturbo.export.proto_io import save_streamed
+from sdturbo.export.proto_io import save_streamed, value_bytes
 
 from tests.memory import anon_rise, with_big_convs
 
@@ -30,6 +30,16 @@ def test_every_component_is_written_as_onnx_writes_it(tiny_bundle, xl_bundle, mo
     for precision in ("fp32", "fp16"):
         for name in bundle.component_names:
             _same_bytes(onnx.load(str(bundle.component(precision, name).onnx)), tmp_path)
+
+
+def test_a_weight_s_size_is_read_from_its_type_and_shape(tiny_bundle):
+    """value_bytes (what the export and the optimizer's weightless shape inference size weights by, without
+    serializing them) is the size of the values each initializer holds, for every tiny weight in both precisions."""
+    bundle = Bundle(tiny_bundle)
+    for precision in ("fp32", "fp16"):
+        for name in bundle.component_names:
+            for t in onnx.load(str(bundle.component(precision, name).onnx)).graph.initializer:
+                assert value_bytes(t) == onnx.numpy_helper.to_array(t).nbytes, (precision, name, t.name)
 
 
 def test_fields_on_both_sides_of_the_weights_keep_their_order(tmp_path):
