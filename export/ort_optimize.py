@@ -208,18 +208,17 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
             use_gpu=provider == "cuda",
         )
         del fused
-        # Each stage below replaces weights (the fusions transpose and concatenate them, the converter makes fp16
-        # copies), and protobuf (upb) frees a replaced weight only with the whole graph: a graph carried through
-        # every stage held the weights of all of them at once (SD-Turbo's UNet: 3.4 GB of fp32 weights, peak
-        # 9.3 GB). Between stages the graph goes through the disk, so each stage starts with its live weights only.
-        with tempfile.TemporaryDirectory(prefix=".stage-", dir=dst.parent) as folder:
-            work = Path(folder)
-            if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
-                graph = [m.model]
-                del m  # (with its caches of the graph's nodes, which keep all of the graph's memory alive)
-                m = OnnxModel(_through_disk(graph, work))
-                keep = [n for n, d in floats.items() if d == "float32"]
-                m.convert_float_to_float16(keep_io_types=keep, **fp32_kept(m.model))
+        # The fusions replace weights (they transpose and concatenate them), and protobuf (upb) frees a replaced
+        # weight only with the whole graph: a graph carried from fusing into converting held both stages' weights
+        # (SD-Turbo's UNet: 3.4 GB of fp32 weights, peak 9.3 GB). In between, the graph goes through the disk, so
+        # the converter starts with the live weights only.
+        if float16:  # onnxruntime's converter with its default fp32 op list; float32 IO (timestep) kept
+            graph = [m.model]
+            del m  # (with its caches of the graph's nodes, which keep all of the graph's memory alive)
+            with tempfile.TemporaryDirectory(prefix=".stage-", dir=dst.parent) as work:
+                m = OnnxModel(_through_disk(graph, Path(work)))
+            keep = [n for n, d in floats.items() if d == "float32"]
+            m.convert_float_to_float16(keep_io_types=keep, **fp32_kept(m.model))
     _check_contract(m.model, spec)
     if needs_external_data(m.model):
         m.save_model_to_file(str(dst), use_external_data_format=True)
