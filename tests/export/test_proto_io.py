@@ -73,7 +73,7 @@ def test_writing_holds_one_weight_beside_the_graph_not_the_whole_graph_again(tmp
     """onnx.save_model of a graph with 256 MiB of embedded fp32 weights (64 of 4 MiB) rises 4.96x their size
     (protobuf's serializer; measured); save_streamed 0.05x (one 4 MiB weight at a time). The bar is 0.25x."""
     size = 256 * 2**20
-    rise, before, path = anon_rise(_writing, save_streamed, size, tmp_path / "model.onnx")
+    rise, before, path = anon_rise(_writing, size, tmp_path / "model.onnx")
     assert Path(path).stat().st_size > size
     assert rise < 0.25 * size / 2**20, f"rose {rise} MB over {before} MB, for {size >> 20} MiB of weights"
 
@@ -92,18 +92,18 @@ def test_an_export_writes_its_graph_one_weight_at_a_time(tiny_bundle, tmp_path):
     assert rise < 0.25 * size / 2**20, f"rose {rise} MB over {before} MB, for {size >> 20} MiB of weights"
 
 
-def _writing(save, size: int, path: Path):
+def _writing(size: int, path: Path):
     """(tests/memory.py's setup, in a fresh process) A graph with ``size`` bytes of fp32 weights in 64 tensors, and
-    what writes it to ``path`` with ``save``."""
+    what writes it to ``path`` with save_streamed."""
     n, model = 64, onnx.ModelProto(ir_version=9)
     for i in range(n):  # (made in place: no copies of them left for the write to reuse the memory of)
         tensor = model.graph.initializer.add(name=f"w{i}", data_type=onnx.TensorProto.FLOAT, dims=[size // n // 4])
         tensor.raw_data = np.full(size // n // 4, i, np.float32).tobytes()
-    return partial(_written, save, model, path)
+    return partial(_written, model, path)
 
 
-def _written(save, model, path: Path) -> str:
-    save(model, path)
+def _written(model, path: Path) -> str:
+    save_streamed(model, path)
     return str(path)
 
 
