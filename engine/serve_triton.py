@@ -16,11 +16,12 @@ import signal
 import socket
 import sysconfig
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BackendError, InputError, SdTurboError
-from .serve import DTYPES, INPUTS, OUTPUT, Batcher, default_size, parse, warm_up
+from .serve import DTYPES, INPUTS, OUTPUT, Batcher, ServerClosing, default_size, parse, warm_up
 
 log = logging.getLogger(__name__)
 MODEL = "sdturbo"
@@ -81,18 +82,121 @@ def tensors(model_config):
     return inputs, [model_config.Tensor(name=OUTPUT.name, dtype=dtype[OUTPUT.datatype], shape=OUTPUT.shape)]
 
 
+class Answer(Exception):
+    """How a request that failed is answered: a status code of Triton's (a name in its Python backend's
+    ``TritonError``, which Triton turns into HTTP's and gRPC's) and the message alone. Raised by the callable;
+    the proxy that ``answering_with_status_codes`` puts in the model repository reads both from the line
+    Python's traceback writes for it (``ANSWER_LINE``)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code} {message}")
+        self.code, self.message = code, message
+
+
+ANSWER_LINE = f"\n{Answer.__module__}.{Answer.__qualname__}: "
+
+
+class _AnswersLogged(logging.Filter):
+    """pytriton logs every error of the callable with its traceback, a bad request's too: an Answer is left out
+    (the callable has logged it in a line, or the batcher the failure behind it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return ANSWER_LINE not in record.getMessage()
+
+
+CODES = ((InputError, "INVALID_ARG"), (ServerClosing, "UNAVAILABLE"))  # HTTP 400 and 503; anything else 500
+
+
+def answer(e: Exception) -> Answer:
+    """``e`` as its request's answer: a bad request (400) names the value, a server going down (503) says to
+    retry elsewhere, and any other error is the server's (500), its message without a traceback."""
+    code = next((code for kind, code in CODES if isinstance(e, kind)), "INTERNAL")
+    return Answer(code, str(e) if isinstance(e, SdTurboError) else f"{type(e).__name__}: {e}")
+
+
 def infer_function(batcher: Batcher):
-    """pytriton's callable: Triton's batcher is off, so ``requests`` holds one request. A bad one raises its
-    own error (Triton answers that request with it); a good one waits for its batch."""
+    """pytriton's callable: Triton's batcher is off, so ``requests`` holds one request. A bad one is answered
+    with its own error (``answer``); a good one waits for its batch."""
 
     def infer(requests):
         try:
             futures = [batcher.submit(parse(batcher.pipe, r.data)) for r in requests]
+        except Exception as e:
+            if isinstance(e, SdTurboError):
+                log.info("request refused: %s", e)
+            else:  # a bug of ours: its traceback goes to the server's log
+                log.error("a request could not be read: %s", e, exc_info=e)
+            raise answer(e) from None
+        try:
             return [{OUTPUT.name: f.result()} for f in futures]
-        except SdTurboError as e:
-            raise e.with_traceback(None) from None  # the client sees the message, not our stack
+        except Exception as e:  # (the batcher has logged a batch that failed)
+            raise answer(e) from None
 
     return infer
+
+
+# pytriton 0.7's proxy (the model.py that Triton's Python backend runs, copied into the model repository) answers
+# any error of the callable by raising it from ``execute``: Triton then says INTERNAL (HTTP 500, gRPC INTERNAL) to
+# a request that was bad, with the tracebacks of both processes. Where the error is an ``Answer``, the proxy
+# below answers each request with its code and message instead; any other error as pytriton does.
+_PROXY_RAISES = """\
+                    triton_responses_or_error = pb_utils.TritonModelException(  # pytype: disable=module-attr
+                        responses_payload.decode("utf-8")
+                    )
+"""
+_PROXY_ANSWERS = """\
+                    triton_responses_or_error = _sdturbo_answer(responses_payload.decode("utf-8"), len(triton_requests))
+"""
+_PROXY_HELPER = """
+
+def _sdturbo_answer(text, n):
+    \"\"\"(added by sdturbo) The callable's error, formatted by Python's traceback: each of the ``n`` requests
+    answered with an sdturbo Answer's status code and message, or else raised as pytriton does.\"\"\"
+    at = text.find(ANSWER_LINE)
+    if at < 0:
+        return pb_utils.TritonModelException(text)  # pytype: disable=module-attr
+    code, _, message = text[at + len(ANSWER_LINE) :].strip().partition(" ")
+    error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))  # pytype: disable=module-attr
+    return [pb_utils.InferenceResponse(error=error) for _ in range(n)]  # pytype: disable=module-attr
+"""
+
+
+def proxy_source(source: str) -> str | None:
+    """pytriton's proxy ``source`` answering with status codes, or None where it is not the proxy this was
+    written for (another pytriton)."""
+    if source.count(_PROXY_RAISES) != 1:
+        return None
+    return source.replace(_PROXY_RAISES, _PROXY_ANSWERS) + _PROXY_HELPER.replace("ANSWER_LINE", repr(ANSWER_LINE))
+
+
+@contextmanager
+def answering_with_status_codes():
+    """While pytriton writes our model into the repository, its proxy is ``proxy_source``'s; from now on
+    pytriton logs no Answer."""
+    from pytriton.models.model import Model
+
+    inference_log = logging.getLogger("pytriton.proxy.inference")
+    if not any(isinstance(f, _AnswersLogged) for f in inference_log.filters):
+        inference_log.addFilter(_AnswersLogged())
+
+    generate = Model.generate_model
+
+    def generate_model(self, model_repository):
+        generate(self, model_repository)
+        if self.model_name != MODEL:
+            return
+        path = Path(model_repository) / self.model_name / str(self.model_version) / "model.py"
+        source = proxy_source(path.read_text())
+        if source is None:
+            log.warning("pytriton's proxy is not the one sdturbo knows: a bad request is answered with HTTP 500")
+        else:
+            path.write_text(source)
+
+    Model.generate_model = generate_model
+    try:
+        yield
+    finally:
+        Model.generate_model = generate
 
 
 class _Interrupted(BaseException):
@@ -224,14 +328,15 @@ def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bo
                 break
             server = triton.Triton(config=config, triton_lifecycle_policy=policy)
             try:
-                server.bind(
-                    model_name=MODEL,
-                    infer_func=[infer_function(batcher)] * (2 * cfg.max_batch),
-                    inputs=inputs,
-                    outputs=outputs,
-                    config=model_config.ModelConfig(batching=False),
-                    strict=True,
-                )
+                with answering_with_status_codes():
+                    server.bind(
+                        model_name=MODEL,
+                        infer_func=[infer_function(batcher)] * (2 * cfg.max_batch),
+                        inputs=inputs,
+                        outputs=outputs,
+                        config=model_config.ModelConfig(batching=False),
+                        strict=True,
+                    )
                 server.run()
                 stop.armed = False
                 return server

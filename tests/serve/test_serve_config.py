@@ -4,6 +4,7 @@ while Triton starts."""
 from __future__ import annotations
 
 import os
+import pathlib
 import re
 import signal
 import socket
@@ -245,3 +246,51 @@ def test_the_overhead_is_served_minus_direct_per_pair(monkeypatch):
     assert paired["served_ms"] == pytest.approx([130.0, 125.0, 160.0])
     diffs = np.subtract(paired["served_ms"], paired["direct_ms"])
     assert paired["served_minus_direct_p50_ms"] == pytest.approx(np.median(diffs)) and paired["equal"]
+
+
+def test_each_failure_is_answered_with_its_status_code_and_message_alone(caplog):
+    """What a failed request is answered (HTTP 400, 503 or 500; gRPC INVALID_ARGUMENT, UNAVAILABLE, INTERNAL),
+    and how pytriton's proxy, given the text of the callable's error, answers it: each request with the code and
+    the message, or any other error as pytriton does (raised: INTERNAL)."""
+    import traceback
+
+    import pytriton
+    from sdturbo.engine.errors import NonFiniteOutput
+    from sdturbo.engine.serve import ServerClosing
+    from sdturbo.engine.serve_triton import _PROXY_HELPER, ANSWER_LINE, answer, proxy_source
+
+    class TritonError:
+        INVALID_ARG, UNAVAILABLE, INTERNAL = "400", "503", "500"
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    pb_utils = types.SimpleNamespace(
+        TritonError=TritonError,
+        TritonModelException=RuntimeError,
+        InferenceResponse=lambda error: (error.code, error.message),
+    )
+    proxy = {"pb_utils": pb_utils}
+    exec(_PROXY_HELPER.replace("ANSWER_LINE", repr(ANSWER_LINE)), proxy)
+
+    def answered(e: Exception, n=2):
+        try:
+            raise answer(e) from None
+        except Exception as raised:
+            return proxy["_sdturbo_answer"]("".join(traceback.format_exception(raised)), n)
+
+    bad = "width 36 is not allowed; use a positive multiple of 8 (not 'x: y\nz')"
+    assert answered(InputError(bad)) == [("400", bad)] * 2
+    closing = "the server is shutting down; send the request to another instance"
+    assert answered(ServerClosing(closing), 1) == [("503", closing)]
+    nan = NonFiniteOutput([None], [0])
+    assert answered(nan, 1) == [("500", str(nan))] and "NaN" in str(nan)
+    assert answered(KeyError("seed"), 1) == [("500", "KeyError: 'seed'")]
+    other = proxy["_sdturbo_answer"]("Traceback (most recent call last):\nValueError: no", 1)
+    assert isinstance(other, RuntimeError) and str(other).endswith("ValueError: no")
+
+    source = (pathlib.Path(pytriton.__file__).parent / "proxy" / "model.py").read_text()
+    patched = proxy_source(source)
+    assert patched is not None, f"pytriton {pytriton.__version__}'s proxy is not the one sdturbo patches"
+    compile(patched, "model.py", "exec")
+    assert proxy_source(patched) is None and proxy_source("") is None

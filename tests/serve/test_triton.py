@@ -1,6 +1,6 @@
 """`sdturbo serve` for real: tritonserver through nvidia-pytriton on 127.0.0.1, the tiny random bundle, HTTP and
-gRPC. Served images equal `sdturbo generate` and the Python API byte for byte; bad requests fail alone, naming
-the field; the load test's every image is right; SIGTERM lets in-flight requests finish, then exits 0."""
+gRPC. Served images equal `sdturbo generate` and the Python API byte for byte; bad requests fail alone, as the
+client's error (HTTP 400, gRPC INVALID_ARGUMENT) naming the field; the load test's every image is right; SIGTERM lets in-flight requests finish, then exits 0."""
 
 from __future__ import annotations
 
@@ -175,10 +175,20 @@ def test_bad_requests_fail_alone_while_the_others_succeed(server, pipe):
             w = int(values["width"][0])
             want = pipe(values["prompt"][0].decode(), seed=int(values["seed"][0]), width=w, height=32)[0]
             np.testing.assert_array_equal(results[j], want)
-        else:
-            assert isinstance(results[j], Exception), f"{values} was served"
-            assert message in str(results[j])
+        else:  # Triton's checks and ours alike: HTTP 400, the message without a traceback
+            assert isinstance(results[j], http.InferenceServerException), f"{values} was served"
+            assert results[j].status() == "400" and message in results[j].message(), results[j]
+            assert "Traceback" not in results[j].message() and "Answer" not in results[j].message()
     np.testing.assert_array_equal(ask(http, server.http, **GOOD[0]), pipe("p0", seed=0, width=32, height=32)[0])
+
+
+@pytest.mark.parametrize("tc, code", [(http, "400"), (grpc, "StatusCode.INVALID_ARGUMENT")], ids=["http", "grpc"])
+def test_a_bad_request_is_answered_with_a_client_error_and_its_message_alone(server, tc, code):
+    """Not pytriton's answer to any error of the callable (INTERNAL: HTTP 500 with two processes' tracebacks),
+    which tells a client to retry what can never succeed."""
+    with pytest.raises(tc.InferenceServerException) as e:
+        ask(tc, server.http if tc is http else server.grpc, prompt=text("x"), width=i32(36))
+    assert (e.value.status(), e.value.message()) == (code, "width 36 is not allowed; use a positive multiple of 8")
 
 
 def test_load_test_checks_every_image(server, tiny_bundle):
