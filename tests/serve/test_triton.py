@@ -1,6 +1,7 @@
 """`sdturbo serve` for real: tritonserver through nvidia-pytriton on 127.0.0.1, the tiny random bundle, HTTP and
 gRPC. Served images equal `sdturbo generate` and the Python API byte for byte; bad requests fail alone, as the
-client's error (HTTP 400, gRPC INVALID_ARGUMENT) naming the field; the load test's every image is right; SIGTERM lets in-flight requests finish, then exits 0."""
+client's error (HTTP 400, gRPC INVALID_ARGUMENT) naming the field; the load test's every image is right; SIGTERM
+lets in-flight requests finish, then exits 0."""
 
 from __future__ import annotations
 
