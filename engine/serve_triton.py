@@ -85,7 +85,7 @@ def tensors(model_config):
 class Answer(Exception):
     """How a request that failed is answered: a status code of Triton's (a name in its Python backend's
     ``TritonError``, which Triton turns into HTTP's and gRPC's) and the message alone. Raised by the callable;
-    the proxy that ``answering_with_status_codes`` puts in the model repository reads both from the line
+    the proxy that ``patched_proxy`` puts in the model repository reads both from the line
     Python's traceback writes for it (``ANSWER_LINE``)."""
 
     def __init__(self, code: str, message: str):
@@ -135,19 +135,29 @@ def infer_function(batcher: Batcher):
     return infer
 
 
-# pytriton 0.7's proxy (the model.py that Triton's Python backend runs, copied into the model repository) answers
-# any error of the callable by raising it from ``execute``: Triton then says INTERNAL (HTTP 500, gRPC INTERNAL) to
-# a request that was bad, with the tracebacks of both processes. Where the error is an ``Answer``, the proxy
-# below answers each request with its code and message instead; any other error as pytriton does.
-_PROXY_RAISES = """\
+# pytriton 0.7's proxy: the files Triton's Python backend runs for a pytriton model, copied into the model
+# repository. Two of its answers are changed in our model's copy (``PROXY_PATCHES``), each by exact text:
+# - model.py answers any error of the callable by raising it from ``execute``: Triton then says INTERNAL (HTTP 500,
+#   gRPC INTERNAL) to a request that was bad, with the tracebacks of both processes. Where the error is an
+#   ``Answer``, each request is answered with its code and message instead; any other error as pytriton does.
+# - communication.py: every model instance but the first asks the first one's handshake socket for its settings,
+#   within one second, and gives up at once when the socket exists but does not listen yet. The instances start
+#   in parallel, so on a busy machine one fails, the model fails to load, and pytriton waits out its 120 s
+#   start-up timeout before saying so (``_start`` then starts it all again). They wait up to 60 s instead, and
+#   try again while the socket is not listening yet.
+_MODEL_RAISES = """\
                     triton_responses_or_error = pb_utils.TritonModelException(  # pytype: disable=module-attr
                         responses_payload.decode("utf-8")
                     )
 """
-_PROXY_ANSWERS = """\
+_MODEL_ANSWERS = """\
                     triton_responses_or_error = _sdturbo_answer(responses_payload.decode("utf-8"), len(triton_requests))
 """
-_PROXY_HELPER = """
+_MODEL_END = """\
+        LOGGER.debug(f"[{self._model_instance_name}] Finalized.")  # noqa: G004
+        self._model_instance_name = None
+"""
+ANSWER_HELPER = """
 
 def _sdturbo_answer(text, n):
     \"\"\"(added by sdturbo) The callable's error, formatted by Python's traceback: each of the ``n`` requests
@@ -158,20 +168,49 @@ def _sdturbo_answer(text, n):
     code, _, message = text[at + len(ANSWER_LINE) :].strip().partition(" ")
     error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))  # pytype: disable=module-attr
     return [pb_utils.InferenceResponse(error=error) for _ in range(n)]  # pytype: disable=module-attr
+""".replace("ANSWER_LINE", repr(ANSWER_LINE))
+_HANDSHAKE_WAITS = "def get_config_from_handshake_server(socket_path: pathlib.Path, timeout_s: float = 1.0) -> dict:\n"
+_HANDSHAKE_CONNECTS = """\
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(0.0, should_stop_before_s - time.time()))
+        sock.connect(socket_path.as_posix())
 """
+_HANDSHAKE_RETRIES = """\
+        while True:  # (sdturbo) the socket may exist before it listens, or be made again: retry until the deadline
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(0.0, should_stop_before_s - time.time()))
+            try:
+                sock.connect(socket_path.as_posix())
+                break
+            except (ConnectionRefusedError, FileNotFoundError) as e:
+                sock.close()
+                sock = None
+                if time.time() >= should_stop_before_s:
+                    raise TimeoutError(f"Timeout occurred while waiting for {socket_path} to listen") from e
+                time.sleep(0.001)
+"""
+PROXY_PATCHES = {
+    "model.py": ((_MODEL_RAISES, _MODEL_ANSWERS), (_MODEL_END, _MODEL_END + ANSWER_HELPER)),
+    "communication.py": (
+        (_HANDSHAKE_WAITS, _HANDSHAKE_WAITS.replace("timeout_s: float = 1.0", "timeout_s: float = 60.0")),
+        (_HANDSHAKE_CONNECTS, _HANDSHAKE_RETRIES),
+    ),
+}
 
 
-def proxy_source(source: str) -> str | None:
-    """pytriton's proxy ``source`` answering with status codes, or None where it is not the proxy this was
-    written for (another pytriton)."""
-    if source.count(_PROXY_RAISES) != 1:
-        return None
-    return source.replace(_PROXY_RAISES, _PROXY_ANSWERS) + _PROXY_HELPER.replace("ANSWER_LINE", repr(ANSWER_LINE))
+def patched(name: str, source: str) -> str | None:
+    """pytriton's proxy file ``name`` (``source``) with sdturbo's changes, or None where it is not the text they
+    were written for (another pytriton)."""
+    for old, new in PROXY_PATCHES[name]:
+        if source.count(old) != 1:
+            return None
+        source = source.replace(old, new)
+    return source
 
 
 @contextmanager
-def answering_with_status_codes():
-    """While pytriton writes our model into the repository, its proxy is ``proxy_source``'s; from now on
+def patched_proxy():
+    """While pytriton writes our model into the repository, the proxy's files are ``patched``; from now on
     pytriton logs no Answer."""
     from pytriton.models.model import Model
 
@@ -185,18 +224,27 @@ def answering_with_status_codes():
         generate(self, model_repository)
         if self.model_name != MODEL:
             return
-        path = Path(model_repository) / self.model_name / str(self.model_version) / "model.py"
-        source = proxy_source(path.read_text())
-        if source is None:
-            log.warning("pytriton's proxy is not the one sdturbo knows: a bad request is answered with HTTP 500")
-        else:
-            path.write_text(source)
+        for name in PROXY_PATCHES:
+            path = Path(model_repository) / self.model_name / str(self.model_version) / name
+            source = patched(name, path.read_text())
+            if source is None:
+                log.warning(
+                    "pytriton's %s is not the one sdturbo knows; it is used as it is (%s)", name, _UNPATCHED[name]
+                )
+            else:
+                path.write_text(source)
 
     Model.generate_model = generate_model
     try:
         yield
     finally:
         Model.generate_model = generate
+
+
+_UNPATCHED = {
+    "model.py": "a bad request is answered HTTP 500",
+    "communication.py": "on a busy machine the model may fail to load, and Triton be started again",
+}
 
 
 class _Interrupted(BaseException):
@@ -305,9 +353,9 @@ def _serve(triton, model_config, batcher: Batcher, cfg: ServeConfig, stop: StopS
 def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bool, stop: StopSignal):
     """A running Triton with the model loaded, or None when ``stop`` came first (whatever had started is
     stopped). The model goes into the repository before tritonserver starts, so /v2/health/ready turns true
-    only once it is loaded (pytriton's default loads it into a running, already ready server). pytriton's model
-    instances start in parallel and look for the first one's handshake socket for one second only, which a
-    loaded machine can miss: then the model fails to load, and we start again."""
+    only once it is loaded (pytriton's default loads it into a running, already ready server). Should the model
+    fail to load (pytriton's handshake between its instances, which ``patched_proxy`` makes wait, is how it
+    failed on a busy machine), we start again."""
     config = triton.TritonConfig(
         http_address=cfg.host,
         grpc_address=cfg.host,
@@ -328,7 +376,7 @@ def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bo
                 break
             server = triton.Triton(config=config, triton_lifecycle_policy=policy)
             try:
-                with answering_with_status_codes():
+                with patched_proxy():
                     server.bind(
                         model_name=MODEL,
                         infer_func=[infer_function(batcher)] * (2 * cfg.max_batch),

@@ -13,6 +13,7 @@ import threading
 import time
 import types
 import typing
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sdturbo.engine.errors import InputError
@@ -257,7 +258,7 @@ def test_each_failure_is_answered_with_its_status_code_and_message_alone(caplog)
     import pytriton
     from sdturbo.engine.errors import NonFiniteOutput
     from sdturbo.engine.serve import ServerClosing
-    from sdturbo.engine.serve_triton import _PROXY_HELPER, ANSWER_LINE, answer, proxy_source
+    from sdturbo.engine.serve_triton import ANSWER_HELPER, answer, patched
 
     class TritonError:
         INVALID_ARG, UNAVAILABLE, INTERNAL = "400", "503", "500"
@@ -271,7 +272,7 @@ def test_each_failure_is_answered_with_its_status_code_and_message_alone(caplog)
         InferenceResponse=lambda error: (error.code, error.message),
     )
     proxy = {"pb_utils": pb_utils}
-    exec(_PROXY_HELPER.replace("ANSWER_LINE", repr(ANSWER_LINE)), proxy)
+    exec(ANSWER_HELPER, proxy)
 
     def answered(e: Exception, n=2):
         try:
@@ -290,7 +291,56 @@ def test_each_failure_is_answered_with_its_status_code_and_message_alone(caplog)
     assert isinstance(other, RuntimeError) and str(other).endswith("ValueError: no")
 
     source = (pathlib.Path(pytriton.__file__).parent / "proxy" / "model.py").read_text()
-    patched = proxy_source(source)
-    assert patched is not None, f"pytriton {pytriton.__version__}'s proxy is not the one sdturbo patches"
-    compile(patched, "model.py", "exec")
-    assert proxy_source(patched) is None and proxy_source("") is None
+    changed = patched("model.py", source)
+    assert changed is not None, f"pytriton {pytriton.__version__}'s model.py is not the one sdturbo patches"
+    compile(changed, "model.py", "exec")
+    assert "_sdturbo_answer(responses_payload" in changed and changed.endswith(ANSWER_HELPER)
+    assert patched("model.py", changed) is None and patched("model.py", "") is None
+
+
+def _handshake_client(source: str):
+    """``get_config_from_handshake_server`` of pytriton's proxy module communication.py as ``source`` has it."""
+    module = types.ModuleType("communication")
+    exec(compile(source, "communication.py", "exec"), module.__dict__)
+    return module.get_config_from_handshake_server
+
+
+@pytest.mark.parametrize("late", ["appears late", "listens late"])
+def test_model_instances_wait_for_the_first_one_s_handshake(tmp_path, late):
+    """pytriton's model instances ask the first one for their settings through its handshake socket. pytriton's
+    own client gives up after 1 s, or at once when the socket exists but is not listening yet: on a busy
+    machine the model then fails to load (and Triton is started again, after 120 s). Ours waits (up to 60 s)."""
+    import pytriton
+    from pytriton.proxy.communication import HandshakeServer
+    from sdturbo.engine.serve_triton import patched
+
+    source = (pathlib.Path(pytriton.__file__).parent / "proxy" / "communication.py").read_text()
+    ours = patched("communication.py", source)
+    assert ours is not None, f"pytriton {pytriton.__version__}'s communication.py is not the one sdturbo patches"
+
+    def serve_late(path: pathlib.Path, delay: float):
+        if late == "listens late":  # bound (the file exists), not listening, for ``delay``
+            bound = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            bound.bind(path.as_posix())
+            time.sleep(delay)
+            bound.close()
+            path.unlink()
+        else:
+            time.sleep(delay)
+        server = HandshakeServer(path, {"authkey": "k"})
+        server.start()
+        return server
+
+    results = {}
+    for who, text in (("pytriton", source), ("ours", ours)):
+        path = tmp_path / f"{who}-config.sock"
+        with ThreadPoolExecutor(1) as ex:
+            server = ex.submit(serve_late, path, 1.5)
+            try:
+                results[who] = _handshake_client(text)(path)
+            except (TimeoutError, ConnectionRefusedError) as e:
+                results[who] = type(e).__name__
+            finally:
+                server.result().close()
+    assert results["ours"] == {"authkey": "k"}
+    assert results["pytriton"] == ("TimeoutError" if late == "appears late" else "ConnectionRefusedError")
