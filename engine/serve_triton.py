@@ -48,6 +48,24 @@ class ServeConfig:
             raise InputError(f"--http-port, --grpc-port and --metrics-port must differ; got {ports}")
 
 
+# per model instance: tritonserver unloads them one after another, once the requests in flight are done
+UNLOAD_MEASURED_S = 1.3  # (2 s with pytriton's own proxy; on the project's 2-core CPU machine)
+UNLOAD_S = 2  # what the stop allows for
+
+
+def instances(cfg: ServeConfig) -> int:
+    """Triton's model instances: each holds one request until its image is back; twice the largest batch lets
+    one batch fill while another runs."""
+    return 2 * cfg.max_batch
+
+
+def stop_budget_s(cfg: ServeConfig) -> int:
+    """How long tritonserver may take to stop (its ``exit_timeout_secs``, one budget for both): the requests in
+    flight (``drain_timeout_s``), then the unloading of every model instance. With the drain alone, an idle
+    server at --max-batch 16 ran out of it while unloading (32 instances) and was stopped in haste."""
+    return cfg.drain_timeout_s + UNLOAD_S * instances(cfg)
+
+
 def use_own_libpython() -> None:
     """Make Triton's Python backend stub load this interpreter's libpython, not the system's: a pyenv or venv
     Python otherwise gets the system's libpython under its own standard library, and the model fails to load
@@ -189,11 +207,16 @@ _HANDSHAKE_RETRIES = """\
                     raise TimeoutError(f"Timeout occurred while waiting for {socket_path} to listen") from e
                 time.sleep(0.001)
 """
+_SHUTDOWN_POLL = """\
+            flag_check_interval_s = 1.0
+            # have to receive messages until all requests are processed, even while shutting down
+"""
 PROXY_PATCHES = {
     "model.py": ((_MODEL_RAISES, _MODEL_ANSWERS), (_MODEL_END, _MODEL_END + ANSWER_HELPER)),
     "communication.py": (
         (_HANDSHAKE_WAITS, _HANDSHAKE_WAITS.replace("timeout_s: float = 1.0", "timeout_s: float = 60.0")),
         (_HANDSHAKE_CONNECTS, _HANDSHAKE_RETRIES),
+        (_SHUTDOWN_POLL, _SHUTDOWN_POLL.replace("interval_s = 1.0", "interval_s = 0.1  # (sdturbo; was 1.0)")),
     ),
 }
 
@@ -327,7 +350,7 @@ def _serve(triton, model_config, batcher: Batcher, cfg: ServeConfig, stop: StopS
     use_own_libpython()
     if not verbose:
         logging.getLogger("pytriton").setLevel(logging.WARNING)
-    _allow_drain(cfg.drain_timeout_s)
+    _allow_drain(stop_budget_s(cfg))
     server = _start(triton, model_config, batcher, cfg, verbose, stop)
     if server is None:
         log.info("stopped while Triton was starting")
@@ -344,7 +367,11 @@ def _serve(triton, model_config, batcher: Batcher, cfg: ServeConfig, stop: StopS
                 log.error("the Triton server stopped on its own")
                 rc = 1
                 break
-        log.info("stopping: in-flight requests finish first (up to %d s)", cfg.drain_timeout_s)
+        log.info(
+            "stopping: in-flight requests finish first (up to %d s), then Triton unloads %d model instances "
+            "(about %.0f s)",
+            *(cfg.drain_timeout_s, instances(cfg), UNLOAD_MEASURED_S * instances(cfg)),
+        )
     finally:
         server.stop()  # tritonserver takes no new requests, waits for those in flight, then exits
     return rc
@@ -363,7 +390,7 @@ def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bo
         http_port=cfg.http_port,
         grpc_port=cfg.grpc_port,
         metrics_port=cfg.metrics_port,
-        exit_timeout_secs=cfg.drain_timeout_s,
+        exit_timeout_secs=stop_budget_s(cfg),
         log_verbose=1 if verbose else None,
     )
     inputs, outputs = tensors(model_config)
@@ -379,7 +406,7 @@ def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bo
                 with patched_proxy():
                     server.bind(
                         model_name=MODEL,
-                        infer_func=[infer_function(batcher)] * (2 * cfg.max_batch),
+                        infer_func=[infer_function(batcher)] * instances(cfg),
                         inputs=inputs,
                         outputs=outputs,
                         config=model_config.ModelConfig(batching=False),

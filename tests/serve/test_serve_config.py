@@ -146,7 +146,7 @@ class FlakyTriton:
     made: typing.ClassVar[list[FlakyTriton]] = []
 
     def __init__(self, config=None, triton_lifecycle_policy=None):
-        self.stopped = False
+        self.stopped, self.config = False, config
         FlakyTriton.made.append(self)
 
     def bind(self, **kwargs):
@@ -181,6 +181,26 @@ def test_a_model_that_fails_to_load_is_started_again_up_to_three_times(tiny_bund
         with pytest.raises(BackendError, match="Triton did not load the model in 3 attempts"):
             serve_triton.serve(pipe, ServeConfig())
     assert len(FlakyTriton.made) == 3 and all(t.stopped for t in FlakyTriton.made)
+
+
+def test_triton_may_take_the_drain_and_then_the_unloading_to_stop(tiny_bundle, monkeypatch):
+    """tritonserver's one exit timeout covers the requests in flight, then the unloading of its model instances,
+    one after another (1.3 s each, measured). Given the drain alone, an idle server at --max-batch 16 (32
+    instances) ran out of it while unloading and was stopped in haste ("Exit timeout expired"), after 62 s.
+    pytriton, which kills tritonserver when it takes longer than its own limit, is given the same budget."""
+    from sdturbo.engine import serve_triton
+    from sdturbo.engine.runtime import open_pipeline
+
+    stand_in_pytriton(monkeypatch, FlakyTriton)
+    allowed = []
+    monkeypatch.setattr(serve_triton, "_allow_drain", allowed.append)
+    FlakyTriton.made.clear()
+    monkeypatch.setattr(FlakyTriton, "fails", 0)
+    cfg = ServeConfig(max_batch=4)  # (the tiny bundle's largest)
+    assert serve_triton.serve(open_pipeline(tiny_bundle, "onnxruntime", "fp32"), cfg) == 1
+    unloading = serve_triton.UNLOAD_MEASURED_S * 2 * cfg.max_batch
+    assert FlakyTriton.made[0].config["exit_timeout_secs"] >= cfg.drain_timeout_s + unloading
+    assert allowed == [FlakyTriton.made[0].config["exit_timeout_secs"]]
 
 
 def test_load_test_results_count_served_images_and_any_mismatch_is_incorrect():
