@@ -342,20 +342,25 @@ class Overflowing(Recording):
 
 
 def test_a_served_request_whose_image_is_not_finite_gets_that_error(pipe):
-    """pytriton's callable passes our errors on without our stack: a NonFiniteOutput too (re-made from its
-    message alone it was a TypeError), naming the request's own image."""
+    """pytriton's callable answers with our errors' messages, without our stack: a NonFiniteOutput too (the
+    server's error, 500; re-made from its message alone it was a TypeError), naming the request's own image;
+    a bad request as the client's (400)."""
     from types import SimpleNamespace
 
-    from sdturbo.engine.serve_triton import infer_function
+    from sdturbo.engine.serve_triton import Answer, infer_function
 
     batcher = Batcher(Overflowing(pipe), max_batch=1)
     try:
-        with pytest.raises(NonFiniteOutput, match=r"^the image came out of the VAE decoder with NaN") as e:
+        with pytest.raises(Answer) as e:
             infer_function(batcher)([SimpleNamespace(data=inputs())])
+        assert e.value.code == "INTERNAL"
+        assert e.value.message.startswith("the image came out of the VAE decoder with NaN")
         frames = [f.name for f in traceback.extract_tb(e.value.__traceback__)]
         assert frames[1:] == ["infer"] and e.value.__cause__ is None  # from the callable, not the worker's stack
-        with pytest.raises(InputError, match=r"^width 33 is not allowed"):
+        assert e.value.__suppress_context__
+        with pytest.raises(Answer) as e:
             infer_function(batcher)([SimpleNamespace(data=inputs(width=33))])
+        assert e.value.code == "INVALID_ARG" and e.value.message.startswith("width 33 is not allowed")
     finally:
         batcher.close()
 
