@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+from ..engine.files import atomic_write
 from . import modes
 
 
@@ -64,10 +66,12 @@ def _db(value) -> str:
 
 
 def write(results: dict, out: Path) -> list[Path]:
+    """Each file whole or not at all (a temporary name, then a rename): a run stopped while writing leaves the
+    last run's results, never half of them."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md", out / "latency.png"]
-    paths[0].write_text(json.dumps(results, indent=2))
-    paths[1].write_text(markdown(results) + "\n")
+    atomic_write(paths[0], json.dumps(results, indent=2))
+    atomic_write(paths[1], markdown(results) + "\n")
     plot(results, paths[2])
     return paths
 
@@ -106,5 +110,7 @@ def plot(results: dict, path: Path) -> None:
     ax2.set_title("throughput")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    atomic_write(path, png.getvalue())

@@ -154,7 +154,8 @@ def infer_function(batcher: Batcher):
 
 
 # pytriton 0.7's proxy: the files Triton's Python backend runs for a pytriton model, copied into the model
-# repository. Two of its answers are changed in our model's copy (``PROXY_PATCHES``), each by exact text:
+# repository. Our model's copy is changed in three places (``PROXY_PATCHES``), each found by its exact text (where
+# a text is not found, another pytriton, that file is used as it is, with a warning):
 # - model.py answers any error of the callable by raising it from ``execute``: Triton then says INTERNAL (HTTP 500,
 #   gRPC INTERNAL) to a request that was bad, with the tracebacks of both processes. Where the error is an
 #   ``Answer``, each request is answered with its code and message instead; any other error as pytriton does.
@@ -163,6 +164,8 @@ def infer_function(batcher: Batcher):
 #   in parallel, so on a busy machine one fails, the model fails to load, and pytriton waits out its 120 s
 #   start-up timeout before saying so (``_start`` then starts it all again). They wait up to 60 s instead, and
 #   try again while the socket is not listening yet.
+# - communication.py: each instance's requests server looks every second whether it is to stop; tritonserver
+#   unloads the instances one after another, so a stop took 2 s per instance. It looks every 0.1 s (1.3 s each).
 _MODEL_RAISES = """\
                     triton_responses_or_error = pb_utils.TritonModelException(  # pytype: disable=module-attr
                         responses_payload.decode("utf-8")
@@ -266,7 +269,8 @@ def patched_proxy():
 
 _UNPATCHED = {
     "model.py": "a bad request is answered HTTP 500",
-    "communication.py": "on a busy machine the model may fail to load, and Triton be started again",
+    "communication.py": "on a busy machine the model may fail to load, and Triton be started again; a stop takes 2 s "
+    "per model instance",
 }
 
 
