@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ..engine.bundle import MANIFEST, MAX_BATCH, MAX_SIDE, MIN_SIDE, SCHEMA_VERSION, Bundle
+from ..engine.cache import cache_root
 from ..engine.errors import BundleError, InputError
 from ..engine.files import (
     atomic_write,
@@ -309,8 +310,18 @@ def _check_disk(lm: LoadedModel, out: Path, todo: list[str]) -> None:
         sum(sizes.values()) + sizes[largest],
         f"exporting {lm.model_id} ({', '.join(todo)})",
         f"{human_size(sum(sizes.values()))} of graphs, and room to write the largest, {largest}, twice",
-        "Free some space, or give --out on another disk",
+        f"Free some space, or {_elsewhere(out)}",
     )
+
+
+def _elsewhere(out: Path) -> str:
+    """How to put the bundle ``out`` on another disk: the cache's (a model given to generate, bench or serve) is
+    moved with SDTURBO_CACHE, an export's own with --out."""
+    try:
+        out.resolve().relative_to(cache_root().resolve())
+    except ValueError:
+        return "give --out on another disk"
+    return "set SDTURBO_CACHE to a folder on another disk (the cache of models and bundles)"
 
 
 def _check_args(precisions, limits: dict) -> tuple[str, ...]:

@@ -221,10 +221,13 @@ def test_missing_precision(tmp_path, tiny_folder):
         generate(out, "fp16")
 
 
-def test_an_export_the_disk_cannot_hold_is_refused_before_it_writes(tmp_path, tiny_folder, bundle_copy, disk_free):
+def test_an_export_the_disk_cannot_hold_is_refused_before_it_writes(
+    tmp_path, tiny_folder, bundle_copy, disk_free, monkeypatch
+):
     """Every graph plus the largest once more (its temporary trace) must fit in the free space under --out:
-    refused otherwise, naming what it needs and what is free, before any file is written; an existing bundle
-    being completed is left as it was."""
+    refused otherwise, naming what it needs and what is free, before any file is written, and how to put the
+    bundle elsewhere (--out; SDTURBO_CACHE for the cache's, where `generate --model` exports, which has no such
+    --out); an existing bundle being completed is left as it was."""
     import re
 
     lm = bundle_writer.load_model("random:tiny")
@@ -232,9 +235,12 @@ def test_an_export_the_disk_cannot_hold_is_refused_before_it_writes(tmp_path, ti
     need = sum(sizes) + max(sizes)
     disk_free(need - 1)
     said = rf"needs about [\d.]+ MB free in {re.escape(str(tmp_path))}: [\d.]+ MB of graphs, .*unet \(fp32\), twice"
-    with pytest.raises(InputError, match=said + r"; [\d.]+ MB is free"):
+    with pytest.raises(InputError, match=said + r"; [\d.]+ MB is free.*give --out on another disk$"):
         export_bundle("random:tiny", tmp_path / "b")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no bundle, no temporary folder
+    monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InputError, match=r"is free.*or set SDTURBO_CACHE to a folder on another disk \("):
+        bundle_writer._check_disk(lm, tmp_path / "cache" / "bundles" / "random-tiny", ["fp32", "fp16"])
     disk_free(need)
     bundle_writer._check_disk(lm, tmp_path / "b", ["fp32", "fp16"])  # exactly enough: no error
     disk_free(0, total=0)
