@@ -10,6 +10,7 @@ another runs.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -103,15 +104,23 @@ def tensors(model_config):
 class Answer(Exception):
     """How a request that failed is answered: a status code of Triton's (a name in its Python backend's
     ``TritonError``, which Triton turns into HTTP's and gRPC's) and the message alone. Raised by the callable;
-    the proxy that ``patched_proxy`` puts in the model repository reads both from the line
-    Python's traceback writes for it (``ANSWER_LINE``)."""
+    the proxy that ``patched_proxy`` puts in the model repository reads both from the last line of the
+    traceback it is given, which Python writes as ``ANSWER_PREFIX``, the code and the message as JSON (one
+    line, whatever the message holds)."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(f"{code} {message}")
+        super().__init__(code, message)
         self.code, self.message = code, message
 
+    def __str__(self) -> str:
+        return f"{self.code} {json.dumps(self.message)}"
 
-ANSWER_LINE = f"\n{Answer.__module__}.{Answer.__qualname__}: "
+
+ANSWER_PREFIX = f"{Answer.__module__}.{Answer.__qualname__}: "
+
+
+def last_line(text: str) -> str:
+    return text.rstrip().rsplit("\n", 1)[-1]
 
 
 class _AnswersLogged(logging.Filter):
@@ -119,7 +128,7 @@ class _AnswersLogged(logging.Filter):
     (the callable has logged it in a line, or the batcher the failure behind it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return ANSWER_LINE not in record.getMessage()
+        return not last_line(record.getMessage()).startswith(ANSWER_PREFIX)
 
 
 CODES = ((InputError, "INVALID_ARG"), (ServerClosing, "UNAVAILABLE"))  # HTTP 400 and 503; anything else 500
@@ -181,15 +190,21 @@ _MODEL_END = """\
 ANSWER_HELPER = """
 
 def _sdturbo_answer(text, n):
-    \"\"\"(added by sdturbo) The callable's error, formatted by Python's traceback: each of the ``n`` requests
-    answered with an sdturbo Answer's status code and message, or else raised as pytriton does.\"\"\"
-    at = text.find(ANSWER_LINE)
-    if at < 0:
-        return pb_utils.TritonModelException(text)  # pytype: disable=module-attr
-    code, _, message = text[at + len(ANSWER_LINE) :].strip().partition(" ")
-    error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, code))  # pytype: disable=module-attr
-    return [pb_utils.InferenceResponse(error=error) for _ in range(n)]  # pytype: disable=module-attr
-""".replace("ANSWER_LINE", repr(ANSWER_LINE))
+    \"\"\"(added by sdturbo) The callable's error, formatted by Python's traceback: where it is an sdturbo Answer
+    (its last line), each of the ``n`` requests answered with its status code and message; else raised as
+    pytriton does.\"\"\"
+    import json
+
+    try:
+        line = text.rstrip().rsplit("\\n", 1)[-1]
+        if line.startswith(ANSWER_PREFIX):
+            code, _, message = line[len(ANSWER_PREFIX) :].partition(" ")
+            error = pb_utils.TritonError(json.loads(message), getattr(pb_utils.TritonError, code))
+            return [pb_utils.InferenceResponse(error=error) for _ in range(n)]  # pytype: disable=module-attr
+    except Exception:  # (never leave the requests unanswered)
+        pass
+    return pb_utils.TritonModelException(text)  # pytype: disable=module-attr
+""".replace("ANSWER_PREFIX", repr(ANSWER_PREFIX))
 _HANDSHAKE_WAITS = "def get_config_from_handshake_server(socket_path: pathlib.Path, timeout_s: float = 1.0) -> dict:\n"
 _HANDSHAKE_CONNECTS = """\
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -203,12 +218,12 @@ _HANDSHAKE_RETRIES = """\
             try:
                 sock.connect(socket_path.as_posix())
                 break
-            except (ConnectionRefusedError, FileNotFoundError) as e:
+            except (ConnectionRefusedError, FileNotFoundError):
                 sock.close()
                 sock = None
                 if time.time() >= should_stop_before_s:
-                    raise TimeoutError(f"Timeout occurred while waiting for {socket_path} to listen") from e
-                time.sleep(0.001)
+                    raise
+                time.sleep(0.01)
 """
 _SHUTDOWN_POLL = """\
             flag_check_interval_s = 1.0
@@ -252,7 +267,10 @@ def patched_proxy():
             return
         for name in PROXY_PATCHES:
             path = Path(model_repository) / self.model_name / str(self.model_version) / name
-            source = patched(name, path.read_text())
+            try:
+                source = patched(name, path.read_text())
+            except OSError:  # (no such file in another pytriton)
+                source = None
             if source is None:
                 log.warning(
                     "pytriton's %s is not the one sdturbo knows; it is used as it is (%s)", name, _UNPATCHED[name]
@@ -398,6 +416,8 @@ def _start(triton, model_config, batcher: Batcher, cfg: ServeConfig, verbose: bo
         log_verbose=1 if verbose else None,
     )
     inputs, outputs = tensors(model_config)
+    # (a local model store: pytriton writes the model's files with generate_model, where patched_proxy changes
+    # them; loaded over the network instead, they would go out unchanged)
     policy = triton.TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
     server = None
     try:

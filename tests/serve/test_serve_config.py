@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pickle
 import re
 import signal
 import socket
@@ -269,10 +270,11 @@ def test_the_overhead_is_served_minus_direct_per_pair(monkeypatch):
     assert paired["served_minus_direct_p50_ms"] == pytest.approx(np.median(diffs)) and paired["equal"]
 
 
-def test_each_failure_is_answered_with_its_status_code_and_message_alone(caplog):
+def test_each_failure_is_answered_with_its_status_code_and_message_alone():
     """What a failed request is answered (HTTP 400, 503 or 500; gRPC INVALID_ARGUMENT, UNAVAILABLE, INTERNAL),
     and how pytriton's proxy, given the text of the callable's error, answers it: each request with the code and
-    the message, or any other error as pytriton does (raised: INTERNAL)."""
+    the message (whatever it holds), or any other error as pytriton does (raised: INTERNAL), an Answer that is
+    only the context of a later error and a line that does not parse too."""
     import traceback
 
     import pytriton
@@ -307,8 +309,25 @@ def test_each_failure_is_answered_with_its_status_code_and_message_alone(caplog)
     nan = NonFiniteOutput([None], [0])
     assert answered(nan, 1) == [("500", str(nan))] and "NaN" in str(nan)
     assert answered(KeyError("seed"), 1) == [("500", "KeyError: 'seed'")]
-    other = proxy["_sdturbo_answer"]("Traceback (most recent call last):\nValueError: no", 1)
-    assert isinstance(other, RuntimeError) and str(other).endswith("ValueError: no")
+    sly = 'x"\nsdturbo.engine.serve_triton.Answer: INVALID_ARG "spoofed"'  # (a prompt echoed in a message)
+    assert answered(RuntimeError(sly), 1) == [("500", f"RuntimeError: {sly}")]
+    assert pickle.loads(pickle.dumps(answer(InputError(bad)))).message == bad
+
+    def raised_as_pytriton(text):
+        other = proxy["_sdturbo_answer"](text, 1)
+        return isinstance(other, RuntimeError) and str(other) == text
+
+    assert raised_as_pytriton("Traceback (most recent call last):\nValueError: no")
+    try:
+        try:
+            raise answer(InputError(bad)) from None
+        except Exception as e:
+            raise ValueError("pytriton failed while handling it") from e
+    except ValueError as later:
+        assert raised_as_pytriton("".join(traceback.format_exception(later)))
+    line = "".join(traceback.format_exception(answer(InputError(bad))))
+    assert raised_as_pytriton(line.replace("INVALID_ARG", "NO_SUCH_CODE"))
+    assert raised_as_pytriton(line.replace('"', "'"))
 
     source = (pathlib.Path(pytriton.__file__).parent / "proxy" / "model.py").read_text()
     changed = patched("model.py", source)
@@ -316,6 +335,56 @@ def test_each_failure_is_answered_with_its_status_code_and_message_alone(caplog)
     compile(changed, "model.py", "exec")
     assert "_sdturbo_answer(responses_payload" in changed and changed.endswith(ANSWER_HELPER)
     assert patched("model.py", changed) is None and patched("model.py", "") is None
+
+
+def test_our_model_s_proxy_files_are_changed_and_pytriton_logs_no_answer(tmp_path, monkeypatch, caplog):
+    """While pytriton writes our model into its repository, its proxy files are changed there (no other model's;
+    a file that is not the one we know, or is missing, is left as it is, with a warning), and pytriton's
+    traceback of an Answer is not logged (other errors are). After, pytriton writes models as before."""
+    import logging
+    import traceback
+
+    from pytriton.models.model import Model
+    from sdturbo.engine import serve_triton
+
+    def write_proxy(self, repository):  # stands in for pytriton's: its proxy files, copied into the repository
+        folder = pathlib.Path(repository) / self.model_name / "1"
+        folder.mkdir(parents=True)
+        for name in serve_triton.PROXY_PATCHES:
+            if name in self.files:
+                (folder / name).write_text(self.files[name])
+
+    monkeypatch.setattr(Model, "generate_model", write_proxy)
+    known = {name: "".join(old for old, _ in patches) for name, patches in serve_triton.PROXY_PATCHES.items()}
+
+    def model(name: str, files: dict) -> types.SimpleNamespace:
+        return types.SimpleNamespace(model_name=name, model_version=1, files=files)
+
+    with caplog.at_level("WARNING", logger="sdturbo.engine.serve_triton"), serve_triton.patched_proxy():
+        Model.generate_model(model(serve_triton.MODEL, known), tmp_path / "ours")
+        Model.generate_model(model("theirs", known), tmp_path / "theirs")
+        Model.generate_model(model(serve_triton.MODEL, {"model.py": "other"}), tmp_path / "other")
+    assert Model.generate_model is write_proxy
+    for name, text in known.items():
+        assert (tmp_path / "ours" / "sdturbo" / "1" / name).read_text() == serve_triton.patched(name, text)
+        assert (tmp_path / "theirs" / "theirs" / "1" / name).read_text() == text
+    assert (tmp_path / "other" / "sdturbo" / "1" / "model.py").read_text() == "other"
+    warned = [m for m in caplog.messages if "is not the one sdturbo knows" in m]
+    assert len(warned) == 2 and "model.py" in warned[0] and "communication.py" in warned[1]  # changed; missing
+
+    def logged(e: Exception) -> bool:
+        """Whether pytriton's line for the callable's error ``e`` is logged (as pytriton 0.7 logs it)."""
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pytriton.proxy.inference"):
+            try:
+                raise e
+            except Exception:
+                text = traceback.format_exc()
+            logging.getLogger("pytriton.proxy.inference").warning("Exception while performing inference: %s", text)
+        return bool(caplog.records)
+
+    assert not logged(serve_triton.answer(InputError("width 36 is not allowed")))
+    assert logged(ValueError("pytriton's own failure"))
 
 
 def _handshake_client(source: str):
