@@ -186,7 +186,7 @@ def test_a_model_that_fails_to_load_is_started_again_up_to_three_times(tiny_bund
 
 def test_triton_may_take_the_drain_and_then_the_unloading_to_stop(tiny_bundle, monkeypatch):
     """tritonserver's one exit timeout covers the requests in flight, then the unloading of its model instances,
-    one after another (1.3 s each, measured). Given the drain alone, an idle server at --max-batch 16 (32
+    one after another (1.4 s each, measured). Given the drain alone, an idle server at --max-batch 16 (32
     instances) ran out of it while unloading and was stopped in haste ("Exit timeout expired"), after 62 s.
     pytriton, which kills tritonserver when it takes longer than its own limit, is given the same budget."""
     from sdturbo.engine import serve_triton
