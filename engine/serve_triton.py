@@ -119,16 +119,19 @@ class Answer(Exception):
 ANSWER_PREFIX = f"{Answer.__module__}.{Answer.__qualname__}: "
 
 
-def last_line(text: str) -> str:
-    return text.rstrip().rsplit("\n", 1)[-1]
-
-
 class _AnswersLogged(logging.Filter):
     """pytriton logs every error of the callable with its traceback, a bad request's too: an Answer is left out
     (the callable has logged it in a line, or the batcher the failure behind it)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not last_line(record.getMessage()).startswith(ANSWER_PREFIX)
+        return not record.getMessage().rstrip().rsplit("\n", 1)[-1].startswith(ANSWER_PREFIX)
+
+
+def quiet_answers() -> None:
+    """pytriton logs no Answer from now on (once per process)."""
+    inference_log = logging.getLogger("pytriton.proxy.inference")
+    if not any(isinstance(f, _AnswersLogged) for f in inference_log.filters):
+        inference_log.addFilter(_AnswersLogged())
 
 
 CODES = ((InputError, "INVALID_ARG"), (ServerClosing, "UNAVAILABLE"))  # HTTP 400 and 503; anything else 500
@@ -238,6 +241,11 @@ PROXY_PATCHES = {
         (_SHUTDOWN_POLL, _SHUTDOWN_POLL.replace("interval_s = 1.0", "interval_s = 0.25  # (sdturbo; was 1.0)")),
     ),
 }
+_UNPATCHED = {  # what a file used as it is loses
+    "model.py": "a bad request is answered HTTP 500",
+    "communication.py": "on a busy machine the model may fail to load, and Triton be started again; a stop takes 2 s "
+    "per model instance",
+}
 
 
 def patched(name: str, source: str) -> str | None:
@@ -252,13 +260,8 @@ def patched(name: str, source: str) -> str | None:
 
 @contextmanager
 def patched_proxy():
-    """While pytriton writes our model into the repository, the proxy's files are ``patched``; from now on
-    pytriton logs no Answer."""
+    """While pytriton writes our model into the repository, the proxy's files are ``patched``."""
     from pytriton.models.model import Model
-
-    inference_log = logging.getLogger("pytriton.proxy.inference")
-    if not any(isinstance(f, _AnswersLogged) for f in inference_log.filters):
-        inference_log.addFilter(_AnswersLogged())
 
     generate = Model.generate_model
 
@@ -284,13 +287,6 @@ def patched_proxy():
         yield
     finally:
         Model.generate_model = generate
-
-
-_UNPATCHED = {
-    "model.py": "a bad request is answered HTTP 500",
-    "communication.py": "on a busy machine the model may fail to load, and Triton be started again; a stop takes 2 s "
-    "per model instance",
-}
 
 
 class _Interrupted(BaseException):
@@ -373,6 +369,7 @@ def _serve(triton, model_config, batcher: Batcher, cfg: ServeConfig, stop: StopS
     use_own_libpython()
     if not verbose:
         logging.getLogger("pytriton").setLevel(logging.WARNING)
+    quiet_answers()
     _allow_drain(stop_budget_s(cfg))
     server = _start(triton, model_config, batcher, cfg, verbose, stop)
     if server is None:
