@@ -214,7 +214,7 @@ def run_level(n: int, cfg: LoadConfig, url: str, refs: list[np.ndarray]) -> Leve
                         level.error_count += 1
                         level.errors.append(
                             f"malformed request was not refused as the client's error (HTTP 400, gRPC "
-                            f"INVALID_ARGUMENT) naming width: {err if err is None else err[:300]}"
+                            f"INVALID_ARGUMENT) naming width: {str(err)[:300]}"
                         )
                 elif err is not None:
                     level.error_count += 1

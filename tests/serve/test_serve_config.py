@@ -270,6 +270,13 @@ def test_the_overhead_is_served_minus_direct_per_pair(monkeypatch):
     assert paired["served_minus_direct_p50_ms"] == pytest.approx(np.median(diffs)) and paired["equal"]
 
 
+def pytriton_proxy(name: str) -> str:
+    """The installed pytriton's proxy file ``name``, as it copies it into a model repository."""
+    import pytriton
+
+    return (pathlib.Path(pytriton.__file__).parent / "proxy" / name).read_text()
+
+
 def test_each_failure_is_answered_with_its_status_code_and_message_alone():
     """What a failed request is answered (HTTP 400, 503 or 500; gRPC INVALID_ARGUMENT, UNAVAILABLE, INTERNAL),
     and how pytriton's proxy, given the text of the callable's error, answers it: each request with the code and
@@ -329,7 +336,7 @@ def test_each_failure_is_answered_with_its_status_code_and_message_alone():
     assert raised_as_pytriton(line.replace("INVALID_ARG", "NO_SUCH_CODE"))
     assert raised_as_pytriton(line.replace('"', "'"))
 
-    source = (pathlib.Path(pytriton.__file__).parent / "proxy" / "model.py").read_text()
+    source = pytriton_proxy("model.py")
     changed = patched("model.py", source)
     assert changed is not None, f"pytriton {pytriton.__version__}'s model.py is not the one sdturbo patches"
     compile(changed, "model.py", "exec")
@@ -383,6 +390,7 @@ def test_our_model_s_proxy_files_are_changed_and_pytriton_logs_no_answer(tmp_pat
             logging.getLogger("pytriton.proxy.inference").warning("Exception while performing inference: %s", text)
         return bool(caplog.records)
 
+    serve_triton.quiet_answers()  # (as `sdturbo serve` does before it starts Triton)
     assert not logged(serve_triton.answer(InputError("width 36 is not allowed")))
     assert logged(ValueError("pytriton's own failure"))
 
@@ -403,7 +411,7 @@ def test_model_instances_wait_for_the_first_one_s_handshake(tmp_path, late):
     from pytriton.proxy.communication import HandshakeServer
     from sdturbo.engine.serve_triton import patched
 
-    source = (pathlib.Path(pytriton.__file__).parent / "proxy" / "communication.py").read_text()
+    source = pytriton_proxy("communication.py")
     ours = patched("communication.py", source)
     assert ours is not None, f"pytriton {pytriton.__version__}'s communication.py is not the one sdturbo patches"
 
