@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ class BenchConfig:
     seed: int = 0
     cold: bool = True
     compile_mode: str = "max-autotune"  # torch.compile's mode for the diffusers-*-compile contender
-    out: str = "benchmarks/results/latest"
+    out: str = ""  # empty: a new folder under benchmarks/results (new_results_folder), never an earlier run's
     modes: tuple[str, ...] = ()  # opt-in modes, each against diffusers doing the same: tiny-vae, prompt-cache
     paired_runs: int = 5  # the modes' targets measured in pairs too (benchmarks/modes.py); 0: not
 
@@ -71,6 +71,24 @@ class BenchConfig:
         for name in self.contenders:
             check_contender(name)
         modes.check(self.modes)
+
+
+RESULTS = Path("benchmarks/results")  # where runs without --out go, relative to the working directory
+
+
+def new_results_folder(parent: Path = RESULTS) -> Path:
+    """A folder no earlier run has used, named by the UTC time it starts (``run-20261124-020304``, then ``-2``...):
+    a run without ``--out`` never overwrites, or mixes its images with, the results of another."""
+    stamp = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"{parent / stamp}: 999 folders of that name exist already; give --out")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -164,8 +182,11 @@ def run(cfg: BenchConfig) -> dict:
     names = list(cfg.contenders) or available(dev)
     names += modes.contenders(cfg.modes, names)
     tiny = any(modes.mode_of(n) == "tiny-vae" for n in names)
+    if not cfg.out:
+        cfg = replace(cfg, out=str(new_results_folder()))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    log.info("results go to %s", out)
     folder = resolve_model_folder(cfg.model)
     ancestral = model_family(folder) == "sdxl-turbo"  # EulerAncestral: noise added at every step after the first
     precisions = {n.rsplit("-", 1)[1] for n in names if n.startswith("sdturbo")}

@@ -198,11 +198,11 @@ def cmd_bench(args) -> None:
         contenders=tuple(args.contenders.split(",")) if args.contenders else (),
         cold=not args.no_cold,
         compile_mode=args.compile_mode,
-        out=args.out,
+        out=args.out or "",
         modes=tuple(args.modes.split(",")) if args.modes else (),
     )
     results = run(cfg)
-    for path in report.write(results, Path(args.out)):
+    for path in report.write(results, Path(results["config"]["out"])):
         log.info("wrote %s", path)
     print(report.markdown(results))
 
@@ -398,7 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="max-autotune",
         help="torch.compile mode for diffusers-fp16-compile (default max-autotune; 'default' compiles faster)",
     )
-    n.add_argument("--out", default="benchmarks/results/latest", help="folder for results.json, .md, plot, images")
+    n.add_argument(
+        "--out",
+        help="folder for results.json, .md, plot, images (default: a new benchmarks/results/run-<UTC time>)",
+    )
     n.add_argument(
         "--modes",
         help="also tiny-vae and/or prompt-cache (comma-separated): ours and diffusers doing the same, reported apart",

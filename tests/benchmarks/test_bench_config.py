@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from sdturbo.benchmarks.bench import BenchConfig
 from sdturbo.engine.cli import main
@@ -204,23 +206,11 @@ def test_measure_counts_the_timed_runs_only_and_throughput_per_image(monkeypatch
         assert t["images_per_s"] == pytest.approx(t["batch"] / np.median(timed_calls))
 
 
-def test_each_contender_s_psnr_is_against_its_mode_s_first_contender(monkeypatch, tmp_path):
-    """The reference of each mode is its first contender: PSNR is that image against the reference's (null for
-    the reference itself), never a contender against itself or against the one before it."""
-    import numpy as np
+def fake_bench(monkeypatch, tmp_path, images: dict, medians: dict) -> None:
+    """bench.run with every contender faked: ``images``/``medians`` by name; no model, bundle or timing."""
     from sdturbo.benchmarks import bench, floors
     from sdturbo.engine import cache
-    from sdturbo.engine.images import psnr
     from sdturbo.export import models
-
-    names = ("diffusers-fp32", "sdturbo-onnxruntime-fp32", "sdturbo-onnxruntime-unfused-fp32")
-    rng = np.random.default_rng(0)
-    reference = rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
-    images = {names[0]: reference}
-    for name, noise in zip(names[1:], (3, 9), strict=True):
-        images[name] = np.clip(reference.astype(int) + rng.integers(-noise, noise + 1, reference.shape), 0, 255)
-        images[name] = images[name].astype(np.uint8)
-    medians = {names[0]: 100.0, names[1]: 40.0, names[2]: 50.0}
 
     class Fake:
         def __init__(self, name):
@@ -243,6 +233,24 @@ def test_each_contender_s_psnr_is_against_its_mode_s_first_contender(monkeypatch
     monkeypatch.setattr(bench, "device", lambda: "cpu")
     monkeypatch.setattr(bench, "make", lambda name, *a, **kw: Fake(name))
     monkeypatch.setattr(bench, "measure", measure)
+
+
+def test_each_contender_s_psnr_is_against_its_mode_s_first_contender(monkeypatch, tmp_path):
+    """The reference of each mode is its first contender: PSNR is that image against the reference's (null for
+    the reference itself), never a contender against itself or against the one before it."""
+    import numpy as np
+    from sdturbo.benchmarks import bench
+    from sdturbo.engine.images import psnr
+
+    names = ("diffusers-fp32", "sdturbo-onnxruntime-fp32", "sdturbo-onnxruntime-unfused-fp32")
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    images = {names[0]: reference}
+    for name, noise in zip(names[1:], (3, 9), strict=True):
+        images[name] = np.clip(reference.astype(int) + rng.integers(-noise, noise + 1, reference.shape), 0, 255)
+        images[name] = images[name].astype(np.uint8)
+    medians = {names[0]: 100.0, names[1]: 40.0, names[2]: 50.0}
+    fake_bench(monkeypatch, tmp_path, images, medians)
     cfg = BenchConfig(model="random:tiny", width=64, height=64, contenders=names, cold=False, out=str(tmp_path / "o"))
     res = bench.run(cfg)
 
@@ -252,6 +260,40 @@ def test_each_contender_s_psnr_is_against_its_mode_s_first_contender(monkeypatch
         r = by_name[name]
         assert r["psnr_vs_reference_db"] == pytest.approx(psnr(images[name], reference))
         assert r["speedup_vs_reference"] == pytest.approx(medians[names[0]] / medians[name])
+
+
+def test_a_run_without_out_writes_a_folder_of_its_own(monkeypatch, tmp_path, capsys):
+    """``sdturbo bench`` without ``--out``: each run gets a new ``benchmarks/results/run-<UTC time>`` under the
+    working directory (``-2`` for a second one in the same second), and an earlier run's files are left as they
+    were, never overwritten or mixed with the new images."""
+    import json
+    import time
+
+    import numpy as np
+    from sdturbo.benchmarks import report
+
+    names = ("diffusers-fp32", "sdturbo-onnxruntime-fp32")
+    image = np.zeros((1, 64, 64, 3), np.uint8)
+    fake_bench(monkeypatch, tmp_path, dict.fromkeys(names, image), dict.fromkeys(names, 10.0))
+    monkeypatch.setattr(report, "markdown", lambda results: "table")  # the fakes' records are not whole
+    monkeypatch.setattr(report, "plot", lambda results, path: path.write_bytes(b"plot"))
+    monkeypatch.setattr(time, "gmtime", lambda *a: time.struct_time((2026, 11, 24, 2, 3, 4, 1, 328, 0)))
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "--model", "random:tiny", "--size", "64x64", "--contenders", ",".join(names), "--no-cold"]
+    results = tmp_path / "benchmarks" / "results"
+    earlier = results / "run-20261124-020304"
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text("earlier")
+    main(argv)
+    main(argv)
+    assert (earlier / "results.json").read_text() == "earlier" and sorted(p.name for p in earlier.iterdir()) == [
+        "results.json"
+    ]
+    for name in ("run-20261124-020304-2", "run-20261124-020304-3"):
+        saved = json.loads((results / name / "results.json").read_text())
+        assert saved["config"]["out"] == str(Path("benchmarks/results") / name)
+        assert {"results.md", "latency.png", f"{names[1]}.png"} <= {p.name for p in (results / name).iterdir()}
+    assert sorted(p.name for p in results.iterdir()) == [earlier.name, *(f"{earlier.name}-{n}" for n in (2, 3))]
 
 
 def test_cold_start_times_each_phase_from_the_process_start(monkeypatch, capsys):
