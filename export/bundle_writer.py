@@ -357,7 +357,28 @@ def _existing(out: Path, force: bool) -> Bundle | None:
             f"--out {out} is a folder that is not a bundle (it has no {MANIFEST}); it is left as it is "
             f"(--force replaces bundles only): choose another --out, or empty that folder"
         )
+    if not _bundle_manifest(out / MANIFEST):  # a web app's manifest.json, say: never a bundle to replace
+        raise BundleError(
+            f"--out {out} is a folder that is not a bundle (its {MANIFEST} is not an sdturbo bundle's); it is left "
+            f"as it is (--force replaces bundles only): choose another --out, or empty that folder"
+        )
     return None if force else Bundle(out)
+
+
+def _bundle_manifest(path: Path) -> bool:
+    """``path`` is the manifest of a bundle written by some sdturbo, this one or another schema version: a JSON
+    object with the keys every one of them wrote (schema_version, model's config_hash, components)."""
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("schema_version"), int)
+        and isinstance(manifest.get("model"), dict)
+        and "config_hash" in manifest["model"]
+        and isinstance(manifest.get("components"), dict)
+    )
 
 
 def specs_for(lm: LoadedModel) -> dict:

@@ -33,6 +33,43 @@ def test_force_never_deletes_a_folder_that_is_not_a_bundle(tmp_path, tiny_folder
     assert (out / "holiday.jpg").read_bytes() == b"precious" and sorted(os.listdir(out)) == ["holiday.jpg"]
 
 
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        '{"name": "My PWA", "start_url": "/"}',
+        "[1, 2]",
+        "not json",
+        '{"schema_version": 1, "model": {"config_hash": "x"}}',
+        '{"schema_version": 1, "model": {}, "components": {}}',
+    ],
+    ids=["web-app", "json-list", "not-json", "no-components", "no-model-hash"],
+)
+def test_force_never_deletes_a_folder_whose_manifest_is_not_a_bundle_s(tmp_path, tiny_folder, capsys, manifest):
+    """A web app's or an extension's folder has a manifest.json too: with or without --force it is refused as
+    not a bundle, and every file in it is kept."""
+    out = tmp_path / "webapp"
+    (out / "src").mkdir(parents=True)
+    (out / MANIFEST).write_text(manifest)
+    (out / "src" / "app.js").write_text("code")
+    for force in ([], ["--force"]):
+        code = main(["export", "random:tiny", "--out", str(out), "--precision", "fp32", *force])
+        err = capsys.readouterr().err
+        assert code == 2 and "is a folder that is not a bundle" in err and "left as it is" in err, err
+    assert (out / MANIFEST).read_text() == manifest and (out / "src" / "app.js").read_text() == "code"
+    assert sorted(p.name for p in out.rglob("*")) == ["app.js", MANIFEST, "src"]
+
+
+def test_force_replaces_a_bundle_of_another_schema_version(tmp_path, tiny_bundle):
+    """A bundle this sdturbo cannot read (an older or newer schema) is still a bundle: --force replaces it."""
+    out = shutil.copytree(tiny_bundle, tmp_path / "b")
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(BundleError, match="schema_version 99"):
+        export_bundle("random:tiny", out, ("fp32",))
+    export_bundle("random:tiny", out, ("fp32",), force=True)
+    assert Bundle(out).precisions == ("fp32",)
+
+
 def test_force_replaces_a_bundle_and_readers_always_see_one(tmp_path, tiny_bundle, monkeypatch):
     out = shutil.copytree(tiny_bundle, tmp_path / "b")
     (tmp_path / ".b.tmp-abc123" / "onnx").mkdir(parents=True)  # as a kill -9 during an export leaves them
