@@ -29,6 +29,7 @@ from sdturbo.engine.errors import InputError
         ({"contenders": ("sdturbo-tensorrt-fp32",)}, r"'sdturbo-tensorrt-fp32' is not allowed"),
         ({"contenders": ("sdturbo-onnxruntime-host-fp32",)}, r"'sdturbo-onnxruntime-host-fp32' is not allowed"),
         ({"modes": ("fast",)}, r"--modes fast is not allowed"),
+        ({"modes": ("prompt-cache",), "warmup": 0}, r"--warmup 0 is not allowed with --modes prompt-cache; give --"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
@@ -260,6 +261,35 @@ def test_each_contender_s_psnr_is_against_its_mode_s_first_contender(monkeypatch
         r = by_name[name]
         assert r["psnr_vs_reference_db"] == pytest.approx(psnr(images[name], reference))
         assert r["speedup_vs_reference"] == pytest.approx(medians[names[0]] / medians[name])
+
+
+def test_a_cache_hit_s_text_encoder_has_no_floor_to_be_over(monkeypatch, tmp_path):
+    """The prompt-cache contenders' text encoder floor is 0 (a hit runs none): a text encoder stage timed there
+    anyway is left out of ``over_floor`` instead of dividing by zero after every run."""
+    import numpy as np
+    from sdturbo.benchmarks import bench
+
+    names = ["diffusers-fp32", "sdturbo-onnxruntime-fp32"]
+    names += ["diffusers-fp32-embeds", "sdturbo-onnxruntime-cached-fp32"]
+    image = np.zeros((1, 64, 64, 3), np.uint8)
+    fake_bench(monkeypatch, tmp_path, dict.fromkeys(names, image), dict.fromkeys(names, 10.0))
+    cfg = BenchConfig(
+        model="random:tiny",
+        contenders=tuple(names[:2]),
+        modes=("prompt-cache",),
+        cold=False,
+        paired_runs=0,
+        out=str(tmp_path / "o"),
+    )
+    res = bench.run(cfg)
+    by_name = {r["name"]: r for r in res["contenders"]}
+    assert sorted(by_name) == sorted(names)
+    for name in names[2:]:
+        assert by_name[name]["floor_ms"]["text_encoder"] == 0 and "text_encoder" not in by_name[name]["over_floor"]
+        assert by_name[name]["over_floor"]["unet_per_step"] == pytest.approx(
+            1.0 / by_name[name]["floor_ms"]["unet_step"]
+        )
+    assert by_name[names[0]]["over_floor"]["text_encoder"] > 0
 
 
 def test_a_run_without_out_writes_a_folder_of_its_own(monkeypatch, tmp_path, capsys):
