@@ -44,7 +44,7 @@ INPUTS = (
     Field("width", "INT32", (1,), allowed="a multiple of 8 in the bundle's size range (default 512, or the image's)"),
     Field("height", "INT32", (1,), allowed="a multiple of 8 in the bundle's size range (default 512, or the image's)"),
     Field("strength", "FP32", (1,), allowed="in (0, 1], with an image (default 0.5)"),
-    Field("image", "UINT8", (-1, -1, 3), allowed="img2img: RGB pixels [height, width, 3]"),
+    Field("image", "UINT8", (-1, -1, 3), allowed="img2img: RGB pixels [height, width, 3], each side a multiple of 8"),
 )
 OUTPUT = Field("image", "UINT8", (-1, -1, 3), optional=False)
 
@@ -114,6 +114,8 @@ def parse(pipe, inputs: Mapping[str, np.ndarray]) -> Request:
             raise InputError("input 'strength' is for img2img; send an 'image' too")
         height, width = scalar.get("height", side), scalar.get("width", side)
     else:
+        if not image.size:
+            raise InputError(f"input 'image' is {image.shape[1]}x{image.shape[0]}; send {known['image'].allowed}")
         height, width = scalar.get("height", image.shape[0]), scalar.get("width", image.shape[1])
         if (height, width) != image.shape[:2]:
             raise InputError(

@@ -166,11 +166,14 @@ def infer_function(batcher: Batcher):
 
 
 # pytriton 0.7's proxy: the files Triton's Python backend runs for a pytriton model, copied into the model
-# repository. Our model's copy is changed in three places (``PROXY_PATCHES``), each found by its exact text (where
+# repository. Our model's copy is changed in four places (``PROXY_PATCHES``), each found by its exact text (where
 # a text is not found, another pytriton, that file is used as it is, with a warning):
 # - model.py answers any error of the callable by raising it from ``execute``: Triton then says INTERNAL (HTTP 500,
 #   gRPC INTERNAL) to a request that was bad, with the tracebacks of both processes. Where the error is an
 #   ``Answer``, each request is answered with its code and message instead; any other error as pytriton does.
+# - data.py copies each input into shared memory through ``memoryview.cast``, which raises on a tensor with a zero
+#   in its shape: a request with a 0x0 image failed inside the proxy (HTTP 500, two tracebacks) before our
+#   callable could refuse it. Such a tensor is copied as the nothing it holds, and refused by our checks (400).
 # - communication.py: every model instance but the first asks the first one's handshake socket for its settings,
 #   within one second, and gives up at once when the socket exists but does not listen yet. The instances start
 #   in parallel, so on a busy machine one fails, the model fails to load, and pytriton waits out its 120 s
@@ -233,8 +236,16 @@ _SHUTDOWN_POLL = """\
             flag_check_interval_s = 1.0
             # have to receive messages until all requests are processed, even while shutting down
 """
+_COPY_FRAME = """\
+            shm.buf[offset + total_size : offset + total_size + frame.nbytes] = frame.cast("B")
+"""
+_COPY_FRAME_IF_ANY = """\
+            if frame.nbytes:  # (sdturbo) a zero-size tensor has nothing to copy, and memoryview cannot cast it
+                shm.buf[offset + total_size : offset + total_size + frame.nbytes] = frame.cast("B")
+"""
 PROXY_PATCHES = {
     "model.py": ((_MODEL_RAISES, _MODEL_ANSWERS), (_MODEL_END, _MODEL_END + ANSWER_HELPER)),
+    "data.py": ((_COPY_FRAME, _COPY_FRAME_IF_ANY),),
     "communication.py": (
         (_HANDSHAKE_WAITS, _HANDSHAKE_WAITS.replace("timeout_s: float = 1.0", "timeout_s: float = 60.0")),
         (_HANDSHAKE_CONNECTS, _HANDSHAKE_RETRIES),
@@ -243,6 +254,7 @@ PROXY_PATCHES = {
 }
 _UNPATCHED = {  # what a file used as it is loses
     "model.py": "a bad request is answered HTTP 500",
+    "data.py": "a request with a zero-size image is answered HTTP 500",
     "communication.py": "on a busy machine the model may fail to load, and Triton be started again; a stop takes 2 s "
     "per model instance",
 }

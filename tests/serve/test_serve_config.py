@@ -9,6 +9,7 @@ import pickle
 import re
 import signal
 import socket
+import sys
 import sysconfig
 import threading
 import time
@@ -377,7 +378,10 @@ def test_our_model_s_proxy_files_are_changed_and_pytriton_logs_no_answer(tmp_pat
         assert (tmp_path / "theirs" / "theirs" / "1" / name).read_text() == text
     assert (tmp_path / "other" / "sdturbo" / "1" / "model.py").read_text() == "other"
     warned = [m for m in caplog.messages if "is not the one sdturbo knows" in m]
-    assert len(warned) == 2 and "model.py" in warned[0] and "communication.py" in warned[1]  # changed; missing
+    assert [name for m in warned for name in serve_triton.PROXY_PATCHES if f" {name} " in m] == [
+        "model.py",  # changed
+        *(name for name in serve_triton.PROXY_PATCHES if name != "model.py"),  # missing
+    ]
 
     def logged(e: Exception) -> bool:
         """Whether pytriton's line for the callable's error ``e`` is logged (as pytriton 0.7 logs it)."""
@@ -441,3 +445,35 @@ def test_model_instances_wait_for_the_first_one_s_handshake(tmp_path, late):
                 server.result().close()
     assert results["ours"] == {"authkey": "k"}
     assert results["pytriton"] == ("TimeoutError" if late == "appears late" else "ConnectionRefusedError")
+
+
+def test_a_zero_size_tensor_is_copied_into_shared_memory_as_nothing(monkeypatch):
+    """pytriton's proxy copies each input into shared memory through ``memoryview.cast``, which raises on a zero
+    in the shape: a request with a 0x0 image failed in the proxy (HTTP 500, tracebacks) before our checks could
+    refuse it (400). Our model's data.py copies it as the nothing it holds, and pytriton reads it back."""
+    import numpy as np
+    import pytriton
+    from sdturbo.engine.serve_triton import patched
+
+    def proxy_data(source: str) -> types.ModuleType:
+        module = types.ModuleType("pytriton.proxy.sdturbo_data")
+        module.__package__ = "pytriton.proxy"
+        monkeypatch.setitem(sys.modules, module.__name__, module)  # (its dataclasses look their module up)
+        exec(compile(source, "data.py", "exec"), module.__dict__)
+        return module
+
+    source = pytriton_proxy("data.py")
+    changed = patched("data.py", source)
+    assert changed is not None, f"pytriton {pytriton.__version__}'s data.py is not the one sdturbo patches"
+    for shape in ((0, 0, 3), (0, 32, 3), (32, 0, 3), (2, 2, 3)):
+        tensor = np.arange(int(np.prod(shape)), dtype=np.uint8).reshape(shape)
+        data = proxy_data(changed)
+        frames = data.serialize_numpy_with_struct_header(tensor)
+        shm = types.SimpleNamespace(buf=bytearray(4096))
+        data.TensorStore._copy_frames(None, frames, shm, 16)
+        shm.buf = memoryview(shm.buf)
+        back = data.deserialize_numpy_with_struct_header(data.TensorStore._handle_frames(None, shm, 16))
+        assert back.shape == shape and back.dtype == np.uint8 and np.array_equal(back, tensor)
+        if not tensor.size:
+            with pytest.raises(TypeError, match="zeros in shape"):  # what pytriton's own copy does
+                proxy_data(source).TensorStore._copy_frames(None, frames, shm, 16)

@@ -155,6 +155,11 @@ BAD = [
     (dict(prompt=np.array([b"a", b"b"], dtype=object)), "'prompt'"),  # Triton: expected shape [1], got [2]
     (dict(prompt=text("x"), steps=np.array([1], np.int64)), "'steps'"),  # Triton: INT64, expects INT32
     (dict(prompt=text("x"), image=np.zeros((32, 32, 4), np.uint8)), "'image'"),  # Triton: shape [-1,-1,3]
+    (
+        dict(prompt=text("x"), image=np.zeros((0, 0, 3), np.uint8)),
+        "input 'image' is 0x0; send img2img: RGB",
+    ),  # zero-size: pytriton's copy raised
+    (dict(prompt=text("x"), image=np.zeros((0, 32, 3), np.uint8)), "input 'image' is 32x0; send img2img"),
 ]
 
 
