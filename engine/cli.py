@@ -106,8 +106,7 @@ def cmd_generate(args) -> None:
     latents, image_noise = (
         _noise_file(flag, path) for flag, path in (("--latents", args.latents), ("--image-noise", args.image_noise))
     )
-    strength = 0.5 if args.strength is None else args.strength
-    settings = dict(steps=args.steps, height=height, width=width, seed=args.seed, strength=strength)
+    settings = dict(steps=args.steps, height=height, width=width, seed=args.seed, strength=args.strength)
     check_settings(prompts, **settings, img2img=image is not None)  # before minutes of export or loading
     backend = choose_backend(args.backend)
     check_gpu_backend(backend)

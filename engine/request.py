@@ -16,6 +16,7 @@ from .schedule import check_steps, default_steps, make_schedule, steps_kept
 # normal draws, whose peak over a billion values is about 6; a value past this bound is not noise and only
 # makes a garbage image.
 MAX_NOISE = 100.0
+DEFAULT_STRENGTH = 0.5  # img2img's (SD-Turbo's model card runs img2img at 0.5, 2 steps)
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Request:
     seed: int | tuple[int, ...] = 0  # image i uses seed + i; or one seed per image (a server's batch of requests)
     latents: np.ndarray | None = None  # [B, C, h, w] unit-variance noise (txt2img) / added noise (img2img)
     image: np.ndarray | None = None  # img2img: [B, H, W, 3] uint8
-    strength: float = 0.5
+    strength: float = DEFAULT_STRENGTH
     image_noise: np.ndarray | None = None  # img2img: [B, C, h, w] noise for sampling the VAE posterior
     step_noise: np.ndarray | None = None  # ancestral schedulers: [steps run, B, C, h, w], one draw per step
 
@@ -159,7 +160,7 @@ def build_request(
     seed: int | Sequence[int] = 0,
     latents: np.ndarray | None = None,
     image: np.ndarray | None = None,
-    strength: float = 0.5,
+    strength: float | None = None,
     image_noise: np.ndarray | None = None,
     step_noise: np.ndarray | None = None,
 ) -> Request:
@@ -170,9 +171,10 @@ def build_request(
     added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
     from ``seed`` (see ``draw_noise``; a sequence of seeds gives each prompt its own). ``step_noise``:
     ancestral schedulers' per-step noise. Noise given must be a float array, finite, with |x| <= ``MAX_NOISE``;
-    ``image`` must be uint8. ``steps`` None: 1, or for img2img the fewest that run a step at ``strength``
-    (``schedule.default_steps``: 2 at the default 0.5).
+    ``image`` must be uint8. ``strength`` (img2img only; None: 0.5). ``steps`` None: 1, or for img2img the fewest
+    that run a step at ``strength`` (``schedule.default_steps``: 2 at the default 0.5).
     """
+    strength = img2img_strength(strength, image is not None)
     if steps is None:
         steps = default_steps(strength) if image is not None else 1
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
@@ -185,11 +187,29 @@ def build_request(
     return req
 
 
+def img2img_strength(strength: float | None, img2img: bool) -> float:
+    """The strength a request runs (None: the default 0.5); InputError for one given without an image, which
+    txt2img would ignore."""
+    if strength is None:
+        return DEFAULT_STRENGTH
+    if not img2img:
+        raise InputError(f"strength={strength!r} is for img2img; give an image too, or leave strength out")
+    return strength
+
+
 def check_settings(
-    prompts: Sequence[str], *, steps: int | None, height: int, width: int, seed: int, strength: float, img2img: bool
+    prompts: Sequence[str],
+    *,
+    steps: int | None,
+    height: int,
+    width: int,
+    seed: int,
+    strength: float | None,
+    img2img: bool,
 ) -> None:
     """build_request's checks that need no bundle (sides by 8: every family's VAE's), for a request of
     ``prompts``: the CLI asks before a model is exported or loaded, so a mistyped value costs neither."""
+    strength = img2img_strength(strength, img2img)
     if steps is None:
         steps = default_steps(strength) if img2img else 1
     Request(tuple(prompts), height, width, steps, seed).check_values(8)

@@ -129,7 +129,7 @@ def parse(pipe, inputs: Mapping[str, np.ndarray]) -> Request:
         height=height,
         width=width,
         image=image,
-        strength=scalar.get("strength", 0.5),
+        strength=scalar.get("strength"),
     )
 
 
@@ -149,7 +149,7 @@ def merge(pipe, reqs: list[Request]) -> Request:
         height=first.height,
         width=first.width,
         image=image,
-        strength=first.strength,
+        strength=None if image is None else first.strength,
     )
 
 

@@ -37,6 +37,7 @@ CASES = [
     (dict(prompts=["x"], width=512), r"width 512 .*range 32-256"),
     (dict(prompts=["x"], image=np.zeros((32, 32, 3), np.uint8)), r"image has shape \(1, 32, 32, 3\).*\(1, 64, 64, 3\)"),
     (dict(prompts=["x"], seed=-1), r"seed -1"),
+    (dict(prompts=["x"], strength=0.3), r"strength=0.3 is for img2img; give an image too"),  # txt2img ignored it
 ]
 
 

@@ -89,7 +89,9 @@ def direct(pipe, req):
     """The image of ``sdturbo generate`` / the Python API for the same single request."""
     image = None if req.image is None else req.image[0]
     kw = dict(steps=req.steps, height=req.height, width=req.width, seed=req.seed)
-    return pipe(req.prompts[0], image=image, strength=req.strength, **kw)[0]
+    if image is not None:
+        kw.update(image=image, strength=req.strength)
+    return pipe(req.prompts[0], **kw)[0]
 
 
 def test_mixed_requests_run_in_batches_of_one_key_each_image_its_own(pipe):
