@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.errors import SdTurboError
 from . import modes
 from .contenders import Diffusers, Ours, ancestral_noise, parse_ours
 from .ort_demo import NAME as ORT_DEMO
@@ -231,7 +232,10 @@ def run(cfg: BenchConfig) -> dict:
             contender = make(name, folder, bundle.get(precision), dev, timer, step_seed, cfg.compile_mode, tiny_folder)
             res = measure(contender, cfg, prompts, latents, timer, dev, step_noise)
         except Exception as e:  # one contender that cannot run here is reported, the others still run
-            log.exception("contender %s failed", name)
+            if isinstance(e, SdTurboError):  # ours: its one line says it all (no GPU here, say)
+                log.error("contender %s failed: %s", name, e)
+            else:
+                log.exception("contender %s failed", name)
             failed.append({"name": name, "error": f"{type(e).__name__}: {e}"[:2000]})
             if contender is not None:  # its memory back before the next one loads
                 try:

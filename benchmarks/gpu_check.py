@@ -29,6 +29,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..engine.cuda import gpu_problem
 from .ort_demo import NAME as ORT_DEMO
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,9 @@ def run_again_if_killed(cmd: list[str], env: dict[str, str], timeout: float, kil
     return rc
 
 
-def step(name: str, out: Path, fn) -> None:
+def step(name: str, out: Path, fn, failed: list[str] | None = None) -> None:
+    """Run one step; one that fails writes its error to ``<name>.error.txt`` and is added to ``failed``, and the
+    next step still runs."""
     log.info("== %s", name)
     t = time.perf_counter()
     try:
@@ -152,6 +155,8 @@ def step(name: str, out: Path, fn) -> None:
     except Exception:
         log.exception("== %s failed after %.0f s", name, time.perf_counter() - t)
         (out / f"{name}.error.txt").write_text(traceback.format_exc())
+        if failed is not None:
+            failed.append(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
+    failed: list[str] = []  # the steps that failed: the exit status is 1 if any did
+    why = gpu_problem()
+    if why is not None:
+        log.warning("no GPU can be used here (%s): every step but device will fail", why)
 
     def env(step: str) -> dict[str, str]:
         """A CUDA-graph capture that kills a process is recorded and skipped by the runs after it (a killed step's
@@ -183,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         (out / name).write_text(json.dumps(data, indent=2, default=str))
 
     if "device" not in skip:
-        step("device", out, lambda: write("device.json", device_info()))
+        step("device", out, lambda: write("device.json", device_info()), failed)
     if "probe" not in skip:
-        step("probe", out, lambda: write("tensorrt_probe.json", tensorrt_probe()))
+        step("probe", out, lambda: write("tensorrt_probe.json", tensorrt_probe()), failed)
     if "tests" not in skip:
 
         def tests():
@@ -206,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(f"\n== gpu tests stopped after {args.tests_timeout} s (--tests-timeout)\n")
                     raise RuntimeError(f"the gpu tests ran past {args.tests_timeout} s") from None
             log.info("gpu tests: exit %d (see %s)", rc, out / "gpu-tests.log")
+            if rc != 0:
+                raise RuntimeError(f"the gpu tests failed (exit {rc}): see {out / 'gpu-tests.log'}")
 
-        step("tests", out, tests)
+        step("tests", out, tests, failed)
 
     def run_bench(argv: list[str], what: str) -> None:
         def killed(signal: int, again: bool) -> None:
@@ -229,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 argv += ["--batches", args.batches] if steps == 1 else ["--no-cold"]
                 run_bench(argv, f"the {steps}-step benchmark")
 
-            step(f"bench-{steps}step", out, bench)
+            step(f"bench-{steps}step", out, bench, failed)
     if "ort-demo" not in skip:  # a process of its own: its first load exports and optimizes for minutes
 
         def ort_demo():
@@ -238,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             argv += ["--contenders", ",".join(names), "--batches", args.demo_batches]
             run_bench(argv, "the ort-demo benchmark")
 
-        step("bench-ort-demo", out, ort_demo)
+        step("bench-ort-demo", out, ort_demo, failed)
+    if failed:
+        log.error("%d step(s) failed: %s (each one's error: %s/<step>.error.txt)", len(failed), ", ".join(failed), out)
+        return 1
     return 0
 
 

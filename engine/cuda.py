@@ -77,7 +77,7 @@ def current_compute_capability(device: int = 0) -> int:
         minor = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device))
     except BackendError as e:
         raise BackendError(
-            f"no usable CUDA GPU here ({e}); with --trt tensorrt-rtx, pass --compute-capability "
+            f"no usable CUDA GPU here ({_failure(e)}); with --trt tensorrt-rtx, pass --compute-capability "
             f"to build for a GPU ahead of time"
         ) from e
     return major * 10 + minor
@@ -131,9 +131,15 @@ def gpu_problem() -> str | None:
     try:
         count = check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")
     except BackendError as e:
-        why = _driver_unloadable()
-        return str(e) if why is None else f"no NVIDIA driver can be loaded here ({why})"
+        return _failure(e)
     return None if count > 0 else "the CUDA driver finds no device"
+
+
+def _failure(e: BackendError) -> str:
+    """A CUDA call's failure in one line: where the NVIDIA driver cannot be loaded at all, that (the runtime says
+    "CUDA driver version is insufficient", which sends a user to upgrade a driver that is not there)."""
+    why = _driver_unloadable()
+    return str(e) if why is None else f"no NVIDIA driver can be loaded here ({why})"
 
 
 def _driver_unloadable() -> str | None:

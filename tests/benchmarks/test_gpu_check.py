@@ -34,7 +34,7 @@ def test_a_benchmark_killed_by_a_signal_runs_once_more(tmp_path, monkeypatch):
 
 def test_a_benchmark_killed_twice_or_failing_is_recorded_as_failed(tmp_path, monkeypatch):
     calls = fake_runs(monkeypatch, [-6, -6, 1])
-    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests,ort-demo", "--steps", "1,4"])
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests,ort-demo", "--steps", "1,4"]) == 1
     assert len(calls) == 3  # killed twice: not a third time; an error exit: not again
     for steps, exit_code in ((1, -6), (4, 1)):
         error = (tmp_path / f"bench-{steps}step.error.txt").read_text()
@@ -60,7 +60,7 @@ def test_the_tests_timeout_is_for_both_runs_together(tmp_path, monkeypatch):
 
 def test_gpu_tests_killed_twice_are_not_run_a_third_time(tmp_path, monkeypatch):
     calls = fake_runs(monkeypatch, [-6, -6, 0])
-    gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench,ort-demo"])
+    assert gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,bench,ort-demo"]) == 1
     assert len(calls) == 2
     assert (tmp_path / "gpu-tests.log").read_text().endswith("killed by signal 6: in the last test above\n")
 
@@ -116,3 +116,16 @@ def test_a_skipped_step_does_not_run_and_the_others_do(tmp_path, monkeypatch):
     calls = fake_runs(monkeypatch, [0])
     gpu_check.main(["--out", str(tmp_path), "--skip", "device,probe,tests,bench"])
     assert len(calls) == 1 and "onnxruntime-demo-fp16" in " ".join(calls[0])  # the ort-demo run only
+
+
+def test_the_exit_status_is_1_when_a_step_failed_and_0_when_none_did(tmp_path, monkeypatch, caplog):
+    """Each step runs whatever failed before it, and the exit status says whether one failed: a run in which
+    the GPU tests failed (exit 1) and the benchmark ran is 1, with the failed steps named; one all passed, 0."""
+    fake_runs(monkeypatch, [1, 0])
+    assert gpu_check.main(["--out", str(tmp_path / "a"), "--skip", "device,probe,ort-demo", "--steps", "1"]) == 1
+    assert "the gpu tests failed (exit 1)" in (tmp_path / "a" / "tests.error.txt").read_text()
+    assert not (tmp_path / "a" / "bench-1step.error.txt").exists()
+    assert "1 step(s) failed: tests" in caplog.text
+    fake_runs(monkeypatch, [0, 0])
+    assert gpu_check.main(["--out", str(tmp_path / "b"), "--skip", "device,probe,ort-demo", "--steps", "1"]) == 0
+    assert not list((tmp_path / "b").glob("*.error.txt"))

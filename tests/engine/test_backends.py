@@ -93,11 +93,18 @@ def test_a_machine_without_a_driver_is_told_so(monkeypatch):
     from sdturbo.engine.errors import BackendError
 
     class Runtime:
+        class cudaDeviceAttr:
+            cudaDevAttrComputeCapabilityMajor, cudaDevAttrComputeCapabilityMinor = 75, 76
+
         @staticmethod
         def cudaGetDeviceCount():
             return ("a failed status", 0)
 
-    def check(result, what):
+        @staticmethod
+        def cudaDeviceGetAttribute(attribute, device):
+            return ("a failed status", 0)
+
+    def check(result, what="cudaDeviceGetAttribute"):
         raise BackendError(f"{what} failed: cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA")
 
     monkeypatch.setattr(cuda, "bindings", lambda: (None, Runtime, None))
@@ -105,6 +112,10 @@ def test_a_machine_without_a_driver_is_told_so(monkeypatch):
     monkeypatch.setattr(cuda, "DRIVER_LIBRARY", "libno-such-driver.so.1")
     why = cuda.gpu_problem()  # the loader's own words after the library's name (Linux: "cannot open shared ...")
     assert why.startswith("no NVIDIA driver can be loaded here (") and "libno-such-driver.so.1" in why, why
+    with pytest.raises(BackendError) as e:  # (what `sdturbo build --trt tensorrt-rtx` asks without a target)
+        cuda.current_compute_capability()
+    assert str(e.value).startswith("no usable CUDA GPU here (no NVIDIA driver can be loaded here (")
+    assert "libno-such-driver.so.1" in str(e.value) and "pass --compute-capability" in str(e.value)
     monkeypatch.setattr(cuda, "_driver_unloadable", lambda: None)
     assert (
         cuda.gpu_problem()
