@@ -8,6 +8,7 @@ rewrites the manifest last (the manifest is the commit point: see engine/bundle.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -224,11 +225,16 @@ def _publish(tmp: Path, out: Path) -> None:
     try:
         os.replace(tmp, out)
     except OSError as e:
-        if not (out / MANIFEST).is_file():
+        if (out / MANIFEST).is_file():
+            log.info("another process exported %s first; using that one", out)
+        elif e.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise BundleError(
                 f"--out {out} appeared during the export and is not a bundle; choose another --out"
             ) from e
-        log.info("another process exported %s first; using that one", out)
+        else:  # (e.g. a mount point made meanwhile: EBUSY)
+            raise BundleError(
+                f"the new bundle cannot be renamed to --out {out} ({e.strerror}); choose another --out"
+            ) from e
 
 
 def _check_same_model(existing: Bundle, lm: LoadedModel, out: Path) -> None:
@@ -352,7 +358,7 @@ def _existing(out: Path, force: bool) -> Bundle | None:
         raise BundleError(f"--out {out} is a file, not a bundle folder; choose another --out")
     if not (out / MANIFEST).is_file():
         if not any(out.iterdir()):
-            return None
+            return _replaceable(out)
         raise BundleError(
             f"--out {out} is a folder that is not a bundle (it has no {MANIFEST}); it is left as it is "
             f"(--force replaces bundles only): choose another --out, or empty that folder"
@@ -362,7 +368,17 @@ def _existing(out: Path, force: bool) -> Bundle | None:
             f"--out {out} is a folder that is not a bundle (its {MANIFEST} is not an sdturbo bundle's); it is left "
             f"as it is (--force replaces bundles only): choose another --out, or empty that folder"
         )
-    return None if force else Bundle(out)
+    return _replaceable(out) if force else Bundle(out)
+
+
+def _replaceable(out: Path) -> None:
+    """None (a new bundle is to be written) where the folder ``out`` can be replaced by a rename; a mount point
+    cannot (EBUSY, found only after the whole export): BundleError saying what to give instead, now."""
+    if os.path.ismount(out):
+        raise BundleError(
+            f"--out {out} is a mount point: a new bundle is written beside it and renamed into its place, which a "
+            f"mount point cannot take; give a folder inside it, e.g. --out {out / 'bundle'}"
+        )
 
 
 def _bundle_manifest(path: Path) -> bool:

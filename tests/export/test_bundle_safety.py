@@ -3,6 +3,7 @@ and heals; concurrent first runs all succeed; killed runs' temporary folders are
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -309,3 +310,44 @@ def test_a_model_file_rewritten_in_place_changes_the_folder_stamp(tmp_path):
     weights.write_bytes(b"2" * 64)
     os.utime(weights, ns=(2_000_000_000, 2_000_000_000))
     assert folder_stamp(folder) != before
+
+
+def test_a_mount_point_is_refused_before_the_export_naming_what_to_give(tmp_path, tiny_bundle, monkeypatch, capsys):
+    """A new bundle is written beside --out and renamed into its place, which a mount point (a Docker volume, say)
+    cannot take (EBUSY): an empty one, or one holding a bundle to replace with --force, is refused before
+    the model loads, with a folder inside it to give instead; what is there is kept."""
+    empty, full = tmp_path / "vol", tmp_path / "vol2"
+    empty.mkdir()
+    shutil.copytree(tiny_bundle, full)
+    before = sorted(p.name for p in full.rglob("*"))
+    monkeypatch.setattr(bundle_writer.os.path, "ismount", lambda p: Path(p) in (empty, full))
+    monkeypatch.setattr(bundle_writer, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    for out, force in ((empty, []), (full, ["--force"])):
+        code = main(["export", "random:tiny", "--out", str(out), "--precision", "fp32", *force])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--out {out} is a mount point" in err and f"--out {out / 'bundle'}" in err, err
+    assert not any(empty.iterdir()) and sorted(p.name for p in full.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (errno.ENOTEMPTY, "appeared during the export and is not a bundle"),
+        (errno.EBUSY, "the new bundle cannot be renamed to --out"),
+    ],
+)
+def test_a_rename_that_fails_at_the_end_says_why(tmp_path, monkeypatch, error, message):
+    """The last rename of a new bundle fails: a folder of other files put there meanwhile is named as such,
+    anything else (EBUSY: a mount point made meanwhile) with the system's reason, never as the other."""
+    out = tmp_path / "b"
+    tmp = tmp_path / ".b.tmp-1"
+    tmp.mkdir()
+
+    def refuse(src, dst):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(bundle_writer.os, "replace", refuse)
+    with pytest.raises(BundleError, match=message) as e:
+        bundle_writer._publish(tmp, out)
+    if error == errno.EBUSY:
+        assert os.strerror(errno.EBUSY) in str(e.value)
