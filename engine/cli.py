@@ -147,13 +147,21 @@ def cmd_generate(args) -> None:
         raise failed
 
 
+TRT_BUILD_OPTIONS = ("trt", "batch", "size", "compute_capability", "opt_level", "workspace_gb")  # TensorRT's only
+
+
 def cmd_build(args) -> None:
     components = tuple(args.components.split(",")) if args.components else None
     if args.ort_optimize:
         from ..export.ort_optimize import optimize_bundle
 
-        optimize_bundle(args.bundle, components, provider=args.ort_provider, force=args.force)
+        given = [f"--{o.replace('_', '-')}" for o in TRT_BUILD_OPTIONS if getattr(args, o) is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} is for TensorRT engines; --ort-optimize takes --ort-provider")
+        optimize_bundle(args.bundle, components, provider=args.ort_provider or "cuda", force=args.force)
         return
+    if args.ort_provider is not None:
+        raise InputError("--ort-provider is for --ort-optimize; give --ort-optimize too (or leave it out)")
     from ..export.trt_build import build_engines
     from .engine_store import Profile
 
@@ -161,9 +169,9 @@ def cmd_build(args) -> None:
     build_engines(
         args.bundle,
         flavour=args.trt,
-        profile=Profile.parse(args.batch, args.size),
+        profile=Profile.parse(args.batch or "1", args.size or "512x512"),
         compute_capability=args.compute_capability,
-        opt_level=args.opt_level,
+        opt_level=3 if args.opt_level is None else args.opt_level,
         workspace_gb=args.workspace_gb,
         force=args.force,
         **kwargs,
@@ -337,14 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = add_parser("build", help="build TensorRT engines from a bundle's fp16 ONNX")
     b.add_argument("bundle")
     b.add_argument("--trt", choices=("tensorrt", "tensorrt-rtx"), help="library (default: whichever is installed)")
-    b.add_argument("--batch", default="1", help="batch size N (static) or MIN-MAX (default 1)")
-    b.add_argument(
-        "--size", default="512x512", help="WIDTHxHEIGHT (static), or MIN-MAX for both sides (default 512x512)"
-    )
+    b.add_argument("--batch", help="batch size N (static) or MIN-MAX (default 1)")
+    b.add_argument("--size", help="WIDTHxHEIGHT (static), or MIN-MAX for both sides (default 512x512)")
     b.add_argument(
         "--compute-capability", type=int, help="TensorRT-RTX: build ahead of time for e.g. 86 (no GPU needed)"
     )
-    b.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
+    b.add_argument("--opt-level", type=int, help="builder optimisation level 0-5 (default 3)")
     b.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
     b.add_argument("--components", help="comma-separated subset (default: every component of the bundle)")
     b.add_argument("--force", action="store_true", help="rebuild even when engines are up to date")
@@ -357,7 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--ort-provider",
         choices=("cuda", "cpu"),
-        default="cuda",
         help="with --ort-optimize: cuda (default; every fusion, some CUDA-only) or cpu (fusions with CPU kernels)",
     )
     b.set_defaults(func=cmd_build)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..engine.files import check_free_space, human_size, locked, remove_leftover
 from ..engine.integrity import read_checked, stamp, write_checked
 
 log = logging.getLogger(__name__)
+MAX_WORKSPACE_GB = 1024  # --workspace-gb's largest (GiB): beyond any GPU's memory, and within TensorRT's size_t
 
 
 def device_name(trt, flavour: str, compute_capability: int | None) -> tuple[str, int | None]:
@@ -56,13 +58,17 @@ def build_engines(
     force: bool = False,
 ) -> list[Path]:
     """Build (or keep, if still valid) one engine per component; returns the plan paths."""
+    if not 0 <= opt_level <= 5:
+        raise InputError(f"--opt-level {opt_level} is not allowed; use 0-5")
+    if workspace_gb is not None and not (math.isfinite(workspace_gb) and 0 < workspace_gb <= MAX_WORKSPACE_GB):
+        raise InputError(
+            f"--workspace-gb {workspace_gb} is not allowed; give a number of GiB above 0, at most {MAX_WORKSPACE_GB}"
+        )
     bundle = Bundle(bundle_path)
     profile = profile or Profile()
     trt, flavour = import_trt(flavour)
     profile.check(bundle)
     components = bundle.select_components(components)
-    if not 0 <= opt_level <= 5:
-        raise InputError(f"--opt-level {opt_level} is not allowed; use 0-5")
     device, target = device_name(trt, flavour, compute_capability)
     folder = engine_dir(bundle, flavour, trt.__version__, device, profile)
     folder.mkdir(parents=True, exist_ok=True)

@@ -118,11 +118,12 @@ def find_optimized(bundle: Bundle, name: str, ort_version: str, provider: str, p
         return model
     log.warning(
         "not using the optimized %s graph in %s: %s; running the plain graph (rebuild it with `sdturbo build %s "
-        "--ort-optimize`)",
+        "--ort-optimize%s`)",
         name,
         model.parent,
         why,
         bundle.root,
+        "" if provider == "cuda" else f" --ort-provider {provider}",  # (cuda: the build's default)
     )
     return None
 

@@ -121,6 +121,7 @@ def test_a_stale_or_damaged_graph_is_refused_and_rebuilt(optimized, caplog):
     with caplog.at_level(logging.INFO):
         Pipeline(optimized, OnnxRuntimeBackend("fp16")).load()
     assert "does not match its recorded sha256" in caplog.text and "running the plain graph" in caplog.text
+    assert f"(rebuild it with `sdturbo build {optimized} --ort-optimize --ort-provider cpu`)" in caplog.text
     assert "text_encoder: the optimized graph" not in caplog.text  # never used
     broken = []
     assert "BROKEN" in describe(optimized, broken=broken)  # sdturbo info shows it
@@ -194,6 +195,12 @@ def test_info_lists_optimized_graphs(optimized):
     [
         (["--ort-optimize", "--components", "nope"], "--components nope is not allowed"),
         (["--ort-optimize", "--components", "text_encoder_2"], "--components text_encoder_2 is not allowed"),
+        # options of the other kind of build are refused, never ignored (a TensorRT build was started instead)
+        (["--ort-provider", "cpu"], "--ort-provider is for --ort-optimize; give --ort-optimize too"),
+        (["--ort-optimize", "--compute-capability", "86"], "--compute-capability is for TensorRT engines;"),
+        (["--ort-optimize", "--trt", "tensorrt-rtx", "--batch", "1-2"], "--trt, --batch is for TensorRT engines;"),
+        (["--ort-optimize", "--size", "64", "--opt-level", "0"], "--size, --opt-level is for TensorRT engines;"),
+        (["--ort-optimize", "--workspace-gb", "2"], "--workspace-gb is for TensorRT engines;"),
     ],
 )
 def test_bad_build_input_is_one_line(tiny_bundle, capsys, args, message):

@@ -125,6 +125,10 @@ def test_another_compute_capability_builds_apart(built):
         (dict(profile=Profile.parse("1-8", "64x64")), InputError, "batch range 1-8"),
         (dict(components=("unet", "clip")), InputError, "component 'clip'"),
         (dict(opt_level=7), InputError, "--opt-level 7"),
+        (dict(workspace_gb=-1.0), InputError, r"--workspace-gb -1.0 is not allowed; give a number of GiB above 0"),
+        (dict(workspace_gb=0.0), InputError, r"--workspace-gb 0.0 is not allowed"),
+        (dict(workspace_gb=float("nan")), InputError, r"--workspace-gb nan is not allowed"),
+        (dict(workspace_gb=1e30), InputError, r"--workspace-gb 1e\+30 is not allowed; .* at most 1024"),
     ],
 )
 def test_bad_build_arguments(built, kwargs, error, match):
