@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..bundle import Bundle, ComponentFile
 from ..errors import IntegrityError, first_line
-from ..files import atomic_write, locked, make_shareable, remove_leftovers
+from ..files import atomic_write, locked, make_shareable, nearest_existing, remove_leftovers
 from ..integrity import file_sha256, stamp, verify
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def create_and_cache(
         remove_leftovers(model.parent, f".{comp.spec.name}.tmp-*")  # the caller holds this component's lock
         tmp = Path(tempfile.mkdtemp(prefix=f".{comp.spec.name}.tmp-", dir=model.parent))
     except OSError as e:  # a read-only bundle: run without the cache
-        log.info("not caching the optimized %s (%s)", comp.spec.name, e)
+        _not_cached(comp.spec.name, model.parent, str(e))
         return ort.InferenceSession(str(comp.onnx), options, providers=providers)
     try:
         options.optimized_model_filepath = str(tmp / model.name)
@@ -160,8 +160,8 @@ def create_and_cache(
 def _not_cached(name: str, folder: Path, why: str) -> None:
     """Say that ``name``'s optimized graph could not be cached in ``folder``: it runs all the same, optimized
     again at every load (seconds, or a minute for a full-size UNet)."""
-    try:
-        free = f"; {shutil.disk_usage(folder).free / 1e6:.0f} MB free there"
+    try:  # (the folder itself may be missing: a read-only bundle)
+        free = f"; {shutil.disk_usage(nearest_existing(folder)).free / 1e6:.0f} MB free there"
     except OSError:
         free = ""
     log.warning(

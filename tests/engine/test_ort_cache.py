@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -126,6 +128,26 @@ def test_a_cache_that_cannot_be_written_costs_only_the_cache(tiny_bundle, tmp_pa
     np.testing.assert_array_equal(out, want)
     assert sum("No space left on device" in r.getMessage() for r in caplog.records) == 3
     assert not list(folder.iterdir())
+
+    monkeypatch.undo()  # (publish_graph, and the rest: only the next patch below)
+    caplog.clear()
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # a read-only bundle: the cache's folders cannot be made
+        if path / "ort" in (self, *self.parents):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkdir(self, *args, **kwargs)
+
+    shutil.rmtree(path / "ort")
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with caplog.at_level(logging.WARNING):
+        out = Pipeline(path, OnnxRuntimeBackend())(["a cat"], height=64, width=64)
+    np.testing.assert_array_equal(out, want)
+    warned = [r.getMessage() for r in caplog.records if "could not cache the optimized" in r.getMessage()]
+    assert len(warned) == 3 and all("Read-only file system" in w and "MB free there" in w for w in warned), warned
+    assert all(str(folder) in w for w in warned if "unet" in w)
+    monkeypatch.undo()
 
     def refused(*args, **kwargs):
         raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : cannot load it")
