@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.errors import SdTurboError
+from ..engine.errors import InputError, SdTurboError
 from . import modes
 from .contenders import Diffusers, Ours, ancestral_noise, parse_ours
 from .ort_demo import NAME as ORT_DEMO
@@ -51,7 +51,6 @@ class BenchConfig:
 
     def __post_init__(self):
         """Every value checked once, here: a bad one is named with what is allowed, before anything loads."""
-        from sdturbo.engine.errors import InputError
         from sdturbo.engine.schedule import MAX_STEPS
 
         def positive(option: str, value, low: int = 1) -> None:
@@ -97,6 +96,22 @@ def new_results_folder(parent: Path = RESULTS) -> Path:
     raise FileExistsError(f"{parent / stamp}: 999 folders of that name exist already; give --out")
 
 
+def results_folder(out: str) -> Path:
+    """The folder ``--out`` names (made if missing; "": a new one, ``new_results_folder``), before anything runs;
+    InputError naming it where it is a file or cannot be made (a read-only working directory, say)."""
+    path = Path(out) if out else RESULTS
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file, not a folder; give --out a folder for the results")
+    try:
+        if not out:
+            return new_results_folder(path)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        where = "" if out else " (without --out: under the working directory)"
+        raise InputError(f"{path} cannot be made{where} ({e.strerror}); give --out a folder you can write") from e
+    return path
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -111,8 +126,6 @@ OUR_CONTENDERS = {
 def check_contender(name: str) -> None:
     """``diffusers-<fp16|fp32>[-<variant>]`` or ``sdturbo-<backend>[-<variant>]-<precision>`` with a variant and
     precision that backend runs, else an InputError."""
-    from sdturbo.engine.errors import InputError
-
     extra = ("", "-compile", *(f"-{theirs}" for _, theirs in modes.MODES.values()))
     ok = name == ORT_DEMO or name in {f"diffusers-{p}{c}" for p in ("fp16", "fp32") for c in extra}
     if name.startswith("sdturbo-") and name.count("-") >= 2:
@@ -188,10 +201,8 @@ def run(cfg: BenchConfig) -> dict:
     names = list(cfg.contenders) or available(dev)
     names += modes.contenders(cfg.modes, names)
     tiny = any(modes.mode_of(n) == "tiny-vae" for n in names)
-    if not cfg.out:
-        cfg = replace(cfg, out=str(new_results_folder()))
+    cfg = replace(cfg, out=str(results_folder(cfg.out)))
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     log.info("results go to %s", out)
     folder = resolve_model_folder(cfg.model)
     ancestral = model_family(folder) == "sdxl-turbo"  # EulerAncestral: noise added at every step after the first

@@ -398,3 +398,39 @@ def test_stage_flops_are_the_model_s_own_at_the_benchmark_s_size(tiny_folder):
     decoder = sum(p.numel() for m in (vae.decoder, vae.post_quant_conv) for p in m.parameters())
     assert got["vae_decoder"]["params"] == decoder
     assert got["vae_decoder"]["params"] + got["vae_encoder"]["params"] == sum(p.numel() for p in vae.parameters())
+
+
+def test_a_results_folder_that_cannot_be_made_is_named_before_the_run(monkeypatch, tmp_path, capsys):
+    """--out naming a file, or a working directory where the default folder cannot be made (read-only): one line
+    naming it and what to give, exit 2, before any model loads or contender runs."""
+    import errno
+
+    import numpy as np
+    from sdturbo.benchmarks import bench
+
+    names = ("diffusers-fp32", "sdturbo-onnxruntime-fp32")
+    fake_bench(monkeypatch, tmp_path, dict.fromkeys(names, np.zeros((1, 8, 8, 3), np.uint8)), dict.fromkeys(names, 1.0))
+    monkeypatch.setattr(bench, "make", lambda *a, **kw: pytest.fail("a contender ran"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cat.png").write_bytes(b"png")
+    argv = ["bench", "--model", "random:tiny", "--size", "64x64", "--contenders", ",".join(names), "--no-cold"]
+    assert main([*argv, "--out", "cat.png"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sdturbo: error: cat.png is a file, not a folder; give --out a folder for the results"
+    )
+    assert (tmp_path / "cat.png").read_bytes() == b"png"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if not self.is_absolute():  # (the working directory's: read-only)
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sdturbo: error: benchmarks/results cannot be made (without --out: under the working directory) "
+        "(Read-only file system); give --out a folder you can write"
+    )
+    assert main([*argv, "--out", "r"]) == 2
+    assert "r cannot be made (Read-only file system); give --out a folder you can write" in capsys.readouterr().err
