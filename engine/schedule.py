@@ -169,10 +169,16 @@ def steps_kept(steps: int, strength: float = 1.0) -> int:
         least = f"at {steps} step{'s' * (steps > 1)}, strength must be at least {shown}"
         more = f", or more steps (up to {MAX_STEPS})" if steps < MAX_STEPS else ""
         raise InputError(
-            f"steps * strength = {steps} * {float(strength):g} = {steps * strength:g} runs no step; "
+            f"steps * strength = {steps} * {_below_one(strength)} = {_below_one(steps * strength)} runs no step; "
             f"int(steps * strength) must be at least 1: {least}{more}"
         )
     return kept
+
+
+def _below_one(x: float) -> str:
+    """``x`` (< 1) as %g shows it, unless that rounds it up to 1 (0.99999999999): then every digit it has."""
+    shown = f"{float(x):g}"
+    return shown if float(shown) < 1 else repr(float(x))
 
 
 @lru_cache(maxsize=64)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,13 @@ def test_img2img_steps_default_to_the_fewest_that_run_a_step(strength):
         with pytest.raises(InputError, match="runs no step"):
             make_schedule(config, n, strength)
     assert default_steps(0.5) == 2 and default_steps(1.0) == 1
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "shown"),
+    [(1, 0.5, "1 * 0.5 = 0.5"), (3, 0.3, "3 * 0.3 = 0.9"), (1, 0.99999999999, "1 * 0.99999999999 = 0.99999999999")],
+)
+def test_a_strength_that_runs_no_step_is_shown_below_one(steps, strength, shown):
+    """The product that runs no step is shown as it is, never rounded up to a 1 that would run one."""
+    with pytest.raises(InputError, match=f"steps \\* strength = {re.escape(shown)} runs no step"):
+        make_schedule(SchedulerConfig.from_dict(SCHEDULER), steps, strength)
