@@ -205,7 +205,8 @@ def run(cfg: BenchConfig) -> dict:
     out = Path(cfg.out)
     log.info("results go to %s", out)
     folder = resolve_model_folder(cfg.model)
-    ancestral = model_family(folder) == "sdxl-turbo"  # EulerAncestral: noise added at every step after the first
+    family = model_family(folder)
+    ancestral = family == "sdxl-turbo"  # EulerAncestral: noise added at every step after the first
     precisions = {n.rsplit("-", 1)[1] for n in names if n.startswith("sdturbo")}
     bundle = {p: ensure_bundle(cfg.model, p, tiny_vae=tiny) for p in precisions}
     tiny_folder = None
@@ -299,6 +300,7 @@ def run(cfg: BenchConfig) -> dict:
     return {
         "schema": SCHEMA,
         "config": asdict(cfg),
+        "family": family,
         "reference": references.get(modes.FULL, next(iter(references.values())))[0],
         "modes": modes.summary(results),
         "paired": paired,

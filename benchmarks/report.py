@@ -9,12 +9,15 @@ from pathlib import Path
 from ..engine.files import atomic_write
 from . import modes
 
+FAMILY_NAMES = {"sd-turbo": "SD-Turbo", "sdxl-turbo": "SDXL-Turbo"}  # (results before "family": SD-Turbo's)
+
 
 def markdown(results: dict) -> str:
     cfg, m = results["config"], results["machine"]
     where = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores)"
+    family = FAMILY_NAMES.get(results.get("family"), "SD-Turbo")
     lines = [
-        f"SD-Turbo `{cfg['model']}`, {cfg['width']}x{cfg['height']}, {cfg['steps']} step(s), batch {cfg['batch']}, "
+        f"{family} `{cfg['model']}`, {cfg['width']}x{cfg['height']}, {cfg['steps']} step(s), batch {cfg['batch']}, "
         f"{cfg['runs']} runs after {cfg['warmup']} warm-up; {m['device']}: {where}",
         f"machine: {results['rates']['matmul_tflops']:.2f} TFLOP/s {results['rates']['matmul_dtype']} matmul, "
         f"{results['rates']['copy_gbps']:.1f} GB/s copy; reference: {results['reference']}",

@@ -49,6 +49,7 @@ def test_json_has_every_field(results):
 def test_table_and_plot(results):
     res, out = results
     table = report.markdown(res)
+    assert res["family"] == "sd-turbo" and table.startswith("SD-Turbo `random:tiny`, 64x64")
     assert "| sdturbo-onnxruntime-fp32 |" in table and "| diffusers-fp32 |" in table
     assert (out / "latency.png").stat().st_size > 1000 and (out / "results.md").is_file()
 
@@ -69,6 +70,7 @@ def test_sdxl_runs_with_the_same_ancestral_noise(xl_folder, tmp_path):
     res = run(cfg)
     names = [c["name"] for c in res["contenders"]]
     assert names == ["diffusers-fp32", "sdturbo-onnxruntime-fp32"]
+    assert res["family"] == "sdxl-turbo" and report.markdown(res).startswith("SDXL-Turbo `random:sdxl-tiny`, 64x64")
     assert res["flops"]["text_encoder"]["params"] > res["flops"]["vae_decoder"]["params"] > 0  # both encoders
     ours = res["contenders"][1]
     assert ours["stages_ms"]["text_encoder"] > 0 and ours["stages_ms"]["unet"] > 0
