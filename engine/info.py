@@ -64,7 +64,7 @@ def describe_optimized(b: Bundle) -> list[str]:
         fused = ", ".join(f"{k} {v}" for k, v in rec.get("fused", {}).items()) or "no fused ops"
         lines.append(
             f"  onnxruntime {rec.get('onnxruntime', '?')} {rec.get('provider', '?'):4} {rec.get('precision', '?'):4} "
-            f"{rec.get('component', '?'):14} {rec.get('bytes', 0) / 1e6:8.1f} MB  {fused}  [{rec['state']}]"
+            f"{rec.get('component', '?'):16} {rec.get('bytes', 0) / 1e6:8.1f} MB  {fused}  [{rec['state']}]"
         )
     return lines
 
@@ -111,7 +111,7 @@ def describe_engines(b: Bundle) -> list[str]:
         )
         lines.append(
             f"  {key['library']} {key['library_version']} {key['device']:6} {profile.tag:18} "
-            f"{key['component']:13} {rec.get('plan_bytes', 0) / 1e6:8.1f} MB  [{state}; {fits}]"
+            f"{key['component']:16} {rec.get('plan_bytes', 0) / 1e6:8.1f} MB  [{state}; {fits}]"
         )
     return lines
 
