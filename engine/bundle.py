@@ -93,6 +93,11 @@ class Bundle:
             inside = next((p for p in self.root.resolve().parents if (p / MANIFEST).is_file()), None)
             if inside is not None:
                 raise BundleError(f"{self.root} is a folder inside the bundle {inside}; give the bundle's own folder")
+            if (self.root / "model_index.json").is_file():  # a diffusers model folder, given as a bundle
+                raise BundleError(
+                    f"{self.root} is a diffusers model folder, not a bundle: give it with --model (exported once, "
+                    f"cached), or export it with `sdturbo export {self.root} --out BUNDLE`"
+                )
             raise BundleError(
                 f"bundle {self.root} has no {MANIFEST}: it is incomplete or not a bundle; export it again"
             )
@@ -208,7 +213,7 @@ class Bundle:
         if precision not in self.components:
             raise BundleError(
                 f"bundle {self.root} has no {precision} ONNX (it has: {', '.join(self.precisions)}); "
-                f"export it with --precision {precision}"
+                f"export it with --precision {precision}, or run it with --precision {self.precisions[0]}"
             )
         comp = self.components[precision].get(name)
         if comp is None:

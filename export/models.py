@@ -165,6 +165,8 @@ def check_model_folder(folder: Path) -> None:
             if sub in WEIGHTS:
                 _, files = component_weights(folder / sub, WEIGHTS[sub])
                 missing += [f"{sub}/{f.name}" for f in files if not f.is_file()]
+    if missing and (folder / "manifest.json").is_file():  # an sdturbo bundle, given as a model
+        raise InputError(f"{folder} is an sdturbo bundle, not a model folder: give it with --bundle")
     if missing:
         raise InputError(
             f"model folder {folder} lacks {', '.join(missing)} (a diffusers folder of this model "

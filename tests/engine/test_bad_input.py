@@ -102,3 +102,31 @@ def test_cli_error_leaves_cache_intact(tiny_bundle, tmp_path):
     r = run_cli(*good, str(out))
     assert r.returncode == 0, r.stderr
     assert out.is_file()
+
+
+def test_a_model_folder_and_a_bundle_given_the_other_s_way_name_the_right_flag(tiny_folder, tiny_bundle, capsys):
+    """--bundle with a diffusers model folder, --model with a bundle: the error says which flag takes it."""
+    from sdturbo.engine.cli import main
+
+    assert main(["generate", "a cat", "--bundle", str(tiny_folder), "--size", "64x64"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_folder} is a diffusers model folder, not a bundle: give it with --model" in err, err
+    assert main(["generate", "a cat", "--model", str(tiny_bundle), "--size", "64x64"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_bundle} is an sdturbo bundle, not a model folder: give it with --bundle" in err, err
+
+
+def test_a_precision_the_bundle_lacks_names_the_one_it_has(tiny_bundle, tmp_path):
+    """A bundle exported in fp16 only, run in fp32 (the CPU's default): export fp32, or run the fp16 it has."""
+    import json
+    import shutil
+
+    from sdturbo.engine.bundle import MANIFEST
+    from sdturbo.engine.errors import BundleError
+
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["components"] = {"fp16": manifest["components"]["fp16"]}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"export it with --precision fp32, or run it with --precision fp16$"):
+        Bundle(path).component("fp32", "unet")
