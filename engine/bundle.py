@@ -30,6 +30,30 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # graphs larger than this keep their weight
 # refuses files over 2 GiB; stay clear of it
 
 
+def is_bundle(folder: Path) -> bool:
+    """``folder`` is an sdturbo bundle (of any schema version, or one whose manifest was damaged), not merely a
+    folder with a ``manifest.json`` (a web app's): its manifest is a JSON object with the keys every version
+    wrote (schema_version, model's config_hash, components), or it has a bundle's ONNX layout (``onnx/`` holding
+    precision folders only), so that a bundle whose manifest was cut short is still one to export again."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        manifest = None
+    if (
+        isinstance(manifest, dict)
+        and isinstance(manifest.get("schema_version"), int)
+        and isinstance(manifest.get("model"), dict)
+        and "config_hash" in manifest["model"]
+        and isinstance(manifest.get("components"), dict)
+    ):
+        return True
+    try:
+        layout = {p.name for p in (folder / "onnx").iterdir()}
+    except OSError:
+        return False
+    return (folder / MANIFEST).is_file() and bool(layout) and layout <= {"fp32", "fp16"}
+
+
 @dataclass(frozen=True)
 class ComponentFile:
     spec: ComponentSpec
@@ -90,7 +114,7 @@ class Bundle:
             raise BundleError(f"bundle {self.root} does not exist (run `sdturbo export MODEL --out {self.root}`)")
         path = self.root / MANIFEST
         if not path.is_file():
-            inside = next((p for p in self.root.resolve().parents if (p / MANIFEST).is_file()), None)
+            inside = next((p for p in self.root.resolve().parents if is_bundle(p)), None)
             if inside is not None:
                 raise BundleError(f"{self.root} is a folder inside the bundle {inside}; give the bundle's own folder")
             if (self.root / "model_index.json").is_file():  # a diffusers model folder, given as a bundle

@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..engine.bundle import MANIFEST, MAX_BATCH, MAX_SIDE, MIN_SIDE, SCHEMA_VERSION, Bundle
+from ..engine.bundle import MANIFEST, MAX_BATCH, MAX_SIDE, MIN_SIDE, SCHEMA_VERSION, Bundle, is_bundle
 from ..engine.cache import cache_root
 from ..engine.errors import BundleError, InputError
 from ..engine.files import (
@@ -225,7 +225,7 @@ def _publish(tmp: Path, out: Path) -> None:
     try:
         os.replace(tmp, out)
     except OSError as e:
-        if (out / MANIFEST).is_file():
+        if is_bundle(out):
             log.info("another process exported %s first; using that one", out)
         elif e.errno in (errno.ENOTEMPTY, errno.EEXIST):
             raise BundleError(
@@ -363,7 +363,7 @@ def _existing(out: Path, force: bool) -> Bundle | None:
             f"--out {out} is a folder that is not a bundle (it has no {MANIFEST}); it is left as it is "
             f"(--force replaces bundles only): choose another --out, or empty that folder"
         )
-    if not _bundle_manifest(out / MANIFEST):  # a web app's manifest.json, say: never a bundle to replace
+    if not is_bundle(out):  # a web app's manifest.json, say: never a bundle to replace
         raise BundleError(
             f"--out {out} is a folder that is not a bundle (its {MANIFEST} is not an sdturbo bundle's); it is left "
             f"as it is (--force replaces bundles only): choose another --out, or empty that folder"
@@ -379,22 +379,6 @@ def _replaceable(out: Path) -> None:
             f"--out {out} is a mount point: a new bundle is written beside it and renamed into its place, which a "
             f"mount point cannot take; give a folder inside it, e.g. --out {out / 'bundle'}"
         )
-
-
-def _bundle_manifest(path: Path) -> bool:
-    """``path`` is the manifest of a bundle written by some sdturbo, this one or another schema version: a JSON
-    object with the keys every one of them wrote (schema_version, model's config_hash, components)."""
-    try:
-        manifest = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(manifest, dict)
-        and isinstance(manifest.get("schema_version"), int)
-        and isinstance(manifest.get("model"), dict)
-        and "config_hash" in manifest["model"]
-        and isinstance(manifest.get("components"), dict)
-    )
 
 
 def specs_for(lm: LoadedModel) -> dict:

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine.bundle import make_shareable
+from ..engine.bundle import is_bundle, make_shareable
 from ..engine.cache import cache_folder, folder_stamp, random_model_folder
 from ..engine.errors import InputError, first_line
 from ..engine.files import locked, remove_leftovers, replace_dir
@@ -165,8 +165,11 @@ def check_model_folder(folder: Path) -> None:
             if sub in WEIGHTS:
                 _, files = component_weights(folder / sub, WEIGHTS[sub])
                 missing += [f"{sub}/{f.name}" for f in files if not f.is_file()]
-    if missing and (folder / "manifest.json").is_file():  # an sdturbo bundle, given as a model
-        raise InputError(f"{folder} is an sdturbo bundle, not a model folder: give it with --bundle")
+    if missing and is_bundle(folder):  # an sdturbo bundle, given as a model
+        raise InputError(
+            f"{folder} is an sdturbo bundle (exported already), not a model folder: run it with `sdturbo generate "
+            f"--bundle {folder}` (or serve --bundle)"
+        )
     if missing:
         raise InputError(
             f"model folder {folder} lacks {', '.join(missing)} (a diffusers folder of this model "

@@ -113,7 +113,8 @@ def test_a_model_folder_and_a_bundle_given_the_other_s_way_name_the_right_flag(t
     assert f"{tiny_folder} is a diffusers model folder, not a bundle: give it with --model" in err, err
     assert main(["generate", "a cat", "--model", str(tiny_bundle), "--size", "64x64"]) == 2
     err = capsys.readouterr().err
-    assert f"{tiny_bundle} is an sdturbo bundle, not a model folder: give it with --bundle" in err, err
+    assert f"{tiny_bundle} is an sdturbo bundle (exported already), not a model folder: run it with" in err, err
+    assert f"`sdturbo generate --bundle {tiny_bundle}`" in err
 
 
 def test_a_precision_the_bundle_lacks_names_the_one_it_has(tiny_bundle, tmp_path):

@@ -209,6 +209,14 @@ def test_the_model_cache_follows_changes_and_heals(tmp_path, tiny_folder, caplog
     assert "is damaged" in caplog.text and "exporting it again" in caplog.text
     Bundle(second.root).component("fp32", "text_encoder")  # intact again
 
+    for damage in (b'{"schema_version": 1, "mod', b'{"schema_version": 1}'):  # cut short; keys lost
+        caplog.clear()
+        (second.root / MANIFEST).write_bytes(damage)  # (the cached bundle is still one: its onnx/ folder says so)
+        with caplog.at_level("WARNING"):
+            assert ensure_bundle(str(model), "fp32") == second.root
+        assert "is damaged" in caplog.text and "exporting it again" in caplog.text
+        Bundle(second.root).component("fp32", "text_encoder")
+
 
 def test_a_model_folder_however_spelled_is_one_cached_bundle(tmp_path, tiny_folder, monkeypatch):
     """``mdl``, ``./mdl``, ``mdl/`` and its absolute path are one model: exported once, one bundle."""
