@@ -237,7 +237,7 @@ class Bundle:
         if precision not in self.components:
             raise BundleError(
                 f"bundle {self.root} has no {precision} ONNX (it has: {', '.join(self.precisions)}); "
-                f"export it with --precision {precision}, or run it with --precision {self.precisions[0]}"
+                f"export it with --precision {precision}"
             )
         comp = self.components[precision].get(name)
         if comp is None:

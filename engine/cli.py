@@ -111,6 +111,8 @@ def cmd_generate(args) -> None:
     backend = choose_backend(args.backend)
     check_gpu_backend(backend)
     precision = args.precision or default_precision(backend)
+    if args.bundle:
+        check_bundle_precision(args.bundle, precision, backend)
     start = time.perf_counter()
     bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, precision, tiny_vae=args.vae == "tiny")
     with open_pipeline(
@@ -148,6 +150,24 @@ def cmd_generate(args) -> None:
 
 
 TRT_BUILD_OPTIONS = ("trt", "batch", "size", "compute_capability", "opt_level", "workspace_gb")  # TensorRT's only
+
+
+def check_bundle_precision(path: str, precision: str, backend: str) -> None:
+    """A --bundle without the precision this run would use (fp32 on the CPU by default): an InputError naming
+    both ways out, exporting it or running the precision the bundle has, where the backend runs that one."""
+    from .bundle import Bundle
+    from .runtime import GPU_BACKENDS
+
+    has = Bundle(path).precisions
+    if precision in has:
+        return
+    runs = ("fp16",) if backend == "tensorrt" else ("fp32", "fp16")
+    other = [p for p in has if p in runs]
+    raise InputError(
+        f"bundle {path} has no {precision} ONNX (it has: {', '.join(has)}); export it with --precision {precision}"
+        + (f", or run it with --precision {other[0]}" if other else "")
+        + (" (fp16 is slow on a CPU)" if other == ["fp16"] and backend not in GPU_BACKENDS else "")
+    )
 
 
 def cmd_build(args) -> None:
@@ -260,6 +280,8 @@ def cmd_serve(args) -> int:
     backend = choose_backend(args.backend)
     check_gpu_backend(backend)
     precision = args.precision or default_precision(backend)
+    if args.bundle:
+        check_bundle_precision(args.bundle, precision, backend)
     bundle = Bundle(args.bundle or ensure_bundle(args.model, precision))
     check_settings(bundle, cfg.max_batch, cfg.max_queue_delay_ms / 1000)
     side = default_size(bundle)

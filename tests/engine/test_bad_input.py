@@ -117,17 +117,24 @@ def test_a_model_folder_and_a_bundle_given_the_other_s_way_name_the_right_flag(t
     assert f"`sdturbo generate --bundle {tiny_bundle}`" in err
 
 
-def test_a_precision_the_bundle_lacks_names_the_one_it_has(tiny_bundle, tmp_path):
-    """A bundle exported in fp16 only, run in fp32 (the CPU's default): export fp32, or run the fp16 it has."""
+def test_a_precision_the_bundle_lacks_names_the_one_it_has(tiny_bundle, tmp_path, capsys):
+    """generate with a bundle exported in fp16 only, run in fp32 (the CPU's default): export fp32, or run the fp16
+    it has. Where the precision is not the user's choice (sdturbo check, build) only the first is said."""
     import json
     import shutil
 
     from sdturbo.engine.bundle import MANIFEST
+    from sdturbo.engine.cli import main
     from sdturbo.engine.errors import BundleError
 
     path = shutil.copytree(tiny_bundle, tmp_path / "b")
     manifest = json.loads((path / MANIFEST).read_text())
     manifest["components"] = {"fp16": manifest["components"]["fp16"]}
     (path / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"export it with --precision fp32, or run it with --precision fp16$"):
+    assert main(["generate", "a cat", "--bundle", str(path), "--size", "64x64", "--backend", "onnxruntime"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"sdturbo: error: bundle {path} has no fp32 ONNX (it has: fp16); export it with --precision fp32, or run it "
+        f"with --precision fp16 (fp16 is slow on a CPU)"
+    )
+    with pytest.raises(BundleError, match=r"has no fp32 ONNX \(it has: fp16\); export it with --precision fp32$"):
         Bundle(path).component("fp32", "unet")
