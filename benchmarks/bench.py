@@ -23,6 +23,7 @@ from . import modes
 from .contenders import Diffusers, Ours, ancestral_noise, parse_ours
 from .ort_demo import NAME as ORT_DEMO
 from .ort_demo import OrtDemo
+from .report import results_folder
 from .timers import StageTimer, percentile
 
 log = logging.getLogger(__name__)
@@ -71,45 +72,12 @@ class BenchConfig:
         for name in self.contenders:
             check_contender(name)
         modes.check(self.modes)
-        if "prompt-cache" in self.modes and self.warmup < 1:  # its contenders' warm-up run fills the cache
+        cached = "prompt-cache" in self.modes or any(modes.mode_of(n) == "prompt-cache" for n in self.contenders)
+        if cached and self.warmup < 1:  # its contenders' warm-up run fills the cache
             raise InputError(
-                f"--warmup {self.warmup} is not allowed with --modes prompt-cache; give --warmup 1 or more (the "
+                f"--warmup {self.warmup} is not allowed with prompt-cache contenders; give --warmup 1 or more (the "
                 f"warm-up run fills the prompt cache, so that every timed run is a cache hit)"
             )
-
-
-RESULTS = Path("benchmarks/results")  # where runs without --out go, relative to the working directory
-
-
-def new_results_folder(parent: Path = RESULTS) -> Path:
-    """A folder no earlier run has used, named by the UTC time it starts (``run-20261124-020304``, then ``-2``...):
-    a run without ``--out`` never overwrites, or mixes its images with, the results of another."""
-    stamp = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
-    parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        folder = parent / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        return folder
-    raise FileExistsError(f"{parent / stamp}: 999 folders of that name exist already; give --out")
-
-
-def results_folder(out: str) -> Path:
-    """The folder ``--out`` names (made if missing; "": a new one, ``new_results_folder``), before anything runs;
-    InputError naming it where it is a file or cannot be made (a read-only working directory, say)."""
-    path = Path(out) if out else RESULTS
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path} is a file, not a folder; give --out a folder for the results")
-    try:
-        if not out:
-            return new_results_folder(path)
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        where = "" if out else " (without --out: under the working directory)"
-        raise InputError(f"{path} cannot be made{where} ({e.strerror}); give --out a folder you can write") from e
-    return path
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
@@ -190,6 +158,20 @@ def make(
 
 
 def run(cfg: BenchConfig) -> dict:
+    """The benchmark's results (``report.write`` saves them into ``cfg.out``'s folder, named in them). A run
+    without ``--out`` that fails before writing anything leaves no empty folder behind."""
+    made = not cfg.out
+    cfg = replace(cfg, out=str(results_folder(cfg.out)))
+    try:
+        return _run(cfg)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # (only where it is still empty)
+                Path(cfg.out).rmdir()
+        raise
+
+
+def _run(cfg: BenchConfig) -> dict:
     from sdturbo.engine.cache import ensure_bundle
     from sdturbo.engine.images import psnr, save_images
     from sdturbo.export.bundle_writer import tool_versions
@@ -201,7 +183,6 @@ def run(cfg: BenchConfig) -> dict:
     names = list(cfg.contenders) or available(dev)
     names += modes.contenders(cfg.modes, names)
     tiny = any(modes.mode_of(n) == "tiny-vae" for n in names)
-    cfg = replace(cfg, out=str(results_folder(cfg.out)))
     out = Path(cfg.out)
     log.info("results go to %s", out)
     folder = resolve_model_folder(cfg.model)

@@ -30,7 +30,9 @@ import traceback
 from pathlib import Path
 
 from ..engine.cuda import gpu_problem
+from ..engine.errors import InputError
 from .ort_demo import NAME as ORT_DEMO
+from .report import results_folder
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = results_folder(args.out)
+    except InputError as e:
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 2
     skip = set(filter(None, args.skip.split(",")))
     failed: list[str] = []  # the steps that failed: the exit status is 1 if any did
     why = gpu_problem()
     if why is not None:
-        log.warning("no GPU can be used here (%s): every step but device will fail", why)
+        log.warning("no GPU can be used here (%s): nothing this run measures is a GPU's", why)
 
     def env(step: str) -> dict[str, str]:
         """A CUDA-graph capture that kills a process is recorded and skipped by the runs after it (a killed step's

@@ -1,13 +1,51 @@
-"""Benchmark output: a markdown table on stdout, results.json, and a plot."""
+"""Benchmark output: where it goes, a markdown table on stdout, results.json, and a plot."""
 
 from __future__ import annotations
 
 import io
 import json
+import tempfile
+import time
 from pathlib import Path
 
+from ..engine.errors import InputError
 from ..engine.files import atomic_write
 from . import modes
+
+RESULTS = Path("benchmarks/results")  # where runs without --out go, relative to the working directory
+
+
+def new_results_folder(parent: Path = RESULTS) -> Path:
+    """A folder no earlier run has used, named by the UTC time it starts (``run-20261124-020304``, then ``-2``...):
+    a run without ``--out`` never overwrites, or mixes its images with, the results of another."""
+    stamp = time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        folder = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise InputError(f"{parent / stamp}: 999 folders of that name exist already; give --out")
+
+
+def results_folder(out: str) -> Path:
+    """The folder ``--out`` names (made if missing; "": a new one, ``new_results_folder``), before anything runs;
+    InputError naming it where it is a file or cannot be made (a read-only working directory, say)."""
+    path = Path(out) if out else RESULTS
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path} is a file, not a folder; give --out a folder for the results")
+    try:
+        if not out:
+            return new_results_folder(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # an existing folder that cannot be written: now, not at the end
+    except OSError as e:
+        where = "" if out else " (without --out: under the working directory)"
+        raise InputError(f"{path} cannot be written{where} ({e.strerror}); give --out a folder you can write") from e
+    return path
+
 
 FAMILY_NAMES = {"sd-turbo": "SD-Turbo", "sdxl-turbo": "SDXL-Turbo"}  # (results before "family": SD-Turbo's)
 

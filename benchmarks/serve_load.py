@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .report import results_folder
+
 PROMPTS = ("a cinematic shot of a baby racoon", "a red cube on a table", "an astronaut riding a horse", "a lighthouse")
 REFUSED = ("[400] ", "[StatusCode.INVALID_ARGUMENT] ")  # how tritonclient words a client's error (HTTP, gRPC)
 
@@ -287,11 +289,9 @@ def run(cfg: LoadConfig) -> dict:
     from ..engine.cache import ensure_bundle
     from ..engine.runtime import choose_backend, default_precision
 
+    out = results_folder(cfg.out) if cfg.out else None  # (before the model: named now, not after an export)
     precision = cfg.precision or default_precision(choose_backend(cfg.backend))
     bundle = str(cfg.bundle or ensure_bundle(cfg.model, precision))
-    out = Path(cfg.out) if cfg.out else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
     server = sampler = None
     url = cfg.url
     if url is None:

@@ -77,7 +77,7 @@ def current_compute_capability(device: int = 0) -> int:
         minor = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, device))
     except BackendError as e:
         raise BackendError(
-            f"no usable CUDA GPU here ({_failure(e)}); with --trt tensorrt-rtx, pass --compute-capability "
+            f"no usable CUDA GPU: {_failure(e)}; with --trt tensorrt-rtx, pass --compute-capability "
             f"to build for a GPU ahead of time"
         ) from e
     return major * 10 + minor
@@ -112,10 +112,13 @@ def ensure_context(device: int = 0) -> None:
     cudaDeviceGetAttribute do not create one, but driver-API calls (cuModuleLoadData) and TensorRT-RTX's
     runtime cache need it. cudaSetDevice makes the primary context current; cudaFree(0) initialises it."""
     _, rt, _ = bindings()
-    check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
-    if device not in _CONTEXTS:
-        check(rt.cudaFree(0), "cudaFree(0) (CUDA context initialisation)")
-        _CONTEXTS.add(device)
+    try:
+        check(rt.cudaSetDevice(device), f"cudaSetDevice({device})")
+        if device not in _CONTEXTS:
+            check(rt.cudaFree(0), "cudaFree(0) (CUDA context initialisation)")
+            _CONTEXTS.add(device)
+    except BackendError as e:
+        raise BackendError(_failure(e)) from e
 
 
 DRIVER_LIBRARY = "nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1"  # the NVIDIA driver's CUDA library

@@ -29,7 +29,9 @@ from sdturbo.engine.errors import InputError
         ({"contenders": ("sdturbo-tensorrt-fp32",)}, r"'sdturbo-tensorrt-fp32' is not allowed"),
         ({"contenders": ("sdturbo-onnxruntime-host-fp32",)}, r"'sdturbo-onnxruntime-host-fp32' is not allowed"),
         ({"modes": ("fast",)}, r"--modes fast is not allowed"),
-        ({"modes": ("prompt-cache",), "warmup": 0}, r"--warmup 0 is not allowed with --modes prompt-cache; give --"),
+        ({"modes": ("prompt-cache",), "warmup": 0}, r"--warmup 0 is not allowed with prompt-cache contenders; give"),
+        ({"contenders": ("sdturbo-onnxruntime-cached-fp32",), "warmup": 0}, r"--warmup 0 is not allowed with prompt"),
+        ({"contenders": ("diffusers-fp32-embeds",), "warmup": 0}, r"--warmup 0 is not allowed with prompt-cache"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
@@ -301,6 +303,7 @@ def test_a_run_without_out_writes_a_folder_of_its_own(monkeypatch, tmp_path, cap
 
     import numpy as np
     from sdturbo.benchmarks import report
+    from sdturbo.export import models
 
     names = ("diffusers-fp32", "sdturbo-onnxruntime-fp32")
     image = np.zeros((1, 64, 64, 3), np.uint8)
@@ -323,6 +326,13 @@ def test_a_run_without_out_writes_a_folder_of_its_own(monkeypatch, tmp_path, cap
         saved = json.loads((results / name / "results.json").read_text())
         assert saved["config"]["out"] == str(Path("benchmarks/results") / name)
         assert {"results.md", "latency.png", f"{names[1]}.png"} <= {p.name for p in (results / name).iterdir()}
+    assert sorted(p.name for p in results.iterdir()) == [earlier.name, *(f"{earlier.name}-{n}" for n in (2, 3))]
+
+    def missing(model):
+        raise InputError(f"model folder {model} does not exist")
+
+    monkeypatch.setattr(models, "resolve_model_folder", missing)  # a run that fails before writing anything
+    assert main(argv) == 2
     assert sorted(p.name for p in results.iterdir()) == [earlier.name, *(f"{earlier.name}-{n}" for n in (2, 3))]
 
 
@@ -406,7 +416,7 @@ def test_a_results_folder_that_cannot_be_made_is_named_before_the_run(monkeypatc
     import errno
 
     import numpy as np
-    from sdturbo.benchmarks import bench
+    from sdturbo.benchmarks import bench, report
 
     names = ("diffusers-fp32", "sdturbo-onnxruntime-fp32")
     fake_bench(monkeypatch, tmp_path, dict.fromkeys(names, np.zeros((1, 8, 8, 3), np.uint8)), dict.fromkeys(names, 1.0))
@@ -429,8 +439,40 @@ def test_a_results_folder_that_cannot_be_made_is_named_before_the_run(monkeypatc
     monkeypatch.setattr(Path, "mkdir", read_only)
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == (
-        "sdturbo: error: benchmarks/results cannot be made (without --out: under the working directory) "
+        "sdturbo: error: benchmarks/results cannot be written (without --out: under the working directory) "
         "(Read-only file system); give --out a folder you can write"
     )
     assert main([*argv, "--out", "r"]) == 2
-    assert "r cannot be made (Read-only file system); give --out a folder you can write" in capsys.readouterr().err
+    assert "r cannot be written (Read-only file system); give --out a folder you can write" in capsys.readouterr().err
+    monkeypatch.undo()
+    (tmp_path / "ro").mkdir()
+    real_temporary_file = report.tempfile.TemporaryFile
+
+    def read_only_folder(*args, dir=None, **kwargs):  # an existing folder that cannot be written
+        if dir is not None and Path(dir).name == "ro":
+            raise OSError(errno.EACCES, "Permission denied")
+        return real_temporary_file(*args, dir=dir, **kwargs)
+
+    fake_bench(monkeypatch, tmp_path, {}, {})
+    monkeypatch.setattr(bench, "make", lambda *a, **kw: pytest.fail("a contender ran"))
+    monkeypatch.setattr(report.tempfile, "TemporaryFile", read_only_folder)
+    assert main([*argv, "--out", str(tmp_path / "ro")]) == 2
+    assert "ro cannot be written (Permission denied); give --out" in capsys.readouterr().err
+
+
+def test_the_other_benchmarks_name_an_out_that_is_a_file_before_they_start(tmp_path, monkeypatch, capsys):
+    """gpu_check and serve_load check --out as bench does: a file is one line, before anything runs."""
+    from sdturbo.benchmarks import gpu_check, serve_load
+    from sdturbo.engine import cache
+
+    file = tmp_path / "cat.png"
+    file.write_bytes(b"png")
+    monkeypatch.setattr(gpu_check.subprocess, "run", lambda *a, **kw: pytest.fail("a step ran"))
+    assert gpu_check.main(["--out", str(file), "--skip", "device,probe"]) == 2
+    err = capsys.readouterr().err.strip()
+    want = f"{file} is a file, not a folder; give --out a folder for the results"
+    assert err == f"python -m sdturbo.benchmarks.gpu_check: error: {want}"
+    monkeypatch.setattr(cache, "ensure_bundle", lambda *a, **kw: pytest.fail("the model was exported"))
+    with pytest.raises(InputError, match=f"^{file} is a file, not a folder"):
+        serve_load.run(serve_load.LoadConfig(model="random:tiny", out=str(file)))
+    assert file.read_bytes() == b"png"

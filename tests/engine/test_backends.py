@@ -114,8 +114,11 @@ def test_a_machine_without_a_driver_is_told_so(monkeypatch):
     assert why.startswith("no NVIDIA driver can be loaded here (") and "libno-such-driver.so.1" in why, why
     with pytest.raises(BackendError) as e:  # (what `sdturbo build --trt tensorrt-rtx` asks without a target)
         cuda.current_compute_capability()
-    assert str(e.value).startswith("no usable CUDA GPU here (no NVIDIA driver can be loaded here (")
+    assert str(e.value).startswith("no usable CUDA GPU: no NVIDIA driver can be loaded here (")
     assert "libno-such-driver.so.1" in str(e.value) and "pass --compute-capability" in str(e.value)
+    Runtime.cudaSetDevice = staticmethod(lambda device: ("a failed status",))
+    with pytest.raises(BackendError, match=r"^no NVIDIA driver can be loaded here \(.*libno-such-driver"):
+        cuda.ensure_context()  # (what the TensorRT probe and a kernel launch ask first)
     monkeypatch.setattr(cuda, "_driver_unloadable", lambda: None)
     assert (
         cuda.gpu_problem()
