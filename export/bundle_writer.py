@@ -358,7 +358,8 @@ def _existing(out: Path, force: bool) -> Bundle | None:
         raise BundleError(f"--out {out} is a file, not a bundle folder; choose another --out")
     if not (out / MANIFEST).is_file():
         if not any(out.iterdir()):
-            return _replaceable(out)
+            _check_not_mount_point(out)
+            return None
         raise BundleError(
             f"--out {out} is a folder that is not a bundle (it has no {MANIFEST}); it is left as it is "
             f"(--force replaces bundles only): choose another --out, or empty that folder"
@@ -368,12 +369,15 @@ def _existing(out: Path, force: bool) -> Bundle | None:
             f"--out {out} is a folder that is not a bundle (its {MANIFEST} is not an sdturbo bundle's); it is left "
             f"as it is (--force replaces bundles only): choose another --out, or empty that folder"
         )
-    return _replaceable(out) if force else Bundle(out)
+    if not force:
+        return Bundle(out)
+    _check_not_mount_point(out)
+    return None
 
 
-def _replaceable(out: Path) -> None:
-    """None (a new bundle is to be written) where the folder ``out`` can be replaced by a rename; a mount point
-    cannot (EBUSY, found only after the whole export): BundleError saying what to give instead, now."""
+def _check_not_mount_point(out: Path) -> None:
+    """A new bundle replaces the folder ``out`` by a rename, which a mount point cannot take (EBUSY, found only
+    after the whole export): BundleError saying what to give instead, now."""
     if os.path.ismount(out):
         raise BundleError(
             f"--out {out} is a mount point: a new bundle is written beside it and renamed into its place, which a "
