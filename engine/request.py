@@ -110,7 +110,7 @@ class Request:
             raise InputError(f"{len(seeds)} seeds for {self.batch} prompts; give one seed, or one per prompt")
         for s in seeds:
             # int(s): numpy < 2 compares np.int64 with 2**63 as floats (2**63 - 1 would be refused)
-            if not isinstance(s, (int, np.integer)) or not 0 <= int(s) < 2**63:
+            if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) < 2**63:
                 raise InputError(f"seed {s!r} is not allowed; use an integer from 0 to 2**63 - 1")
         if not isinstance(self.seed, tuple) and int(self.seed) + self.batch - 1 >= 2**63:  # image i: seed + i
             raise InputError(
@@ -177,11 +177,12 @@ def build_request(
     strength = img2img_strength(strength, image is not None)
     if steps is None:
         steps = default_steps(strength) if image is not None else 1
+    if isinstance(prompts, (bytes, bytearray)):  # (a sequence too: of ints)
+        raise InputError(f"prompts must be strings; got bytes {bytes(prompts[:60])!r}: decode them first")
     prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
     if isinstance(image, np.ndarray) and image.ndim == 3:
         image = np.broadcast_to(image, (len(prompts), *image.shape))
-    if isinstance(seed, (list, tuple, np.ndarray)):
-        seed = tuple(seed)
+    seed = _seed_values(seed)
     req = Request(prompts, height, width, steps, seed, latents, image, strength, image_noise, step_noise)
     req.check(bundle)
     return req
@@ -195,6 +196,16 @@ def img2img_strength(strength: float | None, img2img: bool) -> float:
     if not img2img:
         raise InputError(f"strength={strength!r} is for img2img; give an image too, or leave strength out")
     return strength
+
+
+def _seed_values(seed):
+    """numpy's integers as Python's (numpy 1's ``uint64 + int`` is a float, which no generator takes), a 0-d array
+    as its value, a sequence as a tuple; what is not an integer is left for ``check_values`` to name."""
+    if isinstance(seed, np.ndarray) and seed.ndim == 0:
+        seed = seed[()]
+    if isinstance(seed, (list, tuple, np.ndarray)):
+        return tuple(_seed_values(s) for s in seed)
+    return int(seed) if isinstance(seed, np.integer) else seed
 
 
 def check_settings(

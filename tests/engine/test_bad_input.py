@@ -38,6 +38,9 @@ CASES = [
     (dict(prompts=["x"], image=np.zeros((32, 32, 3), np.uint8)), r"image has shape \(1, 32, 32, 3\).*\(1, 64, 64, 3\)"),
     (dict(prompts=["x"], seed=-1), r"seed -1"),
     (dict(prompts=["x"], strength=0.3), r"strength=0.3 is for img2img; give an image too"),  # txt2img ignored it
+    (dict(prompts=["x"], seed=True), r"seed True is not allowed"),  # (a bool is an int to Python)
+    (dict(prompts=["x", "y"], seed=[1, False]), r"seed False is not allowed"),
+    (dict(prompts=b"a cat"), r"prompts must be strings; got bytes b'a cat': decode them first"),
 ]
 
 
@@ -138,3 +141,15 @@ def test_a_precision_the_bundle_lacks_names_the_one_it_has(tiny_bundle, tmp_path
     )
     with pytest.raises(BundleError, match=r"has no fp32 ONNX \(it has: fp16\); export it with --precision fp32$"):
         Bundle(path).component("fp32", "unet")
+
+
+@pytest.mark.parametrize(
+    "seed", [np.uint64(3), np.uint32(3), np.int64(3), np.array(3), np.array(3, np.uint64)], ids=lambda s: repr(s)
+)
+def test_numpy_seeds_are_their_integers(pipe, seed):
+    """A numpy integer, unsigned included (numpy 1 makes ``uint64 + int`` a float, which no generator takes), or
+    a 0-d array, is the seed it holds; a batch's seeds as numpy unsigned integers too."""
+    want = pipe(["x"], height=64, width=64, seed=3)
+    np.testing.assert_array_equal(pipe(["x"], height=64, width=64, seed=seed), want)
+    batch = pipe(["x", "x"], height=64, width=64, seed=np.array([5, 3], np.uint64))
+    np.testing.assert_array_equal(batch[1], want[0])
