@@ -41,8 +41,11 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def cmd_export(args) -> None:
     from ..export.bundle_writer import export_bundle
+    from .bundle import Bundle, is_bundle
 
-    precisions = ("fp32", "fp16") if args.precision == "all" else (args.precision,)
+    precisions = ("fp32", "fp16") if args.precision in (None, "all") else (args.precision,)
+    if args.precision is None and args.tiny_vae and not args.force and is_bundle(Path(args.out)):
+        precisions = Bundle(args.out).precisions  # a tiny VAE added to a bundle: into the precisions it has only
     export_bundle(
         args.model,
         args.out,
@@ -309,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"model: {', '.join('random:' + name for name in ALL_RANDOM)}",
     )
     e.add_argument("--out", required=True, help="bundle folder to create (or complete)")
-    e.add_argument("--precision", choices=("fp32", "fp16", "all"), default="all", help="(default all)")
+    e.add_argument(
+        "--precision",
+        choices=("fp32", "fp16", "all"),
+        help="(default all; with --tiny-vae on an existing bundle: the precisions it has)",
+    )
     e.add_argument("--max-batch", type=int, help="largest batch the bundle allows (default 16)")
     e.add_argument("--min-size", type=int, help="smallest image side in pixels (default 64)")
     e.add_argument("--max-size", type=int, help="largest image side in pixels (default 1024)")

@@ -149,3 +149,20 @@ def test_a_tiny_vae_that_does_not_fit_is_refused(change, match, tiny_bundle, tmp
     with pytest.raises(InputError, match=match):
         export_bundle("random:tiny", copy, ("fp32",), tiny_vae=str(folder))
     assert Bundle(copy).tiny_vae is None
+
+
+def test_the_cli_adds_a_tiny_vae_into_the_precisions_the_bundle_has(tiny_bundle, tmp_path):
+    """`sdturbo export MODEL --out BUNDLE --tiny-vae SOURCE` (the command the "no tiny VAE" error suggests) on an
+    fp32-only bundle exports the tiny VAE only, not the whole model in fp16 too; --precision all still adds fp16."""
+    from sdturbo.engine.cli import main
+
+    copy = shutil.copytree(tiny_bundle, tmp_path / "b")
+    manifest = json.loads((copy / MANIFEST).read_text())
+    del manifest["components"]["fp16"]
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    shutil.rmtree(copy / "onnx" / "fp16")
+    assert main(["export", "random:tiny", "--out", str(copy), "--tiny-vae", SOURCE]) == 0
+    b = Bundle(copy)
+    assert b.precisions == ("fp32",) and b.tiny_vae.source == SOURCE and not (copy / "onnx" / "fp16").exists()
+    assert main(["export", "random:tiny", "--out", str(copy), "--tiny-vae", SOURCE, "--precision", "all"]) == 0
+    assert Bundle(copy).precisions == ("fp32", "fp16")
