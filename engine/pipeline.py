@@ -10,6 +10,7 @@ bit) skips the text encoders for prompts seen recently (prompt_cache.py).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,13 +66,15 @@ class Pipeline:
         self.encoder_id = (backend.name, backend.precision, *shas)  # whose outputs the cache holds
         self._stages: dict = {}
         self.closed = False
+        self._runs = 0  # runs under way: close() waits for them (several threads may run at once)
+        self._idle = threading.Condition()
         latent_spec = b.component(backend.precision, "unet").spec.inputs[0]
         self.dtype = np.dtype(latent_spec.dtype)  # latents live in the UNet's float type between steps
         on_cpu = tuple(getattr(backend, "providers", ())) == ("CPUExecutionProvider",)
         self.part_pixels = CPU_PART_PIXELS if on_cpu else None  # None: a batch runs whole
 
     def stage(self, name: str):
-        if self.closed:
+        if self.closed and not self._runs:  # (a run that was under way when close() came still finishes)
             raise BackendError("this pipeline is closed; open another one")
         if name not in self._stages:
             log.info("loading %s (%s, %s)", name, self.backend.name, self.backend.precision)
@@ -85,10 +88,12 @@ class Pipeline:
         return self
 
     def close(self) -> None:
-        """Let go of the loaded stages (their sessions, and a GPU provider's memory), for good: a request after
-        it raises, as on the device pipelines."""
-        self._stages.clear()
-        self.closed = True
+        """Let go of the loaded stages (their sessions, and a GPU provider's memory), for good, once the runs
+        under way (on other threads) have finished: a request after it raises, as on the device pipelines."""
+        with self._idle:
+            self.closed = True
+            self._idle.wait_for(lambda: self._runs == 0)
+            self._stages.clear()
 
     def __enter__(self) -> Pipeline:
         return self
@@ -120,9 +125,18 @@ class Pipeline:
         """The decoder's image before uint8: [B, 3, H, W] in about [-1, 1], in the VAE's float type (in parts
         of at most ``part_pixels`` pixels when set, each at least one image)."""
         per = req.batch if self.part_pixels is None else max(1, self.part_pixels // (req.height * req.width))
-        if per >= req.batch:
-            return self._run_float(req)
-        return np.concatenate([self._run_float(req.part(i, i + per)) for i in range(0, req.batch, per)])
+        with self._idle:
+            if self.closed:
+                raise BackendError("this pipeline is closed; open another one")
+            self._runs += 1
+        try:
+            if per >= req.batch:
+                return self._run_float(req)
+            return np.concatenate([self._run_float(req.part(i, i + per)) for i in range(0, req.batch, per)])
+        finally:
+            with self._idle:
+                self._runs -= 1
+                self._idle.notify_all()
 
     def _run_float(self, req: Request) -> np.ndarray:
         b, dt = self.bundle, self.dtype

@@ -264,6 +264,41 @@ def test_the_host_pipeline_after_close_raises_too(tiny_bundle):
     assert not pipe._stages  # nothing loaded again
 
 
+def test_the_host_pipeline_s_close_waits_for_the_runs_under_way(tiny_bundle, monkeypatch):
+    """close() from another thread while a run is under way (README: after the run under way): the run finishes
+    with its image, then the stages go; a run after it raises."""
+    import threading
+
+    from sdturbo.engine.pipeline import Pipeline
+    from sdturbo.engine.runtime import open_pipeline
+
+    pipe = open_pipeline(tiny_bundle, "onnxruntime", "fp32")
+    want = pipe("a red cube", height=64, width=64)
+    started, release, results = threading.Event(), threading.Event(), []
+    real = Pipeline._run_float
+
+    def slow(self, req):  # the run under way holds here until close() has been called
+        started.set()
+        assert release.wait(30)
+        return real(self, req)
+
+    monkeypatch.setattr(Pipeline, "_run_float", slow)
+    worker = threading.Thread(target=lambda: results.append(pipe("a red cube", height=64, width=64)))
+    worker.start()
+    assert started.wait(30)
+    closer = threading.Thread(target=pipe.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive() and pipe._stages  # waiting for the run; its stages still there
+    release.set()
+    worker.join(30)
+    closer.join(30)
+    assert not closer.is_alive() and not pipe._stages
+    np.testing.assert_array_equal(results[0], want)
+    with pytest.raises(BackendError, match="pipeline is closed"):
+        pipe("a red cube", height=64, width=64)
+
+
 def test_a_pipeline_collected_during_anothers_capture_waits_for_its_end(open_pipe):
     """A collection can run in the middle of a capture (here: forced there); what it frees is given back after
     the capture, which stays valid (the emulation faults on a free while a stream records)."""
