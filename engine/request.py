@@ -16,6 +16,7 @@ from .schedule import check_steps, default_steps, make_schedule, steps_kept
 # normal draws, whose peak over a billion values is about 6; a value past this bound is not noise and only
 # makes a garbage image.
 MAX_NOISE = 100.0
+DEFAULT_SIDE = 512  # a request's width and height where none is given (img2img: its image's)
 DEFAULT_STRENGTH = 0.5  # img2img's (SD-Turbo's model card runs img2img at 0.5, 2 steps)
 
 
@@ -155,8 +156,8 @@ def build_request(
     prompts: str | Sequence[str],
     *,
     steps: int | None = None,
-    height: int = 512,
-    width: int = 512,
+    height: int | None = None,
+    width: int | None = None,
     seed: int | Sequence[int] = 0,
     latents: np.ndarray | None = None,
     image: np.ndarray | None = None,
@@ -171,10 +172,15 @@ def build_request(
     added to the encoded image and ``image_noise`` samples the VAE posterior. Noise not given is drawn
     from ``seed`` (see ``draw_noise``; a sequence of seeds gives each prompt its own). ``step_noise``:
     ancestral schedulers' per-step noise. Noise given must be a float array, finite, with |x| <= ``MAX_NOISE``;
-    ``image`` must be uint8. ``strength`` (img2img only; None: 0.5). ``steps`` None: 1, or for img2img the fewest
+    ``image`` must be uint8. ``height``/``width`` None: 512, or for img2img the image's. ``strength`` (img2img
+    only; None: 0.5). ``steps`` None: 1, or for img2img the fewest
     that run a step at ``strength`` (``schedule.default_steps``: 2 at the default 0.5).
     """
     strength = img2img_strength(strength, image is not None)
+    if isinstance(image, np.ndarray) and image.ndim in (3, 4):  # img2img: the image's size, as the CLI and serve
+        height = image.shape[-3] if height is None else height
+        width = image.shape[-2] if width is None else width
+    height, width = (DEFAULT_SIDE if v is None else v for v in (height, width))
     if steps is None:
         steps = default_steps(strength) if image is not None else 1
     if isinstance(prompts, (bytes, bytearray)):  # (a sequence too: of ints)

@@ -153,3 +153,14 @@ def test_numpy_seeds_are_their_integers(pipe, seed):
     np.testing.assert_array_equal(pipe(["x"], height=64, width=64, seed=seed), want)
     batch = pipe(["x", "x"], height=64, width=64, seed=np.array([5, 3], np.uint64))
     np.testing.assert_array_equal(batch[1], want[0])
+
+
+def test_img2img_without_a_size_takes_the_image_s(pipe):
+    """pipe(prompt, image=...) with no height/width: the image's size, as `generate --image` and serve take it
+    (it was 512x512, and the 64x64 image was refused as not 512x512)."""
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    got = pipe("x", image=image, seed=2)
+    assert got.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(got, pipe("x", image=image, seed=2, height=64, width=64))
+    with pytest.raises(InputError, match=r"image has shape \(1, 64, 64, 3\).*\(1, 64, 128, 3\)"):
+        pipe("x", image=image, width=128)  # a size given is still the request's, and checked against the image
