@@ -35,8 +35,8 @@ def check_vae_request(vae: str, req: Request) -> None:
     """What only the full VAE takes: noise for its posterior (the tiny VAE's encoder draws none)."""
     if vae == "tiny" and req.image_noise is not None:
         raise InputError(
-            "image_noise samples the full VAE's posterior; the tiny VAE's encoder draws no noise: leave it out "
-            "with vae='tiny'"
+            "image_noise (--image-noise) samples the full VAE's posterior; the tiny VAE's encoder draws no noise: "
+            "leave it out with the tiny VAE"
         )
 
 

@@ -94,6 +94,8 @@ def open_pipeline(
     backend = choose_backend(backend)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
     modes = {"vae": vae, "prompt_cache": prompt_cache}
+    if precision not in (None, "fp32", "fp16"):
+        raise InputError(f"precision {precision!r} is not allowed; use 'fp32' or 'fp16' (None: the backend's default)")
     if nhwc and backend != "onnxruntime-cuda":
         raise InputError(f"nhwc is an ONNX Runtime CUDA setting; backend {backend!r} does not take it")
     if backend == "tensorrt":

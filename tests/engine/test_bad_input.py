@@ -164,3 +164,11 @@ def test_img2img_without_a_size_takes_the_image_s(pipe):
     np.testing.assert_array_equal(got, pipe("x", image=image, seed=2, height=64, width=64))
     with pytest.raises(InputError, match=r"image has shape \(1, 64, 64, 3\).*\(1, 64, 128, 3\)"):
         pipe("x", image=image, width=128)  # a size given is still the request's, and checked against the image
+
+
+def test_open_pipeline_names_a_precision_that_is_not_one(tiny_bundle):
+    """precision='bf16' is not "missing from the bundle" (export it with --precision bf16, no such option)."""
+    from sdturbo.engine.runtime import open_pipeline
+
+    with pytest.raises(InputError, match=r"^precision 'bf16' is not allowed; use 'fp32' or 'fp16'"):
+        open_pipeline(tiny_bundle, "onnxruntime", precision="bf16")

@@ -48,7 +48,7 @@ def test_the_python_api(tiny_bundle, tiny_vae_bundle):
     assert pipe.decoder == "tiny_vae_decoder" and not pipe.prompt_cache.enabled
     image = np.zeros((64, 64, 3), np.uint8)
     noise = np.zeros((1, 4, 8, 8), np.float32)
-    with pytest.raises(InputError, match="image_noise samples the full VAE's posterior"):
+    with pytest.raises(InputError, match=r"image_noise \(--image-noise\) samples the full VAE's posterior"):
         pipe.request(["x"], height=64, width=64, image=image, image_noise=noise, steps=2)
 
 
