@@ -173,8 +173,8 @@ def build_request(
     from ``seed`` (see ``draw_noise``; a sequence of seeds gives each prompt its own). ``step_noise``:
     ancestral schedulers' per-step noise. Noise given must be a float array, finite, with |x| <= ``MAX_NOISE``;
     ``image`` must be uint8. ``height``/``width`` None: 512, or for img2img the image's. ``strength`` (img2img
-    only; None: 0.5). ``steps`` None: 1, or for img2img the fewest
-    that run a step at ``strength`` (``schedule.default_steps``: 2 at the default 0.5).
+    only; None: 0.5). ``steps`` None: 1, or for img2img the fewest that run a step at ``strength``
+    (``schedule.default_steps``: 2 at the default 0.5).
     """
     strength = img2img_strength(strength, image is not None)
     if isinstance(image, np.ndarray) and image.ndim in (3, 4):  # img2img: the image's size, as the CLI and serve
