@@ -146,7 +146,7 @@ def run_again_if_killed(cmd: list[str], env: dict[str, str], timeout: float, kil
     return rc
 
 
-def step(name: str, out: Path, fn, failed: list[str] | None = None) -> None:
+def step(name: str, out: Path, fn, failed: list[str]) -> None:
     """Run one step; one that fails writes its error to ``<name>.error.txt`` and is added to ``failed``, and the
     next step still runs."""
     log.info("== %s", name)
@@ -157,8 +157,7 @@ def step(name: str, out: Path, fn, failed: list[str] | None = None) -> None:
     except Exception:
         log.exception("== %s failed after %.0f s", name, time.perf_counter() - t)
         (out / f"{name}.error.txt").write_text(traceback.format_exc())
-        if failed is not None:
-            failed.append(name)
+        failed.append(name)
 
 
 def main(argv: list[str] | None = None) -> int:
