@@ -73,6 +73,7 @@ def _noise_file(flag: str, path: str | None):
 
 
 def cmd_generate(args) -> None:
+    from .bundle import Bundle
     from .cache import ensure_bundle
     from .images import check_out_path, load_image, save_images
     from .prompt_cache import DEFAULT_SIZE as DEFAULT_PROMPT_CACHE
@@ -114,10 +115,12 @@ def cmd_generate(args) -> None:
     backend = choose_backend(args.backend)
     check_gpu_backend(backend)
     precision = args.precision or default_precision(backend)
-    if args.bundle:
-        check_bundle_precision(args.bundle, precision, backend)
+    bundle = Bundle(args.bundle) if args.bundle else None
+    if bundle is not None:
+        check_bundle_precision(bundle, precision, backend)
     start = time.perf_counter()
-    bundle = args.bundle or ensure_bundle(args.model or DEFAULT_MODEL, precision, tiny_vae=args.vae == "tiny")
+    if bundle is None:
+        bundle = ensure_bundle(args.model or DEFAULT_MODEL, precision, tiny_vae=args.vae == "tiny")
     with open_pipeline(
         bundle,
         backend,
@@ -155,13 +158,12 @@ def cmd_generate(args) -> None:
 TRT_BUILD_OPTIONS = ("trt", "batch", "size", "compute_capability", "opt_level", "workspace_gb")  # TensorRT's only
 
 
-def check_bundle_precision(path: str, precision: str, backend: str) -> None:
+def check_bundle_precision(bundle, precision: str, backend: str) -> None:
     """A --bundle without the precision this run would use (fp32 on the CPU by default): an InputError naming
     both ways out, exporting it or running the precision the bundle has, where the backend runs that one."""
-    from .bundle import Bundle
     from .runtime import GPU_BACKENDS
 
-    has = Bundle(path).precisions
+    path, has = bundle.root, bundle.precisions
     if precision in has:
         return
     runs = ("fp16",) if backend == "tensorrt" else ("fp32", "fp16")
@@ -283,9 +285,9 @@ def cmd_serve(args) -> int:
     backend = choose_backend(args.backend)
     check_gpu_backend(backend)
     precision = args.precision or default_precision(backend)
-    if args.bundle:
-        check_bundle_precision(args.bundle, precision, backend)
     bundle = Bundle(args.bundle or ensure_bundle(args.model, precision))
+    if args.bundle:
+        check_bundle_precision(bundle, precision, backend)
     check_settings(bundle, cfg.max_batch, cfg.max_queue_delay_ms / 1000)
     side = default_size(bundle)
     pipe = open_pipeline(bundle, backend, precision, shape=(cfg.max_batch, side, side), any_batch=True)
