@@ -27,6 +27,8 @@ from sdturbo.benchmarks.serve_load import LoadConfig, free_port, log_tail, ready
 from sdturbo.benchmarks.serve_load import run as load_test  # noqa: E402
 from sdturbo.engine.runtime import open_pipeline  # noqa: E402
 
+from . import cpp_client  # noqa: E402
+
 MAX_BATCH = 2
 
 
@@ -219,6 +221,33 @@ def test_load_test_checks_every_image(server, tiny_bundle):
     for level in res["levels"]:
         assert (level["sent"], level["ok"], level["rejected_as_expected"]) == (8, 6, 2)
         assert level["p50_ms"] > 0 and level["images_per_s"] > 0
+
+
+def test_the_cpp_client_gets_the_direct_calls_images(server, pipe, cpp_request, tmp_path):
+    """engine/cpp/sdturbo_request (sdturbo_client.hpp) against the server: txt2img, img2img from a PPM, a UTF-8
+    prompt over one kept-alive connection, each image the direct call's byte for byte; a refusal is the server's
+    message."""
+    url = server.http
+    code, err = cpp_client.request(cpp_request, url, "a red cube", tmp_path / "a.ppm", "--seed", "11", "--steps", "2",
+                                   "--size", "48x40")  # fmt: skip
+    assert code == 0, err
+    want = pipe("a red cube", seed=11, steps=2, width=48, height=40)[0]
+    np.testing.assert_array_equal(cpp_client.read(tmp_path / "a.ppm"), want)
+    image = cpp_client.write(tmp_path / "in.ppm", picture(32, 40))
+    code, err = cpp_client.request(cpp_request, url, "a lighthouse", tmp_path / "b.ppm", "--image", str(image),
+                                   "--strength", "0.75", "--steps", "4")  # fmt: skip
+    assert code == 0, err
+    want = pipe("a lighthouse", steps=4, image=picture(32, 40), strength=0.75)[0]
+    np.testing.assert_array_equal(cpp_client.read(tmp_path / "b.ppm"), want)
+    code, err = cpp_client.request(cpp_request, url, "é 猫 🐈", tmp_path / "c.ppm", "--count", "3", "--seed", "4",
+                                   "--size", "32x32")  # fmt: skip
+    assert code == 0 and "3 image(s) over 1 connection(s)" in err, err
+    for k in range(3):
+        want = pipe("é 猫 🐈", seed=4 + k, width=32, height=32)[0]
+        np.testing.assert_array_equal(cpp_client.read(tmp_path / f"c-{k}.ppm"), want)
+    code, err = cpp_client.request(cpp_request, url, "x", tmp_path / "d.ppm", "--steps", "9")
+    assert code == 1 and "HTTP 400: steps=9 is not allowed; use an integer from 1 to 4" in err, err
+    assert not (tmp_path / "d.ppm").exists()
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_0(server, pipe):

@@ -1,0 +1,518 @@
+// sdturbo_client.hpp: call `sdturbo serve` from C++ over HTTP. One header, C++17 and POSIX sockets, nothing to
+// install. It speaks the server's protocol (KServe v2 with Triton's binary tensor extension: the prompt, the numbers
+// and the pixels travel as raw bytes, not JSON), so the image it returns is byte for byte the one
+// `sdturbo generate` writes for the same settings (tests/serve/test_triton.py checks that).
+//
+//   sdturbo::Client client("127.0.0.1", 8000);           // one connection, kept alive between requests
+//   sdturbo::Request request;
+//   request.prompt = "a cinematic shot of a baby racoon";
+//   request.seed = 7;                                      // every field but the prompt is optional
+//   sdturbo::Image image = client.generate(request);      // image.rgb: height x width x 3 bytes, row-major RGB
+//
+// A refused request throws sdturbo::Error: status() is the HTTP status (400: the request, naming the field and
+// what is allowed; 503: the server is stopping) and what() the server's message; status() 0 means there was no
+// answer (cannot connect, timeout, a reply that is not the protocol's). A Client is not thread-safe: one per
+// thread, or guard it. Over gRPC, use Triton's C++ client library (README, "From C++").
+#pragma once
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "sdturbo_client.hpp sends numbers in the host's byte order; KServe v2 wants little-endian"
+#endif
+
+namespace sdturbo {
+
+// One request. Unset fields take the server's defaults (seed 0, 1 step, 512x512 or the image's size, strength 0.5
+// with an image); the server checks every value and names the one it refuses.
+struct Request {
+  std::string prompt;                   // UTF-8
+  std::optional<int64_t> seed;          // 0 to 2**63 - 1
+  std::optional<int32_t> steps;         // 1 to 4
+  std::optional<int32_t> width, height; // multiples of 8 in the bundle's size range
+  std::optional<float> strength;        // img2img only: in (0, 1]
+  const uint8_t* image = nullptr;       // img2img: image_height x image_width x 3 bytes, row-major RGB
+  int32_t image_height = 0, image_width = 0;
+};
+
+struct Image {
+  int32_t height = 0, width = 0;
+  std::vector<uint8_t> rgb;  // height * width * 3 bytes, row-major RGB
+};
+
+class Error : public std::runtime_error {
+ public:
+  Error(int status, const std::string& message) : std::runtime_error(message), status_(status) {}
+  int status() const { return status_; }  // the HTTP status; 0: no answer
+
+ private:
+  int status_;
+};
+
+namespace detail {
+
+// Just enough JSON for the server's reply header and error bodies.
+struct Json {
+  enum Kind { kNull, kBool, kNumber, kString, kArray, kObject } kind = kNull;
+  bool boolean = false;
+  double number = 0;
+  std::string string;
+  std::vector<Json> items;
+  std::vector<std::pair<std::string, Json>> fields;
+
+  const Json* get(const std::string& key) const {
+    for (const auto& f : fields)
+      if (f.first == key) return &f.second;
+    return nullptr;
+  }
+};
+
+class JsonParser {
+ public:
+  explicit JsonParser(const std::string& text) : s_(text) {}
+
+  Json parse() {
+    Json value = parse_value(0);
+    skip_space();
+    if (i_ != s_.size()) fail("text after the value");
+    return value;
+  }
+
+ private:
+  const std::string& s_;
+  size_t i_ = 0;
+
+  [[noreturn]] void fail(const char* what) const {
+    throw Error(0, std::string("the server's reply is not the JSON expected (") + what + " at byte " +
+                       std::to_string(i_) + "): " + s_.substr(0, 200));
+  }
+  void skip_space() {
+    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\t' || s_[i_] == '\n' || s_[i_] == '\r')) ++i_;
+  }
+  bool take(char c) {
+    skip_space();
+    if (i_ < s_.size() && s_[i_] == c) {
+      ++i_;
+      return true;
+    }
+    return false;
+  }
+  void expect(char c) {
+    if (!take(c)) fail("unexpected character");
+  }
+  bool take_word(const char* word) {
+    size_t n = std::strlen(word);
+    if (s_.compare(i_, n, word) != 0) return false;
+    i_ += n;
+    return true;
+  }
+
+  Json parse_value(int depth) {
+    if (depth > 32) fail("nested too deep");
+    skip_space();
+    if (i_ >= s_.size()) fail("end of text");
+    Json v;
+    char c = s_[i_];
+    if (c == '{') {
+      ++i_;
+      v.kind = Json::kObject;
+      if (take('}')) return v;
+      do {
+        skip_space();
+        if (i_ >= s_.size() || s_[i_] != '"') fail("a key is not a string");
+        std::string key = parse_string();
+        expect(':');
+        v.fields.emplace_back(std::move(key), parse_value(depth + 1));
+      } while (take(','));
+      expect('}');
+    } else if (c == '[') {
+      ++i_;
+      v.kind = Json::kArray;
+      if (take(']')) return v;
+      do v.items.push_back(parse_value(depth + 1));
+      while (take(','));
+      expect(']');
+    } else if (c == '"') {
+      v.kind = Json::kString;
+      v.string = parse_string();
+    } else if (take_word("true") || take_word("false")) {
+      v.kind = Json::kBool;
+      v.boolean = s_[i_ - 1] == 'e' && s_[i_ - 2] == 'u';
+    } else if (take_word("null")) {
+      v.kind = Json::kNull;
+    } else {
+      const char* start = s_.c_str() + i_;
+      char* end = nullptr;
+      v.kind = Json::kNumber;
+      v.number = std::strtod(start, &end);
+      if (end == start) fail("not a value");
+      i_ += static_cast<size_t>(end - start);
+    }
+    return v;
+  }
+
+  unsigned hex4() {
+    if (i_ + 4 > s_.size()) fail("a short \\u escape");
+    unsigned code = 0;
+    for (int k = 0; k < 4; ++k) {
+      char h = s_[i_++];
+      code <<= 4;
+      if (h >= '0' && h <= '9') code |= static_cast<unsigned>(h - '0');
+      else if (h >= 'a' && h <= 'f') code |= static_cast<unsigned>(h - 'a' + 10);
+      else if (h >= 'A' && h <= 'F') code |= static_cast<unsigned>(h - 'A' + 10);
+      else fail("a bad \\u escape");
+    }
+    return code;
+  }
+
+  static void append_utf8(std::string& out, unsigned code) {
+    if (code < 0x80) {
+      out += static_cast<char>(code);
+    } else if (code < 0x800) {
+      out += static_cast<char>(0xC0 | (code >> 6));
+      out += static_cast<char>(0x80 | (code & 0x3F));
+    } else if (code < 0x10000) {
+      out += static_cast<char>(0xE0 | (code >> 12));
+      out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (code & 0x3F));
+    } else {
+      out += static_cast<char>(0xF0 | (code >> 18));
+      out += static_cast<char>(0x80 | ((code >> 12) & 0x3F));
+      out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (code & 0x3F));
+    }
+  }
+
+  std::string parse_string() {
+    ++i_;  // the opening quote
+    std::string out;
+    while (true) {
+      if (i_ >= s_.size()) fail("an unterminated string");
+      char c = s_[i_++];
+      if (c == '"') return out;
+      if (c != '\\') {
+        out += c;
+        continue;
+      }
+      if (i_ >= s_.size()) fail("an unterminated escape");
+      char e = s_[i_++];
+      switch (e) {
+        case '"': case '\\': case '/': out += e; break;
+        case 'b': out += '\b'; break;
+        case 'f': out += '\f'; break;
+        case 'n': out += '\n'; break;
+        case 'r': out += '\r'; break;
+        case 't': out += '\t'; break;
+        case 'u': {
+          unsigned code = hex4();
+          if (code >= 0xD800 && code < 0xDC00 && s_.compare(i_, 2, "\\u") == 0) {
+            i_ += 2;
+            unsigned low = hex4();
+            if (low < 0xDC00 || low >= 0xE000) fail("a lone surrogate");
+            code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+          }
+          append_utf8(out, code);
+          break;
+        }
+        default: fail("a bad escape");
+      }
+    }
+  }
+};
+
+inline std::string lower(std::string s) {
+  for (char& c : s)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  return s;
+}
+
+template <typename T>
+void append_raw(std::string& body, const T& value) {
+  body.append(reinterpret_cast<const char*>(&value), sizeof value);
+}
+
+}  // namespace detail
+
+class Client {
+ public:
+  // timeout_s bounds each send and each wait for the reply's next bytes (a first request on a cold server may
+  // take a while; a 512x512 image on a CPU takes seconds).
+  explicit Client(std::string host = "127.0.0.1", int port = 8000, std::string model = "sdturbo", int timeout_s = 300)
+      : host_(std::move(host)), port_(port), model_(std::move(model)), timeout_s_(timeout_s) {}
+  ~Client() { disconnect(); }
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+  Client(Client&& other) noexcept { *this = std::move(other); }
+  Client& operator=(Client&& other) noexcept {
+    if (this != &other) {
+      disconnect();
+      host_ = std::move(other.host_), model_ = std::move(other.model_);
+      port_ = other.port_, timeout_s_ = other.timeout_s_, fd_ = other.fd_, connections_ = other.connections_;
+      other.fd_ = -1;
+    }
+    return *this;
+  }
+
+  Image generate(const Request& request) {
+    std::string message = encode(request);
+    // A kept-alive connection the server has closed since fails at once; then once more on a new one (the same
+    // request gives the same image, so a repeat is harmless).
+    bool reused = fd_ >= 0;
+    try {
+      return exchange(message);
+    } catch (const Error& e) {
+      if (!reused || e.status() != 0 || fd_ >= 0 || !stale_) throw;
+    }
+    return exchange(message);
+  }
+
+  int connections() const { return connections_; }  // connections opened so far (1 while the server keeps it)
+
+ private:
+  std::string host_;
+  int port_ = 8000;
+  std::string model_;
+  int timeout_s_ = 300;
+  int fd_ = -1;
+  int connections_ = 0;
+  bool stale_ = false;  // the last failure was a kept-alive connection that had been closed before any reply
+
+  std::string where() const { return host_ + ":" + std::to_string(port_); }
+
+  [[noreturn]] void fail(const std::string& what) {
+    disconnect();
+    throw Error(0, what);
+  }
+
+  void disconnect() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  void connect() {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    addrinfo* found = nullptr;
+    int rc = ::getaddrinfo(host_.c_str(), std::to_string(port_).c_str(), &hints, &found);
+    if (rc != 0) throw Error(0, "cannot find host " + host_ + ": " + ::gai_strerror(rc));
+    std::string last = "no address";
+    for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
+      int fd = ::socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+      if (fd < 0) {
+        last = std::strerror(errno);
+        continue;
+      }
+      if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+        timeval tv{};
+        tv.tv_sec = timeout_s_;
+        ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        int one = 1;
+        ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+#ifdef SO_NOSIGPIPE
+        ::setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+#endif
+        fd_ = fd;
+        ++connections_;
+        ::freeaddrinfo(found);
+        return;
+      }
+      last = std::strerror(errno);
+      ::close(fd);
+    }
+    ::freeaddrinfo(found);
+    throw Error(0, "cannot connect to " + where() + ": " + last + " (is `sdturbo serve` running there?)");
+  }
+
+  std::string encode(const Request& r) const {
+    if (r.prompt.size() > 0xFFFFFFFFu) throw Error(0, "the prompt is over 4 GiB");
+    bool has_image = r.image != nullptr;
+    if (has_image && (r.image_height <= 0 || r.image_width <= 0))
+      throw Error(0, "image_height and image_width must be positive with an image (got " +
+                         std::to_string(r.image_height) + "x" + std::to_string(r.image_width) + ")");
+    std::string json = "{\"inputs\":[", data;
+    auto input = [&](const char* name, const char* type, const std::string& shape, size_t bytes) {
+      if (json.back() != '[') json += ',';
+      json += std::string("{\"name\":\"") + name + "\",\"datatype\":\"" + type + "\",\"shape\":[" + shape +
+              "],\"parameters\":{\"binary_data_size\":" + std::to_string(bytes) + "}}";
+    };
+    input("prompt", "BYTES", "1", 4 + r.prompt.size());
+    detail::append_raw(data, static_cast<uint32_t>(r.prompt.size()));
+    data += r.prompt;
+    if (r.seed) input("seed", "INT64", "1", 8), detail::append_raw(data, *r.seed);
+    if (r.steps) input("steps", "INT32", "1", 4), detail::append_raw(data, *r.steps);
+    if (r.width) input("width", "INT32", "1", 4), detail::append_raw(data, *r.width);
+    if (r.height) input("height", "INT32", "1", 4), detail::append_raw(data, *r.height);
+    if (r.strength) input("strength", "FP32", "1", 4), detail::append_raw(data, *r.strength);
+    if (has_image) {
+      size_t bytes = static_cast<size_t>(r.image_height) * static_cast<size_t>(r.image_width) * 3;
+      input("image", "UINT8", std::to_string(r.image_height) + "," + std::to_string(r.image_width) + ",3", bytes);
+      data.append(reinterpret_cast<const char*>(r.image), bytes);
+    }
+    json += "],\"outputs\":[{\"name\":\"image\",\"parameters\":{\"binary_data\":true}}]}";
+    std::string head = "POST /v2/models/" + model_ + "/infer HTTP/1.1\r\nHost: " + where() +
+                       "\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: " +
+                       std::to_string(json.size()) + "\r\nContent-Length: " + std::to_string(json.size() + data.size()) +
+                       "\r\n\r\n";
+    return head + json + data;
+  }
+
+  void send_all(const std::string& message) {
+    size_t sent = 0;
+    while (sent < message.size()) {
+#ifdef MSG_NOSIGNAL
+      ssize_t n = ::send(fd_, message.data() + sent, message.size() - sent, MSG_NOSIGNAL);
+#else
+      ssize_t n = ::send(fd_, message.data() + sent, message.size() - sent, 0);
+#endif
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        stale_ = sent == 0 && (errno == EPIPE || errno == ECONNRESET);
+        fail("cannot send to " + where() + ": " + std::strerror(errno));
+      }
+      sent += static_cast<size_t>(n);
+    }
+  }
+
+  // Reads into buf until it holds at least `want` bytes; false if the server closed the connection first.
+  bool fill(std::string& buf, size_t want) {
+    char chunk[65536];
+    while (buf.size() < want) {
+      ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        bool timeout = errno == EAGAIN || errno == EWOULDBLOCK;
+        stale_ = buf.empty() && errno == ECONNRESET;
+        fail(timeout ? "no answer from " + where() + " within " + std::to_string(timeout_s_) + " s"
+                     : "cannot read from " + where() + ": " + std::strerror(errno));
+      }
+      if (n == 0) return false;
+      buf.append(chunk, static_cast<size_t>(n));
+    }
+    return true;
+  }
+
+  Image exchange(const std::string& message) {
+    stale_ = false;
+    if (fd_ < 0) connect();
+    send_all(message);
+    std::string buf;
+    size_t end;
+    while ((end = buf.find("\r\n\r\n")) == std::string::npos) {
+      if (buf.size() > 65536) fail("the reply from " + where() + " is not HTTP");
+      if (!fill(buf, buf.size() + 1)) {
+        stale_ = buf.empty();
+        fail("the server at " + where() + " closed the connection without an answer");
+      }
+    }
+    // The status line and the headers we need.
+    std::string head = buf.substr(0, end);
+    buf.erase(0, end + 4);
+    if (head.compare(0, 5, "HTTP/") != 0 || head.find(' ') == std::string::npos)
+      fail("the reply from " + where() + " is not HTTP: " + head.substr(0, 80));
+    int status = std::atoi(head.c_str() + head.find(' ') + 1);
+    long long length = -1, json_length = -1;
+    bool chunked = false, close_after = false;
+    size_t pos = head.find("\r\n");
+    while (pos != std::string::npos) {
+      size_t next = head.find("\r\n", pos + 2);
+      std::string line = head.substr(pos + 2, next == std::string::npos ? std::string::npos : next - pos - 2);
+      size_t colon = line.find(':');
+      if (colon != std::string::npos) {
+        std::string name = detail::lower(line.substr(0, colon)), value = line.substr(colon + 1);
+        value.erase(0, value.find_first_not_of(" \t"));
+        if (name == "content-length") length = std::atoll(value.c_str());
+        else if (name == "inference-header-content-length") json_length = std::atoll(value.c_str());
+        else if (name == "transfer-encoding") chunked = detail::lower(value).find("chunked") != std::string::npos;
+        else if (name == "connection") close_after = detail::lower(value).find("close") != std::string::npos;
+      }
+      pos = next;
+    }
+    std::string body = read_body(buf, chunked, length);
+    if (close_after) disconnect();
+    if (status != 200) {
+      std::string text = body;
+      try {
+        detail::Json reply = detail::JsonParser(body).parse();
+        const detail::Json* error = reply.get("error");
+        if (error != nullptr && error->kind == detail::Json::kString) text = error->string;
+      } catch (const Error&) {
+      }
+      throw Error(status, text.empty() ? "HTTP " + std::to_string(status) + " from " + where() : text);
+    }
+    return decode(body, json_length);
+  }
+
+  std::string read_body(std::string& buf, bool chunked, long long length) {
+    if (chunked) {
+      std::string body;
+      while (true) {
+        size_t eol;
+        while ((eol = buf.find("\r\n")) == std::string::npos)
+          if (!fill(buf, buf.size() + 1)) fail("the reply from " + where() + " was cut short");
+        size_t size = std::strtoull(buf.c_str(), nullptr, 16);
+        buf.erase(0, eol + 2);
+        if (!fill(buf, size + 2)) fail("the reply from " + where() + " was cut short");
+        body.append(buf, 0, size);
+        buf.erase(0, size + 2);
+        if (size == 0) return body;  // (trailers are not used by the server)
+      }
+    }
+    if (length < 0) {  // until the server closes the connection
+      while (fill(buf, buf.size() + 65536)) {
+      }
+      disconnect();
+      return buf;
+    }
+    if (!fill(buf, static_cast<size_t>(length))) fail("the reply from " + where() + " was cut short");
+    buf.resize(static_cast<size_t>(length));  // one request at a time per connection: nothing follows the reply
+    return std::move(buf);
+  }
+
+  Image decode(const std::string& body, long long json_length) {
+    if (json_length < 0 || static_cast<size_t>(json_length) > body.size())
+      fail("the reply from " + where() + " has no binary image (Inference-Header-Content-Length missing)");
+    detail::Json reply = detail::JsonParser(body.substr(0, static_cast<size_t>(json_length))).parse();
+    const detail::Json* outputs = reply.get("outputs");
+    size_t offset = static_cast<size_t>(json_length);
+    if (outputs != nullptr) {
+      for (const detail::Json& out : outputs->items) {  // binary outputs follow the header in this order
+        const detail::Json *name = out.get("name"), *shape = out.get("shape"), *params = out.get("parameters");
+        const detail::Json* size = params != nullptr ? params->get("binary_data_size") : nullptr;
+        if (size == nullptr) continue;
+        size_t bytes = static_cast<size_t>(size->number);
+        if (name != nullptr && name->string == "image" && shape != nullptr && shape->items.size() == 3) {
+          Image image;
+          image.height = static_cast<int32_t>(shape->items[0].number);
+          image.width = static_cast<int32_t>(shape->items[1].number);
+          size_t expected = static_cast<size_t>(image.height) * static_cast<size_t>(image.width) * 3;
+          if (bytes != expected || offset + bytes > body.size() || shape->items[2].number != 3)
+            fail("the reply from " + where() + " has an image of " + std::to_string(bytes) + " bytes for its shape");
+          image.rgb.assign(body.begin() + static_cast<std::ptrdiff_t>(offset),
+                           body.begin() + static_cast<std::ptrdiff_t>(offset + bytes));
+          return image;
+        }
+        offset += bytes;
+      }
+    }
+    fail("the reply from " + where() + " has no output 'image': " + body.substr(0, 200));
+  }
+};
+
+}  // namespace sdturbo

@@ -1,0 +1,224 @@
+"""engine/cpp/sdturbo_client.hpp against a stand-in server speaking the same protocol, for the replies the real
+server rarely gives: a chunked body, a kept-alive connection the server closed while idle, a reply cut short, an
+error that is not JSON. (tests/serve/test_triton.py runs it against `sdturbo serve` itself.)"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .cpp_client import SOURCE, WARNINGS, compiler, read, request
+
+
+class StandIn:
+    """An HTTP server on 127.0.0.1 that answers each request with ``reply(connection, number, header, data)``:
+    (bytes to send, close the connection after). Keeps what each request sent."""
+
+    def __init__(self, reply):
+        self.reply, self.requests, self.connections = reply, [], 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn, self.connections), daemon=True).start()
+
+    def _serve(self, conn, number):
+        buf = b""
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buf += chunk
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                fields = dict(line.split(": ", 1) for line in head.decode().split("\r\n")[1:])
+                length = int(fields["Content-Length"])
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                body, buf = buf[:length], buf[length:]
+                split = int(fields["Inference-Header-Content-Length"])
+                header, data = json.loads(body[:split]), body[split:]
+                self.requests.append((header, data))
+                answer, close = self.reply(number, len(self.requests), header, data)
+                conn.sendall(answer)
+                if close:
+                    return
+
+    def close(self):
+        self.sock.close()
+
+
+def image_reply(pixels: np.ndarray, chunked=False, cut=0) -> bytes:
+    header = {"model_name": "sdturbo", "model_version": "1"}
+    header["outputs"] = [
+        {
+            "name": "image",
+            "datatype": "UINT8",
+            "shape": list(pixels.shape),
+            "parameters": {"binary_data_size": pixels.size},
+        }
+    ]
+    head = json.dumps(header).encode()
+    body = head + pixels.tobytes()
+    fields = (
+        f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(head)}\r\n"
+    )
+    if chunked:  # in three chunks, cut across the header and the pixels
+        parts = [body[:10], body[10 : len(body) // 2], body[len(body) // 2 :]]
+        return (
+            (fields + "Transfer-Encoding: chunked\r\n\r\n").encode()
+            + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts)
+            + b"0\r\n\r\n"
+        )
+    return (fields + f"Content-Length: {len(body)}\r\n\r\n").encode() + body[: len(body) - cut]
+
+
+def pixels(seed: int, h=24, w=40) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def stand_in():
+    servers = []
+
+    def start(reply):
+        servers.append(StandIn(reply))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def test_what_it_sends_is_the_protocols_binary_tensors_and_only_the_fields_set(stand_in, cpp_request, tmp_path):
+    server = stand_in(lambda c, n, h, d: (image_reply(pixels(0)), False))
+    prompt = "é 猫 🐈"
+    code, err = request(cpp_request, server.url, prompt, tmp_path / "a.ppm", "--seed", str(2**63 - 1), "--steps", "3")
+    assert code == 0, err
+    header, data = server.requests[0]
+    inputs = header["inputs"]
+    assert [(i["name"], i["datatype"], i["shape"]) for i in inputs] == [
+        ("prompt", "BYTES", [1]),
+        ("seed", "INT64", [1]),
+        ("steps", "INT32", [1]),
+    ]  # width, height, strength and image unset: the server's defaults
+    encoded = prompt.encode()
+    assert data == struct.pack("<I", len(encoded)) + encoded + struct.pack("<q", 2**63 - 1) + struct.pack("<i", 3)
+    assert [i["parameters"]["binary_data_size"] for i in inputs] == [4 + len(encoded), 8, 4]
+    assert header["outputs"] == [{"name": "image", "parameters": {"binary_data": True}}]
+    np.testing.assert_array_equal(read(tmp_path / "a.ppm"), pixels(0))
+
+
+def test_a_chunked_reply_gives_the_same_image(stand_in, cpp_request, tmp_path):
+    server = stand_in(lambda c, n, h, d: (image_reply(pixels(1), chunked=True), False))
+    code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm")
+    assert code == 0, err
+    np.testing.assert_array_equal(read(tmp_path / "a.ppm"), pixels(1))
+
+
+def test_a_kept_alive_connection_closed_while_idle_is_opened_again(stand_in, cpp_request, tmp_path):
+    """The server closes each connection after its first reply, without saying so (as an idle timeout does):
+    each next request finds it closed and goes again on a new one, once."""
+    server = stand_in(lambda c, n, h, d: (image_reply(pixels(n)), True))
+    code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm", "--count", "3")
+    assert code == 0, err
+    assert "3 image(s) over 3 connection(s)" in err
+    for k in range(3):
+        np.testing.assert_array_equal(read(tmp_path / f"a-{k}.ppm"), pixels(k + 1))
+    assert [struct.unpack("<q", d[-8:])[0] for _, d in server.requests] == [0, 1, 2]  # seeds 0, 1, 2
+
+
+def test_a_connection_kept_alive_carries_every_request(stand_in, cpp_request, tmp_path):
+    server = stand_in(lambda c, n, h, d: (image_reply(pixels(n)), False))
+    code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm", "--count", "3", "--seed", "5")
+    assert code == 0, err
+    assert "3 image(s) over 1 connection(s)" in err and server.connections == 1
+    assert [struct.unpack("<q", d[-8:])[0] for _, d in server.requests] == [5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 13\r\n\r\nshutting down", "HTTP 503: shutting down"),
+        (
+            b'HTTP/1.1 400 Bad Request\r\nContent-Length: 36\r\n\r\n{"error":"width \\"7\\" \\u00e9 no"}   ',
+            'HTTP 400: width "7" é no',
+        ),
+        (image_reply(pixels(2), cut=5), "was cut short"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "is not HTTP"),
+        (
+            b"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: 2\r\nContent-Length: 5\r\n\r\n{}abc",
+            "has no output 'image'",
+        ),
+    ],
+    ids=["plain-text-error", "json-error", "cut-short", "not-http", "no-image"],
+)
+def test_a_refusal_or_a_broken_reply_is_exit_1_with_the_reason_and_no_image(
+    stand_in, cpp_request, tmp_path, answer, message
+):
+    server = stand_in(lambda c, n, h, d: (answer, True))
+    code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm")
+    assert code == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a part
+
+
+def test_an_image_whose_size_disagrees_with_its_shape_is_refused(stand_in, cpp_request, tmp_path):
+    reply = image_reply(pixels(3)).replace(b'"shape": [24, 40, 3]', b'"shape": [24, 41, 3]')
+    server = stand_in(lambda c, n, h, d: (reply, True))
+    code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm")
+    assert code == 1 and "has an image of 2880 bytes for its shape" in err, err
+
+
+def test_no_server_is_named_with_its_address(cpp_request, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # a port nobody listens on once closed
+    code, err = request(cpp_request, f"127.0.0.1:{port}", "x", tmp_path / "a.ppm")
+    assert code == 1 and f"cannot connect to 127.0.0.1:{port}: Connection refused" in err, err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "64"], "--size 64 is not WIDTHxHEIGHT"),
+        (["--seed", "-1"], "--seed -1 is not an integer from 0 to 9223372036854775807"),
+        (["--count", "0"], "--count 0 is not an integer from 1 to 1000"),
+        (["--strength", "half"], "--strength half is not a number"),
+        (["--url", "localhost"], "--url localhost is not HOST:PORT"),
+        (["--image", "/nonexistent.ppm"], "cannot read /nonexistent.ppm"),
+        (["two"], "one prompt only"),
+        (["--steps"], "--steps needs a value"),
+    ],
+)
+def test_a_bad_command_line_is_exit_2_naming_the_value(cpp_request, tmp_path, args, message):
+    code, err = request(cpp_request, "127.0.0.1:1", "x", tmp_path / "a.ppm", *args)
+    assert code == 2 and message in err, err
+
+
+def test_the_readmes_cpp_example_compiles(tmp_path):
+    """README's "From C++" example, as a function body, against the header (no server: it is only compiled)."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in readme.split("```cpp\n")[1:]]
+    example = next(b for b in blocks if '#include "sdturbo_client.hpp"' in b)
+    include, body = example.split("\n", 1)
+    source = tmp_path / "app.cpp"
+    source.write_text(f"{include}\n\nint main() {{\n{body}\n  return 0;\n}}\n")
+    flags = [f for f in WARNINGS if f != "-Werror"]  # the example leaves its image unused
+    done = subprocess.run(
+        [compiler(), "-std=c++17", "-fsyntax-only", *flags, "-I", str(SOURCE.parent), str(source)], capture_output=True
+    )
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
