@@ -72,6 +72,9 @@ class Pipeline:
         self.dtype = np.dtype(latent_spec.dtype)  # latents live in the UNet's float type between steps
         on_cpu = tuple(getattr(backend, "providers", ())) == ("CPUExecutionProvider",)
         self.part_pixels = CPU_PART_PIXELS if on_cpu else None  # None: a batch runs whole
+        # onnxruntime's CPU fp16 convolutions of the tiny VAE round a batch differently from one image (up to
+        # 5e-4, a level in a few pixels): there it runs one image at a time, so a batch makes each image's own
+        self.vae_per_image = on_cpu and vae == "tiny" and self.dtype == np.float16
 
     def stage(self, name: str):
         if self.closed and not self._runs:  # (a run that was under way when close() came still finishes)
@@ -151,14 +154,22 @@ class Pipeline:
             inputs = {"image": to_model_image(req.image, dt)}
             if self.vae == "full":  # the tiny encoder is deterministic: its posterior draw goes unused
                 inputs["noise"] = enc_noise
-            init = self.stage(self.encoder)(**inputs).astype(dt)
+            init = self.run_vae(self.encoder, inputs).astype(dt)
             x = sched.add_noise(init, noise)
         unet = self.stage("unet")
         for i in range(sched.steps):
             t = np.full((req.batch,), sched.timesteps[i], np.float32)
             eps = unet(sample=sched.scale_input(i, x), timestep=t, hidden_states=hidden, **cond)
             x = sched.step(i, eps, x, step_noise[i] if sched.ancestral else None)
-        return self.stage(self.decoder)(latents=x)
+        return self.run_vae(self.decoder, {"latents": x})
+
+    def run_vae(self, name: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """The VAE's encoder or decoder on the batch, or one image at a time (``vae_per_image``)."""
+        stage = self.stage(name)
+        batch = len(next(iter(inputs.values())))
+        if not self.vae_per_image or batch == 1:
+            return stage(**inputs)
+        return np.concatenate([stage(**{k: v[i : i + 1] for k, v in inputs.items()}) for i in range(batch)])
 
     def encode_prompts(self, req: Request) -> tuple[np.ndarray, dict]:
         """Text conditioning: SD-Turbo's hidden states; SDXL's two encoders' hidden states side by side,
