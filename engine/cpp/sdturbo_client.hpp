@@ -15,9 +15,11 @@
 // thread, or guard it. Over gRPC, use Triton's C++ client library (README, "From C++").
 #pragma once
 
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -251,9 +253,14 @@ void append_raw(std::string& body, const T& value) {
 class Client {
  public:
   // timeout_s bounds each send and each wait for the reply's next bytes (a first request on a cold server may
-  // take a while; a 512x512 image on a CPU takes seconds).
-  explicit Client(std::string host = "127.0.0.1", int port = 8000, std::string model = "sdturbo", int timeout_s = 300)
-      : host_(std::move(host)), port_(port), model_(std::move(model)), timeout_s_(timeout_s) {}
+  // take a while; a 512x512 image on a CPU takes seconds); connect_timeout_s bounds opening a connection.
+  explicit Client(std::string host = "127.0.0.1", int port = 8000, std::string model = "sdturbo", int timeout_s = 300,
+                  int connect_timeout_s = 10)
+      : host_(std::move(host)),
+        port_(port),
+        model_(std::move(model)),
+        timeout_s_(timeout_s),
+        connect_timeout_s_(connect_timeout_s) {}
   ~Client() { disconnect(); }
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
@@ -262,7 +269,8 @@ class Client {
     if (this != &other) {
       disconnect();
       host_ = std::move(other.host_), model_ = std::move(other.model_);
-      port_ = other.port_, timeout_s_ = other.timeout_s_, fd_ = other.fd_, connections_ = other.connections_;
+      port_ = other.port_, timeout_s_ = other.timeout_s_, connect_timeout_s_ = other.connect_timeout_s_;
+      fd_ = other.fd_, connections_ = other.connections_;
       other.fd_ = -1;
     }
     return *this;
@@ -288,6 +296,7 @@ class Client {
   int port_ = 8000;
   std::string model_;
   int timeout_s_ = 300;
+  int connect_timeout_s_ = 10;
   int fd_ = -1;
   int connections_ = 0;
   bool stale_ = false;  // the last failure was a kept-alive connection that had been closed before any reply
@@ -318,7 +327,7 @@ class Client {
         last = std::strerror(errno);
         continue;
       }
-      if (::connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+      if (connect_within(fd, a->ai_addr, a->ai_addrlen, last)) {
         timeval tv{};
         tv.tv_sec = timeout_s_;
         ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -333,11 +342,36 @@ class Client {
         ::freeaddrinfo(found);
         return;
       }
-      last = std::strerror(errno);
       ::close(fd);
     }
     ::freeaddrinfo(found);
     throw Error(0, "cannot connect to " + where() + ": " + last + " (is `sdturbo serve` running there?)");
+  }
+
+  // connect(2) within connect_timeout_s_ (a host that drops packets would otherwise hold it for minutes).
+  bool connect_within(int fd, const sockaddr* address, socklen_t length, std::string& error) const {
+    int flags = ::fcntl(fd, F_GETFL, 0);
+    ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    int rc = ::connect(fd, address, length);
+    if (rc != 0 && errno == EINPROGRESS) {
+      pollfd p{fd, POLLOUT, 0};
+      do rc = ::poll(&p, 1, connect_timeout_s_ * 1000);
+      while (rc < 0 && errno == EINTR);
+      if (rc == 0) {
+        error = "no connection within " + std::to_string(connect_timeout_s_) + " s";
+        return false;
+      }
+      int so_error = 0;
+      socklen_t size = sizeof so_error;
+      if (rc > 0 && ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &so_error, &size) == 0) errno = so_error;
+      rc = rc > 0 && so_error == 0 ? 0 : -1;
+    }
+    if (rc != 0) {
+      error = std::strerror(errno);
+      return false;
+    }
+    ::fcntl(fd, F_SETFL, flags);
+    return true;
   }
 
   std::string encode(const Request& r) const {

@@ -24,10 +24,12 @@ namespace {
 
 const char* kUsage =
     "usage: sdturbo_request PROMPT --out OUT.ppm [--url HOST:PORT] [--seed N] [--steps N] [--size WxH]\n"
-    "                       [--image IN.ppm] [--strength S] [--count N]\n"
+    "                       [--image IN.ppm] [--strength S] [--count N] [--timeout S] [--connect-timeout S]\n"
     "  --url     the server's HTTP address (default 127.0.0.1:8000)\n"
     "  --count   N images, seeds SEED to SEED+N-1, one request each over one connection; written as\n"
-    "            OUT-0.ppm ... OUT-(N-1).ppm\n";
+    "            OUT-0.ppm ... OUT-(N-1).ppm\n"
+    "  --timeout the longest wait for the server's next bytes, in s (default 300)\n"
+    "  --connect-timeout  the longest wait to connect, in s (default 10)\n";
 
 [[noreturn]] void usage_error(const std::string& message) {
   std::cerr << "sdturbo_request: " << message << "\n" << kUsage;
@@ -96,7 +98,7 @@ bool write_ppm(const std::string& path, const sdturbo::Image& image) {
 int main(int argc, char** argv) {
   sdturbo::Request request;
   std::string out, url = "127.0.0.1:8000", image_path;
-  long long count = 1;
+  long long count = 1, timeout_s = 300, connect_timeout_s = 10;
   bool have_prompt = false;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
@@ -116,6 +118,8 @@ int main(int argc, char** argv) {
     else if (arg == "--seed") request.seed = integer(arg, value, 0, INT64_MAX);
     else if (arg == "--steps") request.steps = static_cast<int32_t>(integer(arg, value, INT32_MIN, INT32_MAX));
     else if (arg == "--count") count = integer(arg, value, 1, 1000);
+    else if (arg == "--timeout") timeout_s = integer(arg, value, 1, 86400);
+    else if (arg == "--connect-timeout") connect_timeout_s = integer(arg, value, 1, 3600);
     else if (arg == "--image") image_path = value;
     else if (arg == "--strength") {
       char* end = nullptr;
@@ -144,7 +148,8 @@ int main(int argc, char** argv) {
   int64_t first_seed = request.seed.value_or(0);
   if (count > 1 && first_seed > INT64_MAX - (count - 1)) usage_error("--seed + --count - 1 is over 2**63 - 1");
 
-  sdturbo::Client client(url.substr(0, colon), port);
+  sdturbo::Client client(url.substr(0, colon), port, "sdturbo", static_cast<int>(timeout_s),
+                         static_cast<int>(connect_timeout_s));
   for (long long k = 0; k < count; ++k) {
     if (count > 1) request.seed = first_seed + k;
     std::string path = out;

@@ -9,6 +9,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,35 @@ def test_no_server_is_named_with_its_address(cpp_request, tmp_path):
     assert code == 1 and f"cannot connect to 127.0.0.1:{port}: Connection refused" in err, err
 
 
+def test_a_server_that_does_not_answer_is_given_up_after_the_timeout(stand_in, cpp_request, tmp_path):
+    answered = threading.Event()
+    server = stand_in(lambda c, n, h, d: (answered.wait(30) and b"", True))  # holds the request, answers nothing
+    start = time.monotonic()
+    code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm", "--timeout", "1")
+    answered.set()
+    assert code == 1 and f"no answer from {server.url} within 1 s" in err, err
+    assert time.monotonic() - start < 20
+
+
+def test_a_connection_that_does_not_open_is_given_up_after_the_connect_timeout(cpp_request, tmp_path):
+    """A listener whose queue is full drops new connections' SYNs, as a host that drops packets does."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        waiting = [socket.socket() for _ in range(4)]
+        for w in waiting:
+            w.setblocking(False)
+            w.connect_ex(("127.0.0.1", port))
+        time.sleep(0.2)
+        start = time.monotonic()
+        code, err = request(cpp_request, f"127.0.0.1:{port}", "x", tmp_path / "a.ppm", "--connect-timeout", "1")
+        for w in waiting:
+            w.close()
+    assert code == 1 and f"cannot connect to 127.0.0.1:{port}: no connection within 1 s" in err, err
+    assert time.monotonic() - start < 20
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -202,6 +232,7 @@ def test_no_server_is_named_with_its_address(cpp_request, tmp_path):
         (["--image", "/nonexistent.ppm"], "cannot read /nonexistent.ppm"),
         (["two"], "one prompt only"),
         (["--steps"], "--steps needs a value"),
+        (["--timeout", "0"], "--timeout 0 is not an integer from 1 to 86400"),
     ],
 )
 def test_a_bad_command_line_is_exit_2_naming_the_value(cpp_request, tmp_path, args, message):
