@@ -73,13 +73,15 @@ class BenchConfig:
             check_contender(name)
         modes.check(self.modes)
         cached = "prompt-cache" in self.modes or any(modes.mode_of(n) == "prompt-cache" for n in self.contenders)
-        if cached and self.warmup < 1:  # its contenders' warm-up run fills the cache
+        if cached and self.warmup < CACHED_WARMUP:
             raise InputError(
-                f"--warmup {self.warmup} is not allowed with prompt-cache contenders; give --warmup 1 or more (the "
-                f"warm-up run fills the prompt cache, so that every timed run is a cache hit)"
+                f"--warmup {self.warmup} is not allowed with prompt-cache contenders; give --warmup {CACHED_WARMUP} or "
+                f"more (the first warm-up run fills the prompt cache, the second runs a hit once, capturing its CUDA "
+                f"graph on a GPU, so that every timed run is a warmed-up cache hit)"
             )
 
 
+CACHED_WARMUP = 2  # prompt-cache contenders: a miss fills the cache, then a hit's first run (its graph's capture)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -182,6 +184,10 @@ def _run(cfg: BenchConfig) -> dict:
     dev = device()
     names = list(cfg.contenders) or available(dev)
     names += modes.contenders(cfg.modes, names)
+    # each mode's contenders together, diffusers first (otherwise in the order given): a mode's reference is the
+    # first of its contenders to run, so diffusers' wherever it runs
+    groups = list(dict.fromkeys(modes.mode_of(n) for n in names))
+    names.sort(key=lambda n: (groups.index(modes.mode_of(n)), not n.startswith("diffusers-")))
     tiny = any(modes.mode_of(n) == "tiny-vae" for n in names)
     out = Path(cfg.out)
     log.info("results go to %s", out)
@@ -252,9 +258,9 @@ def _run(cfg: BenchConfig) -> dict:
         reference = references.setdefault(modes.mode_of(name), (name, image))
         value = psnr(image, reference[1])
         res["psnr_vs_reference_db"] = None if value == float("inf") else value  # null: identical (JSON has no inf)
+        contender.close()  # before the cold start: its memory is not the new process's to share
         if cfg.cold and modes.mode_of(name) == modes.FULL:
             res["cold_start"] = cold_start(name, folder, bundle.get(precision), dev, cfg)
-        contender.close()
         results.append(res)
     if not references:
         raise RuntimeError(f"no contender ran: {failed}")
@@ -298,13 +304,15 @@ def _run(cfg: BenchConfig) -> dict:
 def device_stage_times(contender, prompts, latents, cfg: BenchConfig, step_noise=None) -> dict | None:
     """A device pipeline's stages (DevicePipeline.stage_times, CUDA events between the stages of an eager run,
     no graph): the median of ``cfg.runs`` runs, "other" as measured there (uint8), plus "eager_total"; None for
-    the host pipelines and diffusers, whose stages are timed inside the measured runs."""
+    the host pipelines and diffusers, whose stages are timed inside the measured runs. A prompt-cache contender's
+    runs leave the text encoders out, as its timed runs (hits) do."""
     pipe = getattr(contender, "pipe", None)
     if not hasattr(pipe, "stage_times"):
         return None
     kw = {} if step_noise is None else {"step_noise": step_noise}
     req = pipe.request(prompts, steps=cfg.steps, height=cfg.height, width=cfg.width, latents=latents, **kw)
-    runs = [pipe.stage_times(req) for _ in range(max(cfg.runs, 1))]
+    encode = modes.mode_of(contender.name) != "prompt-cache"  # (its last timed run, a hit, left their outputs)
+    runs = [pipe.stage_times(req, encode=encode) for _ in range(max(cfg.runs, 1))]
     out = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in (*TIMED, "other")}
     out["eager_total"] = float(np.median([sum(r.values()) for r in runs]))
     return out
@@ -345,7 +353,8 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
             run = {k: resolved.get(k, 0.0) for k in TIMED}
             run["other"] = ms - sum(run.values())  # tokenizer, noise, uint8, copies: the rest of this run
             stages.append(run)
-    st = {k: float(np.median([r[k] for r in stages])) for k in (*TIMED, "other")}
+    peak_mb, start_mb = mem.peak_mb(), mem.start_mb  # load and latency runs: before the sweep's larger batches
+    st = dict(stages[median_run(e2e)])  # the stages of one run, which add up to its time
     device_stages = device_stage_times(contender, prompts, latents, cfg, step_noise)
     if device_stages:  # a device pipeline runs as one graph: its stages are timed in eager runs apart
         st = device_stages
@@ -366,14 +375,23 @@ def measure(contender, cfg: BenchConfig, prompts, latents, timer: StageTimer, de
         },
         "throughput": throughput(contender, cfg, sync),
         "throughput_profile": getattr(contender, "sweep_profile", None),  # TensorRT: the sweep's engines
-        "peak_memory_mb": mem.peak_mb(),
+        "peak_memory_mb": peak_mb,
+        "memory_at_start_mb": start_mb,
         "image": image,
     }
 
 
+def median_run(times: list[float]) -> int:
+    """The index of the median run (of the two middle ones, the faster), so that the stages reported are one
+    run's and add up to its time."""
+    order = sorted(range(len(times)), key=times.__getitem__)
+    return order[(len(times) - 1) // 2]
+
+
 def throughput(contender, cfg: BenchConfig, sync) -> list[dict]:
-    """Images per second at each of ``cfg.batches`` (3 runs after a warm-up each). A TensorRT contender runs
-    them on engines for every batch up to the largest (``Ours.for_sweep``; its profile is reported)."""
+    """Images per second at each of ``cfg.batches`` (the median of 3 runs after a warm-up each; prompt-cache
+    contenders: after two, a miss and a hit, as the latency runs). A TensorRT contender runs them on engines for
+    every batch up to the largest (``Ours.for_sweep``; its profile is reported)."""
     out = []
     if hasattr(contender, "for_sweep"):
         try:
@@ -383,7 +401,8 @@ def throughput(contender, cfg: BenchConfig, sync) -> list[dict]:
     for b in cfg.batches:
         lat = np.random.default_rng(b).standard_normal((b, 4, cfg.height // 8, cfg.width // 8), dtype=np.float32)
         try:
-            contender([cfg.prompt] * b, lat, cfg.steps, cfg.height, cfg.width)  # warm-up for this shape
+            for _ in range(CACHED_WARMUP if modes.mode_of(contender.name) == "prompt-cache" else 1):
+                contender([cfg.prompt] * b, lat, cfg.steps, cfg.height, cfg.width)  # warm-up for this shape
             times = []
             for _ in range(3):
                 sync()
@@ -404,12 +423,12 @@ def cold_start(name: str, folder, bundle, dev: str, cfg: BenchConfig) -> dict:
     if name.startswith("diffusers"):
         if name.endswith("-compile"):
             return {"skipped": "compile time is in warmup_ms"}
-        args = ["diffusers", str(folder), dev, name.split("-")[1], size, str(cfg.steps)]
+        args = ["diffusers", str(folder), dev, name.split("-")[1], size, str(cfg.steps), str(cfg.batch)]
     else:
         backend, variant, precision = parse_ours(name)
         if variant:
             return {"skipped": "measured for the default variant only"}
-        args = ["ours", str(bundle), backend, precision, size, str(cfg.steps)]
+        args = ["ours", str(bundle), backend, precision, size, str(cfg.steps), str(cfg.batch)]
     t = time.perf_counter()
     r = subprocess.run(
         [sys.executable, "-m", "sdturbo.benchmarks.cold", *args], capture_output=True, text=True, env=dict(os.environ)
@@ -421,7 +440,10 @@ def cold_start(name: str, folder, bundle, dev: str, cfg: BenchConfig) -> dict:
 
 
 class Memory:
-    """Peak memory while a contender runs: host RSS high-water on a CPU, device bytes on a GPU."""
+    """Peak memory while a contender loads and runs: the process's host RSS high-water on a CPU; on a GPU, torch's
+    peak or the device memory taken since the start by other allocators (ONNX Runtime's arena, TensorRT), the
+    larger. ``start_mb``: what the process held when it started (on a CPU: the imports, torch's included, and what
+    earlier contenders left; on a GPU: device memory in use by anything), which the peak includes on a CPU."""
 
     def __init__(self, dev: str):
         self.dev = dev
@@ -429,11 +451,13 @@ class Memory:
             import torch
 
             torch.cuda.reset_peak_memory_stats()
-            self.free0 = torch.cuda.mem_get_info()[0]
+            self.free0, total = torch.cuda.mem_get_info()
+            self.start_mb = (total - self.free0) / 2**20
         else:
             from sdturbo.export.rss import PeakRss
 
             self.rss = PeakRss()
+            self.start_mb = float(self.rss.peak_mb())  # just reset: the RSS now
 
     def peak_mb(self) -> float:
         if self.dev == "cuda":

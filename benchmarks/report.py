@@ -61,21 +61,41 @@ def markdown(results: dict) -> str:
         f"{results['rates']['copy_gbps']:.1f} GB/s copy; reference: {results['reference']}",
         "",
         "| contender | e2e median ms | p90 | p99 | speedup | text enc ms | UNet/step ms | VAE dec ms | sched+other ms "
-        "| e2e / floor | load s | cold start s | peak MB | PSNR vs ref dB |",
+        "| e2e / floor | load s | cold start s | peak MB (at start) | PSNR vs ref dB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in (r for r in results["contenders"] if r.get("mode", modes.FULL) == modes.FULL):  # modes: apart
         e, s = r["e2e_ms"], r["stages_ms"]
-        cold = r.get("cold_start", {}).get("process_s")
+        cold = r.get("cold_start", {})
+        cold = f"{cold['process_s']:.2f}" if "process_s" in cold else "failed" if "error" in cold else "-"
+        start = r.get("memory_at_start_mb")
         lines.append(
             f"| {r['name']} | {e['median']:.1f} | {e['p90']:.1f} | {e['p99']:.1f} | {r['speedup_vs_reference']:.2f}x "
             f"| {s['text_encoder']:.1f} | {s['unet_per_step']:.1f} | {s['vae_decoder']:.1f} "
             f"| {s['scheduler'] + s['other']:.1f} | {r['over_floor']['end_to_end']:.1f}x | {r['load_s']:.2f} "
-            f"| {'-' if cold is None else f'{cold:.2f}'} | {r['peak_memory_mb']:.0f} "
+            f"| {cold} | {r['peak_memory_mb']:.0f}{'' if start is None else f' ({start:.0f})'} "
             f"| {_db(r['psnr_vs_reference_db'])} |"
         )
     for f in results.get("failed", []):
-        lines.append(f"| {f['name']} | failed: {f['error'].splitlines()[0][:200]} |" + " |" * 13)
+        lines.append(f"| {f['name']} | failed: {f['error'].splitlines()[0][:200]} |" + " |" * 12)
+    full = [r for r in results["contenders"] if r.get("mode", modes.FULL) == modes.FULL]
+    eager = [r["name"] for r in full if "eager_total" in r["stages_ms"]]
+    lines += [
+        "",
+        "Stages: those of the median run (they add up to its time)"
+        + (
+            f"; {', '.join(eager)}: from eager runs apart (CUDA events between the stages; `eager_total` in the "
+            "JSON), while the e2e columns time the CUDA graph, and sched+other is the uint8 kernel alone: the "
+            "tokenizer, the copies and the host wait are in no stage"
+            if eager
+            else ""
+        )
+        + ". Peak MB: load and latency runs (not the throughput sweep); on a CPU the process's high-water, which "
+        "includes what it held at the start (imports, earlier contenders' leftovers).",
+    ]
+    colds = [f"{r['name']}: {r['cold_start']['error']}" for r in full if "error" in r.get("cold_start", {})]
+    if colds:
+        lines += ["", "cold start failed: " + "; ".join(colds)]
     graphs = [f"{r['name']}: {r['cuda_graph']}" for r in results["contenders"] if r.get("cuda_graph")]
     if graphs:
         lines += ["", "CUDA graph: " + "; ".join(graphs)]
@@ -92,14 +112,18 @@ def markdown(results: dict) -> str:
     tp = []
     for r in results["contenders"]:  # TensorRT's sweep runs on engines of their own: their profile is named
         name = r["name"] + (f" (engines {r['throughput_profile']})" if r.get("throughput_profile") else "")
-        tp += [(name, t["batch"], t["images_per_s"]) for t in r["throughput"]]
+        tp += [(name, t["batch"], t["images_per_s"], t.get("error")) for t in r["throughput"]]
     if tp:
         lines += ["", "| contender | batch | images/s |", "|---|---|---|"]
-        lines += [f"| {n} | {b} | {'-' if v is None else f'{v:.2f}'} |" for n, b, v in tp]
+        lines += [f"| {n} | {b} | {_rate(v, err)} |" for n, b, v, err in tp]
     flops = results.get("flops", {}).get("tiny_vae_decoder")
     if flops:
         lines += ["", f"tiny VAE decoder: {flops['flops'] / 1e9:.1f} GFLOP, {flops['params'] / 1e6:.2f} M parameters"]
     return "\n".join(lines) + modes.markdown(results)
+
+
+def _rate(images_per_s, error) -> str:
+    return f"failed: {(error or 'no time')[:120]}" if images_per_s is None else f"{images_per_s:.2f}"
 
 
 def _db(value) -> str:

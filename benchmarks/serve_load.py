@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .report import results_folder
+from .timers import SETTLE_S
 
 PROMPTS = ("a cinematic shot of a baby racoon", "a red cube on a table", "an astronaut riding a horse", "a lighthouse")
 REFUSED = ("[400] ", "[StatusCode.INVALID_ARGUMENT] ")  # how tritonclient words a client's error (HTTP, gRPC)
@@ -152,8 +153,6 @@ class MemorySampler(threading.Thread):
         self._stop.set()
 
 
-SETTLE_S = 0.1  # between the halves of a pair: ONNX Runtime's idle worker threads spin a while after a call, and
-# in two processes on few cores one side's spinning would slow the other's call that follows at once
 CLIENT_TIMEOUT_S = 3600.0  # a request queued behind full-size CPU batches can take minutes; never give up on one
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+# Between two timed runs that must not slow each other: the one before may leave worker threads spinning a while
+# (torch's OpenMP threads, onnxruntime's on a GPU session), which on few cores slows a run that follows at once
+# (measured on 2 cores: diffusers right after onnxruntime with its spinning on, 32 -> 142 ms; after 0.2 s, 36 ms).
+SETTLE_S = 0.2
+
 
 class StageTimer:
     def __init__(self, cuda: bool = False):

@@ -464,16 +464,17 @@ class DevicePipeline:
             if name not in inputs:
                 self.stream.fill(buf.ptr, pixel_byte if name == "pixels" else 0xFF, buf.nbytes)
 
-    def stage_times(self, req: Request) -> dict[str, float]:
+    def stage_times(self, req: Request, encode: bool = True) -> dict[str, float]:
         """Milliseconds per stage of one eager run of ``req`` (no graph), from CUDA events recorded between
         the stages: text_encoder (both of SDXL's), vae_encoder (img2img), unet (every step), scheduler (the
         kernels around each step), vae_decoder (with its casts), other (uint8). For the benchmark: the graph's
-        own end-to-end time is measured apart; these tell where it goes."""
+        own end-to-end time is measured apart; these tell where it goes. ``encode`` False: without the text
+        encoders, as a prompt-cache hit runs (their outputs are the last run's, left in place)."""
         with self._running:
             self._check_open()
-            return self._stage_times(req)
+            return self._stage_times(req, encode)
 
-    def _stage_times(self, req: Request) -> dict[str, float]:
+    def _stage_times(self, req: Request, encode: bool = True) -> dict[str, float]:
         img2img = req.image is not None
         sched = make_schedule(self.bundle.scheduler, req.steps, req.strength if img2img else 1.0)
         self._inputs(req, sched)
@@ -485,7 +486,7 @@ class DevicePipeline:
             marks.append((stage, self.cuda.Event()))
             marks[-1][1].record(self.stream)
 
-        self._enqueue(ctx, sched, req.batch, req.height, req.width, img2img, mark)
+        self._enqueue(ctx, sched, req.batch, req.height, req.width, img2img, mark, encode=encode)
         self.stream.synchronize()
         out: dict[str, float] = {}
         for (_, begin), (stage, end) in pairwise(marks):

@@ -32,6 +32,8 @@ from sdturbo.engine.errors import InputError
         ({"modes": ("prompt-cache",), "warmup": 0}, r"--warmup 0 is not allowed with prompt-cache contenders; give"),
         ({"contenders": ("sdturbo-onnxruntime-cached-fp32",), "warmup": 0}, r"--warmup 0 is not allowed with prompt"),
         ({"contenders": ("diffusers-fp32-embeds",), "warmup": 0}, r"--warmup 0 is not allowed with prompt-cache"),
+        ({"modes": ("prompt-cache",), "warmup": 1}, r"--warmup 1 is not allowed with prompt-cache contenders; give"),
+        ({"contenders": ("sdturbo-onnxruntime-cached-fp32",), "warmup": 1}, r"give --warmup 2 or more \(the first"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
@@ -338,7 +340,8 @@ def test_a_run_without_out_writes_a_folder_of_its_own(monkeypatch, tmp_path, cap
 
 def test_cold_start_times_each_phase_from_the_process_start(monkeypatch, capsys):
     """benchmarks/cold.py on a fake clock: import, load and first image each measured from where the one before
-    ended, the whole from the process start; the size is WIDTHxHEIGHT, as everywhere else."""
+    ended, the whole from the process start; the size is WIDTHxHEIGHT, as everywhere else; the pipeline is
+    loaded for, and makes its first images at, the benchmark's batch and size."""
     import json
     import types
 
@@ -350,8 +353,8 @@ def test_cold_start_times_each_phase_from_the_process_start(monkeypatch, capsys)
         def __init__(self, path, backend, precision, timer):
             calls.append(("made", path, backend, precision))
 
-        def load(self):
-            calls.append("load")
+        def load(self, shape=None):
+            calls.append(("load", shape))
 
         def __call__(self, prompts, latents, steps, height, width):
             calls.append((prompts, latents.shape, steps, height, width))
@@ -360,14 +363,18 @@ def test_cold_start_times_each_phase_from_the_process_start(monkeypatch, capsys)
     monkeypatch.setattr(cold, "T0", 0.0)
     monkeypatch.setattr(cold, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     monkeypatch.setattr(contenders, "Ours", Fake)
-    cold.main(["ours", "bundle", "onnxruntime", "fp32", "64x32", "2"])
+    cold.main(["ours", "bundle", "onnxruntime", "fp32", "64x32", "2", "3"])
     assert json.loads(capsys.readouterr().out) == {
         "import_s": 3.0,
         "load_s": 2.0,
         "first_image_s": 4.5,
         "in_process_s": 9.5,
     }
-    assert calls == [("made", "bundle", "onnxruntime", "fp32"), "load", (["a photo of a cat"], (1, 4, 4, 8), 2, 32, 64)]
+    assert calls == [
+        ("made", "bundle", "onnxruntime", "fp32"),
+        ("load", (3, 32, 64)),
+        (["a photo of a cat"] * 3, (3, 4, 4, 8), 2, 32, 64),
+    ]
 
 
 def test_a_stage_s_floor_is_its_slower_bound():
@@ -476,3 +483,156 @@ def test_the_other_benchmarks_name_an_out_that_is_a_file_before_they_start(tmp_p
     with pytest.raises(InputError, match=f"^{file} is a file, not a folder"):
         serve_load.run(serve_load.LoadConfig(model="random:tiny", out=str(file)))
     assert file.read_bytes() == b"png"
+
+
+def test_the_reference_is_diffusers_wherever_it_is_listed(monkeypatch, tmp_path):
+    """``--contenders ours,diffusers``: diffusers still runs first and is the reference (README: speedups are
+    against diffusers), each mode's contenders together."""
+    import numpy as np
+    from sdturbo.benchmarks import bench
+
+    names = ("sdturbo-onnxruntime-fp32", "sdturbo-onnxruntime-unfused-fp32", "diffusers-fp32")
+    image = np.zeros((1, 64, 64, 3), np.uint8)
+    medians = {names[0]: 40.0, names[1]: 50.0, names[2]: 100.0}
+    fake_bench(monkeypatch, tmp_path, dict.fromkeys(names, image), medians)
+    cfg = BenchConfig(model="random:tiny", width=64, height=64, contenders=names, cold=False, out=str(tmp_path / "o"))
+    res = bench.run(cfg)
+    assert [r["name"] for r in res["contenders"]] == [names[2], names[0], names[1]]
+    assert res["reference"] == "diffusers-fp32"
+    by_name = {r["name"]: r for r in res["contenders"]}
+    assert by_name[names[0]]["speedup_vs_reference"] == pytest.approx(100.0 / 40.0)
+
+
+def test_stages_are_the_median_runs_and_memory_is_read_before_the_sweep(monkeypatch):
+    """The stage columns are one run's, the median one's, so they add up to its time (separate medians of each
+    stage did not); the peak memory covers load and the latency runs, not the throughput sweep's larger batches;
+    a prompt-cache contender's sweep warms up twice per batch (a miss, then a hit) before its 3 timed calls."""
+    import time
+
+    import numpy as np
+    from sdturbo.benchmarks import bench
+    from sdturbo.benchmarks.timers import StageTimer
+
+    clock = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    sweep_calls = []
+
+    class Mem:
+        start_mb = 7.0
+
+        def __init__(self, dev):
+            pass
+
+        def peak_mb(self):
+            return 100.0 + len(sweep_calls)  # grows with every sweep call
+
+    monkeypatch.setattr(bench, "Memory", Mem)
+    cfg = BenchConfig(model="random:tiny", width=64, height=64, steps=1, runs=5, warmup=2, batches=(1, 2))
+    # (unet ms, vae ms) per run: 2 warm-ups, then 5 timed runs whose stage medians come from different runs
+    runs = iter([(9, 9), (9, 9), (10, 50), (30, 10), (20, 20), (50, 5), (5, 40)])
+    timer = StageTimer()
+
+    class Fake:
+        name = "sdturbo-onnxruntime-cached-fp32"
+
+        def load(self, shape, max_batch=1):
+            pass
+
+        def __call__(self, prompts, latents, steps, height, width, step_noise=None):
+            unet, vae = next(runs, (1, 1))
+            for name, ms in (("unet", unet), ("vae_decoder", vae)):
+                timer.start(name)
+                clock.now += ms / 1e3
+                timer.stop(name)
+            clock.now += 0.002  # 2 ms of the rest
+            return np.zeros((len(prompts), height, width, 3), np.uint8)
+
+    fake = Fake()
+    calls = []
+    original = Fake.__call__
+
+    def counting(self, prompts, *a, **kw):
+        calls.append(len(prompts))
+        if len(calls) > cfg.warmup + cfg.runs:
+            sweep_calls.append(len(prompts))
+        return original(self, prompts, *a, **kw)
+
+    monkeypatch.setattr(Fake, "__call__", counting)
+    res = bench.measure(fake, cfg, [cfg.prompt], np.zeros((1, 4, 8, 8), np.float32), timer, "cpu")
+    e2e, st = res["e2e_ms"]["runs"], res["stages_ms"]
+    assert e2e == pytest.approx([62.0, 42.0, 42.0, 57.0, 47.0]) and res["e2e_ms"]["median"] == pytest.approx(47.0)
+    # the median run is the last (5 + 40 + 2 ms): its stages, which add up to its 47 ms
+    assert (st["unet"], st["vae_decoder"], st["other"]) == pytest.approx((5.0, 40.0, 2.0))
+    assert st["unet"] + st["vae_decoder"] + st["other"] + st["text_encoder"] + st["scheduler"] == pytest.approx(47.0)
+    assert res["peak_memory_mb"] == 100.0 and res["memory_at_start_mb"] == 7.0
+    assert sweep_calls == [1, 1, 1, 1, 1, 2, 2, 2, 2, 2]  # per batch: 2 warm-ups, 3 timed
+
+
+def test_median_run_takes_the_faster_of_the_two_middle_runs():
+    from sdturbo.benchmarks.bench import median_run
+
+    assert median_run([30.0, 10.0, 20.0]) == 2
+    assert median_run([40.0, 10.0, 30.0, 20.0]) == 3
+    assert median_run([5.0]) == 0
+
+
+@pytest.mark.parametrize(
+    "name, encode", [("sdturbo-onnxruntime-cuda-fp16", True), ("sdturbo-onnxruntime-cuda-cached-fp16", False)]
+)
+def test_a_device_pipeline_s_stages_leave_the_text_encoders_out_for_a_cache_hit(name, encode):
+    """A prompt-cache contender's timed runs are hits (no text encoders): its eager stage runs are too."""
+    import types
+
+    import numpy as np
+    from sdturbo.benchmarks.bench import device_stage_times
+
+    asked = []
+
+    class Pipe:
+        def request(self, prompts, **kw):
+            return "req"
+
+        def stage_times(self, req, encode=True):
+            asked.append(encode)
+            return {"text_encoder": 3.0 if encode else 0.0, "unet": 2.0, "vae_decoder": 1.0, "other": 0.5}
+
+    contender = types.SimpleNamespace(name=name, pipe=Pipe())
+    cfg = BenchConfig(model="random:tiny", runs=3)
+    st = device_stage_times(contender, ["x"], np.zeros((1, 4, 8, 8), np.float32), cfg)
+    assert asked == [encode] * 3 and st["text_encoder"] == (3.0 if encode else 0.0)
+    assert st["eager_total"] == pytest.approx(sum(Pipe().stage_times(None, encode).values()))
+
+
+def test_the_table_names_what_failed_with_as_many_cells_as_its_header():
+    from sdturbo.benchmarks import report
+
+    ok = {
+        "name": "sdturbo-onnxruntime-fp32",
+        "e2e_ms": {"median": 10.0, "p90": 11.0, "p99": 12.0},
+        "speedup_vs_reference": 2.0,
+        "stages_ms": {"text_encoder": 1.0, "unet_per_step": 5.0, "vae_decoder": 3.0, "scheduler": 0.0, "other": 1.0},
+        "over_floor": {"end_to_end": 3.0},
+        "load_s": 1.0,
+        "cold_start": {"error": "BundleError: larger than this pipeline's buffers"},
+        "peak_memory_mb": 900.0,
+        "memory_at_start_mb": 450.0,
+        "psnr_vs_reference_db": None,
+        "floor_ms": {"end_to_end": 1.0},
+        "throughput": [{"batch": 1, "images_per_s": 2.0}, {"batch": 8, "images_per_s": None, "error": "OOM: no"}],
+    }
+    results = {
+        "config": {"model": "random:tiny", "width": 64, "height": 64, "steps": 1, "batch": 1, "runs": 5, "warmup": 2},
+        "machine": {"device": "cpu", "cpu": "x86_64", "cores": 2},
+        "rates": {"matmul_tflops": 1.0, "matmul_dtype": "float32", "copy_gbps": 1.0},
+        "reference": "diffusers-fp32",
+        "contenders": [ok],
+        "failed": [{"name": "diffusers-fp32", "error": "RuntimeError: no"}],
+    }
+    table = report.markdown(results).splitlines()
+    header = next(line for line in table if line.startswith("| contender | e2e"))
+    row = next(line for line in table if line.startswith("| sdturbo-onnxruntime-fp32 |"))
+    failed = next(line for line in table if line.startswith("| diffusers-fp32 |"))
+    assert header.count("|") == row.count("|") == failed.count("|")
+    assert "| failed | 900 (450) |" in row
+    assert "cold start failed: sdturbo-onnxruntime-fp32: BundleError: larger than this pipeline's buffers" in table
+    assert "| sdturbo-onnxruntime-fp32 | 8 | failed: OOM: no |" in table

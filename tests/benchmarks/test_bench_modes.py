@@ -18,7 +18,7 @@ def results(tiny_folder, tmp_path_factory):
         width=64,
         height=64,
         runs=1,
-        warmup=1,
+        warmup=2,  # (the least the prompt cache takes: a miss, then a hit)
         batches=(),
         contenders=("diffusers-fp32", "sdturbo-onnxruntime-fp32"),
         modes=("tiny-vae", "prompt-cache"),
@@ -134,8 +134,9 @@ def test_pairs_report_ours_over_theirs_from_the_timed_runs(monkeypatch):
     import numpy as np
     from sdturbo.benchmarks import modes
 
-    now = [0.0]
+    now, sleeps, calls = [0.0], [], []
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", sleeps.append)
     durations = {  # ms per call, the first a warm-up
         "sdturbo-onnxruntime-tiny-fp32": [500.0, 10.0, 12.0, 11.0, 13.0],
         "diffusers-fp32-tiny": [900.0, 20.0, 30.0, 25.0],
@@ -155,6 +156,7 @@ def test_pairs_report_ours_over_theirs_from_the_timed_runs(monkeypatch):
             pass
 
     def call(c, suffix):
+        calls.append((c.name, suffix, len(sleeps)))
         if c.name.endswith("-cached-fp32"):
             now[0] += (9.0 if suffix is not None else 5.0) / 1e3  # a miss: 9 ms; a hit: 5 ms
         else:
@@ -185,3 +187,12 @@ def test_pairs_report_ours_over_theirs_from_the_timed_runs(monkeypatch):
     cache = out["prompt-cache"]
     assert cache["ms"]["miss"] == pytest.approx([9.0] * 3) and cache["ms"]["hit"] == pytest.approx([5.0] * 3)
     assert cache["saved_ms_median"] == pytest.approx(9.0 - 5.0)
+    # every timed run waits for the run before to let go of the cores (0.2 s), as each warm-up does
+    assert [n for _, _, n in calls] == list(range(1, len(calls) + 1)) and set(sleeps) == {0.2}
+    cached = [(suffix is None) for name, suffix, _ in calls if name.endswith("-cached-fp32")]
+    assert cached[:2] == [True, True]  # warm-up: a miss fills the cache, then a hit (its graph captured on a GPU)
+    assert len(cached) == 2 + 2 * 3
+    # these contenders time no stage (as a device pipeline's one CUDA graph): no text encoder figure, and the
+    # report says why instead of "0.0 ms"
+    assert cache["text_encoder_ms_median"] is None
+    assert "the misses' text encoder stage: not timed inside a CUDA graph" in modes.paired_markdown({"paired": out})

@@ -518,6 +518,23 @@ def test_stage_times_cover_every_stage_and_leave_the_next_image_alone(pipes):
     np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=4, steps=2), want)
 
 
+def test_stage_times_without_encoding_run_no_text_encoder_as_a_cache_hit(pipes, monkeypatch):
+    """The benchmark's stages of a prompt-cache contender (every timed run a hit): ``encode=False`` runs the chain
+    without the text encoders, on the outputs the last run left in place, and the next image is unchanged."""
+    pipe = pipes["graph"]
+    want = pipe(PROMPTS, height=64, width=64, seed=4, steps=2)
+    encoded = []
+    real = pipe._encode_text
+    monkeypatch.setattr(pipe, "_encode_text", lambda *a: (encoded.append(a), real(*a))[1])
+    req = pipe.request(PROMPTS, height=64, width=64, seed=4, steps=2)
+    pipe.stage_times(req, encode=False)
+    assert encoded == []
+    pipe.stage_times(req)
+    assert len(encoded) == 1
+    monkeypatch.undo()
+    np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=4, steps=2), want)
+
+
 def test_onnxruntime_cuda_without_onnxruntime_gpu_says_how_to_install_it(tiny_bundle):
     import onnxruntime
 
