@@ -43,16 +43,17 @@ def _compile(dtype: str, arch: str, output: str) -> bytes:
             b"--std=c++17",
         ]
         status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        log_size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * log_size
+        # NVRTC writes into the buffers it is given: bytearrays, never bytes. (``b" " * size``, as cuda-python's
+        # examples write it, is at size 1, an empty log, Python's one shared b" ", which NVRTC's NUL overwrote:
+        # every b" " in the process was b"\x00" from then on.)
+        log = bytearray(check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize"))
         check(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
         check(status, f"NVRTC compile of {SOURCE.name} ({dtype}, {arch}): {log.decode(errors='replace')}")
-        size = check(getattr(nvrtc, f"nvrtcGet{output}Size")(prog), f"nvrtcGet{output}Size")
-        out = b" " * size
+        out = bytearray(check(getattr(nvrtc, f"nvrtcGet{output}Size")(prog), f"nvrtcGet{output}Size"))
         check(getattr(nvrtc, f"nvrtcGet{output}")(prog, out), f"nvrtcGet{output}")
     finally:
         check(nvrtc.nvrtcDestroyProgram(prog), "nvrtcDestroyProgram")
-    return out
+    return bytes(out)
 
 
 def compile_ptx(dtype: str, compute_capability: int) -> bytes:

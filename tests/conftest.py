@@ -20,6 +20,18 @@ def cache_dir(tmp_path_factory):
         os.environ["SDTURBO_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def python_s_shared_bytes_are_intact():
+    """After every test (and the imports before it): the 256 one-byte bytes objects, which CPython shares
+    process-wide (every b" " is one object), still hold their byte. Native code handed a bytes object as a buffer
+    to write into (NVRTC's log, once) changes them all, and with them every later b" " of the process: PIL then
+    read "40\x0024" from a PPM header. Checked here so that any such write is named by the test that made it."""
+    yield
+    bad = [i for i in range(256) if bytes([i])[0] != i]
+    if bad:
+        pytest.fail(f"the shared one-byte bytes objects {bad[:8]} were overwritten (native code wrote into a bytes)")
+
+
 @pytest.fixture(scope="session")
 def tiny_folder(cache_dir):
     from sdturbo.export.models import resolve_model_folder

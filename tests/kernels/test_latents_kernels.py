@@ -273,3 +273,11 @@ def test_a_step_from_a_sigma_that_is_not_positive_is_refused_before_launch(host_
         k.euler_step(buf.ptr, buf.ptr, sigma, 0.0, 16, s.ptr)
     with pytest.raises(ValueError, match=f"ancestral_step: sigma {sigma} must be positive"):
         k.ancestral_step(buf.ptr, buf.ptr, buf.ptr, sigma, 0.0, 0.0, 16, s.ptr)
+
+
+@pytest.mark.skipif(NVRTC is not None, reason=f"NVRTC unavailable: {NVRTC}")
+def test_compiling_leaves_python_s_shared_bytes_alone():
+    """NVRTC writes its log and output into buffers it is given: at an empty log (size 1) a ``b" " * size`` buffer
+    is CPython's one shared b" ", and every b" " of the process became b"\\x00" (this module's import compiles)."""
+    compile_ptx("float16", 90)
+    assert all(bytes([i])[0] == i for i in range(256))  # (b" " == bytes([32]) would hold: the same object)
