@@ -24,7 +24,9 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -260,7 +262,12 @@ class Client {
         port_(port),
         model_(std::move(model)),
         timeout_s_(timeout_s),
-        connect_timeout_s_(connect_timeout_s) {}
+        connect_timeout_s_(connect_timeout_s) {
+    if (port < 1 || port > 65535) throw Error(0, "port " + std::to_string(port) + " is not 1 to 65535");
+    if (timeout_s < 1 || timeout_s > kMaxTimeout || connect_timeout_s < 1 || connect_timeout_s > kMaxTimeout)
+      throw Error(0, "timeouts must be 1 to " + std::to_string(kMaxTimeout) + " s (got " + std::to_string(timeout_s) +
+                         " and " + std::to_string(connect_timeout_s) + ")");
+  }
   ~Client() { disconnect(); }
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
@@ -278,13 +285,13 @@ class Client {
 
   Image generate(const Request& request) {
     std::string message = encode(request);
-    // A kept-alive connection the server has closed since fails at once; then once more on a new one (the same
-    // request gives the same image, so a repeat is harmless).
+    // A kept-alive connection the server has closed since (an idle timeout) fails before any byte of a reply:
+    // then once more on a new one (the same request gives the same image, so a repeat is harmless).
     bool reused = fd_ >= 0;
     try {
       return exchange(message);
     } catch (const Error& e) {
-      if (!reused || e.status() != 0 || fd_ >= 0 || !stale_) throw;
+      if (!reused || e.status() != 0 || !closed_before_reply_) throw;
     }
     return exchange(message);
   }
@@ -299,9 +306,15 @@ class Client {
   int connect_timeout_s_ = 10;
   int fd_ = -1;
   int connections_ = 0;
-  bool stale_ = false;  // the last failure was a kept-alive connection that had been closed before any reply
+  static constexpr int kMaxTimeout = 1000000;  // s; (x 1000 ms fits an int)
+  static constexpr size_t kMaxBody = size_t{1} << 30;  // a reply's most: 1 GiB (a 16384 x 16384 image is 768 MiB)
+  bool reply_started_ = false;       // a byte of the reply has arrived
+  bool closed_before_reply_ = false;  // the last failure: the server closed (or reset) the connection before it
 
-  std::string where() const { return host_ + ":" + std::to_string(port_); }
+  // host:port, an IPv6 address in brackets (as a URL and the Host header write it)
+  std::string where() const {
+    return (host_.find(':') != std::string::npos ? "[" + host_ + "]" : host_) + ":" + std::to_string(port_);
+  }
 
   [[noreturn]] void fail(const std::string& what) {
     disconnect();
@@ -327,6 +340,7 @@ class Client {
         last = std::strerror(errno);
         continue;
       }
+      ::fcntl(fd, F_SETFD, FD_CLOEXEC);  // not inherited by a program the caller starts
       if (connect_within(fd, a->ai_addr, a->ai_addrlen, last)) {
         timeval tv{};
         tv.tv_sec = timeout_s_;
@@ -363,7 +377,8 @@ class Client {
       }
       int so_error = 0;
       socklen_t size = sizeof so_error;
-      if (rc > 0 && ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &so_error, &size) == 0) errno = so_error;
+      if (rc > 0) so_error = ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &so_error, &size) == 0 ? so_error : errno;
+      if (rc > 0 && so_error != 0) errno = so_error;
       rc = rc > 0 && so_error == 0 ? 0 : -1;
     }
     if (rc != 0) {
@@ -417,7 +432,7 @@ class Client {
 #endif
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
-        stale_ = sent == 0 && (errno == EPIPE || errno == ECONNRESET);
+        closed_before_reply_ = !reply_started_ && (errno == EPIPE || errno == ECONNRESET);
         fail("cannot send to " + where() + ": " + std::strerror(errno));
       }
       sent += static_cast<size_t>(n);
@@ -432,18 +447,19 @@ class Client {
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) {
         bool timeout = errno == EAGAIN || errno == EWOULDBLOCK;
-        stale_ = buf.empty() && errno == ECONNRESET;
+        closed_before_reply_ = !reply_started_ && errno == ECONNRESET;
         fail(timeout ? "no answer from " + where() + " within " + std::to_string(timeout_s_) + " s"
                      : "cannot read from " + where() + ": " + std::strerror(errno));
       }
       if (n == 0) return false;
+      reply_started_ = true;
       buf.append(chunk, static_cast<size_t>(n));
     }
     return true;
   }
 
   Image exchange(const std::string& message) {
-    stale_ = false;
+    reply_started_ = closed_before_reply_ = false;
     if (fd_ < 0) connect();
     send_all(message);
     std::string buf;
@@ -451,7 +467,7 @@ class Client {
     while ((end = buf.find("\r\n\r\n")) == std::string::npos) {
       if (buf.size() > 65536) fail("the reply from " + where() + " is not HTTP");
       if (!fill(buf, buf.size() + 1)) {
-        stale_ = buf.empty();
+        closed_before_reply_ = !reply_started_;
         fail("the server at " + where() + " closed the connection without an answer");
       }
     }
@@ -471,8 +487,9 @@ class Client {
       if (colon != std::string::npos) {
         std::string name = detail::lower(line.substr(0, colon)), value = line.substr(colon + 1);
         value.erase(0, value.find_first_not_of(" \t"));
-        if (name == "content-length") length = std::atoll(value.c_str());
-        else if (name == "inference-header-content-length") json_length = std::atoll(value.c_str());
+        value.erase(value.find_last_not_of(" \t") + 1);
+        if (name == "content-length") length = count("Content-Length", value);
+        else if (name == "inference-header-content-length") json_length = count("Inference-Header-Content-Length", value);
         else if (name == "transfer-encoding") chunked = detail::lower(value).find("chunked") != std::string::npos;
         else if (name == "connection") close_after = detail::lower(value).find("close") != std::string::npos;
       }
@@ -499,24 +516,47 @@ class Client {
       while (true) {
         size_t eol;
         while ((eol = buf.find("\r\n")) == std::string::npos)
-          if (!fill(buf, buf.size() + 1)) fail("the reply from " + where() + " was cut short");
-        size_t size = std::strtoull(buf.c_str(), nullptr, 16);
+          if (buf.size() > 1024 || !fill(buf, buf.size() + 1)) fail("the reply from " + where() + " was cut short");
+        size_t size = 0, digits = 0;  // the chunk's size in hex (an extension after ';' is ignored)
+        for (; digits < eol && std::isxdigit(static_cast<unsigned char>(buf[digits])); ++digits) {
+          char h = buf[digits];
+          size = size * 16 + static_cast<size_t>(h <= '9' ? h - '0' : (h | 0x20) - 'a' + 10);
+          if (size > kMaxBody) fail("the reply from " + where() + " has a chunk over 1 GiB");
+        }
+        if (digits == 0 || (digits < eol && buf[digits] != ';' && buf[digits] != ' '))
+          fail("the reply from " + where() + " is not chunked as HTTP says");
         buf.erase(0, eol + 2);
         if (!fill(buf, size + 2)) fail("the reply from " + where() + " was cut short");
+        if (buf.compare(size, 2, "\r\n") != 0) fail("the reply from " + where() + " is not chunked as HTTP says");
+        if (body.size() + size > kMaxBody) fail("the reply from " + where() + " is over 1 GiB");
         body.append(buf, 0, size);
         buf.erase(0, size + 2);
         if (size == 0) return body;  // (trailers are not used by the server)
       }
     }
     if (length < 0) {  // until the server closes the connection
-      while (fill(buf, buf.size() + 65536)) {
-      }
+      while (fill(buf, buf.size() + 65536))
+        if (buf.size() > kMaxBody) fail("the reply from " + where() + " is over 1 GiB");
       disconnect();
-      return buf;
+      return std::move(buf);
     }
     if (!fill(buf, static_cast<size_t>(length))) fail("the reply from " + where() + " was cut short");
     buf.resize(static_cast<size_t>(length));  // one request at a time per connection: nothing follows the reply
     return std::move(buf);
+  }
+
+  // A header's count: digits only, at most kMaxBody; -1 where the header is absent.
+  long long count(const std::string& name, const std::string& value) {
+    if (value.empty() || value.size() > 10 || value.find_first_not_of("0123456789") != std::string::npos ||
+        std::stoll(value) > static_cast<long long>(kMaxBody))
+      fail("the reply from " + where() + " has " + name + ": " + value.substr(0, 40));
+    return std::stoll(value);
+  }
+
+  // A JSON number that is a whole number in [lo, hi].
+  static bool whole(const detail::Json* v, double lo, double hi) {
+    return v != nullptr && v->kind == detail::Json::kNumber && v->number >= lo && v->number <= hi &&
+           v->number == static_cast<double>(static_cast<long long>(v->number));
   }
 
   Image decode(const std::string& body, long long json_length) {
@@ -525,19 +565,24 @@ class Client {
     detail::Json reply = detail::JsonParser(body.substr(0, static_cast<size_t>(json_length))).parse();
     const detail::Json* outputs = reply.get("outputs");
     size_t offset = static_cast<size_t>(json_length);
+    const double left = static_cast<double>(body.size());
     if (outputs != nullptr) {
       for (const detail::Json& out : outputs->items) {  // binary outputs follow the header in this order
         const detail::Json *name = out.get("name"), *shape = out.get("shape"), *params = out.get("parameters");
         const detail::Json* size = params != nullptr ? params->get("binary_data_size") : nullptr;
         if (size == nullptr) continue;
+        if (!whole(size, 0, left - static_cast<double>(offset)))
+          fail("the reply from " + where() + " has binary data beyond its end");
         size_t bytes = static_cast<size_t>(size->number);
-        if (name != nullptr && name->string == "image" && shape != nullptr && shape->items.size() == 3) {
+        if (name != nullptr && name->string == "image") {
+          bool ok = shape != nullptr && shape->items.size() == 3 && whole(&shape->items[0], 1, 65536) &&
+                    whole(&shape->items[1], 1, 65536) && whole(&shape->items[2], 3, 3);
           Image image;
-          image.height = static_cast<int32_t>(shape->items[0].number);
-          image.width = static_cast<int32_t>(shape->items[1].number);
-          size_t expected = static_cast<size_t>(image.height) * static_cast<size_t>(image.width) * 3;
-          if (bytes != expected || offset + bytes > body.size() || shape->items[2].number != 3)
-            fail("the reply from " + where() + " has an image of " + std::to_string(bytes) + " bytes for its shape");
+          image.height = ok ? static_cast<int32_t>(shape->items[0].number) : 0;
+          image.width = ok ? static_cast<int32_t>(shape->items[1].number) : 0;
+          if (!ok || bytes != static_cast<size_t>(image.height) * static_cast<size_t>(image.width) * 3)
+            fail("the reply from " + where() + " has an image of " + std::to_string(bytes) +
+                 " bytes that is not [height, width, 3]");
           image.rgb.assign(body.begin() + static_cast<std::ptrdiff_t>(offset),
                            body.begin() + static_cast<std::ptrdiff_t>(offset + bytes));
           return image;

@@ -148,7 +148,9 @@ int main(int argc, char** argv) {
   int64_t first_seed = request.seed.value_or(0);
   if (count > 1 && first_seed > INT64_MAX - (count - 1)) usage_error("--seed + --count - 1 is over 2**63 - 1");
 
-  sdturbo::Client client(url.substr(0, colon), port, "sdturbo", static_cast<int>(timeout_s),
+  std::string host = url.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);  // [::1]
+  sdturbo::Client client(host, port, "sdturbo", static_cast<int>(timeout_s),
                          static_cast<int>(connect_timeout_s));
   for (long long k = 0; k < count; ++k) {
     if (count > 1) request.seed = first_seed + k;

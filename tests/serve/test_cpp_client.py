@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .cpp_client import SOURCE, WARNINGS, compiler, read, request
+from .cpp_client import SOURCE, WARNINGS, compiler, read, request, write
 
 
 class StandIn:
@@ -89,6 +89,13 @@ def image_reply(pixels: np.ndarray, chunked=False, cut=0) -> bytes:
     return (fields + f"Content-Length: {len(body)}\r\n\r\n").encode() + body[: len(body) - cut]
 
 
+def reply_with_header(outputs: list, data_bytes: int) -> bytes:
+    """A 200 reply with this JSON header's ``outputs`` and ``data_bytes`` of zeros after it."""
+    head = json.dumps({"model_name": "sdturbo", "outputs": outputs}).encode()
+    fields = f"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: {len(head)}\r\n"
+    return (fields + f"Content-Length: {len(head) + data_bytes}\r\n\r\n").encode() + head + bytes(data_bytes)
+
+
 def pixels(seed: int, h=24, w=40) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
@@ -144,6 +151,19 @@ def test_a_kept_alive_connection_closed_while_idle_is_opened_again(stand_in, cpp
     assert [struct.unpack("<q", d[-8:])[0] for _, d in server.requests] == [0, 1, 2]  # seeds 0, 1, 2
 
 
+def test_a_large_request_on_a_connection_closed_while_idle_goes_again_too(stand_in, cpp_request, tmp_path):
+    """A 2048x2048 img2img request (12 MB) on a connection the server closed: the first send() may go through and
+    a later one fail (EPIPE), part of it sent; no reply had begun, so it still goes again on a new connection."""
+    server = stand_in(lambda c, n, h, d: (image_reply(pixels(n)), True))
+    image = write(tmp_path / "in.ppm", np.zeros((2048, 2048, 3), np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    code, err = request(cpp_request, server.url, "x", out / "a.ppm", "--image", str(image), "--count", "3")
+    assert code == 0, err
+    assert "3 image(s) over 3 connection(s)" in err
+    assert [len(d) for _, d in server.requests] == [4 + 1 + 8 + 2048 * 2048 * 3] * 3
+
+
 def test_a_connection_kept_alive_carries_every_request(stand_in, cpp_request, tmp_path):
     server = stand_in(lambda c, n, h, d: (image_reply(pixels(n)), False))
     code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm", "--count", "3", "--seed", "5")
@@ -166,8 +186,27 @@ def test_a_connection_kept_alive_carries_every_request(stand_in, cpp_request, tm
             b"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: 2\r\nContent-Length: 5\r\n\r\n{}abc",
             "has no output 'image'",
         ),
+        (  # a size that wraps an unsigned offset around: a read before the body (found in review, under ASan)
+            reply_with_header(
+                [
+                    {"name": "junk", "parameters": {"binary_data_size": 18446744073709549568}},
+                    {"name": "image", "shape": [32, 32, 3], "parameters": {"binary_data_size": 3072}},
+                ],
+                3072,
+            ),
+            "has binary data beyond its end",
+        ),
+        (
+            reply_with_header([{"name": "image", "shape": [-1, -1, 3], "parameters": {"binary_data_size": 3}}], 3),
+            "has an image of 3 bytes that is not [height, width, 3]",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nabc\r\n0\r\n\r\n", "is not chunked as HTTP says"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nabc", "has Content-Length: -5"),
     ],
-    ids=["plain-text-error", "json-error", "cut-short", "not-http", "no-image"],
+    ids=[
+        *("plain-text-error", "json-error", "cut-short", "not-http", "no-image"),
+        *("size-past-the-end", "negative-shape", "bad-chunk-size", "negative-length"),
+    ],
 )
 def test_a_refusal_or_a_broken_reply_is_exit_1_with_the_reason_and_no_image(
     stand_in, cpp_request, tmp_path, answer, message
@@ -182,7 +221,7 @@ def test_an_image_whose_size_disagrees_with_its_shape_is_refused(stand_in, cpp_r
     reply = image_reply(pixels(3)).replace(b'"shape": [24, 40, 3]', b'"shape": [24, 41, 3]')
     server = stand_in(lambda c, n, h, d: (reply, True))
     code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm")
-    assert code == 1 and "has an image of 2880 bytes for its shape" in err, err
+    assert code == 1 and "has an image of 2880 bytes that is not [height, width, 3]" in err, err
 
 
 def test_no_server_is_named_with_its_address(cpp_request, tmp_path):
