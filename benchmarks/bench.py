@@ -313,8 +313,10 @@ def device_stage_times(contender, prompts, latents, cfg: BenchConfig, step_noise
     req = pipe.request(prompts, steps=cfg.steps, height=cfg.height, width=cfg.width, latents=latents, **kw)
     encode = modes.mode_of(contender.name) != "prompt-cache"  # (its last timed run, a hit, left their outputs)
     runs = [pipe.stage_times(req, encode=encode) for _ in range(max(cfg.runs, 1))]
-    out = {k: float(np.median([r.get(k, 0.0) for r in runs])) for k in (*TIMED, "other")}
-    out["eager_total"] = float(np.median([sum(r.values()) for r in runs]))
+    totals = [sum(r.values()) for r in runs]
+    run = runs[median_run(totals)]  # one run's stages, which add up to its eager_total
+    out = {k: float(run.get(k, 0.0)) for k in (*TIMED, "other")}
+    out["eager_total"] = float(sum(run.values()))
     return out
 
 
@@ -457,7 +459,7 @@ class Memory:
             from sdturbo.export.rss import PeakRss
 
             self.rss = PeakRss()
-            self.start_mb = float(self.rss.peak_mb())  # just reset: the RSS now
+            self.start_mb = float(self.rss.peak_mb()) if self.rss.resets else None  # just reset: the RSS now
 
     def peak_mb(self) -> float:
         if self.dev == "cuda":

@@ -84,9 +84,9 @@ def markdown(results: dict) -> str:
         "",
         "Stages: those of the median run (they add up to its time)"
         + (
-            f"; {', '.join(eager)}: from eager runs apart (CUDA events between the stages; `eager_total` in the "
-            "JSON), while the e2e columns time the CUDA graph, and sched+other is the uint8 kernel alone: the "
-            "tokenizer, the copies and the host wait are in no stage"
+            f"; {', '.join(eager)}: from the median of eager runs apart (CUDA events between the stages; "
+            "`eager_total` in the JSON), while the e2e columns time the CUDA graph; sched+other there is the "
+            "scheduler's and the uint8 kernels: the tokenizer, the copies and the host wait are in no stage"
             if eager
             else ""
         )

@@ -73,8 +73,10 @@ class Pipeline:
         on_cpu = tuple(getattr(backend, "providers", ())) == ("CPUExecutionProvider",)
         self.part_pixels = CPU_PART_PIXELS if on_cpu else None  # None: a batch runs whole
         # onnxruntime's CPU fp16 convolutions of the tiny VAE round a batch differently from one image (up to
-        # 5e-4, a level in a few pixels): there it runs one image at a time, so a batch makes each image's own
-        self.vae_per_image = on_cpu and vae == "tiny" and self.dtype == np.float16
+        # 5e-4, a level in a few pixels): there it runs one image at a time, so each image of a batch gets the
+        # pixels it gets alone
+        vae_dtype = np.dtype(b.component(backend.precision, self.decoder).spec.inputs[0].dtype)
+        self.vae_per_image = on_cpu and vae == "tiny" and vae_dtype == np.float16
 
     def stage(self, name: str):
         if self.closed and not self._runs:  # (a run that was under way when close() came still finishes)

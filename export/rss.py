@@ -16,6 +16,11 @@ class PeakRss:
         except OSError:
             self._proc = False
 
+    @property
+    def resets(self) -> bool:
+        """True where the span's peak starts from the current RSS (Linux); elsewhere it is the process's own."""
+        return self._proc
+
     def peak_mb(self) -> int:
         if self._proc:
             for line in Path("/proc/self/status").read_text().splitlines():
