@@ -424,7 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--steps", type=int, default=1)
     n.add_argument("--batch", type=int, default=1, help="batch of the latency runs (default 1)")
     n.add_argument("--runs", type=int, default=10, help="timed runs per contender (default 10)")
-    n.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    n.add_argument(
+        "--warmup", type=int, default=2, help="untimed runs first (default 2; prompt-cache contenders need 2 or more)"
+    )
     n.add_argument("--batches", default="1", help="throughput sweep, e.g. 1,4,8,16 (default 1; '': none)")
     n.add_argument("--contenders", help="comma-separated subset (default: all available here)")
     n.add_argument("--no-cold", action="store_true", help="skip the process-start-to-first-image runs")
