@@ -9,10 +9,15 @@
 //   request.seed = 7;                                      // every field but the prompt is optional
 //   sdturbo::Image image = client.generate(request);      // image.rgb: height x width x 3 bytes, row-major RGB
 //
-// A refused request throws sdturbo::Error: status() is the HTTP status (400: the request, naming the field and
-// what is allowed; 503: the server is stopping) and what() the server's message; status() 0 means there was no
-// answer (cannot connect, timeout, a reply that is not the protocol's). A Client is not thread-safe: one per
-// thread, or guard it. Over gRPC, use Triton's C++ client library (README, "From C++").
+// A refused request throws sdturbo::Error: status() is the HTTP status and what() the server's message: 400 the
+// request (naming the field and what is allowed: do not retry it), 404 no such model, 500 the server failed (an
+// image that came out NaN, say), 503 the model stopped taking work. status() 0 means there was no answer: the
+// server cannot be reached (a server being stopped refuses new connections at once), it closed the connection (a
+// request still running when a stopping server exits is cut off), no byte came within the timeout, or the reply
+// is not the protocol's. A stopping server still serves requests on a connection kept open and waits for such
+// connections to close (up to its stop budget): close() an idle Client, and stop sending to a server being
+// stopped. A Client is not thread-safe: one per thread (build with -pthread), or guard it. POSIX only (Linux,
+// macOS). Over gRPC, use Triton's C++ client library (README, "From C++").
 #pragma once
 
 #include <fcntl.h>
@@ -42,12 +47,12 @@
 
 namespace sdturbo {
 
-// One request. Unset fields take the server's defaults (seed 0, 1 step, 512x512 or the image's size, strength 0.5
-// with an image); the server checks every value and names the one it refuses.
+// One request. Unset fields take the server's defaults (seed 0, 1 step or img2img's fewest, 512x512 or the image's
+// size, strength 0.5 with an image); the server checks every value and names the one it refuses.
 struct Request {
   std::string prompt;                   // UTF-8
   std::optional<int64_t> seed;          // 0 to 2**63 - 1
-  std::optional<int32_t> steps;         // 1 to 4
+  std::optional<int32_t> steps;         // 1 to 4 (default 1; img2img: the fewest that run a step)
   std::optional<int32_t> width, height; // multiples of 8 in the bundle's size range
   std::optional<float> strength;        // img2img only: in (0, 1]
   const uint8_t* image = nullptr;       // img2img: image_height x image_width x 3 bytes, row-major RGB
@@ -264,6 +269,9 @@ class Client {
         timeout_s_(timeout_s),
         connect_timeout_s_(connect_timeout_s) {
     if (port < 1 || port > 65535) throw Error(0, "port " + std::to_string(port) + " is not 1 to 65535");
+    if (model_.empty() || model_.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-") !=
+                              std::string::npos)
+      throw Error(0, "model name '" + model_ + "' is not letters, digits, '_', '.' and '-'");
     if (timeout_s < 1 || timeout_s > kMaxTimeout || connect_timeout_s < 1 || connect_timeout_s > kMaxTimeout)
       throw Error(0, "timeouts must be 1 to " + std::to_string(kMaxTimeout) + " s (got " + std::to_string(timeout_s) +
                          " and " + std::to_string(connect_timeout_s) + ")");
@@ -284,7 +292,7 @@ class Client {
   }
 
   Image generate(const Request& request) {
-    std::string message = encode(request);
+    Message message = encode(request);
     // A kept-alive connection the server has closed since (an idle timeout) fails before any byte of a reply:
     // then once more on a new one (the same request gives the same image, so a repeat is harmless).
     bool reused = fd_ >= 0;
@@ -297,6 +305,10 @@ class Client {
   }
 
   int connections() const { return connections_; }  // connections opened so far (1 while the server keeps it)
+
+  // Closes the kept-alive connection now (the next request opens another): an idle Client holds a stopping server
+  // open until its stop budget runs out.
+  void close() { disconnect(); }
 
  private:
   std::string host_;
@@ -389,7 +401,15 @@ class Client {
     return true;
   }
 
-  std::string encode(const Request& r) const {
+  // A request on the wire: the HTTP head, the JSON header and the small tensors, then the image's pixels, sent
+  // from the caller's buffer (not copied).
+  struct Message {
+    std::string prefix;
+    const char* image = nullptr;
+    size_t image_bytes = 0;
+  };
+
+  Message encode(const Request& r) const {
     if (r.prompt.size() > 0xFFFFFFFFu) throw Error(0, "the prompt is over 4 GiB");
     bool has_image = r.image != nullptr;
     if (has_image && (r.image_height <= 0 || r.image_width <= 0))
@@ -409,26 +429,29 @@ class Client {
     if (r.width) input("width", "INT32", "1", 4), detail::append_raw(data, *r.width);
     if (r.height) input("height", "INT32", "1", 4), detail::append_raw(data, *r.height);
     if (r.strength) input("strength", "FP32", "1", 4), detail::append_raw(data, *r.strength);
+    Message m;
     if (has_image) {
-      size_t bytes = static_cast<size_t>(r.image_height) * static_cast<size_t>(r.image_width) * 3;
-      input("image", "UINT8", std::to_string(r.image_height) + "," + std::to_string(r.image_width) + ",3", bytes);
-      data.append(reinterpret_cast<const char*>(r.image), bytes);
+      m.image_bytes = static_cast<size_t>(r.image_height) * static_cast<size_t>(r.image_width) * 3;
+      m.image = reinterpret_cast<const char*>(r.image);
+      input("image", "UINT8", std::to_string(r.image_height) + "," + std::to_string(r.image_width) + ",3",
+            m.image_bytes);
     }
     json += "],\"outputs\":[{\"name\":\"image\",\"parameters\":{\"binary_data\":true}}]}";
     std::string head = "POST /v2/models/" + model_ + "/infer HTTP/1.1\r\nHost: " + where() +
                        "\r\nContent-Type: application/octet-stream\r\nInference-Header-Content-Length: " +
-                       std::to_string(json.size()) + "\r\nContent-Length: " + std::to_string(json.size() + data.size()) +
-                       "\r\n\r\n";
-    return head + json + data;
+                       std::to_string(json.size()) +
+                       "\r\nContent-Length: " + std::to_string(json.size() + data.size() + m.image_bytes) + "\r\n\r\n";
+    m.prefix = head + json + data;
+    return m;
   }
 
-  void send_all(const std::string& message) {
+  void send_all(const char* bytes, size_t size) {
     size_t sent = 0;
-    while (sent < message.size()) {
+    while (sent < size) {
 #ifdef MSG_NOSIGNAL
-      ssize_t n = ::send(fd_, message.data() + sent, message.size() - sent, MSG_NOSIGNAL);
+      ssize_t n = ::send(fd_, bytes + sent, size - sent, MSG_NOSIGNAL);
 #else
-      ssize_t n = ::send(fd_, message.data() + sent, message.size() - sent, 0);
+      ssize_t n = ::send(fd_, bytes + sent, size - sent, 0);
 #endif
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
@@ -458,10 +481,11 @@ class Client {
     return true;
   }
 
-  Image exchange(const std::string& message) {
+  Image exchange(const Message& message) {
     reply_started_ = closed_before_reply_ = false;
     if (fd_ < 0) connect();
-    send_all(message);
+    send_all(message.prefix.data(), message.prefix.size());
+    if (message.image_bytes) send_all(message.image, message.image_bytes);
     std::string buf;
     size_t end;
     while ((end = buf.find("\r\n\r\n")) == std::string::npos) {

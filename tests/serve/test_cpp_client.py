@@ -292,3 +292,36 @@ def test_the_readmes_cpp_example_compiles(tmp_path):
         [compiler(), "-std=c++17", "-fsyntax-only", *flags, "-I", str(SOURCE.parent), str(source)], capture_output=True
     )
     assert done.returncode == 0, done.stderr.decode()[-3000:]
+
+
+def test_a_client_s_bad_settings_are_named_before_any_connection(tmp_path):
+    """The library's own checks (sdturbo_request checks its options itself): each an Error naming the value."""
+    source = tmp_path / "settings.cpp"
+    source.write_text(
+        """#include <iostream>
+#include "sdturbo_client.hpp"
+int main() {
+  auto attempt = [](auto make) {
+    try { make(); std::cout << "made\\n"; } catch (const sdturbo::Error& e) { std::cout << e.what() << "\\n"; }
+  };
+  attempt([] { sdturbo::Client c("127.0.0.1", 8000, "no pe"); });
+  attempt([] { sdturbo::Client c("127.0.0.1", 8000, "../x"); });
+  attempt([] { sdturbo::Client c("127.0.0.1", 0); });
+  attempt([] { sdturbo::Client c("127.0.0.1", 8000, "sdturbo", 0); });
+  attempt([] { sdturbo::Client c("127.0.0.1", 8000, "sdturbo", 300, 3000000); });
+  attempt([] { sdturbo::Client c("::1", 8000, "sdturbo_2.v1"); });
+}
+"""
+    )
+    exe = tmp_path / "settings"
+    cmd = [compiler(), "-std=c++17", *WARNINGS, "-I", str(SOURCE.parent), "-o", str(exe), str(source)]
+    done = subprocess.run(cmd, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert subprocess.run([str(exe)], capture_output=True, text=True).stdout.splitlines() == [
+        "model name 'no pe' is not letters, digits, '_', '.' and '-'",
+        "model name '../x' is not letters, digits, '_', '.' and '-'",
+        "port 0 is not 1 to 65535",
+        "timeouts must be 1 to 1000000 s (got 0 and 10)",
+        "timeouts must be 1 to 1000000 s (got 300 and 3000000)",
+        "made",
+    ]
