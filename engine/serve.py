@@ -122,15 +122,20 @@ def parse(pipe, inputs: Mapping[str, np.ndarray]) -> Request:
                 f"input 'image' is {image.shape[1]}x{image.shape[0]} but width x height is {width}x{height}; "
                 f"send the image at the size you want, or leave width and height out"
             )
-    return pipe.request(
-        prompt,
-        seed=scalar.get("seed", 0),
-        steps=scalar.get("steps"),
-        height=height,
-        width=width,
-        image=image,
-        strength=scalar.get("strength"),
-    )
+    try:
+        return pipe.request(
+            prompt,
+            seed=scalar.get("seed", 0),
+            steps=scalar.get("steps"),
+            height=height,
+            width=width,
+            image=image,
+            strength=scalar.get("strength"),
+        )
+    except InputError as e:
+        if image is None or "height" in scalar or "width" in scalar or not str(e).startswith(("height ", "width ")):
+            raise
+        raise InputError(f"input 'image' is {width}x{height}, and that size is not allowed: {e}") from e
 
 
 def batch_key(req: Request) -> tuple:

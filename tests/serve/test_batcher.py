@@ -66,13 +66,10 @@ def inputs(text="a red cube", seed=0, steps=1, width=32, height=32, **extra):
     def tensor(value, dtype):  # a value given as an array is sent as it is
         return value if isinstance(value, np.ndarray) else np.array([value], dtype)
 
-    out = {
-        "prompt": np.array([text.encode()], dtype=object),
-        "seed": tensor(seed, np.int64),
-        "steps": tensor(steps, np.int32),
-        "width": tensor(width, np.int32),
-        "height": tensor(height, np.int32),
-    }
+    named = {"seed": (seed, np.int64), "steps": (steps, np.int32), "width": (width, np.int32)}
+    named["height"] = (height, np.int32)
+    out = {"prompt": np.array([text.encode()], dtype=object)}
+    out |= {name: tensor(value, dtype) for name, (value, dtype) in named.items() if value is not None}
     for name, value in extra.items():
         if value is None:
             out.pop(name)
@@ -171,6 +168,10 @@ BAD = [
     (dict(image=np.zeros((32, 32, 4), np.uint8)), r"input 'image' is UINT8 \[32, 32, 4\]; it must be UINT8"),
     (dict(image=picture(64, 32), steps=np.array([2], np.int32)), r"input 'image' is 32x64 but width x height is 32x32"),
     (dict(steps=np.array([1], np.int32), image=picture()), r"1 \* 0.5 = 0.5 runs no step"),
+    (  # the size from the image: the message says so (it named a height the request never sent)
+        dict(image=picture(264, 32), steps=2, width=None, height=None),
+        r"input 'image' is 32x264, and that size is not allowed: height 264 is outside this bundle's range 32-256",
+    ),
     (dict(colour=np.array([1], np.int32)), r"input 'colour' is not known; the inputs are prompt, seed"),
 ]
 
