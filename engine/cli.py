@@ -77,7 +77,7 @@ def cmd_generate(args) -> None:
     from .cache import ensure_bundle
     from .images import check_out_path, load_image, save_images
     from .prompt_cache import DEFAULT_SIZE as DEFAULT_PROMPT_CACHE
-    from .request import check_settings
+    from .request import check_settings, size_refused
     from .runtime import check_gpu_backend, choose_backend, default_precision, open_pipeline
 
     if args.bundle and args.model:
@@ -130,7 +130,12 @@ def cmd_generate(args) -> None:
         vae=args.vae,
         prompt_cache=0 if args.no_prompt_cache else DEFAULT_PROMPT_CACHE,
     ) as pipe:
-        request = pipe.request(prompts, **settings, latents=latents, image=image, image_noise=image_noise)
+        try:
+            request = pipe.request(prompts, **settings, latents=latents, image=image, image_noise=image_noise)
+        except InputError as e:
+            if image is None or args.size:
+                raise
+            raise size_refused(e, f"--image {args.image}", width, height, "give --size WxH to resize it") from None
         pipe.load(img2img=image is not None)
         log.info(
             "ready in %.2f s; generating %d image(s) at %dx%d, %d step(s)",

@@ -177,6 +177,7 @@ def build_request(
     (``schedule.default_steps``: 2 at the default 0.5).
     """
     strength = img2img_strength(strength, image is not None)
+    from_image = isinstance(image, np.ndarray) and image.ndim in (3, 4) and height is None and width is None
     if isinstance(image, np.ndarray) and image.ndim in (3, 4):  # img2img: the image's size, as the CLI and serve
         height = image.shape[-3] if height is None else height
         width = image.shape[-2] if width is None else width
@@ -190,8 +191,19 @@ def build_request(
         image = np.broadcast_to(image, (len(prompts), *image.shape))
     seed = _seed_values(seed)
     req = Request(prompts, height, width, steps, seed, latents, image, strength, image_noise, step_noise)
-    req.check(bundle)
+    try:
+        req.check(bundle)
+    except InputError as e:
+        raise (size_refused(e, "the image", width, height, "resize it") if from_image else e) from None
     return req
+
+
+def size_refused(e: InputError, what: str, width: int, height: int, advice: str) -> InputError:
+    """``e`` where it refuses a side, said of ``what`` whose size the request took (an image's): the user never
+    gave a height or width. Other errors as they are."""
+    if not str(e).startswith(("height ", "width ")):
+        return e
+    return InputError(f"{what} is {width}x{height}, and that size is not allowed: {e}; {advice}")
 
 
 def img2img_strength(strength: float | None, img2img: bool) -> float:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError, NonFiniteOutput, SdTurboError
-from .request import Request
+from .request import Request, size_refused
 
 log = logging.getLogger(__name__)
 DEFAULT_SIDE = 512  # a request without width/height gets this, clamped into the bundle's size range
@@ -133,9 +133,9 @@ def parse(pipe, inputs: Mapping[str, np.ndarray]) -> Request:
             strength=scalar.get("strength"),
         )
     except InputError as e:
-        if image is None or "height" in scalar or "width" in scalar or not str(e).startswith(("height ", "width ")):
+        if image is None or "height" in scalar or "width" in scalar:
             raise
-        raise InputError(f"input 'image' is {width}x{height}, and that size is not allowed: {e}") from e
+        raise size_refused(e, "input 'image'", width, height, "send it resized") from None
 
 
 def batch_key(req: Request) -> tuple:

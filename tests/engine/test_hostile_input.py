@@ -272,6 +272,27 @@ def test_an_image_whose_size_is_not_a_multiple_of_8_is_named(capsys, tiny_bundle
     assert rc == 2 and f"--image {path} is 120x100" in line and "--size 120x96" in line, line
 
 
+def test_an_image_outside_the_bundle_s_sizes_is_named_as_the_image(capsys, tiny_bundle, tmp_path):
+    """The size came from the image: it said "height 264 is outside this bundle's range", a height never given.
+    The CLI names the image and --size; the Python API the image; given sizes are named as before."""
+    from sdturbo.engine.runtime import open_pipeline
+
+    image = np.zeros((264, 32, 3), np.uint8)
+    path = save_png(tmp_path / "tall.png", image)
+    rc, err = generate(capsys, tiny_bundle, "--image", str(path), "--steps", "2")
+    assert rc == 2 and one_line(err) == (
+        f"sdturbo: error: --image {path} is 32x264, and that size is not allowed: height 264 is outside this "
+        "bundle's range 32-256; give --size WxH to resize it"
+    )
+    pipe = open_pipeline(tiny_bundle, "onnxruntime", "fp32")
+    with pytest.raises(
+        InputError, match=r"^the image is 32x264, and that size is not allowed: height 264 .* resize it"
+    ):
+        pipe.request("a cat", image=image)
+    with pytest.raises(InputError, match=r"^height 264 is outside this bundle's range 32-256$"):
+        pipe.request("a cat", image=image, height=264, width=32)
+
+
 def test_img2img_with_the_default_settings_makes_an_image(capsys, tiny_bundle, tmp_path):
     """`generate PROMPT --image IMG` and nothing else: strength 0.5 and the fewest steps that run one (2), the
     same image as `--steps 2`; it used to stop at "1 * 0.5 = 0.5 runs no step", a newcomer's first try."""

@@ -170,7 +170,8 @@ BAD = [
     (dict(steps=np.array([1], np.int32), image=picture()), r"1 \* 0.5 = 0.5 runs no step"),
     (  # the size from the image: the message says so (it named a height the request never sent)
         dict(image=picture(264, 32), steps=2, width=None, height=None),
-        r"input 'image' is 32x264, and that size is not allowed: height 264 is outside this bundle's range 32-256",
+        r"input 'image' is 32x264, and that size is not allowed: height 264 is outside this bundle's range 32-256; "
+        r"send it resized",
     ),
     (dict(colour=np.array([1], np.int32)), r"input 'colour' is not known; the inputs are prompt, seed"),
 ]
