@@ -269,9 +269,10 @@ class Client {
         timeout_s_(timeout_s),
         connect_timeout_s_(connect_timeout_s) {
     if (port < 1 || port > 65535) throw Error(0, "port " + std::to_string(port) + " is not 1 to 65535");
-    if (model_.empty() || model_.find_first_not_of("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-") !=
-                              std::string::npos)
-      throw Error(0, "model name '" + model_ + "' is not letters, digits, '_', '.' and '-'");
+    const char* allowed = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-";
+    if (model_ == "." || model_ == ".." || model_.empty() || model_.find_first_not_of(allowed) != std::string::npos)
+      throw Error(0, "model name '" + model_ + "' is not allowed; use letters, digits, '_', '.' and '-' (not '.' or " +
+                         "'..')");
     if (timeout_s < 1 || timeout_s > kMaxTimeout || connect_timeout_s < 1 || connect_timeout_s > kMaxTimeout)
       throw Error(0, "timeouts must be 1 to " + std::to_string(kMaxTimeout) + " s (got " + std::to_string(timeout_s) +
                          " and " + std::to_string(connect_timeout_s) + ")");
@@ -293,13 +294,16 @@ class Client {
 
   Image generate(const Request& request) {
     Message message = encode(request);
-    // A kept-alive connection the server has closed since (an idle timeout) fails before any byte of a reply:
-    // then once more on a new one (the same request gives the same image, so a repeat is harmless).
+    // A kept-alive connection the server has closed since (an idle timeout, a restart) is seen before sending and
+    // replaced. Closed in the moment between (the send fails, nothing of the request was taken), the request goes
+    // once more on a new one. Closed after the whole request went, it is not sent again: the server may have run
+    // it (a stopping server cuts off a request under way), and that is the caller's to decide.
+    if (fd_ >= 0 && !idle_and_open()) disconnect();
     bool reused = fd_ >= 0;
     try {
       return exchange(message);
     } catch (const Error& e) {
-      if (!reused || e.status() != 0 || !closed_before_reply_) throw;
+      if (!reused || e.status() != 0 || !closed_before_sent_) throw;
     }
     return exchange(message);
   }
@@ -321,7 +325,7 @@ class Client {
   static constexpr int kMaxTimeout = 1000000;  // s; (x 1000 ms fits an int)
   static constexpr size_t kMaxBody = size_t{1} << 30;  // a reply's most: 1 GiB (a 16384 x 16384 image is 768 MiB)
   bool reply_started_ = false;       // a byte of the reply has arrived
-  bool closed_before_reply_ = false;  // the last failure: the server closed (or reset) the connection before it
+  bool closed_before_sent_ = false;  // the last failure: the connection was closed before the request was sent
 
   // host:port, an IPv6 address in brackets (as a URL and the Host header write it)
   std::string where() const {
@@ -331,6 +335,12 @@ class Client {
   [[noreturn]] void fail(const std::string& what) {
     disconnect();
     throw Error(0, what);
+  }
+
+  // The kept-alive connection is open and quiet: not closed by the server, nothing unasked-for waiting on it.
+  bool idle_and_open() const {
+    pollfd p{fd_, POLLIN, 0};
+    return ::poll(&p, 1, 0) == 0;
   }
 
   void disconnect() {
@@ -347,12 +357,16 @@ class Client {
     if (rc != 0) throw Error(0, "cannot find host " + host_ + ": " + ::gai_strerror(rc));
     std::string last = "no address";
     for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
+#ifdef SOCK_CLOEXEC  // not inherited by a program the caller starts (set at creation: no fork in between)
+      int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
+#else
       int fd = ::socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+      if (fd >= 0) ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+#endif
       if (fd < 0) {
         last = std::strerror(errno);
         continue;
       }
-      ::fcntl(fd, F_SETFD, FD_CLOEXEC);  // not inherited by a program the caller starts
       if (connect_within(fd, a->ai_addr, a->ai_addrlen, last)) {
         timeval tv{};
         tv.tv_sec = timeout_s_;
@@ -412,6 +426,8 @@ class Client {
   Message encode(const Request& r) const {
     if (r.prompt.size() > 0xFFFFFFFFu) throw Error(0, "the prompt is over 4 GiB");
     bool has_image = r.image != nullptr;
+    if (!has_image && (r.image_height != 0 || r.image_width != 0))
+      throw Error(0, "image_height and image_width are set but image is null (an empty buffer's data()?)");
     if (has_image && (r.image_height <= 0 || r.image_width <= 0))
       throw Error(0, "image_height and image_width must be positive with an image (got " +
                          std::to_string(r.image_height) + "x" + std::to_string(r.image_width) + ")");
@@ -455,7 +471,7 @@ class Client {
 #endif
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
-        closed_before_reply_ = !reply_started_ && (errno == EPIPE || errno == ECONNRESET);
+        closed_before_sent_ = !reply_started_ && (errno == EPIPE || errno == ECONNRESET);
         fail("cannot send to " + where() + ": " + std::strerror(errno));
       }
       sent += static_cast<size_t>(n);
@@ -470,7 +486,7 @@ class Client {
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) {
         bool timeout = errno == EAGAIN || errno == EWOULDBLOCK;
-        closed_before_reply_ = !reply_started_ && errno == ECONNRESET;
+        closed_before_sent_ = false;
         fail(timeout ? "no answer from " + where() + " within " + std::to_string(timeout_s_) + " s"
                      : "cannot read from " + where() + ": " + std::strerror(errno));
       }
@@ -482,7 +498,7 @@ class Client {
   }
 
   Image exchange(const Message& message) {
-    reply_started_ = closed_before_reply_ = false;
+    reply_started_ = closed_before_sent_ = false;
     if (fd_ < 0) connect();
     send_all(message.prefix.data(), message.prefix.size());
     if (message.image_bytes) send_all(message.image, message.image_bytes);
@@ -491,7 +507,6 @@ class Client {
     while ((end = buf.find("\r\n\r\n")) == std::string::npos) {
       if (buf.size() > 65536) fail("the reply from " + where() + " is not HTTP");
       if (!fill(buf, buf.size() + 1)) {
-        closed_before_reply_ = !reply_started_;
         fail("the server at " + where() + " closed the connection without an answer");
       }
     }
@@ -513,7 +528,8 @@ class Client {
         value.erase(0, value.find_first_not_of(" \t"));
         value.erase(value.find_last_not_of(" \t") + 1);
         if (name == "content-length") length = count("Content-Length", value);
-        else if (name == "inference-header-content-length") json_length = count("Inference-Header-Content-Length", value);
+        else if (name == "inference-header-content-length")
+          json_length = count("Inference-Header-Content-Length", value);
         else if (name == "transfer-encoding") chunked = detail::lower(value).find("chunked") != std::string::npos;
         else if (name == "connection") close_after = detail::lower(value).find("close") != std::string::npos;
       }
@@ -547,7 +563,7 @@ class Client {
           size = size * 16 + static_cast<size_t>(h <= '9' ? h - '0' : (h | 0x20) - 'a' + 10);
           if (size > kMaxBody) fail("the reply from " + where() + " has a chunk over 1 GiB");
         }
-        if (digits == 0 || (digits < eol && buf[digits] != ';' && buf[digits] != ' '))
+        if (digits == 0 || (digits < eol && buf[digits] != ';'))
           fail("the reply from " + where() + " is not chunked as HTTP says");
         buf.erase(0, eol + 2);
         if (!fill(buf, size + 2)) fail("the reply from " + where() + " was cut short");

@@ -164,6 +164,15 @@ def test_a_large_request_on_a_connection_closed_while_idle_goes_again_too(stand_
     assert [len(d) for _, d in server.requests] == [4 + 1 + 8 + 2048 * 2048 * 3] * 3
 
 
+def test_a_request_the_server_took_whole_and_dropped_is_not_sent_again(stand_in, cpp_request, tmp_path):
+    """The server reads request 2 whole, then closes without an answer (a crash, or a stopping server cutting off
+    a request under way): the client reports it instead of sending it again (the server may have run it)."""
+    server = stand_in(lambda c, n, h, d: (b"" if n == 2 else image_reply(pixels(n)), n == 2))
+    code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm", "--count", "3")
+    assert code == 1 and "closed the connection without an answer" in err, err
+    assert len(server.requests) == 2
+
+
 def test_a_connection_kept_alive_carries_every_request(stand_in, cpp_request, tmp_path):
     server = stand_in(lambda c, n, h, d: (image_reply(pixels(n)), False))
     code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm", "--count", "3", "--seed", "5")
@@ -309,7 +318,14 @@ int main() {
   attempt([] { sdturbo::Client c("127.0.0.1", 0); });
   attempt([] { sdturbo::Client c("127.0.0.1", 8000, "sdturbo", 0); });
   attempt([] { sdturbo::Client c("127.0.0.1", 8000, "sdturbo", 300, 3000000); });
+  attempt([] { sdturbo::Client c("127.0.0.1", 8000, ".."); });
   attempt([] { sdturbo::Client c("::1", 8000, "sdturbo_2.v1"); });
+  attempt([] {  // sizes without pixels (an empty vector's data()): refused before any connection
+    sdturbo::Client c("127.0.0.1", 1);
+    sdturbo::Request r;
+    r.prompt = "x", r.image_height = 64, r.image_width = 64;
+    c.generate(r);
+  });
 }
 """
     )
@@ -318,10 +334,12 @@ int main() {
     done = subprocess.run(cmd, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert subprocess.run([str(exe)], capture_output=True, text=True).stdout.splitlines() == [
-        "model name 'no pe' is not letters, digits, '_', '.' and '-'",
-        "model name '../x' is not letters, digits, '_', '.' and '-'",
+        "model name 'no pe' is not allowed; use letters, digits, '_', '.' and '-' (not '.' or '..')",
+        "model name '../x' is not allowed; use letters, digits, '_', '.' and '-' (not '.' or '..')",
         "port 0 is not 1 to 65535",
         "timeouts must be 1 to 1000000 s (got 0 and 10)",
         "timeouts must be 1 to 1000000 s (got 300 and 3000000)",
+        "model name '..' is not allowed; use letters, digits, '_', '.' and '-' (not '.' or '..')",
         "made",
+        "image_height and image_width are set but image is null (an empty buffer's data()?)",
     ]
