@@ -177,7 +177,8 @@ def build_request(
     (``schedule.default_steps``: 2 at the default 0.5).
     """
     strength = img2img_strength(strength, image is not None)
-    from_image = isinstance(image, np.ndarray) and image.ndim in (3, 4) and height is None and width is None
+    img = isinstance(image, np.ndarray) and image.ndim in (3, 4)
+    from_image = tuple(side for side, v in (("height", height), ("width", width)) if img and v is None)
     if isinstance(image, np.ndarray) and image.ndim in (3, 4):  # img2img: the image's size, as the CLI and serve
         height = image.shape[-3] if height is None else height
         width = image.shape[-2] if width is None else width
@@ -194,14 +195,14 @@ def build_request(
     try:
         req.check(bundle)
     except InputError as e:
-        raise (size_refused(e, "the image", width, height, "resize it") if from_image else e) from None
+        raise size_refused(e, "the image", width, height, "resize it", from_image) from None
     return req
 
 
-def size_refused(e: InputError, what: str, width: int, height: int, advice: str) -> InputError:
-    """``e`` where it refuses a side, said of ``what`` whose size the request took (an image's): the user never
-    gave a height or width. Other errors as they are."""
-    if not str(e).startswith(("height ", "width ")):
+def size_refused(e: InputError, what: str, width: int, height: int, advice: str, sides=("height", "width")):
+    """``e`` where it refuses one of ``sides``, the ones the request took from ``what`` (an image): said of the
+    image, as the user never gave that side. Other errors as they are."""
+    if str(e).split(" ", 1)[0] not in sides:
         return e
     return InputError(f"{what} is {width}x{height}, and that size is not allowed: {e}; {advice}")
 

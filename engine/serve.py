@@ -133,9 +133,10 @@ def parse(pipe, inputs: Mapping[str, np.ndarray]) -> Request:
             strength=scalar.get("strength"),
         )
     except InputError as e:
-        if image is None or "height" in scalar or "width" in scalar:
+        if image is None:
             raise
-        raise size_refused(e, "input 'image'", width, height, "send it resized") from None
+        sides = tuple(side for side in ("height", "width") if side not in scalar)  # the ones the image gave
+        raise size_refused(e, "input 'image'", width, height, "send it resized", sides) from None
 
 
 def batch_key(req: Request) -> tuple:

@@ -289,6 +289,10 @@ def test_an_image_outside_the_bundle_s_sizes_is_named_as_the_image(capsys, tiny_
         InputError, match=r"^the image is 32x264, and that size is not allowed: height 264 .* resize it"
     ):
         pipe.request("a cat", image=image)
+    with pytest.raises(
+        InputError, match=r"^the image is 32x264, and that size is not allowed: height 264 .* resize it"
+    ):
+        pipe.request("a cat", image=image, width=32)  # the height is still the image's
     with pytest.raises(InputError, match=r"^height 264 is outside this bundle's range 32-256$"):
         pipe.request("a cat", image=image, height=264, width=32)
 

@@ -173,6 +173,10 @@ BAD = [
         r"input 'image' is 32x264, and that size is not allowed: height 264 is outside this bundle's range 32-256; "
         r"send it resized",
     ),
+    (  # the width given, the height the image's
+        dict(image=picture(264, 32), steps=2, height=None),
+        r"input 'image' is 32x264, and that size is not allowed: height 264 is outside",
+    ),
     (dict(colour=np.array([1], np.int32)), r"input 'colour' is not known; the inputs are prompt, seed"),
 ]
 
