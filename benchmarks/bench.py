@@ -73,15 +73,14 @@ class BenchConfig:
             check_contender(name)
         modes.check(self.modes)
         cached = "prompt-cache" in self.modes or any(modes.mode_of(n) == "prompt-cache" for n in self.contenders)
-        if cached and self.warmup < CACHED_WARMUP:
+        if cached and self.warmup < modes.CACHED_WARMUP:
             raise InputError(
-                f"--warmup {self.warmup} is not allowed with prompt-cache contenders; give --warmup {CACHED_WARMUP} or "
-                f"more (the first warm-up run fills the prompt cache, the second runs a hit once, capturing its CUDA "
-                f"graph on a GPU, so that every timed run is a warmed-up cache hit)"
+                f"--warmup {self.warmup} is not allowed with prompt-cache contenders; give --warmup "
+                f"{modes.CACHED_WARMUP} or more (the first warm-up run fills the prompt cache, the second runs a hit "
+                f"once, capturing its CUDA graph on a GPU, so that every timed run is a warmed-up cache hit)"
             )
 
 
-CACHED_WARMUP = 2  # prompt-cache contenders: a miss fills the cache, then a hit's first run (its graph's capture)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
@@ -403,7 +402,7 @@ def throughput(contender, cfg: BenchConfig, sync) -> list[dict]:
     for b in cfg.batches:
         lat = np.random.default_rng(b).standard_normal((b, 4, cfg.height // 8, cfg.width // 8), dtype=np.float32)
         try:
-            for _ in range(CACHED_WARMUP if modes.mode_of(contender.name) == "prompt-cache" else 1):
+            for _ in range(modes.CACHED_WARMUP if modes.mode_of(contender.name) == "prompt-cache" else 1):
                 contender([cfg.prompt] * b, lat, cfg.steps, cfg.height, cfg.width)  # warm-up for this shape
             times = []
             for _ in range(3):

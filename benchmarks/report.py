@@ -64,7 +64,8 @@ def markdown(results: dict) -> str:
         "| e2e / floor | load s | cold start s | peak MB (at start) | PSNR vs ref dB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in (r for r in results["contenders"] if r.get("mode", modes.FULL) == modes.FULL):  # modes: apart
+    full = [r for r in results["contenders"] if r.get("mode", modes.FULL) == modes.FULL]  # modes: apart
+    for r in full:
         e, s = r["e2e_ms"], r["stages_ms"]
         cold = r.get("cold_start", {})
         cold = f"{cold['process_s']:.2f}" if "process_s" in cold else "failed" if "error" in cold else "-"
@@ -78,7 +79,6 @@ def markdown(results: dict) -> str:
         )
     for f in results.get("failed", []):
         lines.append(f"| {f['name']} | failed: {f['error'].splitlines()[0][:200]} |" + " |" * 12)
-    full = [r for r in results["contenders"] if r.get("mode", modes.FULL) == modes.FULL]
     eager = [r["name"] for r in full if "eager_total" in r["stages_ms"]]
     lines += [
         "",

@@ -179,7 +179,7 @@ def build_request(
     strength = img2img_strength(strength, image is not None)
     img = isinstance(image, np.ndarray) and image.ndim in (3, 4)
     from_image = tuple(side for side, v in (("height", height), ("width", width)) if img and v is None)
-    if isinstance(image, np.ndarray) and image.ndim in (3, 4):  # img2img: the image's size, as the CLI and serve
+    if img:  # img2img: the image's size, as the CLI and serve
         height = image.shape[-3] if height is None else height
         width = image.shape[-2] if width is None else width
     height, width = (DEFAULT_SIDE if v is None else v for v in (height, width))

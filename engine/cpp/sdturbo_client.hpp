@@ -324,7 +324,6 @@ class Client {
   int connections_ = 0;
   static constexpr int kMaxTimeout = 1000000;  // s; (x 1000 ms fits an int)
   static constexpr size_t kMaxBody = size_t{1} << 30;  // a reply's most: 1 GiB (a 16384 x 16384 image is 768 MiB)
-  bool reply_started_ = false;       // a byte of the reply has arrived
   bool closed_before_sent_ = false;  // the last failure: the connection was closed before the request was sent
 
   // host:port, an IPv6 address in brackets (as a URL and the Host header write it)
@@ -471,7 +470,7 @@ class Client {
 #endif
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
-        closed_before_sent_ = !reply_started_ && (errno == EPIPE || errno == ECONNRESET);
+        closed_before_sent_ = errno == EPIPE || errno == ECONNRESET;
         fail("cannot send to " + where() + ": " + std::strerror(errno));
       }
       sent += static_cast<size_t>(n);
@@ -486,19 +485,17 @@ class Client {
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) {
         bool timeout = errno == EAGAIN || errno == EWOULDBLOCK;
-        closed_before_sent_ = false;
         fail(timeout ? "no answer from " + where() + " within " + std::to_string(timeout_s_) + " s"
                      : "cannot read from " + where() + ": " + std::strerror(errno));
       }
       if (n == 0) return false;
-      reply_started_ = true;
       buf.append(chunk, static_cast<size_t>(n));
     }
     return true;
   }
 
   Image exchange(const Message& message) {
-    reply_started_ = closed_before_sent_ = false;
+    closed_before_sent_ = false;
     if (fd_ < 0) connect();
     send_all(message.prefix.data(), message.prefix.size());
     if (message.image_bytes) send_all(message.image, message.image_bytes);
