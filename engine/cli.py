@@ -77,7 +77,7 @@ def cmd_generate(args) -> None:
     from .cache import ensure_bundle
     from .images import check_out_path, load_image, save_images
     from .prompt_cache import DEFAULT_SIZE as DEFAULT_PROMPT_CACHE
-    from .request import check_settings, size_refused
+    from .request import DEFAULT_SIDE, check_settings, size_refused
     from .runtime import check_gpu_backend, choose_backend, default_precision, open_pipeline
 
     if args.bundle and args.model:
@@ -104,7 +104,7 @@ def cmd_generate(args) -> None:
     elif args.strength is not None:
         raise InputError("--strength is for img2img; give --image too")
     if width is None:
-        width, height = 512, 512
+        width, height = DEFAULT_SIDE, DEFAULT_SIDE
     if args.image_noise and not args.image:
         raise InputError("--image-noise samples the VAE posterior of img2img; give --image too")
     latents, image_noise = (

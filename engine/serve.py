@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError, NonFiniteOutput, SdTurboError
-from .request import Request, size_refused
+from .request import DEFAULT_SIDE, Request, size_refused
 
 log = logging.getLogger(__name__)
-DEFAULT_SIDE = 512  # a request without width/height gets this, clamped into the bundle's size range
 DEFAULT_MAX_BATCH = 4
 
 
@@ -54,7 +53,7 @@ class ServerClosing(SdTurboError):
 
 
 def default_size(bundle) -> int:
-    """``DEFAULT_SIDE`` clamped into the bundle's size range."""
+    """``DEFAULT_SIDE`` (a request's without width and height) clamped into the bundle's size range."""
     lim = bundle.limits
     return min(max(DEFAULT_SIDE, lim.min_size), lim.max_size)
 
