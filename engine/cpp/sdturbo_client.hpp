@@ -295,15 +295,15 @@ class Client {
   Image generate(const Request& request) {
     Message message = encode(request);
     // A kept-alive connection the server has closed since (an idle timeout, a restart) is seen before sending and
-    // replaced. Closed in the moment between (the send fails, nothing of the request was taken), the request goes
-    // once more on a new one. Closed after the whole request went, it is not sent again: the server may have run
+    // replaced. Closed in the moment between (the send fails, or the connection is reset with the request unread),
+    // the request goes once more on a new one. Closed after the whole request went, it is not sent again: the server may have run
     // it (a stopping server cuts off a request under way), and that is the caller's to decide.
     if (fd_ >= 0 && !idle_and_open()) disconnect();
     bool reused = fd_ >= 0;
     try {
       return exchange(message);
     } catch (const Error& e) {
-      if (!reused || e.status() != 0 || !closed_before_sent_) throw;
+      if (!reused || e.status() != 0 || !not_taken_) throw;
     }
     return exchange(message);
   }
@@ -324,7 +324,11 @@ class Client {
   int connections_ = 0;
   static constexpr int kMaxTimeout = 1000000;  // s; (x 1000 ms fits an int)
   static constexpr size_t kMaxBody = size_t{1} << 30;  // a reply's most: 1 GiB (a 16384 x 16384 image is 768 MiB)
-  bool closed_before_sent_ = false;  // the last failure: the connection was closed before the request was sent
+  bool reply_started_ = false;  // a byte of the reply has arrived
+  // The last failure: the server did not take the request. Its connection refused the send (EPIPE, ECONNRESET), or
+  // was reset before any reply: a peer that closes with the request unread in its buffer resets the connection,
+  // while one that read it and then closed ends it cleanly (EOF), which is not sent again.
+  bool not_taken_ = false;
 
   // host:port, an IPv6 address in brackets (as a URL and the Host header write it)
   std::string where() const {
@@ -470,7 +474,7 @@ class Client {
 #endif
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
-        closed_before_sent_ = errno == EPIPE || errno == ECONNRESET;
+        not_taken_ = errno == EPIPE || errno == ECONNRESET;
         fail("cannot send to " + where() + ": " + std::strerror(errno));
       }
       sent += static_cast<size_t>(n);
@@ -485,17 +489,19 @@ class Client {
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) {
         bool timeout = errno == EAGAIN || errno == EWOULDBLOCK;
+        not_taken_ = !reply_started_ && errno == ECONNRESET;
         fail(timeout ? "no answer from " + where() + " within " + std::to_string(timeout_s_) + " s"
                      : "cannot read from " + where() + ": " + std::strerror(errno));
       }
       if (n == 0) return false;
+      reply_started_ = true;
       buf.append(chunk, static_cast<size_t>(n));
     }
     return true;
   }
 
   Image exchange(const Message& message) {
-    closed_before_sent_ = false;
+    reply_started_ = not_taken_ = false;
     if (fd_ < 0) connect();
     send_all(message.prefix.data(), message.prefix.size());
     if (message.image_bytes) send_all(message.image, message.image_bytes);

@@ -58,6 +58,7 @@ class StandIn:
                 answer, close = self.reply(number, len(self.requests), header, data)
                 conn.sendall(answer)
                 if close:
+                    time.sleep(0 if close is True else close)  # (a float: close that much later, reading nothing)
                     return
 
     def close(self):
@@ -162,6 +163,16 @@ def test_a_large_request_on_a_connection_closed_while_idle_goes_again_too(stand_
     assert code == 0, err
     assert "3 image(s) over 3 connection(s)" in err
     assert [len(d) for _, d in server.requests] == [4 + 1 + 8 + 2048 * 2048 * 3] * 3
+
+
+def test_a_connection_closed_just_after_the_check_with_the_request_unread_goes_again(stand_in, cpp_request, tmp_path):
+    """The server closes each connection 0.3 s after its reply: the client's check before reuse finds it open, the
+    next request is sent, and the close resets the connection with that request unread (not taken): it goes again
+    on a new connection, once."""
+    server = stand_in(lambda c, n, h, d: (image_reply(pixels(n)), 0.3))
+    code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm", "--count", "3")
+    assert code == 0, err
+    assert "3 image(s) over 3 connection(s)" in err and len(server.requests) == 3
 
 
 def test_a_request_the_server_took_whole_and_dropped_is_not_sent_again(stand_in, cpp_request, tmp_path):
