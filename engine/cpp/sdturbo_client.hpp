@@ -31,6 +31,7 @@
 
 #include <cctype>
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -346,6 +347,21 @@ class Client {
     return ::poll(&p, 1, 0) == 0;
   }
 
+  // poll(2) for `events` on fd for up to timeout_s: > 0 ready, 0 timed out, < 0 failed (errno). A signal handled
+  // meanwhile (a profiler's timer, say) interrupts the wait; it goes on for what is left of the timeout, where
+  // starting it again would never time out under a steady stream of signals.
+  static int wait_for(int fd, short events, int timeout_s) {
+    using clock = std::chrono::steady_clock;
+    auto deadline = clock::now() + std::chrono::seconds(timeout_s);
+    pollfd p{fd, events, 0};
+    int rc;
+    do {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now()).count();
+      rc = ::poll(&p, 1, static_cast<int>(left > 0 ? left : 0));
+    } while (rc < 0 && errno == EINTR);
+    return rc;
+  }
+
   void disconnect() {
     if (fd_ >= 0) ::close(fd_);
     fd_ = -1;
@@ -397,9 +413,7 @@ class Client {
     ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
     int rc = ::connect(fd, address, length);
     if (rc != 0 && errno == EINPROGRESS) {
-      pollfd p{fd, POLLOUT, 0};
-      do rc = ::poll(&p, 1, connect_timeout_s_ * 1000);
-      while (rc < 0 && errno == EINTR);
+      rc = wait_for(fd, POLLOUT, connect_timeout_s_);
       if (rc == 0) {
         error = "no connection within " + std::to_string(connect_timeout_s_) + " s";
         return false;
@@ -467,6 +481,10 @@ class Client {
   void send_all(const char* bytes, size_t size) {
     size_t sent = 0;
     while (sent < size) {
+      // each wait for room to send more is bounded by timeout_s_, signals or not (a send then blocks at most as
+      // long again, SO_SNDTIMEO, for what does not fit at once)
+      if (wait_for(fd_, POLLOUT, timeout_s_) == 0)
+        fail("cannot send to " + where() + ": nothing more was taken within " + std::to_string(timeout_s_) + " s");
 #ifdef MSG_NOSIGNAL
       ssize_t n = ::send(fd_, bytes + sent, size - sent, MSG_NOSIGNAL);
 #else
@@ -485,6 +503,9 @@ class Client {
   bool fill(std::string& buf, size_t want) {
     char chunk[65536];
     while (buf.size() < want) {
+      // each wait for the next bytes is bounded by timeout_s_, signals or not (recv then does not block)
+      if (wait_for(fd_, POLLIN, timeout_s_) == 0)
+        fail("no answer from " + where() + " within " + std::to_string(timeout_s_) + " s");
       ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
       if (n < 0 && errno == EINTR) continue;
       if (n < 0) {

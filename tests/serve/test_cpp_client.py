@@ -280,6 +280,87 @@ def test_a_connection_that_does_not_open_is_given_up_after_the_connect_timeout(c
     assert time.monotonic() - start < 20
 
 
+SIGNALLED = r"""
+#include <signal.h>
+#include <sys/time.h>
+#include <cstdio>
+#include <cstdlib>
+#include "sdturbo_client.hpp"
+static void tick(int) {}
+int main(int, char** argv) {  // a SIGALRM every 0.2 s, with a handler (no SA_RESTART): poll() and recv() see EINTR
+  struct sigaction action {};
+  action.sa_handler = tick;
+  sigaction(SIGALRM, &action, nullptr);
+  itimerval every{{0, 200000}, {0, 200000}};
+  setitimer(ITIMER_REAL, &every, nullptr);
+  sdturbo::Client client("127.0.0.1", std::atoi(argv[1]), "sdturbo", std::atoi(argv[2]), std::atoi(argv[3]));
+  sdturbo::Request request;
+  request.prompt = "x";
+  try {
+    client.generate(request);
+  } catch (const sdturbo::Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def signalled(tmp_path_factory):
+    """A program that calls the client with a signal handled every 0.2 s (a profiler's timer does this)."""
+    folder = tmp_path_factory.mktemp("signalled")
+    source = folder / "signalled.cpp"
+    source.write_text(SIGNALLED)
+    exe = folder / "signalled"
+    cmd = [compiler(), "-std=c++17", "-O1", *WARNINGS, f"-I{SOURCE.parent}", "-o", str(exe), str(source)]
+    done = subprocess.run(cmd, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-4000:]
+    return exe
+
+
+def run_signalled(exe: Path, port: int, timeout: int, connect_timeout: int):
+    """(exit status, stderr, seconds); fails the test if it has not given up within 15 s."""
+    start = time.monotonic()
+    try:
+        args = [str(exe), str(port), str(timeout), str(connect_timeout)]
+        done = subprocess.run(args, capture_output=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the client did not give up within 15 s (timeouts {timeout} s and {connect_timeout} s)")
+    return done.returncode, done.stderr.decode(), time.monotonic() - start
+
+
+def test_the_connect_timeout_holds_while_signals_interrupt_the_wait(signalled):
+    """Each signal interrupts the wait; the client waits again only for what is left of the timeout. Starting the
+    whole timeout again after each one never gave up here."""
+    with socket.socket() as full:  # a listener whose queue is full drops SYNs (as above)
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        waiting = [socket.socket() for _ in range(4)]
+        for w in waiting:
+            w.setblocking(False)
+            w.connect_ex(("127.0.0.1", port))
+        time.sleep(0.2)
+        try:
+            code, err, seconds = run_signalled(signalled, port, 30, 1)
+        finally:
+            for w in waiting:
+                w.close()
+    assert code == 1 and f"cannot connect to 127.0.0.1:{port}: no connection within 1 s" in err, err
+    assert seconds < 5, seconds
+
+
+def test_the_reply_timeout_holds_while_signals_interrupt_the_wait(signalled, stand_in):
+    answered = threading.Event()
+    server = stand_in(lambda c, n, h, d: (answered.wait(30) and b"", True))  # holds the request, answers nothing
+    code, err, seconds = run_signalled(signalled, int(server.url.split(":")[1]), 1, 5)
+    answered.set()
+    assert code == 1 and f"no answer from {server.url} within 1 s" in err, err
+    assert seconds < 5, seconds
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
