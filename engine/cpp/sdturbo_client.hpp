@@ -326,6 +326,9 @@ class Client {
   static constexpr int kMaxTimeout = 1000000;  // s; (x 1000 ms fits an int)
   static constexpr size_t kMaxBody = size_t{1} << 30;  // a reply's most: 1 GiB (a 16384 x 16384 image is 768 MiB)
   bool reply_started_ = false;  // a byte of the reply has arrived
+  // Why the request could not be sent whole, where the server stopped taking it (EPIPE, ECONNRESET): it may have
+  // answered first (a 413 from a proxy in front, say), and that answer is read and reported; else this is.
+  std::string send_error_;
   // The last failure: the server did not take the request. Its connection refused the send (EPIPE, ECONNRESET), or
   // was reset before any reply: a peer that closes with the request unread in its buffer resets the connection,
   // while one that read it and then closed ends it cleanly (EOF), which is not sent again.
@@ -478,7 +481,8 @@ class Client {
     return m;
   }
 
-  void send_all(const char* bytes, size_t size) {
+  // Sends all of it; false where the server stopped taking it (send_error_ says why; the reply may tell more).
+  bool send_all(const char* bytes, size_t size) {
     size_t sent = 0;
     while (sent < size) {
       // each wait for room to send more is bounded by timeout_s_, signals or not (a send then blocks at most as
@@ -492,11 +496,15 @@ class Client {
 #endif
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
-        not_taken_ = errno == EPIPE || errno == ECONNRESET;
-        fail("cannot send to " + where() + ": " + std::strerror(errno));
+        std::string why = "cannot send to " + where() + ": " + std::strerror(errno);
+        if (errno != EPIPE && errno != ECONNRESET) fail(why);
+        not_taken_ = true;
+        send_error_ = why;
+        return false;
       }
       sent += static_cast<size_t>(n);
     }
+    return true;
   }
 
   // Reads into buf until it holds at least `want` bytes; false if the server closed the connection first.
@@ -511,11 +519,13 @@ class Client {
       if (n < 0) {
         bool timeout = errno == EAGAIN || errno == EWOULDBLOCK;
         not_taken_ = !reply_started_ && errno == ECONNRESET;
+        if (!send_error_.empty() && !timeout) fail(send_error_);  // no answer came before the connection went
         fail(timeout ? "no answer from " + where() + " within " + std::to_string(timeout_s_) + " s"
                      : "cannot read from " + where() + ": " + std::strerror(errno));
       }
       if (n == 0) return false;
       reply_started_ = true;
+      not_taken_ = false;  // (the server answered)
       buf.append(chunk, static_cast<size_t>(n));
     }
     return true;
@@ -523,15 +533,16 @@ class Client {
 
   Image exchange(const Message& message) {
     reply_started_ = not_taken_ = false;
+    send_error_.clear();
     if (fd_ < 0) connect();
-    send_all(message.prefix.data(), message.prefix.size());
-    if (message.image_bytes) send_all(message.image, message.image_bytes);
+    bool whole = send_all(message.prefix.data(), message.prefix.size()) &&
+                 (message.image_bytes == 0 || send_all(message.image, message.image_bytes));
     std::string buf;
     size_t end;
     while ((end = buf.find("\r\n\r\n")) == std::string::npos) {
       if (buf.size() > 65536) fail("the reply from " + where() + " is not HTTP");
       if (!fill(buf, buf.size() + 1)) {
-        fail("the server at " + where() + " closed the connection without an answer");
+        fail(whole ? "the server at " + where() + " closed the connection without an answer" : send_error_);
       }
     }
     // The status line and the headers we need.
@@ -560,7 +571,7 @@ class Client {
       pos = next;
     }
     std::string body = read_body(buf, chunked, length);
-    if (close_after) disconnect();
+    if (close_after || !whole) disconnect();
     if (status != 200) {
       std::string text = body;
       try {

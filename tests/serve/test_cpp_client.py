@@ -184,6 +184,46 @@ def test_a_request_the_server_took_whole_and_dropped_is_not_sent_again(stand_in,
     assert len(server.requests) == 2
 
 
+class EarlyAnswer:
+    """A server (a proxy in front of Triton, say) that answers each request after its headers, without reading the
+    body, then closes: a large request's send fails (EPIPE or ECONNRESET) with the answer already on its way."""
+
+    def __init__(self, status: str, body: bytes):
+        self.reply = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                buf = b""
+                while b"\r\n\r\n" not in buf and (chunk := conn.recv(4096)):
+                    buf += chunk
+                conn.sendall(self.reply)
+                time.sleep(0.1)  # (the answer is out before the close resets the connection)
+
+
+@pytest.mark.parametrize("size", [16, 2048])
+def test_an_answer_before_the_request_was_sent_whole_is_reported(cpp_request, tmp_path, size):
+    """The server's own answer is reported (status and its error), not "cannot send", and not sent again.
+    2048x2048: the send fails part way (12 MB); 16x16 goes whole before the answer (the usual path)."""
+    server = EarlyAnswer("413 Request Entity Too Large", json.dumps({"error": "request over 1 MB"}).encode())
+    image = write(tmp_path / "in.ppm", np.zeros((size, size, 3), np.uint8))
+    try:
+        code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm", "--image", str(image), "--count", "2")
+    finally:
+        server.sock.close()
+    assert code == 1 and "HTTP 413: request over 1 MB" in err, err
+    assert server.connections == 1 and not (tmp_path / "a-0.ppm").exists()
+
+
 def test_a_connection_kept_alive_carries_every_request(stand_in, cpp_request, tmp_path):
     server = stand_in(lambda c, n, h, d: (image_reply(pixels(n)), False))
     code, err = request(cpp_request, server.url, "x", tmp_path / "a.ppm", "--count", "3", "--seed", "5")
