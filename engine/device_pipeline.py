@@ -393,6 +393,16 @@ class DevicePipeline:
         feed(probe)
         enqueue()
         eager["probe"] = self._pixels(nbytes)
+        finite = not eager["request"][-req.batch :].any() and not eager["probe"][-req.batch :].any()
+        if finite and np.array_equal(eager["probe"], eager["request"]):
+            # Every input changed (prompts, noise, image) and not one pixel did: the chain does not read what is
+            # put in its buffers (a library that copied an input once, when it was bound, say). Every request
+            # would come out as this one, graph or not: refused, never served.
+            changed = "other prompts, other noise" + (" and the image mirrored" if req.image is not None else "")
+            raise BackendError(
+                f"{self.name}: a request with {changed} gave the same pixels as this one: the chain does not read "
+                "its inputs (an input copied once, when it was bound?), so every image would be this one; not used"
+            )
         with guard.attempt():  # a capture or replay that kills the process is not tried again (capture_guard.py)
             errors = (BackendError, *self.capture_errors)  # a graph that cannot be made or replayed is not used
             try:

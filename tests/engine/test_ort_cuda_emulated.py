@@ -9,12 +9,13 @@ tests/engine/test_gpu_onnxruntime.py.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import numpy as np
 import pytest
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
-from sdturbo.engine.errors import BundleError, InputError, NonFiniteOutput
+from sdturbo.engine.errors import BackendError, BundleError, InputError, NonFiniteOutput
 from sdturbo.engine.images import psnr
 from sdturbo.engine.pipeline import Pipeline
 
@@ -435,6 +436,47 @@ def test_no_pipeline_is_opened_while_another_thread_captures(tiny_bundle):
     first.join(60)
     second.join(60)
     assert len(opened) == 1 and pipe.graph_status == "on"
+
+
+class BoundOnce:
+    """A session whose IO binding copies each input when it is bound and runs on that copy ever after, as
+    onnxruntime does for an input bound on another device than the node that reads it: the chain then no
+    longer reads what is put in its buffers."""
+
+    def __init__(self, session):
+        self.session, self.kept = session, []
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def io_binding(self):
+        binding = self.session.io_binding()
+        bind_input = binding.bind_input
+
+        def bound_once(name, device, device_id, dtype, shape, ptr):
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            copy = np.frombuffer(ctypes.string_at(ptr, nbytes), np.uint8).copy()
+            self.kept.append(copy)
+            bind_input(name, device, device_id, dtype, shape, copy.ctypes.data)
+
+        binding.bind_input = bound_once
+        return binding
+
+
+@pytest.mark.parametrize("img2img", [False, True])
+def test_a_chain_that_does_not_read_its_inputs_is_refused_not_served(tiny_bundle, img2img):
+    """Every session's inputs copied once, when bound: each request would give the first one's image (the eager
+    runs too, so a replay's check against them passes). The probe (other prompts, noise, image) gives the same
+    pixels as the request: refused, with the reason, and again on the next request."""
+    pipe = emulated_ort_pipeline(tiny_bundle, shape=(1, 64, 64))
+    for component in pipe.engines.values():
+        component.session = BoundOnce(component.session)
+    for buffer in pipe.dev.values():  # zeros, as fresh device memory often holds (else NaN: refused as such)
+        pipe.stream.fill(buffer.ptr, 0, buffer.nbytes)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8) if img2img else None
+    for seed in (1, 2):
+        with pytest.raises(BackendError, match="gave the same pixels as this one: the chain does not read its inputs"):
+            pipe(PROMPTS[:1], height=64, width=64, seed=seed, image=image, steps=2)
 
 
 def _cells(fn) -> list:
