@@ -27,6 +27,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -51,6 +52,67 @@ log = logging.getLogger(__name__)
 # Held while a graph is captured and checked, and while a pipeline's sessions and buffers are made or freed: a
 # capture in CUDA's global mode (onnxruntime's own) fails if another thread allocates or synchronises meanwhile.
 CAPTURE_LOCK = threading.RLock()
+
+
+class CaptureGate:
+    """Device work of every pipeline in the process (a request, stage times) runs ``inside()``; a capture runs
+    ``alone()``: it waits for the work under way on other threads to end, and holds new work back until it ends.
+    onnxruntime captures its own graphs (the second tier) in CUDA's global mode, where a synchronisation or an
+    allocation on any other thread fails, and spoils the capture: a second pipeline's request during it would
+    fail, and this pipeline's graphs be turned off. Work waiting for ``CAPTURE_LOCK`` steps ``outside()`` (a
+    capture does not wait for a thread that waits for it)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._inside: dict[int, int] = {}  # thread -> depth
+        self._alone: int | None = None  # the thread capturing
+
+    @contextmanager
+    def inside(self):
+        me = threading.get_ident()
+        with self._cond:
+            self._cond.wait_for(lambda: self._alone in (None, me))
+            self._inside[me] = self._inside.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inside[me] -= 1
+                if not self._inside[me]:
+                    del self._inside[me]
+                self._cond.notify_all()
+
+    @contextmanager
+    def outside(self):
+        """Not counted as inside for this block (this thread's depth is kept and taken back after)."""
+        me = threading.get_ident()
+        with self._cond:
+            depth = self._inside.pop(me, 0)
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._cond.wait_for(lambda: self._alone in (None, me))
+                if depth:
+                    self._inside[me] = depth
+
+    @contextmanager
+    def alone(self):
+        me = threading.get_ident()
+        with self._cond:
+            self._cond.wait_for(lambda: self._alone in (None, me))
+            outer, self._alone = self._alone, me
+            self._cond.wait_for(lambda: not any(t != me for t in self._inside))
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = outer
+                self._cond.notify_all()
+
+
+CAPTURE_GATE = CaptureGate()
 _PIPELINES = itertools.count()  # one prompt-cache identity per device pipeline
 WARMUP_RUNS = 3  # lazy initialisation (TensorRT-RTX's JIT, cuDNN's algorithm search) never lands in a capture
 
@@ -282,7 +344,7 @@ class DevicePipeline:
         """A prompt-cache hit (every prompt's rows cached at this batch size) copies the rows in from the
         cache's device pool and replays a second graph per shape, captured without the text encoders; a miss
         runs the whole chain and then copies its rows into the pool."""
-        with self._running:
+        with self._running, CAPTURE_GATE.inside():
             self._check_open()
             return self._run(req)
 
@@ -309,9 +371,15 @@ class DevicePipeline:
             if scoped in self.graphs:
                 self.graphs[scoped].launch()
                 break
-            # one capture at a time in this process, no pipeline being opened meanwhile, nothing freed during it
-            with CAPTURE_LOCK, self.cuda.capturing():
-                captured = self._capture(scoped, req, sched, ctx, enqueue, slots)
+            # one capture at a time in this process, no pipeline being opened meanwhile, nothing freed during it,
+            # no other pipeline's work under way
+            with CAPTURE_GATE.outside():
+                CAPTURE_LOCK.acquire()
+            try:
+                with CAPTURE_GATE.alone(), self.cuda.capturing():
+                    captured = self._capture(scoped, req, sched, ctx, enqueue, slots)
+            finally:
+                CAPTURE_LOCK.release()
             if captured:
                 break  # its check's last replay was this request's
             self._inputs(req, sched, ids)  # the check fed the probe's inputs
@@ -480,7 +548,7 @@ class DevicePipeline:
         kernels around each step), vae_decoder (with its casts), other (uint8). For the benchmark: the graph's
         own end-to-end time is measured apart; these tell where it goes. ``encode`` False: without the text
         encoders, as a prompt-cache hit runs (their outputs are the last run's, left in place)."""
-        with self._running:
+        with self._running, CAPTURE_GATE.inside():
             self._check_open()
             return self._stage_times(req, encode)
 

@@ -159,6 +159,11 @@ class EmulatedCuda:
     def __init__(self, compute_capability: int = 86):
         self.memory = mem = Memory()
         self.cc = compute_capability
+        # the thread capturing in CUDA's global mode (onnxruntime's own graphs), and whether a call on another
+        # thread spoilt it meanwhile
+        self.global_capture: int | None = None
+        self.global_capture_spoilt = False
+        cuda = self
         self.context_current = False  # cudaSetDevice/cudaFree(0) in ensure_context; the driver API needs it
         # kernels are launched on a stream's address, as in CUDA (held weakly: a dropped stream is destroyed)
         self.streams: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
@@ -215,6 +220,9 @@ class EmulatedCuda:
             def synchronize(self) -> None:
                 if self.recording is not None:
                     raise RuntimeError("synchronize inside a capture")
+                if cuda.global_capture not in (None, threading.get_ident()):
+                    cuda.global_capture_spoilt = True
+                    raise RuntimeError("cudaStreamSynchronize: cudaErrorStreamCaptureImplicit (a global capture)")
 
             def end_capture(self) -> None:
                 self.recording = None
@@ -578,7 +586,7 @@ def emulated_ort_pipeline(bundle, cuda: EmulatedCuda | None = None, **kwargs) ->
 
         def _open(self, backend, name, graphs):
             session = super()._open(backend, name, graphs)
-            return EmulatedOrtGraphs(session) if graphs else session
+            return EmulatedOrtGraphs(session, cuda) if graphs else session
 
         @staticmethod
         def _address(ptr, nbytes):
@@ -609,12 +617,15 @@ class EmulatedOrtGraphs:
     (onnxruntime's warm-up) and then captures, keeping what that run's IO binding held (shapes, addresses);
     every later run with that id on that thread replays the capture: the session again on the captured
     binding, whatever is bound now (a graph reads and writes the addresses it was captured with). Graphs are
-    kept per thread, as onnxruntime keeps them. ``fail_capture(thread, graph_id)``, where set, may raise."""
+    kept per thread, as onnxruntime keeps them. ``fail_capture(thread, graph_id)``, where set, may raise (or
+    wait: it runs inside the capture). The capture is in CUDA's global mode, as onnxruntime's: a stream
+    synchronised on another thread meanwhile fails there, and the capture fails at its end (``cuda``'s
+    ``global_capture``)."""
 
     MIN_RUNS = 2
 
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, session, cuda: EmulatedCuda | None = None):
+        self.session, self.cuda = session, cuda
         self.captured: dict[tuple[int, int], object] = {}  # (thread, graph id) -> the binding captured
         self.replays: collections.Counter = collections.Counter()  # graph id -> replays, on any thread
         self.fail_capture = None
@@ -632,8 +643,18 @@ class EmulatedOrtGraphs:
             return self.session.run_with_iobinding(self.captured[key], run_options)
         for _ in range(self.MIN_RUNS):  # the warm-up runs, then the captured one (replayed at once)
             self.session.run_with_iobinding(binding, run_options)
-        if self.fail_capture is not None:
-            self.fail_capture(*key)
-        self.session.run_with_iobinding(binding, run_options)
+        cuda = self.cuda
+        if cuda is not None:
+            cuda.global_capture, cuda.global_capture_spoilt = threading.get_ident(), False
+        try:
+            if self.fail_capture is not None:
+                self.fail_capture(*key)
+            self.session.run_with_iobinding(binding, run_options)
+        finally:
+            spoilt = cuda is not None and cuda.global_capture_spoilt
+            if cuda is not None:
+                cuda.global_capture = None
+        if spoilt:
+            raise RuntimeError("cudaStreamEndCapture: cudaErrorStreamCaptureInvalidated (another thread's call)")
         self.captured[key] = binding
         return None

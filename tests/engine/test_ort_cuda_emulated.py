@@ -438,6 +438,47 @@ def test_no_pipeline_is_opened_while_another_thread_captures(tiny_bundle):
     assert len(opened) == 1 and pipe.graph_status == "on"
 
 
+def test_another_pipelines_request_waits_for_onnxruntimes_own_capture(tiny_bundle):
+    """onnxruntime captures a session's graph in CUDA's global mode: a request of another pipeline of the process
+    that synchronised meanwhile would fail, and spoil the capture. It waits for the capture instead; both come out
+    as the host pipeline's, and the capturing pipeline keeps its graphs."""
+    cuda = EmulatedCuda()
+    capturing = emulated_ort_pipeline(tiny_bundle, cuda, shape=(1, 64, 64), cuda_graph="sessions")
+    other = emulated_ort_pipeline(tiny_bundle, cuda, shape=(1, 64, 64), cuda_graph=False)
+    kw = dict(height=64, width=64, steps=2)
+    host = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))
+    want = {seed: host(PROMPTS[:1], seed=seed, **kw) for seed in (1, 2)}
+    np.testing.assert_array_equal(other(PROMPTS[:1], seed=2, **kw), want[2])  # (its own first run, before)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(thread, graph_id):
+        inside.set()
+        release.wait(30)
+
+    capturing.engines["unet"].session.fail_capture = slow
+    got: dict = {}
+
+    def run(name, pipe, seed):
+        try:
+            got[name] = pipe(PROMPTS[:1], seed=seed, **kw)
+        except Exception as e:
+            got[name] = e
+
+    first = threading.Thread(target=run, args=("capturing", capturing, 1))
+    first.start()
+    assert inside.wait(60)
+    second = threading.Thread(target=run, args=("other", other, 2))
+    second.start()
+    second.join(2)
+    assert second.is_alive() and "other" not in got  # held back while onnxruntime captures
+    release.set()
+    first.join(60)
+    second.join(60)
+    np.testing.assert_array_equal(got["capturing"], want[1])
+    np.testing.assert_array_equal(got["other"], want[2])
+    assert capturing.graph_status.startswith("sessions: "), capturing.graph_status
+
+
 class BoundOnce:
     """A session whose IO binding copies each input when it is bound and runs on that copy ever after, as
     onnxruntime does for an input bound on another device than the node that reads it: the chain then no
