@@ -479,6 +479,34 @@ def test_another_pipelines_request_waits_for_onnxruntimes_own_capture(tiny_bundl
     assert capturing.graph_status.startswith("sessions: "), capturing.graph_status
 
 
+def test_two_pipelines_capturing_at_once_on_two_threads_both_finish(tiny_bundle):
+    """Each request waits for the other's capture, never for a request that waits for its own (no deadlock):
+    four first requests at once, two shapes each on two pipelines, all as the host pipeline's, graphs kept."""
+    cuda = EmulatedCuda()
+    pipes = [
+        emulated_ort_pipeline(tiny_bundle, cuda, shape=(1, 64, 64), cuda_graph=mode) for mode in (True, "sessions")
+    ]
+    host = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))
+    jobs = [(pipe, size) for pipe in pipes for size in (32, 64)]
+    got: dict = {}
+
+    def run(k, pipe, size):
+        try:
+            got[k] = pipe(PROMPTS[:1], seed=k, height=size, width=size, steps=2)
+        except Exception as e:
+            got[k] = e
+
+    threads = [threading.Thread(target=run, args=(k, *job), daemon=True) for k, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    for k, (_, size) in enumerate(jobs):
+        np.testing.assert_array_equal(got[k], host(PROMPTS[:1], seed=k, height=size, width=size, steps=2))
+    assert pipes[0].graph_status == "on" and pipes[1].graph_status.startswith("sessions: ")
+
+
 class BoundOnce:
     """A session whose IO binding copies each input when it is bound and runs on that copy ever after, as
     onnxruntime does for an input bound on another device than the node that reads it: the chain then no
