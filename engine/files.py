@@ -13,6 +13,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -66,9 +67,30 @@ def naming_failures(path: Path):
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
+def temp_prefix(prefix: str) -> str:
+    """``prefix`` and this process's id, for a temporary name beside what it will replace: ``remove_leftovers``
+    then removes it only once its writer is gone."""
+    return f"{prefix}@{os.getpid()}@"
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that made the temporary ``name`` (``temp_prefix``) still runs; False for a name
+    without one."""
+    found = re.search(r"@(\d+)@", name)
+    if found is None:
+        return False
+    try:
+        os.kill(int(found[1]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # (another user's process: alive)
+        return True
+    return True
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers see old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(f".{path.name}."))
     try:
         with naming_failures(path), os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -125,9 +147,13 @@ def locked(target: Path, what: str):
 
 
 def remove_leftovers(folder: Path, pattern: str) -> None:
-    """Remove ``pattern`` matches in ``folder``: temporary files of killed runs. Call only holding the lock
-    that every writer of these names holds, so none of them can still be in use."""
+    """Remove ``pattern`` matches in ``folder``: temporary files of killed runs. Call holding the lock that
+    every writer of these names holds. A name whose writer still runs is kept: a run with another cache (its
+    locks are under its cache root) may be writing it."""
     for path in folder.glob(pattern):
+        if _writer_alive(path.name):
+            log.debug("keeping %s: the process writing it still runs", path)
+            continue
         log.info("removing %s, left by an interrupted run", path)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
@@ -163,7 +189,7 @@ def replace_dir(new: Path, dest: Path) -> None:
     if _exchange(new, dest):
         shutil.rmtree(new, ignore_errors=True)  # now the old folder
         return
-    trash = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    trash = dest.with_name(temp_prefix(f".{dest.name}.old-"))
     os.replace(dest, trash)
     os.replace(new, dest)
     shutil.rmtree(trash, ignore_errors=True)

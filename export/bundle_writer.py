@@ -32,6 +32,7 @@ from ..engine.files import (
     nearest_existing,
     remove_leftovers,
     replace_dir,
+    temp_prefix,
 )
 from ..engine.integrity import file_sha256, stamp
 from ..engine.spec import component_specs, component_specs_xl
@@ -110,7 +111,7 @@ def export_bundle(
             _check_same_model(existing, lm, out)
         elif existing is not None:
             _check_same_id(existing, model, out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{out.name}.tmp-"), dir=out.parent))
         make_shareable(tmp)
         try:
             with naming_failures(out.parent):  # a full disk mid-write names where it was writing
@@ -280,7 +281,7 @@ def _check_can_write(out: Path) -> None:
     """The bundle is written into a temporary folder beside ``out``, then renamed: one is made and removed now
     (what os.access cannot tell, such as a read-only mount, included); InputError if that fails."""
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.rmdir(tempfile.mkdtemp(prefix=temp_prefix(f".{out.name}.tmp-"), dir=out.parent))
     except OSError as e:
         raise InputError(f"cannot write the bundle {out}: no folder can be made in {out.parent} ({e.strerror})") from e
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from ..engine.bundle import is_bundle, make_shareable
 from ..engine.cache import cache_folder, folder_stamp, random_model_folder
 from ..engine.errors import InputError, first_line
-from ..engine.files import locked, remove_leftovers, replace_dir
+from ..engine.files import locked, remove_leftovers, replace_dir, temp_prefix
 from .random_models import ALL_RANDOM, build_random
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ def random_folder(name: str, build=build_random, marker: str = "model_index.json
             return folder
         remove_leftovers(folder.parent, f".random-{name}-*")
         log.info("building random:%s once into %s", name, folder)
-        tmp = Path(tempfile.mkdtemp(prefix=f".random-{name}-", dir=folder.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".random-{name}-"), dir=folder.parent))
         make_shareable(tmp)
         try:
             build(name).save_pretrained(tmp, safe_serialization=True)

@@ -42,7 +42,7 @@ from ..engine.backends.ort_cache import publish_graph
 from ..engine.backends.ort_optimized import PROVIDERS, check_optimized, optimized_paths, recipe, sources
 from ..engine.bundle import Bundle
 from ..engine.errors import BackendError, InputError
-from ..engine.files import check_free_space, human_size, locked, naming_failures, remove_leftovers
+from ..engine.files import check_free_space, human_size, locked, naming_failures, remove_leftovers, temp_prefix
 from ..engine.spec import axis_values
 from . import attention
 from .proto_io import save_streamed, value_bytes
@@ -309,7 +309,7 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
             log.warning("rebuilding the optimized %s: %s", name, "--force" if why is None else why)
         remove_leftovers(model.parent, f".{name}.tmp-*")
         _check_space(bundle, name, provider, precision, model.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=model.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{name}.tmp-"), dir=model.parent))
         try:
             with naming_failures(model.parent):  # a full disk mid-write names where it was writing
                 start = time.perf_counter()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..bundle import Bundle, ComponentFile
 from ..errors import IntegrityError, first_line
-from ..files import atomic_write, locked, make_shareable, nearest_existing, remove_leftovers
+from ..files import atomic_write, locked, make_shareable, nearest_existing, remove_leftovers, temp_prefix
 from ..integrity import file_sha256, stamp, verify
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def create_and_cache(
     try:
         model.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(model.parent, f".{comp.spec.name}.tmp-*")  # the caller holds this component's lock
-        tmp = Path(tempfile.mkdtemp(prefix=f".{comp.spec.name}.tmp-", dir=model.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{comp.spec.name}.tmp-"), dir=model.parent))
     except OSError as e:  # a read-only bundle: run without the cache
         _not_cached(comp.spec.name, model.parent, str(e))
         return ort.InferenceSession(str(comp.onnx), options, providers=providers)

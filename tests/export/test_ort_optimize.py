@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -163,6 +165,31 @@ def test_writes_are_atomic(optimized, monkeypatch):
     assert (model.read_bytes(), record.read_text()) == before  # the old graph stays whole and valid
     assert not list(model.parent.glob(".text_encoder.tmp-*"))  # its own temporary and the leftover removed
     assert find_optimized(b, "text_encoder", VERSION, "cpu", "fp16") == model
+
+
+def test_a_temporary_of_a_run_still_going_is_kept(optimized, tmp_path, monkeypatch):
+    """Locks live under the cache root, so a run with another SDTURBO_CACHE on the same bundle does not wait
+    for this one: its temporary folder, named with its process id, is kept while that process runs (removing
+    it failed the other run), and removed once it has ended, as a killed run's."""
+    b = Bundle(optimized)
+    model, _ = optimized_paths(b, VERSION, "cpu", "fp16", "text_encoder")
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    try:
+        live = model.parent / f".text_encoder.tmp-@{running.pid}@abc"
+        dead = model.parent / f".text_encoder.tmp-@{ended.pid}@abc"
+        for folder in (live, dead):
+            folder.mkdir()
+            (folder / "text_encoder.onnx").write_bytes(b"half")
+        monkeypatch.setenv("SDTURBO_CACHE", str(tmp_path / "another-cache"))
+        optimize_bundle(optimized, ("text_encoder",), provider="cpu", force=True)
+        assert live.is_dir() and not dead.exists()
+    finally:
+        running.kill()
+        running.wait()
+    assert find_optimized(b, "text_encoder", VERSION, "cpu", "fp16") == model
+    shutil.rmtree(live)
 
 
 def test_a_disk_that_fills_while_optimizing_is_named_and_the_old_graph_kept(optimized, monkeypatch):
