@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import reprlib
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -187,7 +188,7 @@ def build_request(
         steps = default_steps(strength) if image is not None else 1
     if isinstance(prompts, (bytes, bytearray)):  # (a sequence too: of ints)
         raise InputError(f"prompts must be strings; got bytes {bytes(prompts[:60])!r}: decode them first")
-    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+    prompts = (prompts,) if isinstance(prompts, str) else _prompt_sequence(prompts)
     if isinstance(image, np.ndarray) and image.ndim == 3:
         image = np.broadcast_to(image, (len(prompts), *image.shape))
     seed = _seed_values(seed)
@@ -197,6 +198,16 @@ def build_request(
     except InputError as e:
         raise size_refused(e, "the image", width, height, "resize it", from_image) from None
     return req
+
+
+def _prompt_sequence(prompts) -> tuple:
+    """The prompts of a list, a tuple or another ordered sequence (an iterator too); InputError for what is none
+    (None, a number) or has no order of its own (a dict, whose keys would be taken, or a set)."""
+    if isinstance(prompts, (Mapping, Set)) or not isinstance(prompts, Iterable):
+        raise InputError(
+            f"prompts must be a string or a list of strings; got {type(prompts).__name__} {reprlib.repr(prompts)}"
+        )
+    return tuple(prompts)
 
 
 def size_refused(e: InputError, what: str, width: int, height: int, advice: str, sides=("height", "width")):

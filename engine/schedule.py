@@ -137,7 +137,8 @@ def check_steps(steps: int) -> None:
 
 
 def _strength_ok(strength) -> bool:
-    return isinstance(strength, (int, float, np.floating)) and not isinstance(strength, bool) and 0.0 < strength <= 1.0
+    number = isinstance(strength, (int, float, np.integer, np.floating)) and not isinstance(strength, (bool, np.bool_))
+    return number and 0.0 < strength <= 1.0
 
 
 def default_steps(strength: float = 1.0) -> int:
@@ -169,7 +170,7 @@ def steps_kept(steps: int, strength: float = 1.0) -> int:
         least = f"at {steps} step{'s' * (steps > 1)}, strength must be at least {shown}"
         more = f", or more steps (up to {MAX_STEPS})" if steps < MAX_STEPS else ""
         raise InputError(
-            f"steps * strength = {steps} * {_below_one(strength)} = {_below_one(steps * strength)} runs no step; "
+            f"steps * strength = {steps} * {_exact(strength)} = {_below_one(steps * strength)} runs no step; "
             f"int(steps * strength) must be at least 1: {least}{more}"
         )
     return kept
@@ -179,6 +180,13 @@ def _below_one(x: float) -> str:
     """``x`` (< 1) as %g shows it, unless that rounds it up to 1 (0.99999999999): then every digit it has."""
     shown = f"{float(x):g}"
     return shown if float(shown) < 1 else repr(float(x))
+
+
+def _exact(x: float) -> str:
+    """``x`` as %g shows it where that is its value, else every digit it has (0.2499999999 is not "0.25", nor
+    0.9999999996 "1": the refused value must not read as the one it is told to reach)."""
+    shown = f"{float(x):g}"
+    return shown if float(shown) == float(x) else repr(float(x))
 
 
 @lru_cache(maxsize=64)

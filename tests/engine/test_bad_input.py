@@ -41,6 +41,14 @@ CASES = [
     (dict(prompts=["x"], seed=True), r"seed True is not allowed"),  # (a bool is an int to Python)
     (dict(prompts=["x", "y"], seed=[1, False]), r"seed False is not allowed"),
     (dict(prompts=b"a cat"), r"prompts must be strings; got bytes b'a cat': decode them first"),
+    (dict(prompts=None), r"prompts must be a string or a list of strings; got NoneType None"),
+    (dict(prompts=5), r"prompts must be a string or a list of strings; got int 5"),
+    (dict(prompts={"a cat": 1}), r"prompts must be a string or a list of strings; got dict"),  # (not its keys)
+    (dict(prompts={"a cat"}), r"prompts must be a string or a list of strings; got set"),  # (no order)
+    (  # shown with every digit, not as the 0.25 it is told to reach
+        dict(prompts=["x"], steps=4, strength=0.2499999999, image=np.zeros((64, 64, 3), np.uint8)),
+        r"4 \* 0.2499999999 = 0.9999999996 runs no step",
+    ),
 ]
 
 
@@ -49,6 +57,14 @@ def test_request_errors_name_the_value(pipe, kwargs, match):
     kwargs = {"height": 64, "width": 64, **kwargs}
     with pytest.raises(InputError, match=match):
         pipe.request(kwargs.pop("prompts"), **kwargs)
+
+
+def test_numpy_numbers_are_taken_as_python_numbers(pipe):
+    """A strength or seed read from an array is a numpy scalar: taken as the same Python number."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    for strength in (np.int64(1), np.float32(0.5), np.float64(0.5)):
+        req = pipe.request("x", steps=2, strength=strength, image=image, seed=np.int64(3))
+        assert req.strength == strength and req.seed == 3
 
 
 def test_pipeline_stays_usable_after_bad_requests(pipe):
