@@ -201,7 +201,7 @@ def cmd_build(args) -> None:
         flavour=args.trt,
         profile=Profile.parse(args.batch or "1", args.size or "512x512"),
         compute_capability=args.compute_capability,
-        opt_level=3 if args.opt_level is None else args.opt_level,
+        opt_level=args.opt_level,
         workspace_gb=args.workspace_gb,
         force=args.force,
         **kwargs,
@@ -386,8 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--compute-capability", type=int, help="TensorRT-RTX: build ahead of time for e.g. 86 (no GPU needed)"
     )
-    b.add_argument("--opt-level", type=int, help="builder optimisation level 0-5 (default 3)")
-    b.add_argument("--workspace-gb", type=float, help="builder workspace limit in GiB (default: TensorRT's)")
+    b.add_argument(
+        "--opt-level",
+        type=int,
+        help="builder optimisation level 0-5 (default 3; given, an engine built at another level is rebuilt)",
+    )
+    b.add_argument(
+        "--workspace-gb",
+        type=float,
+        help="builder workspace limit in GiB (default: TensorRT's; given, an engine built with another is rebuilt)",
+    )
     b.add_argument("--components", help="comma-separated subset (default: every component of the bundle)")
     b.add_argument("--force", action="store_true", help="rebuild even when engines are up to date")
     b.add_argument(

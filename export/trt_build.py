@@ -24,6 +24,8 @@ from ..engine.integrity import read_checked, stamp, write_checked
 
 log = logging.getLogger(__name__)
 MAX_WORKSPACE_GB = 1024  # --workspace-gb's largest (GiB): beyond any GPU's memory, and within TensorRT's size_t
+DEFAULT_OPT_LEVEL = 3  # --opt-level's default (TensorRT's own)
+SETTINGS = {"optimization_level": "--opt-level", "workspace_gb": "--workspace-gb"}  # build record key: option
 
 
 def device_name(trt, flavour: str, compute_capability: int | None) -> tuple[str, int | None]:
@@ -52,13 +54,15 @@ def build_engines(
     flavour: str | None = None,
     profile: Profile | None = None,
     compute_capability: int | None = None,
-    opt_level: int = 3,
+    opt_level: int | None = None,
     workspace_gb: float | None = None,
     components=None,
     force: bool = False,
 ) -> list[Path]:
-    """Build (or keep, if still valid) one engine per component; returns the plan paths."""
-    if not 0 <= opt_level <= 5:
+    """Build (or keep, if still valid) one engine per component; returns the plan paths. ``opt_level`` and
+    ``workspace_gb`` given (not None) also rebuild an engine built with another value; left out, an engine built
+    with any is kept, and what is built gets the defaults (level 3, TensorRT's workspace)."""
+    if opt_level is not None and not 0 <= opt_level <= 5:
         raise InputError(f"--opt-level {opt_level} is not allowed; use 0-5")
     if workspace_gb is not None and not (math.isfinite(workspace_gb) and 0 < workspace_gb <= MAX_WORKSPACE_GB):
         raise InputError(
@@ -75,9 +79,11 @@ def build_engines(
     n = len(components)
     with locked(folder, "is building engines in"):  # concurrent builds of one profile: one builds, one reuses
         remove_leftovers(folder, ".*.plan.*")  # atomic_write's temporary files, left by a killed build
-        plans = []
+        plans, version = [], trt.__version__
+        asked = {"optimization_level": opt_level, "workspace_gb": workspace_gb}  # None: not given
+        level = DEFAULT_OPT_LEVEL if opt_level is None else opt_level
         for i, name in enumerate(components, 1):
-            plan = None if force else _valid_engine(bundle, name, flavour, trt.__version__, device, profile, i, n)
+            plan = None if force else _valid_engine(bundle, name, flavour, version, device, profile, asked, i, n)
             if plan is None:
                 need = bundle.component("fp16", name).bytes
                 check_free_space(
@@ -92,12 +98,12 @@ def build_engines(
                     *(i, n, name, device, flavour, trt.__version__, profile.tag),
                 )
                 key = engine_key(bundle, name, flavour, trt.__version__, device, profile)
-                plan = _build_one(trt, bundle, name, key, profile, target, opt_level, workspace_gb, folder)
+                plan = _build_one(trt, bundle, name, key, profile, target, level, workspace_gb, folder)
             plans.append(plan)
     return plans
 
 
-def _valid_engine(bundle, name, flavour, version, device, profile, i, n) -> Path | None:
+def _valid_engine(bundle, name, flavour, version, device, profile, asked, i, n) -> Path | None:
     """The engine already built for ``name`` if it may be kept; None (and why, logged) when it must be built."""
     try:
         plan = find_engine(bundle, name, flavour, version, device, profile)
@@ -109,8 +115,23 @@ def _valid_engine(bundle, name, flavour, version, device, profile, i, n) -> Path
     except BundleError as e:  # stale, corrupt record, or a plan of the wrong size
         log.info("[%d/%d] %s: rebuilding: %s", i, n, name, e)
         return None
+    changed = _changed_setting(plan, asked)
+    if changed:
+        log.info("[%d/%d] %s: rebuilding: %s", i, n, name, changed)
+        return None
     log.info("[%d/%d] %s: engine up to date (%s)", i, n, name, plan)
     return plan
+
+
+def _changed_setting(plan: Path, asked: dict) -> str | None:
+    """Which builder setting given (not None) in ``asked`` differs from the one ``plan`` was built with, old and
+    new; None when none does. A setting left out never counts: an engine built with any value is kept."""
+    built_with = json.loads(plan.with_suffix(".json").read_text()).get("builder", {})
+    for field, flag in SETTINGS.items():
+        old, new = built_with.get(field), asked[field]
+        if new is not None and old != new:
+            return f"{flag} {new} given, the engine was built with {'the default' if old is None else old}"
+    return None
 
 
 def _build_one(

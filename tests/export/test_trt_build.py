@@ -245,6 +245,43 @@ def test_force_rebuilds_every_engine_even_when_up_to_date_at_any_allowed_level(b
         rebuilt.clear()
 
 
+def test_a_setting_given_that_differs_from_the_engine_s_rebuilds_it_and_defaults_keep_it(built, tmp_path, caplog):
+    """--opt-level and --workspace-gb given on the command line rebuild an engine built with other values (one line
+    says which, old and new); left out (generate's builds, `build` without them) any engine is kept."""
+    from sdturbo.engine.cli import main
+
+    path, _ = built
+    copy = shutil.copytree(path, tmp_path / "b")
+    args = ["build", str(copy), "--trt", "tensorrt-rtx", "--compute-capability", str(CC), "--components", "unet"]
+    args += ["--batch", "1-2", "--size", "64-128"]
+    plan = next((copy / "engines").glob(f"tensorrt-rtx-*-sm{CC}/*/unet.plan"))
+
+    def built_with():
+        return json.loads(plan.with_suffix(".json").read_text())["builder"], plan.stat().st_mtime_ns
+
+    (level0, before) = built_with()
+    assert level0["optimization_level"] == 0 and level0["workspace_gb"] is None
+    for same in ([], ["--opt-level", "0"]):  # left out, or the same: kept
+        with caplog.at_level("INFO"):
+            assert main([*args, *same]) == 0
+        assert built_with() == (level0, before) and "engine up to date" in caplog.text
+        caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main([*args, "--opt-level", "1"]) == 0
+    assert "unet: rebuilding: --opt-level 1 given, the engine was built with 0" in caplog.text
+    (level1, after) = built_with()
+    assert level1["optimization_level"] == 1 and after != before
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main([*args, "--opt-level", "1", "--workspace-gb", "2"]) == 0
+    assert "unet: rebuilding: --workspace-gb 2.0 given, the engine was built with the default" in caplog.text
+    assert built_with()[0]["workspace_gb"] == 2.0
+    again = built_with()
+    assert main(args) == 0 and built_with() == again  # the defaults rebuild nothing
+    build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, components=("unet",))
+    assert built_with() == again
+
+
 def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp_path, monkeypatch, disk_free):
     """Each engine to build checks the free space first (a full-size build takes minutes, and a plan is written
     only at its end): at least the component's fp16 weights (measured: the tiny engines are 4x their ONNX, with
