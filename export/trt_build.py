@@ -7,10 +7,13 @@ where the graph keeps it). Engines, build records and the timing cache live in t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -98,7 +101,8 @@ def build_engines(
                     *(i, n, name, device, flavour, trt.__version__, profile.tag),
                 )
                 key = engine_key(bundle, name, flavour, trt.__version__, device, profile)
-                plan = _build_one(trt, bundle, name, key, profile, target, level, workspace_gb, folder)
+                with _ctrl_c_cancels() as cancel:
+                    plan = _build_one(trt, bundle, name, key, profile, target, level, workspace_gb, folder, cancel)
             plans.append(plan)
     return plans
 
@@ -144,7 +148,9 @@ def _build_one(
     opt_level: int,
     workspace_gb: float | None,
     folder: Path,
+    cancel: threading.Event,
 ) -> Path:
+    """Build ``name``'s engine into ``folder``; a build cancelled by ``cancel`` raises KeyboardInterrupt."""
     comp = bundle.component("fp16", name)
     logger = Logger.get(trt)
     builder = trt.Builder(logger)
@@ -174,13 +180,15 @@ def _build_one(
     if cache_path is not None:
         cache = config.create_timing_cache(read_checked(cache_path, "the timing cache") or b"")
         config.set_timing_cache(cache, ignore_mismatch=True)
-    monitor = _progress_monitor(trt, name)
+    monitor = _progress_monitor(trt, name, cancel)
     if monitor is not None:
         config.progress_monitor = monitor
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
+    if cancel.is_set():  # Ctrl-C: nothing written
+        raise KeyboardInterrupt
     if serialized is None:
         raise BackendError(f"TensorRT failed to build {name} (see the [TRT] messages above)")
     data = bytes(memoryview(serialized))
@@ -223,28 +231,52 @@ def _tensor_info(trt, tensor) -> dict:
     }
 
 
-def _progress_monitor(trt, name: str):
-    """Logs TensorRT's top-level build phases (both flavours have IProgressMonitor)."""
+@contextlib.contextmanager
+def _ctrl_c_cancels():
+    """While TensorRT parses and builds, Ctrl-C sets the event yielded (the progress monitor then cancels the build),
+    and KeyboardInterrupt is raised after it. Left to Python, KeyboardInterrupt is raised inside the next TensorRT
+    callback (our logger's or monitor's), where TensorRT catches it ("Exception caught in log()") and builds on.
+    Outside the main thread, or under a SIGINT handler of someone else's, Ctrl-C is left alone."""
+    cancel = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield cancel
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: cancel.set())
+    try:
+        yield cancel
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if cancel.is_set():
+        raise KeyboardInterrupt
+
+
+def _progress_monitor(trt, name: str, cancel: threading.Event):
+    """Logs TensorRT's build phases as they start (three levels deep; the deeper ones, repeated per layer or
+    format, at debug) and cancels the build once ``cancel`` is set. Both flavours have IProgressMonitor."""
     if not hasattr(trt, "IProgressMonitor"):
         return None
 
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
-            self._start: dict[str, float] = {}
+            self._start: dict[str, tuple[int, float]] = {}
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            if parent_phase is None:
-                self._start[phase_name] = time.perf_counter()
-                log.info("    %s: %s (%d steps)", name, phase_name, num_steps)
+            depth = 0 if parent_phase not in self._start else self._start[parent_phase][0] + 1
+            self._start[phase_name] = depth, time.perf_counter()
+            steps = f" ({num_steps} steps)" if depth == 0 else ""
+            log.log(
+                logging.INFO if depth <= 3 else logging.DEBUG, "    %s: %s%s%s", name, "  " * depth, phase_name, steps
+            )
 
         def step_complete(self, phase_name, step):
-            return True  # keep building
+            return not cancel.is_set()  # False cancels the build
 
         def phase_finish(self, phase_name):
             if phase_name in self._start:
-                log.debug(
-                    "    %s: %s done in %.1f s", name, phase_name, time.perf_counter() - self._start.pop(phase_name)
-                )
+                depth, start = self._start.pop(phase_name)
+                log.debug("    %s: %s%s done in %.1f s", name, "  " * depth, phase_name, time.perf_counter() - start)
 
     return Monitor()

@@ -232,7 +232,7 @@ def test_force_rebuilds_every_engine_even_when_up_to_date_at_any_allowed_level(b
     path, plans = built
     rebuilt = []
 
-    def build_one(trt, bundle, name, key, profile, target, opt_level, workspace_gb, folder):
+    def build_one(trt, bundle, name, key, profile, target, opt_level, workspace_gb, folder, cancel):
         rebuilt.append((name, opt_level))
         return folder / f"{name}.plan"
 
@@ -280,6 +280,43 @@ def test_a_setting_given_that_differs_from_the_engine_s_rebuilds_it_and_defaults
     assert main(args) == 0 and built_with() == again  # the defaults rebuild nothing
     build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, components=("unet",))
     assert built_with() == again
+
+
+CTRL_C_IN_THE_BUILD = """
+import logging, os, signal, sys
+from sdturbo.engine.cli import main
+
+class CtrlC(logging.Handler):  # Ctrl-C as TensorRT's build starts: from inside its progress monitor's callback
+    def emit(self, record):
+        if "Building engine" in record.getMessage():
+            os.kill(os.getpid(), signal.SIGINT)
+
+logging.getLogger("sdturbo.export.trt_build").addHandler(CtrlC())
+rc = main(sys.argv[1:])
+print("handler restored:", signal.getsignal(signal.SIGINT) is signal.default_int_handler, file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def test_ctrl_c_during_a_build_cancels_it_exit_130_and_nothing_is_written(tiny_bundle, tmp_path):
+    """TensorRT calls Python back (logger, progress monitor) from inside the build and catches what they raise:
+    Python's KeyboardInterrupt raised there was swallowed, the build finished and exited 0. Ctrl-C now cancels the
+    build through the progress monitor: exit 130, "interrupted", no engine written, the usual handler back."""
+    import subprocess
+    import sys
+
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    args = ["build", str(path), "--trt", "tensorrt-rtx", "--compute-capability", str(CC), "--components", "unet"]
+    r = subprocess.run(
+        [sys.executable, "-c", CTRL_C_IN_THE_BUILD, *args, "--size", "64-128"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 130, r.stderr
+    assert "sdturbo: interrupted" in r.stderr and "handler restored: True" in r.stderr
+    assert "Determining refit engines" not in r.stderr  # cancelled at its start, not run to its end
+    assert [p.name for p in (path / "engines").rglob("*") if p.is_file()] == []
 
 
 def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp_path, monkeypatch, disk_free):
