@@ -22,11 +22,15 @@ from ..engine.backends.trt_lib import Logger, compute_capability_enum, import_tr
 from ..engine.bundle import Bundle, atomic_write
 from ..engine.engine_store import Profile, engine_dir, engine_key, find_engine
 from ..engine.errors import BackendError, BundleError, EngineCorrupt, EngineMissing, InputError
-from ..engine.files import check_free_space, human_size, locked, remove_leftovers
+from ..engine.files import check_free_space, human_size, locked, naming_failures, remove_leftovers
 from ..engine.integrity import read_checked, stamp, write_checked
 
 log = logging.getLogger(__name__)
 MAX_WORKSPACE_GB = 1024  # --workspace-gb's largest (GiB): beyond any GPU's memory, and within TensorRT's size_t
+# The free space a build asks for beside an engine's weights: its kernels. random:tiny's engines hold up to 10 MB of
+# them (2-11 MB plans for 0.15-2 MB of weights; TensorRT-RTX 1.7, SM86 and SM89, batch 1-4 at 64-512 pixels); a
+# full-size engine's are not measured.
+KERNELS_BYTES = 32 * 10**6
 DEFAULT_OPT_LEVEL = 3  # --opt-level's default (TensorRT's own)
 SETTINGS = {"optimization_level": "--opt-level", "workspace_gb": "--workspace-gb"}  # build record key: option
 
@@ -88,12 +92,13 @@ def build_engines(
         for i, name in enumerate(components, 1):
             plan = None if force else _valid_engine(bundle, name, flavour, version, device, profile, asked, i, n)
             if plan is None:
-                need = bundle.component("fp16", name).bytes
+                weights = bundle.component("fp16", name).bytes
                 check_free_space(
                     folder,
-                    need,
+                    weights + KERNELS_BYTES,
                     f"building the {name} engine",
-                    f"an engine holds at least its fp16 weights, {human_size(need)}",
+                    f"an engine holds its fp16 weights, {human_size(weights)}, and its kernels, "
+                    f"{human_size(KERNELS_BYTES)} allowed",
                     "Free some space, then run the same command again (the engines built so far are kept)",
                 )
                 log.info(
@@ -193,11 +198,6 @@ def _build_one(
         raise BackendError(f"TensorRT failed to build {name} (see the [TRT] messages above)")
     data = bytes(memoryview(serialized))
     sha256 = hashlib.sha256(data).hexdigest()
-    plan = folder / f"{name}.plan"
-    atomic_write(plan, data)
-    if cache_path is not None:
-        write_checked(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    stamp([plan], sha256)
     record = {
         "key": key,
         "plan_bytes": len(data),
@@ -216,7 +216,17 @@ def _build_one(
         + [_tensor_info(trt, network.get_output(i)) for i in range(network.num_outputs)],
         "profile_shapes": {t.name: [list(s) for s in opt.get_shape(t.name)] for t in comp.spec.inputs},
     }
-    atomic_write(folder / f"{name}.json", json.dumps(record, indent=2).encode())
+    plan = folder / f"{name}.plan"
+    with naming_failures(folder):  # a full disk mid-write names where it was writing
+        atomic_write(plan, data)
+        try:
+            atomic_write(folder / f"{name}.json", json.dumps(record, indent=2).encode())
+        except BaseException:
+            plan.unlink()  # no plan without its record
+            raise
+        if cache_path is not None:
+            write_checked(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    stamp([plan], sha256)
     log.info("    %s: %.1f s, %.1f MB", name, seconds, len(data) / 1e6)
     return plan
 

@@ -321,16 +321,18 @@ def test_ctrl_c_during_a_build_cancels_it_exit_130_and_nothing_is_written(tiny_b
 
 def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp_path, monkeypatch, disk_free):
     """Each engine to build checks the free space first (a full-size build takes minutes, and a plan is written
-    only at its end): at least the component's fp16 weights (measured: the tiny engines are 4x their ONNX, with
-    their kernels). Short of that: one line, nothing built, the engines before it kept; with that much: built."""
+    only at its end): the component's fp16 weights and room for its kernels (the tiny engines hold 2-10 MB of them
+    beside 0.15-2 MB of weights). Short of that: one line, nothing built, the engines before it kept; with that
+    much: built."""
     import re
 
     from sdturbo.export import trt_build
 
     path, plans = built
     copy = shutil.copytree(path, tmp_path / "b")
-    need = Bundle(copy).component("fp16", "unet").bytes
-    assert all(p.stat().st_size >= Bundle(copy).component("fp16", p.stem).bytes for p in plans)
+    need = Bundle(copy).component("fp16", "unet").bytes + trt_build.KERNELS_BYTES
+    for p in plans:  # what is asked for holds what was built (with the weights alone it did not: 2 MB for 9 MB)
+        assert Bundle(copy).component("fp16", p.stem).bytes + trt_build.KERNELS_BYTES > p.stat().st_size
     built_now, real = [], trt_build._build_one
     monkeypatch.setattr(
         trt_build, "_build_one", lambda trt, b, name, *a: built_now.append(name) or real(trt, b, name, *a)
@@ -339,7 +341,8 @@ def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp
     before = {p: p.stat().st_mtime_ns for p in plan.parent.iterdir()}
     disk_free(need - 1)
     said = rf"building the unet engine needs about [\d.]+ MB free in {re.escape(str(plan.parent))}: an engine holds "
-    with pytest.raises(InputError, match=said + r"at least its fp16 weights, [\d.]+ MB; [\d.]+ MB is free there"):
+    weights = r"its fp16 weights, [\d.]+ MB, and its kernels, 32.0 MB allowed; [\d.]+ MB is free there"
+    with pytest.raises(InputError, match=said + weights):
         build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, force=True)
     assert built_now == ["text_encoder"]  # built before the UNet, kept; the UNet's engine untouched
     assert {p: p.stat().st_mtime_ns for p in plan.parent.iterdir() if p.stem != "text_encoder"} == {
@@ -348,3 +351,54 @@ def test_an_engine_the_disk_cannot_hold_is_refused_before_it_is_built(built, tmp
     disk_free(need)
     build_engines(copy, "tensorrt-rtx", PROFILE, compute_capability=CC, opt_level=0, components=("unet",), force=True)
     assert built_now == ["text_encoder", "unet"]
+
+
+def test_a_build_onto_a_disk_too_small_for_its_plan_is_one_line_before_it_starts(tiny_bundle, tmp_path, capsys):
+    """A real full disk: a 12 MB tmpfs holding the bundle, 9.5 MB free. The weights alone (2 MB for the UNet) let
+    the build start, then writing its 9 MB plan failed ("[Errno 28] No space left on device: ...unet.plan", exit 1).
+    Now the check counts the kernels too: one line before anything is built, exit 2, nothing written."""
+    import subprocess
+
+    from sdturbo.engine.cli import main
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(disk)], capture_output=True)
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (root only): {mount.stderr.decode().strip()}")
+    try:
+        path = disk / "b"
+        shutil.copytree(tiny_bundle, path, ignore=shutil.ignore_patterns("fp32"))
+        args = ["build", str(path), "--trt", "tensorrt-rtx", "--compute-capability", str(CC), "--size", "64x64"]
+        assert main(args) == 2
+        line = " ".join(capsys.readouterr().err.split("sdturbo: error: ")[-1].split())
+        assert line.startswith("building the text_encoder engine needs about "), line
+        assert "its kernels, 32.0 MB allowed" in line and "Free some space" in line, line
+        assert [p.name for p in (path / "engines").rglob("*") if p.is_file()] == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_disk_that_fills_while_an_engine_is_written_is_named_and_nothing_is_left(
+    tiny_bundle, tmp_path, monkeypatch, capsys
+):
+    """The check passed, then the disk filled: writing the build record fails after the plan was written. One line
+    naming where, exit 1 (as export's and --ort-optimize's), and no plan is left without its record."""
+    from sdturbo.engine.cli import main
+    from sdturbo.export import trt_build
+
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    real = trt_build.atomic_write
+
+    def disk_fills(target, data):
+        if target.suffix == ".json":
+            raise OSError(28, "No space left on device", str(target))
+        real(target, data)
+
+    monkeypatch.setattr(trt_build, "atomic_write", disk_fills)
+    args = ["build", str(path), "--trt", "tensorrt-rtx", "--compute-capability", str(CC), "--size", "64x64"]
+    assert main([*args, "--components", "text_encoder"]) == 1
+    folder = next((path / "engines").glob(f"tensorrt-rtx-*-sm{CC}/b1_64x64"))
+    line = " ".join(capsys.readouterr().err.split("sdturbo: error: ")[-1].split())
+    assert line == f"[Errno 28] No space left on device: '{folder / 'text_encoder.json'}'", line
+    assert [p.name for p in folder.iterdir()] == []
