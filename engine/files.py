@@ -43,6 +43,11 @@ def human_size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
+def folder_bytes(folder: Path) -> int:
+    """The size of the files under ``folder`` (0 when there is none)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def check_free_space(folder: Path, need: int, doing: str, why: str, advice: str) -> None:
     """Refuse, before the work starts, what the free space under ``folder`` cannot hold: an InputError saying
     ``doing`` needs about ``need`` bytes (``why``: what they are) and how much is free. A file system that

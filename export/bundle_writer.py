@@ -25,6 +25,7 @@ from ..engine.errors import BundleError, InputError
 from ..engine.files import (
     atomic_write,
     check_free_space,
+    folder_bytes,
     human_size,
     locked,
     make_shareable,
@@ -133,6 +134,7 @@ def export_bundle(
                         manifest["tiny_vae"] = tiny.manifest_entry()
                     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
                     if force:
+                        _keep_caches(out, tmp)
                         replace_dir(tmp, out)  # out is absent, an empty folder or a bundle
                     else:
                         _publish(tmp, out)
@@ -143,6 +145,41 @@ def export_bundle(
         _stamp_written(Bundle(out), components, tokenizers=existing is None)
     log.info("bundle ready: %s", out)
     return out
+
+
+CACHES = ("engines", "ort-optimized")  # what `build` makes in a bundle, keyed by its ONNX's sha256
+
+
+def _keep_caches(old: Path, new: Path) -> None:
+    """What `build` made in the bundle ``old`` (TensorRT engines, ONNX Runtime optimized graphs: hours at full
+    size), carried into ``new``, the bundle that replaces it. Each is keyed by the sha256 of the ONNX it was
+    made from, so one that this export changed is found stale where it is used (rebuilt, or refused, as ever).
+    Hard links, so that readers of ``old`` keep them until the swap; moved where the file system has none. The
+    CPU session cache (``ort/``) goes with ``old``: its records hold the ONNX files' mtimes, so any first load
+    would make it again."""
+    kept = []
+    for name in CACHES:
+        src, dst = old / name, new / name
+        if not src.is_dir():
+            continue
+        try:
+            shutil.copytree(src, dst, symlinks=True, copy_function=os.link)
+        except OSError:  # (shutil.Error is one) a file system without hard links
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(src, dst)
+        kept.append(f"{name} ({human_size(folder_bytes(dst))})")
+    if kept:
+        log.info(
+            "keeping %s of the bundle it replaces: each is keyed by the sha256 of its ONNX, so any made from a "
+            "graph this export changed is rebuilt by `sdturbo build` (refused until then)",
+            ", ".join(kept),
+        )
+    if (old / "ort").is_dir():
+        log.info(
+            "removing ort (%s) with the bundle it replaces: ONNX Runtime's CPU session graphs, made again by the "
+            "first load",
+            human_size(folder_bytes(old / "ort")),
+        )
 
 
 def _complete(existing: Bundle, out: Path, tmp: Path, todo: list[str], components: dict, tiny) -> None:
