@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -79,6 +80,13 @@ class Limits:
 
 
 MAX_BATCH, MIN_SIDE, MAX_SIDE = 256, 8, 4096  # the widest limits a bundle may hold (export refuses wider)
+DEFAULT_LIMITS = {"max_batch": 16, "min_size": 64, "max_size": 1024}  # a new bundle's, where none is given
+
+
+def export_again(root: Path, options: str = "MODEL") -> str:
+    """What every "export it again" says: the command that does it, replacing the bundle at ``root`` (``options``:
+    the model and export options; MODEL where the manifest cannot tell them)."""
+    return f"export it again: `sdturbo export {options} --out {shlex.quote(str(root))} --force`"
 
 
 def _number(manifest: dict, dotted: str, kind: type = int):
@@ -123,24 +131,25 @@ class Bundle:
                     f"cached), or export it with `sdturbo export {self.root} --out BUNDLE`"
                 )
             raise BundleError(
-                f"bundle {self.root} has no {MANIFEST}: it is incomplete or not a bundle; export it again"
+                f"bundle {self.root} has no {MANIFEST}: it is incomplete or not a bundle; if it was one, remove it "
+                f"and export it again: `sdturbo export MODEL --out {shlex.quote(str(self.root))}`"
             )
         try:
             self.manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path} is corrupt ({e}); export the bundle again") from e
+            raise BundleError(f"{path} is corrupt ({e}); {export_again(self.root)}") from e
         version = self.manifest.get("schema_version") if isinstance(self.manifest, dict) else None
         if version != SCHEMA_VERSION:
             raise BundleError(
                 f"{path} has schema_version {version!r}; this sdturbo reads schema_version {SCHEMA_VERSION} "
-                f"(export the bundle again with this version)"
+                f"({export_again(self.root)})"
             )
         try:
             self._parse()
         except KeyError as e:
-            raise BundleError(f"{path} is malformed: field {e} is missing; export the bundle again") from e
+            raise BundleError(f"{path} is malformed: field {e} is missing; {export_again(self.root)}") from e
         except (TypeError, ValueError, AttributeError) as e:
-            raise BundleError(f"{path} is malformed: {e}; export the bundle again") from e
+            raise BundleError(f"{path} is malformed: {e}; {export_again(self.root)}") from e
 
     def _parse(self) -> None:
         m = self.manifest
@@ -245,15 +254,44 @@ class Bundle:
         files = [comp.onnx] + ([comp.data] if comp.data else [])
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise BundleError(f"bundle {self.root} is missing {', '.join(missing)}; export it again")
+            raise BundleError(f"bundle {self.root} is missing {', '.join(missing)}; {self.export_hint}")
         size = sum(f.stat().st_size for f in files)
         if size != comp.bytes:
             raise BundleError(
                 f"{comp.onnx} is {size} bytes but the manifest says {comp.bytes}: the file is "
-                f"truncated or was changed; export the bundle again"
+                f"truncated or was changed; {self.export_hint}"
             )
         verify(files, comp.sha256, f"the {precision} {name} of bundle {self.root}", rehash=rehash)
         return comp
+
+    @property
+    def export_hint(self) -> str:
+        """The command that exports this bundle again as it was: its model, precisions, tiny VAE and limits."""
+        options = [self.model_id]
+        if len(self.precisions) == 1:
+            options += ["--precision", self.precisions[0]]
+        if self.tiny_vae is not None:
+            options += ["--tiny-vae", self.tiny_vae.source]
+        for name, default in DEFAULT_LIMITS.items():
+            if getattr(self.limits, name) != default:
+                options += [f"--{name.replace('_', '-')}", str(getattr(self.limits, name))]
+        return export_again(self.root, shlex.join(options))
+
+    def check_files(self) -> None:
+        """BundleError naming every file the manifest lists that is missing or not of its recorded size, and the
+        command that repairs the bundle. Cheap (nothing is hashed: ``component`` checks content)."""
+        damaged = []
+        for comps in self.components.values():
+            for comp in comps.values():
+                files = [comp.onnx] + ([comp.data] if comp.data else [])
+                missing = [f for f in files if not f.is_file()]
+                damaged += [f"{f.relative_to(self.root)} is missing" for f in missing]
+                size = 0 if missing else sum(f.stat().st_size for f in files)
+                if not missing and size != comp.bytes:
+                    damaged.append(f"{comp.onnx.relative_to(self.root)} is {size} bytes, not {comp.bytes}")
+        damaged += [f"{p.relative_to(self.root)} is missing" for p in self.tokenizer_sha256 if not p.is_file()]
+        if damaged:
+            raise BundleError(f"bundle {self.root} is damaged: {'; '.join(damaged)}; {self.export_hint}")
 
     def prompt_tokenizers(self) -> list:
         """The tokenizers, checked: present, of the recorded content (bundles that record it), readable."""
@@ -261,7 +299,7 @@ class Bundle:
 
         for path, sha in self.tokenizer_sha256.items():
             if not path.is_file():
-                raise BundleError(f"bundle {self.root} is missing {path.name}; export it again")
+                raise BundleError(f"bundle {self.root} is missing {path.name}; {self.export_hint}")
             if sha is not None:
                 verify([path], sha, f"the tokenizer of bundle {self.root}")
         warned = Warned()  # shared: a prompt both of SDXL's tokenizers cut at the same place is warned of once

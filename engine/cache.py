@@ -87,6 +87,7 @@ def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
     if (path / MANIFEST).is_file():
         try:
             bundle = Bundle(path)
+            bundle.check_files()  # (export completes only a whole bundle)
             folder = local_model_folder(model)
             if folder is not None and bundle.manifest["model"].get("source_stamp") != folder_stamp(folder):
                 log.warning("%s changed since its cached bundle was exported; exporting it again", model)

@@ -218,7 +218,7 @@ class DevicePipeline:
     cuda = cuda_module  # device memory, streams, graphs
     name = "device"
     precision = "fp16"
-    encoder_hint = "export the bundle again to add it"
+    encoder_hint = "{export_hint} (adds it)"
     fp32_remedy = FP32_REMEDY  # how to run fp32 graphs instead, for NonFiniteOutput's message
     capture_errors: tuple[type[BaseException], ...] = ()  # a capture failing with these turns the graph off
 
@@ -305,7 +305,8 @@ class DevicePipeline:
             raise BundleError(self._outside(req))
         if req.image is not None and self.encoder not in self.engines:
             raise BundleError(
-                f"img2img needs the {self.encoder}, which this {self.name} pipeline lacks: {self.encoder_hint}"
+                f"img2img needs the {self.encoder}, which this {self.name} pipeline lacks: "
+                + self.encoder_hint.format(export_hint=self.bundle.export_hint)
             )
         check_vae_request(self.vae, req)
         return req

@@ -136,7 +136,7 @@ class OrtCudaPipeline(DevicePipeline):
     name = "ONNX Runtime CUDA"
     providers: tuple[str, ...] = ("CUDAExecutionProvider",)
     ort_device = "cuda"  # where the IO bindings say the buffers are
-    encoder_hint = "export the bundle again to add it"
+    encoder_hint = "{export_hint} (adds it)"
     # onnxruntime reports a run it could not complete under capture with its own exception types
     capture_errors = (Exception,)
 

@@ -19,7 +19,16 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from ..engine.bundle import MANIFEST, MAX_BATCH, MAX_SIDE, MIN_SIDE, SCHEMA_VERSION, Bundle, is_bundle
+from ..engine.bundle import (
+    DEFAULT_LIMITS,
+    MANIFEST,
+    MAX_BATCH,
+    MAX_SIDE,
+    MIN_SIDE,
+    SCHEMA_VERSION,
+    Bundle,
+    is_bundle,
+)
 from ..engine.cache import cache_root
 from ..engine.errors import BundleError, InputError
 from ..engine.files import (
@@ -58,9 +67,6 @@ def tool_versions(dists: tuple[str, ...] = EXPORT_TOOLS) -> dict[str, str]:
     return out
 
 
-DEFAULT_LIMITS = {"max_batch": 16, "min_size": 64, "max_size": 1024}  # a new bundle's, where none is given
-
-
 def export_bundle(
     model: str,
     out: str | os.PathLike,
@@ -91,6 +97,7 @@ def export_bundle(
         remove_leftovers(out.parent, f".{out.name}.old-*")
         existing = _existing(out, force)
         if existing is not None:  # it keeps its own limits: any given must be those
+            existing.check_files()  # a damaged bundle is not completed, nor reported done
             _check_same_limits(existing, asked, out)
         max_batch, min_size, max_size = (DEFAULT_LIMITS[k] if v is None else v for k, v in asked.items())
         if existing is None and min_size > max_size:

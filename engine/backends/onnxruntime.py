@@ -134,7 +134,7 @@ class OnnxRuntimeBackend:
             # onnxruntime's words: nodes on other providers (host copies), or control flow nodes
             if "graph capture feature" in str(e) or "CUDA Graph feature" in str(e):
                 raise CaptureRefused(f"onnxruntime will not run {component} under a CUDA graph: {e}") from e
-            raise BundleError(f"cannot load {comp.onnx}: {e}; the file is corrupt, export the bundle again") from e
+            raise BundleError(f"cannot load {comp.onnx}: {e}; the file is corrupt, {bundle.export_hint}") from e
         log.debug("loaded %s (%s) on %s", component, self.precision, session.get_providers())
         if "CUDAExecutionProvider" in self.providers and "CUDAExecutionProvider" not in session.get_providers():
             # ONNX Runtime falls back to the CPU when the CUDA provider fails to load (a missing cuDNN or

@@ -539,7 +539,8 @@ def test_a_malformed_manifest_names_the_field(tiny_bundle, tmp_path, field, valu
     with pytest.raises(BundleError) as e:
         Bundle(tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 'manifest.json'} is malformed: ")
-    assert message in str(e.value) and str(e.value).endswith("; export the bundle again"), str(e.value)
+    again = f"; export it again: `sdturbo export MODEL --out {tmp_path} --force`"  # (it was "export the bundle again")
+    assert message in str(e.value) and str(e.value).endswith(again), str(e.value)
 
 
 @pytest.mark.parametrize(

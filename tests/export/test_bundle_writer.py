@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 
 import numpy as np
 import pytest
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.bundle import MANIFEST, Bundle
+from sdturbo.engine.cli import main
 from sdturbo.engine.errors import BundleError, InputError
 from sdturbo.engine.pipeline import Pipeline
 from sdturbo.export import bundle_writer, onnx_export
@@ -190,6 +193,43 @@ def test_corrupt_manifest(bundle_copy):
     (bundle_copy / MANIFEST).write_text('{"schema_version": 1, "model": ')
     with pytest.raises(BundleError, match="corrupt"):
         Bundle(bundle_copy)
+
+
+def said_to_run(message: str) -> list[str]:
+    """The `sdturbo ...` command a message says to run, as arguments for ``main``."""
+    return shlex.split(re.search(r"`sdturbo (export [^`]+)`", message).group(1))
+
+
+def test_export_onto_a_damaged_bundle_names_the_file_and_the_command_that_repairs_it(bundle_copy, capsys):
+    """info said "missing .../vae_encoder.onnx; export it again", but `sdturbo export` answered "already has fp32,
+    fp16" and exit 0, restoring nothing. Export checks that the files the manifest lists are there at their
+    sizes, and refuses a damaged bundle naming them and the command that repairs it, which does."""
+    limits = Bundle(bundle_copy).limits
+    (bundle_copy / "onnx" / "fp16" / "vae_encoder.onnx").unlink()
+    unet = bundle_copy / "onnx" / "fp32" / "unet.onnx"
+    unet.write_bytes(unet.read_bytes()[:1000])
+    assert main(["info", str(bundle_copy)]) == 1
+    repair = said_to_run(capsys.readouterr().out)
+    assert "--force" in repair
+    assert main(["export", "random:tiny", "--out", str(bundle_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "onnx/fp16/vae_encoder.onnx is missing" in err and "onnx/fp32/unet.onnx is 1000 bytes" in err, err
+    assert said_to_run(err) == repair
+    assert main(repair) == 0
+    assert main(["info", str(bundle_copy)]) == 0
+    assert Bundle(bundle_copy).limits == limits  # the command exports it as it was
+
+
+def test_a_corrupt_manifest_says_a_command_that_exports_the_bundle_again(bundle_copy, capsys):
+    """A corrupt manifest said "export the bundle again", which `export` refused with the same words: the command
+    it gives names --force, and works."""
+    (bundle_copy / MANIFEST).write_text('{"schema_version": 1, "model": ')
+    assert main(["export", "random:tiny", "--out", str(bundle_copy)]) == 2
+    command = said_to_run(capsys.readouterr().err)
+    assert "--force" in command and "MODEL" in command
+    command[command.index("MODEL")] = "random:tiny"
+    assert main(command) == 0
+    assert Bundle(bundle_copy).precisions == ("fp32", "fp16")
 
 
 def test_truncated_onnx(bundle_copy):
