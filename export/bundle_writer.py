@@ -48,7 +48,15 @@ from ..engine.integrity import file_sha256, stamp
 from ..engine.spec import component_specs, component_specs_xl
 from .models import LoadedModel, load_model
 from .onnx_export import export_record
-from .tiny_vae import AUTO, check_tiny_source, default_source, load_tiny_vae, same_source, write_tiny_onnx
+from .tiny_vae import (
+    AUTO,
+    check_fits,
+    check_tiny_source,
+    default_source,
+    load_tiny_vae,
+    same_source,
+    write_tiny_onnx,
+)
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16")  # export order matters: fp16 converts the loaded modules in place
@@ -112,26 +120,27 @@ def export_bundle(
             log.info("bundle %s already has %s", out, ", ".join(precisions))
             return out
         _check_can_write(out)  # before the model loads (minutes, for a real one)
+        if existing is not None and not todo:
+            _check_same_id(existing, model, out)  # only a tiny VAE to add: no model loads
+        tiny = load_tiny_vae(tiny_source) if tiny_todo else None  # before the model: a failed download takes seconds
         lm = load_model(model, half="fp32" not in todo) if todo else None
         if lm is not None:
             _check_disk(lm, out, todo)  # before minutes of export that a full disk would end
-        if existing is not None and lm is not None:
-            _check_same_model(existing, lm, out)
-        elif existing is not None:
-            _check_same_id(existing, model, out)
+            if existing is not None:
+                _check_same_model(existing, lm, out)
+        if tiny is not None:
+            if lm is not None:
+                vae = lm.config("vae")
+                channels, scale = vae.latent_channels, 2 ** (len(vae.block_out_channels) - 1)
+            else:
+                channels, scale = existing.latent_channels, existing.vae_scale_factor
+            check_fits(tiny, channels, scale)  # before the model's export too
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{out.name}.tmp-"), dir=out.parent))
         make_shareable(tmp)
         try:
             with naming_failures(out.parent):  # a full disk mid-write names where it was writing
                 components = _write_onnx(lm, tmp, todo) if todo else {}
-                tiny = None
-                if tiny_todo:
-                    tiny = load_tiny_vae(tiny_source)
-                    if lm is not None:
-                        vae = lm.config("vae")
-                        channels, scale = vae.latent_channels, 2 ** (len(vae.block_out_channels) - 1)
-                    else:
-                        channels, scale = existing.latent_channels, existing.vae_scale_factor
+                if tiny is not None:
                     for p, comps in write_tiny_onnx(tiny, tmp, tiny_todo, channels, scale).items():
                         components.setdefault(p, {}).update(comps)
                 if existing is None:

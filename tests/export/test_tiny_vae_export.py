@@ -13,6 +13,7 @@ from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.bundle import MANIFEST, TINY_VAE, Bundle
 from sdturbo.engine.errors import BundleError, InputError, IntegrityError
 from sdturbo.engine.pipeline import Pipeline
+from sdturbo.export import onnx_export
 from sdturbo.export.bundle_writer import export_bundle
 from sdturbo.export.onnx_export import sample_inputs
 from sdturbo.export.tiny_vae import RANDOM_TINY_VAES, build_random_tiny_vae, resolve_tiny_vae_folder
@@ -132,6 +133,27 @@ def test_bad_folders_are_named(tmp_path, tiny_folder):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="is a file"):
         resolve_tiny_vae_folder(str(tmp_path / "file"))
+
+
+def test_a_tiny_vae_that_cannot_be_downloaded_fails_before_the_model_is_exported(tmp_path, tiny_folder, monkeypatch):
+    """Offline, `export MODEL --tiny-vae madebyollin/taesd` exported every component first (minutes at full size),
+    then failed on the tiny VAE's download and threw the work away: the tiny VAE is fetched first."""
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("cannot reach the Hub (offline)")
+
+    exported = []
+
+    def spy(*args, **kwargs):
+        exported.append(args)
+        raise RuntimeError("a component was exported before the tiny VAE was fetched")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.setattr(onnx_export, "export_component", spy)
+    with pytest.raises(InputError, match=r"could not download the tiny VAE 'madebyollin/taesd' .*offline"):
+        export_bundle("random:tiny", tmp_path / "b", ("fp32",), tiny_vae="madebyollin/taesd")
+    assert exported == [] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
