@@ -97,9 +97,10 @@ BUILDER_FLAGS = {"tensorrt": (), "tensorrt-rtx": ("REQUIRE_USER_ALLOCATION",)}
 
 
 def engine_key(bundle: Bundle, component: str, flavour: str, version: str, device: str, profile: Profile) -> dict:
+    onnx = bundle.components.get("fp16", {}).get(component)  # (None: no fp16 graph to build it from)
     return {
         "component": component,
-        "onnx_sha256": bundle.components["fp16"][component].sha256 if "fp16" in bundle.components else None,
+        "onnx_sha256": onnx.sha256 if onnx is not None else None,
         "library": flavour,
         "library_version": version,
         "device": device,
@@ -183,12 +184,17 @@ def select_profile(
 
 
 def list_engines(bundle: Bundle) -> list[dict]:
-    """Every build record in the bundle, with its folder."""
+    """Every build record in the bundle, with its plan's path; then each plan without a record (a build that did
+    not finish, or a copy), as ``incomplete``."""
     out = []
-    for record in sorted((bundle.root / "engines").glob("*/*/*.json")):
+    root = bundle.root / "engines"
+    for record in sorted(root.glob("*/*/*.json")):
         try:
             rec = json.loads(record.read_text())
-        except json.JSONDecodeError:
+        except (OSError, ValueError):
             rec = {"corrupt": True}
-        out.append({**rec, "path": str(record.with_suffix(".plan"))})
+        out.append({**(rec if isinstance(rec, dict) else {"corrupt": True}), "path": str(record.with_suffix(".plan"))})
+    for plan in sorted(root.glob("*/*/*.plan")):
+        if not plan.with_suffix(".json").is_file():
+            out.append({"path": str(plan), "incomplete": True, "plan_bytes": plan.stat().st_size})
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 from .bundle import Bundle
 from .capture_guard import crash_records
 from .errors import BundleError
+from .files import folder_bytes
 from .integrity import verify as check_content
 from .tokenizer import PromptTokenizer
 
@@ -46,6 +47,7 @@ def describe(path, verify: bool = False, broken: list[str] | None = None) -> str
     lines += describe_tokenizers(b, verify, broken)
     lines += describe_engines(b)
     lines += describe_optimized(b)
+    lines += describe_session_cache(b)
     crashed = crash_records()
     if crashed:
         lines += ["CUDA-graph captures skipped on this machine (each killed a process once):", *crashed]
@@ -65,6 +67,22 @@ def describe_optimized(b: Bundle) -> list[str]:
         lines.append(
             f"  onnxruntime {rec.get('onnxruntime', '?')} {rec.get('provider', '?'):4} {rec.get('precision', '?'):4} "
             f"{rec.get('component', '?'):16} {rec.get('bytes', 0) / 1e6:8.1f} MB  {fused}  [{rec['state']}]"
+        )
+    return lines
+
+
+def describe_session_cache(b: Bundle) -> list[str]:
+    """ONNX Runtime's CPU session graphs (``ort/``, written by the first load): its size, then each graph's state."""
+    from .backends.ort_cache import list_cached
+
+    folder = b.root / "ort"
+    if not folder.is_dir():
+        return ["ort cache:  none (ONNX Runtime's CPU session graphs: written by the first CPU load)"]
+    lines = [f"ort cache:  {folder_bytes(folder) / 1e6:.1f} MB in {folder} (ONNX Runtime's CPU session graphs)"]
+    for rec in list_cached(b):
+        lines.append(
+            f"  onnxruntime {rec.get('onnxruntime', '?')} {rec.get('cpu', '?')} {rec['precision']:4} "
+            f"{rec['component']:16} {rec.get('bytes', 0) / 1e6:8.1f} MB  [{rec['state']}]"
         )
     return lines
 
@@ -96,11 +114,25 @@ def describe_engines(b: Bundle) -> list[str]:
     here = _this_machine()
     lines = [f"engines:  (this machine: {here or 'no GPU / no TensorRT'})"]
     for rec in records:
+        if rec.get("incomplete"):
+            lines.append(
+                f"  {rec['path']}  {rec['plan_bytes'] / 1e6:8.1f} MB  [incomplete: no build record (a build that did "
+                f"not finish, or a copy); never loaded, `sdturbo build` builds it again]"
+            )
+            continue
         key = rec.get("key", {})
-        if rec.get("corrupt") or not key:
+        try:
+            profile = Profile(**{k: tuple(v) for k, v in key["profile"].items()})
+            what = (
+                f"{key['library']} {key['library_version']} {key['device']:6} {profile.tag:18} "
+                f"{key['component']:16} {rec.get('plan_bytes', 0) / 1e6:8.1f} MB"
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):  # (a record not written by `build`)
             lines.append(f"  {rec['path']}  [corrupt record]")
             continue
-        profile = Profile(**{k: tuple(v) for k, v in key["profile"].items()})
+        if key["component"] not in b.component_names:
+            lines.append(f"  {what}  [stray: not a component of this bundle; never loaded, remove it]")
+            continue
         try:
             find_engine(b, key["component"], key["library"], key["library_version"], key["device"], profile)
             state = "valid"
@@ -109,10 +141,7 @@ def describe_engines(b: Bundle) -> list[str]:
         fits = (
             "fits here" if here and here == (key["library"], key["library_version"], key["device"]) else "not for here"
         )
-        lines.append(
-            f"  {key['library']} {key['library_version']} {key['device']:6} {profile.tag:18} "
-            f"{key['component']:16} {rec.get('plan_bytes', 0) / 1e6:8.1f} MB  [{state}; {fits}]"
-        )
+        lines.append(f"  {what}  [{state}; {fits}]")
     return lines
 
 

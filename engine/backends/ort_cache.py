@@ -75,6 +75,28 @@ def cached_model(bundle: Bundle, comp: ComponentFile, ort_version: str, precisio
     return model
 
 
+def list_cached(bundle: Bundle) -> list[dict]:
+    """Every cached graph's record, with ``precision``, ``component`` and ``state``: valid (for the onnxruntime
+    and CPU its record names), STALE (made from other ONNX) or BROKEN; either is made again by the next load."""
+    out = []
+    for record in sorted((bundle.root / "ort").glob("*/*/*.json")):
+        rec, precision, name = {}, record.parent.name, record.stem
+        try:
+            rec = json.loads(record.read_text())
+            comp = bundle.components.get(precision, {}).get(name)
+            if comp is None:
+                state = f"STALE: this bundle has no {precision} {name}"
+            elif rec.get("onnx_sha256") != comp.sha256 or rec.get("source") != source_stat(comp):
+                state = "STALE: the bundle's ONNX changed since"
+            else:
+                verify(graph_files(record.with_suffix(".onnx"), rec), rec["sha256"], f"the cached {name} graph")
+                state = "valid"
+        except (OSError, ValueError, AttributeError, KeyError, IntegrityError) as e:
+            rec, state = rec if isinstance(rec, dict) else {}, f"BROKEN: {first_line(e)}"
+        out.append({**rec, "precision": precision, "component": name, "state": state})
+    return out
+
+
 def graph_files(model: Path, rec: dict) -> list[Path]:
     """The files of a graph written by ``publish_graph``: ``model``, and its external data if the record has any."""
     return [model] + ([model.with_name(model.name + ".data")] if rec.get("data_bytes") is not None else [])

@@ -152,6 +152,36 @@ def test_info_exits_1_when_a_file_is_broken(bundle_copy, capsys):
     assert "BROKEN" in capsys.readouterr().out
 
 
+def test_info_lists_stray_and_incomplete_engines_and_the_session_cache(bundle_copy, capsys):
+    """A tiny_vae_decoder engine (copied from another bundle) in a bundle without a tiny VAE made `info` crash
+    (KeyError: 'tiny_vae_decoder', exit 1); a .plan without its build record was not listed, nor was the ort/
+    CPU session cache and its size."""
+    folder = bundle_copy / "engines" / "tensorrt-rtx-1.7.1-sm89" / "b1_64x64"
+    folder.mkdir(parents=True)
+    key = {
+        "component": "tiny_vae_decoder",
+        "onnx_sha256": "0" * 64,
+        "library": "tensorrt-rtx",
+        "library_version": "1.7.1",
+        "device": "sm89",
+        "profile": {"batch": [1, 1, 1], "height": [64, 64, 64], "width": [64, 64, 64]},
+        "builder_flags": ["REQUIRE_USER_ALLOCATION"],
+    }
+    (folder / "tiny_vae_decoder.plan").write_bytes(b"an engine")
+    (folder / "tiny_vae_decoder.json").write_text(json.dumps({"key": key, "plan_bytes": 9, "plan_sha256": "0" * 64}))
+    (folder / "unet.plan").write_bytes(b"an engine whose build was killed before its record")
+    Pipeline(bundle_copy, OnnxRuntimeBackend()).load()  # writes the CPU session cache
+    assert main(["info", str(bundle_copy)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tiny, unet = (next(x for x in lines if name in x) for name in ("tiny_vae_decoder", "unet.plan"))
+    assert "tiny_vae_decoder" in tiny and "not a component of this bundle" in tiny, tiny
+    assert "incomplete: no build record" in unet, unet
+    cache = lines.index(next(x for x in lines if x.startswith("ort cache:")))
+    assert f"{sum(f.stat().st_size for f in (bundle_copy / 'ort').rglob('*')) / 1e6:.1f} MB" in lines[cache]
+    cached = [(x.split()[4], x.split()[-1]) for x in lines[cache + 1 :]]  # what the load wrote: txt2img's
+    assert cached == [(name, "[valid]") for name in ("text_encoder", "unet", "vae_decoder")], lines[cache:]
+
+
 def test_a_damaged_ort_cache_is_rebuilt_never_used(bundle_copy, caplog):
     fresh = generate(bundle_copy)
     Pipeline(bundle_copy, OnnxRuntimeBackend()).load()  # writes the optimized graphs
