@@ -227,7 +227,9 @@ class Bundle:
 
     def select_components(self, names=None) -> tuple[str, ...]:
         """``names`` (default: every component of this bundle's family), each checked to be one of them."""
-        names = tuple(names or self.component_names)
+        if names is not None and not names:
+            raise InputError(f"--components is empty; name one or more of {', '.join(self.component_names)}")
+        names = tuple(dict.fromkeys(names or self.component_names))  # (each once, in the order given)
         unknown = [c for c in names if c not in self.component_names]
         if unknown:
             raise InputError(

@@ -32,7 +32,7 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2:
-        raise InputError(f"--size {text!r} is not WIDTHxHEIGHT (e.g. 512x512)")
+        raise InputError(f"--size {text!r} is not WIDTHxHEIGHT (e.g. 512x512) or N (NxN)")
     for side, v in zip(("width", "height"), parts, strict=True):
         if v <= 0:
             raise InputError(f"--size {text!r}: {side} {v} is not allowed; each side is a positive number of pixels")
@@ -180,8 +180,13 @@ def check_bundle_precision(bundle, precision: str, backend: str) -> None:
     )
 
 
+def component_list(text: str | None) -> tuple[str, ...] | None:
+    """--components a,b -> ("a", "b"); not given -> None (every component); given empty -> () (refused)."""
+    return None if text is None else tuple(c.strip() for c in text.split(",") if c.strip())
+
+
 def cmd_build(args) -> None:
-    components = tuple(args.components.split(",")) if args.components else None
+    components = component_list(args.components)
     if args.ort_optimize:
         from ..export.ort_optimize import optimize_bundle
 
@@ -249,7 +254,7 @@ def cmd_check(args) -> int:
 
     reports = check_bundle(
         args.bundle,
-        tuple(args.components.split(",")) if args.components else None,
+        component_list(args.components),
         precision=args.precision,
         optimized=args.optimized,
         layerwise=args.layerwise,
@@ -332,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiny-vae",
         metavar="SOURCE",
         help="also export a tiny autoencoder (TAESD) beside the full VAE, or add it to an existing bundle: a hub id "
-        "(madebyollin/taesd, madebyollin/taesdxl), a local AutoencoderTiny folder, random:taesd / random:taesdxl, "
+        "(madebyollin/taesd, madebyollin/taesdxl), a local AutoencoderTiny folder, random:taesd / random:taesdxl / "
+        "random:taesd-tiny, "
         "or auto (the model's own)",
     )
     e.set_defaults(func=cmd_export)
@@ -347,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Euler steps, 1-4 (default 1; img2img: the fewest that run a step, 2 at the default strength 0.5)",
     )
     g.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
-    g.add_argument("--size", help="WIDTHxHEIGHT, multiples of 8 (default 512x512, or the --image size)")
+    g.add_argument("--size", help="WIDTHxHEIGHT or N (NxN), multiples of 8 (default 512x512, or the --image size)")
     g.add_argument("--batch", type=int, help="images per call (repeats a single prompt)")
     g.add_argument("--image", help="img2img: the input image")
     g.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.5)")

@@ -82,7 +82,8 @@ def _range(text: str, flag: str) -> tuple[int, int, int]:
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or parts[0] < 1 or parts[0] > parts[1]:
-        raise InputError(f"{flag} {text!r} is not N or MIN-MAX with 1 <= MIN <= MAX")
+        size = " (for each side; WIDTHxHEIGHT gives both)" if flag == "--size" else ""
+        raise InputError(f"{flag} {text!r} is not N or MIN-MAX with 1 <= MIN <= MAX{size}")
     lo, hi = parts
     return (lo, lo, hi)  # optimise for the smallest: latency-critical callers run batch 1
 

@@ -188,3 +188,7 @@ def test_open_pipeline_names_a_precision_that_is_not_one(tiny_bundle):
 
     with pytest.raises(InputError, match=r"^precision 'bf16' is not allowed; use 'fp32' or 'fp16'"):
         open_pipeline(tiny_bundle, "onnxruntime", precision="bf16")
+
+
+def test_a_component_named_twice_is_done_once(tiny_bundle):
+    assert Bundle(tiny_bundle).select_components(("unet", "text_encoder", "unet")) == ("unet", "text_encoder")

@@ -222,6 +222,8 @@ def test_info_lists_optimized_graphs(optimized):
     [
         (["--ort-optimize", "--components", "nope"], "--components nope is not allowed"),
         (["--ort-optimize", "--components", "text_encoder_2"], "--components text_encoder_2 is not allowed"),
+        (["--ort-optimize", "--components", ""], "--components is empty; name one or more of text_encoder, unet"),
+        (["--ort-optimize", "--components", ","], "--components is empty"),  # (never "every component")
         # options of the other kind of build are refused, never ignored (a TensorRT build was started instead)
         (["--ort-provider", "cpu"], "--ort-provider is for --ort-optimize; give --ort-optimize too"),
         (["--ort-optimize", "--compute-capability", "86"], "--compute-capability is for TensorRT engines;"),
