@@ -4,6 +4,7 @@ error that is not JSON. (tests/serve/test_triton.py runs it against `sdturbo ser
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -184,30 +185,21 @@ def test_a_request_the_server_took_whole_and_dropped_is_not_sent_again(stand_in,
     assert len(server.requests) == 2
 
 
-class EarlyAnswer:
+class EarlyAnswer(StandIn):
     """A server (a proxy in front of Triton, say) that answers each request after its headers, without reading the
     body, then closes: a large request's send fails (EPIPE or ECONNRESET) with the answer already on its way."""
 
     def __init__(self, status: str, body: bytes):
-        self.reply = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.answer = f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+        super().__init__(reply=None)
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                buf = b""
-                while b"\r\n\r\n" not in buf and (chunk := conn.recv(4096)):
-                    buf += chunk
-                conn.sendall(self.reply)
-                time.sleep(0.1)  # (the answer is out before the close resets the connection)
+    def _serve(self, conn, number):
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf and (chunk := conn.recv(4096)):
+                buf += chunk
+            conn.sendall(self.answer)
+            time.sleep(0.1)  # (the answer is out before the close resets the connection)
 
 
 @pytest.mark.parametrize("size", [16, 2048])
@@ -301,8 +293,10 @@ def test_a_server_that_does_not_answer_is_given_up_after_the_timeout(stand_in, c
     assert time.monotonic() - start < 20
 
 
-def test_a_connection_that_does_not_open_is_given_up_after_the_connect_timeout(cpp_request, tmp_path):
-    """A listener whose queue is full drops new connections' SYNs, as a host that drops packets does."""
+@contextlib.contextmanager
+def full_listener():
+    """The port of a listener whose queue is full: it drops new connections' SYNs, as a host that drops packets
+    does."""
     with socket.socket() as full:
         full.bind(("127.0.0.1", 0))
         full.listen(0)
@@ -312,10 +306,17 @@ def test_a_connection_that_does_not_open_is_given_up_after_the_connect_timeout(c
             w.setblocking(False)
             w.connect_ex(("127.0.0.1", port))
         time.sleep(0.2)
+        try:
+            yield port
+        finally:
+            for w in waiting:
+                w.close()
+
+
+def test_a_connection_that_does_not_open_is_given_up_after_the_connect_timeout(cpp_request, tmp_path):
+    with full_listener() as port:
         start = time.monotonic()
         code, err = request(cpp_request, f"127.0.0.1:{port}", "x", tmp_path / "a.ppm", "--connect-timeout", "1")
-        for w in waiting:
-            w.close()
     assert code == 1 and f"cannot connect to 127.0.0.1:{port}: no connection within 1 s" in err, err
     assert time.monotonic() - start < 20
 
@@ -374,20 +375,8 @@ def run_signalled(exe: Path, port: int, timeout: int, connect_timeout: int):
 def test_the_connect_timeout_holds_while_signals_interrupt_the_wait(signalled):
     """Each signal interrupts the wait; the client waits again only for what is left of the timeout. Starting the
     whole timeout again after each one never gave up here."""
-    with socket.socket() as full:  # a listener whose queue is full drops SYNs (as above)
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        port = full.getsockname()[1]
-        waiting = [socket.socket() for _ in range(4)]
-        for w in waiting:
-            w.setblocking(False)
-            w.connect_ex(("127.0.0.1", port))
-        time.sleep(0.2)
-        try:
-            code, err, seconds = run_signalled(signalled, port, 30, 1)
-        finally:
-            for w in waiting:
-                w.close()
+    with full_listener() as port:
+        code, err, seconds = run_signalled(signalled, port, 30, 1)
     assert code == 1 and f"cannot connect to 127.0.0.1:{port}: no connection within 1 s" in err, err
     assert seconds < 5, seconds
 

@@ -442,7 +442,10 @@ def test_model_instances_wait_for_the_first_one_s_handshake(tmp_path, late):
             except (TimeoutError, ConnectionRefusedError) as e:
                 results[who] = type(e).__name__
             finally:
-                server.result().close()
+                try:
+                    server.result().close()
+                except RuntimeError as e:  # pytriton's close() races its own loop's end (its race, not ours):
+                    assert "Event loop is closed" in str(e)  # the loop closed after the first task's cancel
     assert results["ours"] == {"authkey": "k"}
     assert results["pytriton"] == ("TimeoutError" if late == "appears late" else "ConnectionRefusedError")
 
