@@ -89,6 +89,13 @@ def export_again(root: Path, options: str = "MODEL") -> str:
     return f"export it again: `sdturbo export {options} --out {shlex.quote(str(root))} --force`"
 
 
+def _on_disk(comp: ComponentFile) -> tuple[list[Path], list[Path], int]:
+    """A component's files, those missing, and the size of them all (0 when any is missing)."""
+    files = [comp.onnx] + ([comp.data] if comp.data else [])
+    missing = [f for f in files if not f.is_file()]
+    return files, missing, 0 if missing else sum(f.stat().st_size for f in files)
+
+
 def _number(manifest: dict, dotted: str, kind: type = int):
     """The manifest's value at ``dotted`` (``limits.max_batch``) as ``kind``; a ValueError naming the field
     and its value otherwise (a bool is not a number here, nor is 2.5 a whole one)."""
@@ -253,11 +260,9 @@ class Bundle:
         comp = self.components[precision].get(name)
         if comp is None:
             raise BundleError(f"bundle {self.root} has no {name} for {precision}")
-        files = [comp.onnx] + ([comp.data] if comp.data else [])
-        missing = [str(f) for f in files if not f.is_file()]
+        files, missing, size = _on_disk(comp)
         if missing:
-            raise BundleError(f"bundle {self.root} is missing {', '.join(missing)}; {self.export_hint}")
-        size = sum(f.stat().st_size for f in files)
+            raise BundleError(f"bundle {self.root} is missing {', '.join(map(str, missing))}; {self.export_hint}")
         if size != comp.bytes:
             raise BundleError(
                 f"{comp.onnx} is {size} bytes but the manifest says {comp.bytes}: the file is "
@@ -285,10 +290,8 @@ class Bundle:
         damaged = []
         for comps in self.components.values():
             for comp in comps.values():
-                files = [comp.onnx] + ([comp.data] if comp.data else [])
-                missing = [f for f in files if not f.is_file()]
+                _, missing, size = _on_disk(comp)
                 damaged += [f"{f.relative_to(self.root)} is missing" for f in missing]
-                size = 0 if missing else sum(f.stat().st_size for f in files)
                 if not missing and size != comp.bytes:
                     damaged.append(f"{comp.onnx.relative_to(self.root)} is {size} bytes, not {comp.bytes}")
         damaged += [f"{p.relative_to(self.root)} is missing" for p in self.tokenizer_sha256 if not p.is_file()]

@@ -98,6 +98,17 @@ class CaptureGate:
                     self._inside[me] = depth
 
     @contextmanager
+    def capture(self, lock):
+        """Take ``lock`` (waiting for it outside), then run the block ``alone()``."""
+        with self.outside():
+            lock.acquire()
+        try:
+            with self.alone():
+                yield
+        finally:
+            lock.release()
+
+    @contextmanager
     def alone(self):
         me = threading.get_ident()
         with self._cond:
@@ -374,13 +385,8 @@ class DevicePipeline:
                 break
             # one capture at a time in this process, no pipeline being opened meanwhile, nothing freed during it,
             # no other pipeline's work under way
-            with CAPTURE_GATE.outside():
-                CAPTURE_LOCK.acquire()
-            try:
-                with CAPTURE_GATE.alone(), self.cuda.capturing():
-                    captured = self._capture(scoped, req, sched, ctx, enqueue, slots)
-            finally:
-                CAPTURE_LOCK.release()
+            with CAPTURE_GATE.capture(CAPTURE_LOCK), self.cuda.capturing():
+                captured = self._capture(scoped, req, sched, ctx, enqueue, slots)
             if captured:
                 break  # its check's last replay was this request's
             self._inputs(req, sched, ids)  # the check fed the probe's inputs

@@ -123,7 +123,7 @@ def _infer(runner, feeds, one_at_a_time: bool = False):
 
     parts = _per_image(feeds) if one_at_a_time else [feeds]
     with runner:
-        outputs = [{k: np.array(v) for k, v in runner.infer(part).items()} for part in parts]
+        outputs = [{k: np.asarray(v) for k, v in runner.infer(part).items()} for part in parts]
     joined = outputs[0] if len(outputs) == 1 else {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
     return IterationResult(joined, runner_name=runner.name)
 
