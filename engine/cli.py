@@ -225,7 +225,7 @@ def cmd_bench(args) -> None:
     except ImportError as e:
         raise InputError(
             f"the benchmark needs the export and bench extras ({e.name} is missing): "
-            f"pip install 'sdturbo[export,bench,cpu]'"
+            f"pip install 'sdturbo[export,bench,cpu]' ([export,bench,cuda] on an NVIDIA GPU)"
         ) from e
     width, height = parse_size(args.size)
     cfg = BenchConfig(

@@ -37,7 +37,11 @@ def choose_backend(requested: str = "auto") -> str:
         log.info("not using TensorRT: %s", why)
     except BackendError:
         pass
-    return "onnxruntime-cuda" if _ort_cuda() else "onnxruntime"
+    why = _ort_cuda_problem()
+    if why is None:
+        return "onnxruntime-cuda"
+    log.warning("a CUDA GPU is here, but %s: running on the CPU", why)
+    return "onnxruntime"
 
 
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")
@@ -58,10 +62,17 @@ def check_gpu_backend(backend: str) -> None:
         )
 
 
-def _ort_cuda() -> bool:
-    import onnxruntime
+def _ort_cuda_problem() -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here, with how to mend it; None if it can."""
+    from .backends.onnxruntime import cuda_provider_hint, import_onnxruntime
 
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    try:
+        onnxruntime = import_onnxruntime()
+    except BackendError as e:
+        return str(e)
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return None
+    return f"onnxruntime {onnxruntime.__version__} here has no CUDA provider ({cuda_provider_hint()})"
 
 
 def default_precision(backend: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engine.backends.onnxruntime import cuda_provider_hint, import_onnxruntime
 from ..engine.backends.ort_optimized import PROVIDERS, find_optimized
 from ..engine.bundle import TINY_VAE, Bundle
 from ..engine.errors import BackendError, BundleError, EngineMissing, InputError, first_line
@@ -263,8 +264,8 @@ def check_bundle(
     graph. ``size`` is (width, height): where None, ``DEFAULT_SIZE`` for graphs and the built profile's optimal
     size for engines. ``trt_pipeline``: the TrtPipeline class that loads the engines (tests
     give an emulated one)."""
+    onnxruntime = import_onnxruntime()
     try:
-        import onnxruntime
         import polygraphy  # noqa: F401
     except ImportError as e:
         raise BackendError(
@@ -278,7 +279,7 @@ def check_bundle(
     if PROVIDERS[provider] not in onnxruntime.get_available_providers():
         raise BackendError(
             f"onnxruntime here has no {PROVIDERS[provider]} (it has {onnxruntime.get_available_providers()}); "
-            "for CUDA: pip install 'sdturbo[cuda]'"
+            f"{cuda_provider_hint()}"
         )
     if not tolerance > 0:
         raise InputError(f"--tolerance {tolerance} is not allowed; give a positive relative error, e.g. 0.01")

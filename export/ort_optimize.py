@@ -37,7 +37,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from packaging.version import Version
 
+from ..engine.backends.onnxruntime import import_onnxruntime, ort_distributions
 from ..engine.backends.ort_cache import publish_graph
 from ..engine.backends.ort_optimized import PROVIDERS, check_optimized, optimized_paths, recipe, sources
 from ..engine.bundle import Bundle
@@ -70,6 +72,7 @@ CUDA_ONLY_FUSIONS = (  # FusionOptions switches whose fused ops have no CPU kern
 # Kept in fp32 beyond onnxruntime's defaults: the UNet's sinusoidal timestep embedding (timestep x frequency
 # reaches ~1000, where fp16 steps by 0.5: the sines would be noise), as diffusers and our fp16 export keep it.
 FP32_NODES = ("/model/time_proj/",)
+LOWEST_ORT = "1.18"  # the first whose optimizer takes a ModelProto (pyproject.toml: the lowest versions checked)
 
 
 def fusion_options(model_type: str, provider: str, float16: bool):
@@ -359,12 +362,19 @@ def optimize_bundle(
         raise InputError(f"--ort-provider {provider!r} is not allowed; use one of {', '.join(PROVIDERS)}")
     if precision != "fp16":
         raise InputError(f"--precision {precision!r} is not allowed for optimized graphs; they are fp16")
+    onnxruntime = import_onnxruntime()
+    if Version(onnxruntime.__version__) < Version(LOWEST_ORT):
+        raise BackendError(
+            f"optimizing needs onnxruntime {LOWEST_ORT} or newer (its optimizer takes a graph in memory); this is "
+            f"{onnxruntime.__version__}: upgrade the onnxruntime package installed here (pip install -U "
+            f"{' '.join(ort_distributions()) or 'onnxruntime'})"
+        )
     try:
         import onnx  # noqa: F401
-        import onnxruntime.transformers.optimizer  # noqa: F401
+        import onnxruntime.transformers.optimizer
     except ImportError as e:
         raise BackendError(
-            f"optimizing needs onnx and onnxruntime ({e.name} is missing): pip install 'sdturbo[export]'"
+            f"optimizing needs onnx and onnxruntime's optimizer ({e.name} is missing): pip install 'sdturbo[export]'"
         ) from e
     bundle = Bundle(path)
     return [

@@ -13,6 +13,73 @@ from .ort_optimized import find_optimized, provider_key
 
 log = logging.getLogger(__name__)
 
+# Distributions that install the same ``onnxruntime`` module. Two of them in one environment share its files: pip
+# keeps each one's record and the files of the one it wrote last (measured, onnxruntime and onnxruntime-gpu
+# 1.31.1 in one `pip install`: the CPU one's, so no CUDA provider), and uninstalling either then removes the
+# module's code, leaving an empty package for both.
+ORT_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+)
+INSTALL_HINT = "pip install 'sdturbo[cpu]' (or 'sdturbo[cuda]' for an NVIDIA GPU; never both)"
+
+
+def ort_distributions() -> list[str]:
+    """Those of ORT_DISTRIBUTIONS installed here."""
+    from importlib import metadata
+
+    found = []
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def _reinstall_gpu(found: list[str]) -> str:
+    return f"pip uninstall -y {' '.join(found or ['onnxruntime'])} && pip install 'onnxruntime-gpu[cuda,cudnn]'"
+
+
+def import_onnxruntime():
+    """The onnxruntime module, or a BackendError saying how to install it (missing), or how to mend it (the empty
+    package two distributions leave when one of them is uninstalled)."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendError(f"onnxruntime is not installed: {INSTALL_HINT}") from e
+    if not hasattr(onnxruntime, "get_available_providers"):
+        found = ort_distributions()
+        raise BackendError(
+            f"onnxruntime here is broken: its folder {list(getattr(onnxruntime, '__path__', []))} holds no module "
+            f"(what is left when one of two onnxruntime packages installed together is uninstalled; installed: "
+            f"{', '.join(found) or 'none'}); reinstall one: pip uninstall -y {' '.join(found or ['onnxruntime'])} "
+            f"&& {INSTALL_HINT}"
+        )
+    return onnxruntime
+
+
+def cuda_provider_hint() -> str:
+    """How to get onnxruntime's CUDA provider here: the words for the end of an error."""
+    found = ort_distributions()
+    if len(found) > 1:
+        return (
+            f"{' and '.join(found)} are both installed: they install the same module, and the one here is not "
+            f"onnxruntime-gpu's; uninstalling one alone breaks it, so: {_reinstall_gpu(found)}"
+        )
+    if found == ["onnxruntime-gpu"]:  # its record, another build's files (a copy earlier on the path)
+        import onnxruntime
+
+        return (
+            f"onnxruntime-gpu is installed, but the module imported ({onnxruntime.__file__}) is another build: "
+            f"{_reinstall_gpu(found)}"
+        )
+    return f"for CUDA install onnxruntime-gpu in place of {' '.join(found) or 'it'}: {_reinstall_gpu(found)}"
+
 
 class OrtStage:
     def __init__(self, session, input_dtypes: dict[str, np.dtype]):
@@ -62,18 +129,10 @@ class OnnxRuntimeBackend:
         onnxruntime and provider where the bundle has valid ones (ort_optimized.py), else the plain graphs.
         They compute the same function with fused kernels; `sdturbo check --optimized` measures how close.
         ``provider_options``: per provider name, its options (the device pipeline's CUDA stream)."""
-        try:
-            import onnxruntime
-        except ImportError as e:
-            raise BackendError("onnxruntime is not installed: pip install 'sdturbo[cpu]'") from e
+        onnxruntime = import_onnxruntime()
         missing = [p for p in providers if p not in onnxruntime.get_available_providers()]
         if missing:
-            how = ""
-            if "CUDAExecutionProvider" in missing:
-                how = (
-                    "; for CUDA install onnxruntime-gpu: pip install 'sdturbo[cuda]' (uninstall the CPU-only "
-                    "onnxruntime first: both install the same module, and the CPU one may shadow it)"
-                )
+            how = f"; {cuda_provider_hint()}" if "CUDAExecutionProvider" in missing else ""
             raise BackendError(
                 f"onnxruntime {onnxruntime.__version__} here lacks {', '.join(missing)}; it has "
                 f"{', '.join(onnxruntime.get_available_providers())}{how}"

@@ -41,7 +41,7 @@ def test_tensorrt_rtx_is_not_used_on_a_gpu_it_cannot_run_on(tiny_bundle, tmp_pat
 
     monkeypatch.setattr(cuda, "gpu_available", lambda: True)
     monkeypatch.setattr(cuda, "current_compute_capability", lambda device=0: 90)
-    monkeypatch.setattr(runtime, "_ort_cuda", lambda: True)
+    monkeypatch.setattr(runtime, "_ort_cuda_problem", lambda: None)
     assert runtime.choose_backend("auto") == "onnxruntime-cuda"
     monkeypatch.setattr(cuda, "current_compute_capability", lambda device=0: 89)
     assert runtime.choose_backend("auto") == "tensorrt"

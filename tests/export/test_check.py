@@ -101,7 +101,7 @@ def test_a_missing_cuda_provider_says_how_to_install_it(tiny_bundle, capsys):
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
     assert main(["check", str(tiny_bundle), "--optimized", "cuda"]) == 2
-    assert "pip install 'sdturbo[cuda]'" in capsys.readouterr().err
+    assert "pip install 'onnxruntime-gpu[cuda,cudnn]'" in capsys.readouterr().err
 
 
 # -- --engines: the TensorRT engines against fp32 (on an emulated GPU here: tests/engine/emulated_gpu.py) ----------
