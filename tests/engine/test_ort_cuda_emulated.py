@@ -653,7 +653,7 @@ def test_onnxruntime_cuda_without_onnxruntime_gpu_says_how_to_install_it(tiny_bu
         pytest.skip("this onnxruntime has the CUDA provider")
     from sdturbo.engine.errors import BackendError
 
-    with pytest.raises(BackendError, match=r"lacks CUDAExecutionProvider.*pip install 'sdturbo\[cuda\]'"):
+    with pytest.raises(BackendError, match=r"lacks CUDAExecutionProvider.*pip install 'onnxruntime-gpu\[cuda,cudnn\]'"):
         OnnxRuntimeBackend("fp16", ("CUDAExecutionProvider",))
 
 

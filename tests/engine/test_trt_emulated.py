@@ -181,6 +181,7 @@ def test_sdturbo_serve_on_tensorrt_builds_engines_for_batch_1_to_its_max_batch(t
     """`sdturbo serve --backend tensorrt` on a bundle without engines builds them for every batch the server
     may run (1 to --max-batch), and its warm-up runs batch 1 and the max batch (the server itself is not
     started here: tests/serve/test_triton.py serves for real on the CPU)."""
+    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install 'sdturbo[serve]')")
     from sdturbo.benchmarks.serve_load import free_port
     from sdturbo.engine import cli, cuda, serve_triton, trt_pipeline
 
