@@ -141,11 +141,11 @@ def gpu_problem() -> str | None:
 def _failure(e: BackendError) -> str:
     """A CUDA call's failure in one line: where the NVIDIA driver cannot be loaded at all, that (the runtime says
     "CUDA driver version is insufficient", which sends a user to upgrade a driver that is not there)."""
-    why = _driver_unloadable()
+    why = driver_unloadable()
     return str(e) if why is None else f"no NVIDIA driver can be loaded here ({why})"
 
 
-def _driver_unloadable() -> str | None:
+def driver_unloadable() -> str | None:
     """Why the NVIDIA driver's library does not load (absent, or a broken install), or None if it does."""
     try:
         ctypes.CDLL(DRIVER_LIBRARY)

@@ -23,6 +23,7 @@ def choose_backend(requested: str = "auto") -> str:
 
     try:
         if not gpu_available():
+            _say_why_not_the_gpu()
             return "onnxruntime"
     except BackendError:  # no cuda-python: no GPU backend either
         return "onnxruntime"
@@ -42,6 +43,16 @@ def choose_backend(requested: str = "auto") -> str:
         return "onnxruntime-cuda"
     log.warning("a CUDA GPU is here, but %s: running on the CPU", why)
     return "onnxruntime"
+
+
+def _say_why_not_the_gpu() -> None:
+    """Where the NVIDIA driver loads but its GPU cannot be used (no cuda-python, a driver older than this CUDA, no
+    device visible), ``auto`` says why as it takes the CPU: seconds where the GPU takes milliseconds. Without a
+    driver (a machine with no NVIDIA GPU) it says nothing."""
+    from .cuda import driver_unloadable, gpu_problem
+
+    if driver_unloadable() is None:
+        log.warning("an NVIDIA driver is here, but its GPU cannot be used (%s): running on the CPU", gpu_problem())
 
 
 GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda")

@@ -121,7 +121,7 @@ def test_a_machine_without_a_driver_is_told_so(monkeypatch):
     Runtime.cudaSetDevice = staticmethod(lambda device: ("a failed status",))
     with pytest.raises(BackendError, match=r"^no NVIDIA driver can be loaded here \(.*libno-such-driver"):
         cuda.ensure_context()  # (what the TensorRT probe and a kernel launch ask first)
-    monkeypatch.setattr(cuda, "_driver_unloadable", lambda: None)
+    monkeypatch.setattr(cuda, "driver_unloadable", lambda: None)
     assert (
         cuda.gpu_problem()
         == "cudaGetDeviceCount failed: cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA"

@@ -144,3 +144,22 @@ def test_optimizing_with_an_onnxruntime_too_old_for_it_is_one_line(monkeypatch, 
     monkeypatch.setattr(onnxruntime, "__version__", "1.17.3")
     with pytest.raises(BackendError, match=r"optimizing needs onnxruntime 1\.18 or newer .* this is 1\.17\.3"):
         optimize_bundle(tiny_bundle, provider="cpu")
+
+
+def test_auto_where_a_driver_loads_but_cuda_cannot_be_used_says_why_it_runs_on_the_cpu(monkeypatch, caplog):
+    """A driver older than the CUDA that onnxruntime-gpu and cuda-python bring (or no cuda-python, or no device
+    visible) made ``auto`` take the CPU without a word. Where no driver loads at all (a CPU machine) it stays
+    quiet."""
+    why = "cudaGetDeviceCount failed: cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA"
+    monkeypatch.setattr(cuda, "gpu_problem", lambda: why)
+    monkeypatch.setattr(cuda, "driver_unloadable", lambda: None)
+    with caplog.at_level(logging.WARNING, logger="sdturbo.engine.runtime"):
+        assert runtime.choose_backend("auto") == "onnxruntime"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"an NVIDIA driver is here, but its GPU cannot be used ({why}): running on the CPU"
+    ]
+    caplog.clear()
+    monkeypatch.setattr(cuda, "driver_unloadable", lambda: "libcuda.so.1: cannot open shared object file")
+    with caplog.at_level(logging.WARNING, logger="sdturbo.engine.runtime"):
+        assert runtime.choose_backend("auto") == "onnxruntime"
+    assert caplog.records == []
