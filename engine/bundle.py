@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .errors import BundleError, InputError
+from .errors import BundleError, InputError, IntegrityError
 from .files import atomic_write, make_shareable  # noqa: F401  (re-exported: writers import them from here)
 from .integrity import verify
 from .schedule import SchedulerConfig
@@ -268,8 +268,15 @@ class Bundle:
                 f"{comp.onnx} is {size} bytes but the manifest says {comp.bytes}: the file is "
                 f"truncated or was changed; {self.export_hint}"
             )
-        verify(files, comp.sha256, f"the {precision} {name} of bundle {self.root}", rehash=rehash)
+        self._verify(files, comp.sha256, f"the {precision} {name} of bundle {self.root}", rehash)
         return comp
+
+    def _verify(self, files: list[Path], sha256: str, what: str, rehash: bool = False) -> None:
+        """integrity.verify, its error ending with the command that exports the bundle again."""
+        try:
+            verify(files, sha256, what, rehash=rehash)
+        except IntegrityError as e:
+            raise IntegrityError(f"{e}; {self.export_hint}") from e
 
     @property
     def export_hint(self) -> str:
@@ -306,7 +313,7 @@ class Bundle:
             if not path.is_file():
                 raise BundleError(f"bundle {self.root} is missing {path.name}; {self.export_hint}")
             if sha is not None:
-                verify([path], sha, f"the tokenizer of bundle {self.root}")
+                self._verify([path], sha, f"the tokenizer of bundle {self.root}")
         warned = Warned()  # shared: a prompt both of SDXL's tokenizers cut at the same place is warned of once
         return [PromptTokenizer(*t, warned=warned) for t in self.tokenizers]
 

@@ -62,7 +62,9 @@ def test_a_component_changed_in_place_is_refused(bundle_copy, tmp_path, capsys):
         ["generate", "a cat", "--bundle", str(bundle_copy), "--size", "64x64", "--out", str(tmp_path / "x.png")]
     )
     assert code == 2 and not (tmp_path / "x.png").exists()
-    assert "sha256" in capsys.readouterr().err
+    err = capsys.readouterr().err  # what was damaged, and the command that mends it (README: "names the command")
+    assert "sha256" in err and err.rstrip().endswith(f"{Bundle(bundle_copy).export_hint}"), err
+    assert "export it again: `sdturbo export random:tiny " in err, err
     report = describe(bundle_copy)
     assert "fp32  unet" in report and "BROKEN" in report.split("fp32  unet")[1].splitlines()[0]
 
@@ -123,7 +125,7 @@ def test_tokenizer_damage_is_found_and_reported(bundle_copy):
     tok = bundle_copy / "tokenizer.json"
     text = tok.read_text()
     tok.write_text(text.replace('"model"', '"modle"', 1))
-    with pytest.raises(IntegrityError, match="tokenizer"):
+    with pytest.raises(IntegrityError, match=r"tokenizer.*export it again: `sdturbo export random:tiny"):
         Bundle(bundle_copy).prompt_tokenizers()
     assert "tokenizer.json              [BROKEN" in describe(bundle_copy)
     tok.unlink()
