@@ -117,6 +117,28 @@ def numpy2_compatible():
         FusionAttentionUnet.get_num_heads = original
 
 
+@contextlib.contextmanager
+def optimizer_quiet():
+    """onnxruntime's optimizer logs each fusion and node removal at INFO: dozens of lines a graph, through its
+    progress bar, that buried ours. While it runs they show with -v only (its warnings always). Its modules log
+    under their own top-level names (its folder is on sys.path) or the package's: each is named here."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    import onnxruntime.transformers
+
+    stems = [p.stem for p in Path(onnxruntime.transformers.__file__).parent.glob("*.py")]
+    loggers = [logging.getLogger(n) for stem in stems for n in (stem, f"onnxruntime.transformers.{stem}")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.level, logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 # Initializers above this size are left out of the copies onnxruntime's shape inference makes (as graph inputs
 # of the same type and shape): weights, not the few-element tensors whose values make shapes.
 WEIGHTLESS_ABOVE = 1 << 20
@@ -200,7 +222,7 @@ def optimize_graph(src: Path, dst: Path, name: str, spec, provider: str, dims: d
 
     from .graph_fixes import needs_external_data
 
-    with numpy2_compatible(), weightless_shape_inference():  # (both fusing and converting infer shapes)
+    with optimizer_quiet(), numpy2_compatible(), weightless_shape_inference():  # (fusing and converting infer shapes)
         m = optimize_model(
             str(src) if fused is None else fused,
             model_type=model_type,
@@ -312,6 +334,7 @@ def optimize_component(bundle: Bundle, name: str, provider: str, precision: str 
             log.warning("rebuilding the optimized %s: %s", name, "--force" if why is None else why)
         remove_leftovers(model.parent, f".{name}.tmp-*")
         _check_space(bundle, name, provider, precision, model.parent)
+        log.info("optimizing %s for %s (onnxruntime %s)", name, provider, version)
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".{name}.tmp-"), dir=model.parent))
         try:
             with naming_failures(model.parent):  # a full disk mid-write names where it was writing

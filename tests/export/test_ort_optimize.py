@@ -417,3 +417,23 @@ def test_an_optimization_the_disk_cannot_hold_is_refused_before_it_starts(optimi
         disk_free(need[name])
         optimize_bundle(path, (name,), provider="cuda", force=True)
         assert fused.pop() == name and find_optimized(b, name, VERSION, "cuda", "fp16") == model
+
+
+@pytest.mark.parametrize("level", [logging.INFO, logging.DEBUG])
+def test_the_optimizer_s_own_info_lines_show_with_verbose_only(tiny_bundle, tmp_path, caplog, level):
+    """onnxruntime's optimizer logs every fusion and node removal at INFO (dozens of lines a graph, between its
+    progress bars): our lines were buried. At INFO only ours show, with onnxruntime's warnings; at DEBUG (-v)
+    everything, so its lines are there to be hidden."""
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    with caplog.at_level(level):
+        optimize_bundle(path, ("text_encoder",), provider="cpu", force=True)
+    info = [r for r in caplog.records if r.levelno == logging.INFO]
+    theirs = [r.getMessage() for r in info if not r.name.startswith("sdturbo")]
+    ours = [r.getMessage() for r in info if r.name.startswith("sdturbo")]
+    assert ours[0] == f"optimizing text_encoder for cpu (onnxruntime {VERSION})", ours
+    assert ours[-1].startswith("optimized text_encoder for cpu in "), ours
+    if level == logging.INFO:
+        assert theirs == [], theirs
+    else:
+        assert any(m.startswith("Fused SkipLayerNormalization") for m in theirs), theirs
+    assert all(lg.level < logging.WARNING for lg in (logging.getLogger("onnx_model"),)), "levels restored"
