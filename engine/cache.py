@@ -46,16 +46,22 @@ def bundle_dir_for(model: str) -> Path:
     return cache_root() / "bundles" / f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
-def folder_stamp(folder: Path) -> str:
-    """A fingerprint of a model folder's files (names, sizes, mtimes; hidden ones left out): cheap enough for
-    every run, and different after any file in it is replaced or rewritten."""
+def folder_stamp(folder: Path, files: list[Path] | None = None) -> str:
+    """A fingerprint of a folder's files (names, sizes, mtimes): cheap enough for every run, and different after
+    any of them is replaced or rewritten. ``files``: those (in this order; one missing counts as such), else every
+    file in the folder, hidden ones left out."""
+    if files is None:
+        files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+        files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
     entries = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            entries.append(f"{rel}\0missing")
             continue
-        st = path.stat()
-        entries.append(f"{rel.as_posix()}\0{st.st_size}\0{st.st_mtime_ns}")
+        entries.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
@@ -89,7 +95,7 @@ def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
             bundle = Bundle(path)
             bundle.check_files()  # (export completes only a whole bundle)
             folder = local_model_folder(model)
-            if folder is not None and bundle.manifest["model"].get("source_stamp") != folder_stamp(folder):
+            if folder is not None and not _unchanged_since(bundle.manifest["model"].get("source_stamp"), folder):
                 log.warning("%s changed since its cached bundle was exported; exporting it again", model)
                 force = True
             elif precision in bundle.precisions and (bundle.tiny_vae is not None or not tiny_vae):
@@ -110,4 +116,20 @@ def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
             f"exporting {model!r} needs PyTorch and diffusers ({e.name} is missing): "
             f"pip install 'sdturbo[export]', or pass --bundle with an exported bundle"
         ) from e
-    return export_bundle(model, path, precisions=(precision,), force=force, tiny_vae="auto" if tiny_vae else None)
+    from .errors import ModelChanged
+
+    tiny = "auto" if tiny_vae else None
+    try:
+        return export_bundle(model, path, precisions=(precision,), force=force, tiny_vae=tiny)
+    except ModelChanged:  # a hub id's files changed (a new revision) since the bundle's other precisions
+        if force:
+            raise
+        log.warning("%s changed since its cached bundle was exported; exporting it again", model)
+        return export_bundle(model, path, precisions=(precision,), force=True, tiny_vae=tiny)
+
+
+def _unchanged_since(recorded: str | None, folder: Path) -> bool:
+    """Whether the model folder is as it was when ``recorded`` (a bundle's source_stamp) was taken."""
+    from ..export.models import unchanged_since  # (torch-free: the folder's file names only)
+
+    return unchanged_since(recorded, folder)

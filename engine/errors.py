@@ -15,6 +15,10 @@ class BundleError(SdTurboError):
     """A bundle is missing, incomplete, corrupt, or of an unknown schema."""
 
 
+class ModelChanged(BundleError):
+    """A precision would be added to a bundle from a model other than, or changed since, the one it holds."""
+
+
 class IntegrityError(BundleError):
     """A file's content does not match the sha256 recorded for it: changed or damaged since it was written."""
 

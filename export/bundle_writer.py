@@ -30,7 +30,7 @@ from ..engine.bundle import (
     is_bundle,
 )
 from ..engine.cache import cache_root
-from ..engine.errors import BundleError, InputError
+from ..engine.errors import BundleError, InputError, ModelChanged
 from ..engine.files import (
     atomic_write,
     check_free_space,
@@ -46,7 +46,7 @@ from ..engine.files import (
 )
 from ..engine.integrity import file_sha256, stamp
 from ..engine.spec import component_specs, component_specs_xl
-from .models import LoadedModel, load_model
+from .models import LoadedModel, load_model, unchanged_since
 from .onnx_export import export_record
 from .tiny_vae import (
     AUTO,
@@ -292,15 +292,16 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _check_same_model(existing: Bundle, lm: LoadedModel, out: Path) -> None:
-    """A precision is added only from the model the bundle was exported from, as it was then."""
+    """A precision is added only from the model the bundle was exported from, as it was then (ModelChanged:
+    the cache replaces its bundle instead)."""
     if existing.config_hash != lm.config_hash():
-        raise BundleError(
+        raise ModelChanged(
             f"bundle {out} was exported from another model ({existing.model_id}); "
             f"use another --out or --force to replace it"
         )
     recorded = existing.manifest["model"].get("source_stamp")
-    if recorded is not None and recorded != lm.source_stamp():
-        raise BundleError(
+    if recorded is not None and not unchanged_since(recorded, lm.folder):
+        raise ModelChanged(
             f"bundle {out} was exported from {existing.model_id} before its files changed; a precision added now "
             f"would not match the others: use --force to export it again, or another --out"
         )

@@ -108,8 +108,9 @@ class LoadedModel:
     vae = property(lambda self: self.module("vae"))
 
     def source_stamp(self) -> str:
-        """The model folder's fingerprint (engine/cache.py): a cached bundle is exported again when it changes."""
-        return folder_stamp(self.folder)
+        """The fingerprint of the model's files an export reads (``model_stamp``): a cached bundle is exported
+        again when it changes."""
+        return model_stamp(self.folder)
 
     def config_hash(self) -> str:
         """sha256 over the component configs: the same architecture and settings give the same hash."""
@@ -255,6 +256,43 @@ def _skeleton(cls, folder: Path):
 
 def _load_error(model: str, folder: Path, e: Exception) -> InputError:
     return InputError(f"cannot load the model {model} from {folder}: {first_line(e)}; download or save the model again")
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files an export of the model in ``folder`` reads: model_index.json, the scheduler's config, the
+    tokenizers' files, each component's config and the weights it loads (``component_weights``: the plain ones or
+    the fp16 variant, whole, or the index and its shards). Other files (a README, another variant or format of
+    the weights, as diffusers' ``from_pretrained(..., variant="fp16")`` adds them to a Hub snapshot) are not read."""
+    required = REQUIRED_XL if model_family(folder) == "sdxl-turbo" else REQUIRED
+    files = [folder / "model_index.json"]
+    for sub, names in required.items():
+        d = folder / sub
+        if sub.startswith("tokenizer") and d.is_dir():
+            files += sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith("."))
+        files += [d / n for n in names]
+        if sub in WEIGHTS:
+            variant, weights = component_weights(d, WEIGHTS[sub])
+            single, index = _weight_names(WEIGHTS[sub], variant)
+            if not (d / single).is_file() and (d / index).is_file():
+                files.append(d / index)
+            files += weights
+    return files
+
+
+STAMP_PREFIX = "files:"  # a model_stamp; a bundle exported before it records a folder_stamp of every file
+
+
+def model_stamp(folder: Path) -> str:
+    """The fingerprint of ``model_files(folder)``: names, sizes, mtimes (engine/cache.py folder_stamp)."""
+    return STAMP_PREFIX + folder_stamp(folder, model_files(folder))
+
+
+def unchanged_since(recorded: str | None, folder: Path) -> bool:
+    """Whether the model in ``folder`` is as it was when a bundle recorded ``recorded``: its ``model_stamp``, or
+    for a bundle exported before it, the stamp of every file in the folder."""
+    if recorded is not None and recorded.startswith(STAMP_PREFIX):
+        return recorded == model_stamp(folder)
+    return recorded == folder_stamp(folder)
 
 
 def component_weights(folder: Path, name: str) -> tuple[str | None, list[Path]]:

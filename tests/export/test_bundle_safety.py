@@ -387,3 +387,99 @@ def test_a_rename_that_fails_at_the_end_says_why(tmp_path, monkeypatch, error, m
         bundle_writer._publish(tmp, out)
     if error == errno.EBUSY:
         assert os.strerror(errno.EBUSY) in str(e.value)
+
+
+def _hub(monkeypatch, tmp_path, tiny_folder) -> Path:
+    """A Hub snapshot stand-in: ``user/model`` resolves to a copy of the tiny model (no network)."""
+    from sdturbo.export import models
+
+    snapshot = shutil.copytree(tiny_folder, tmp_path / "snapshot")
+    monkeypatch.setattr(models, "_download", lambda repo_id: snapshot)
+    return snapshot
+
+
+def test_a_hub_model_s_cached_bundle_takes_a_precision_after_diffusers_added_the_fp16_variant(
+    tmp_path, tiny_folder, monkeypatch, caplog
+):
+    """The model card's `from_pretrained(..., variant="fp16")` adds the fp16 weights to the Hub snapshot we export
+    from. The bundle's stamp covered every file there, so `generate` on a GPU (fp16) after a CPU run (fp32)
+    failed: "exported ... before its files changed; use --force", an option generate does not have. Files the
+    export does not read no longer count; the fp32 graphs are kept, not exported again."""
+    snapshot = _hub(monkeypatch, tmp_path, tiny_folder)
+    first = Bundle(ensure_bundle("user/variant-added", "fp32"))  # (the session's cache: a name of its own)
+    for sub, name in (
+        ("unet", "diffusion_pytorch_model"),
+        ("vae", "diffusion_pytorch_model"),
+        ("text_encoder", "model"),
+    ):
+        shutil.copy(snapshot / sub / f"{name}.safetensors", snapshot / sub / f"{name}.fp16.safetensors")
+    (snapshot / "README.md").write_text("a model card")
+    with caplog.at_level("WARNING"):
+        both = Bundle(ensure_bundle("user/variant-added", "fp16"))
+    assert caplog.records == [], caplog.text
+    assert set(both.precisions) == {"fp32", "fp16"}
+    assert both.components["fp32"]["unet"].sha256 == first.components["fp32"]["unet"].sha256
+
+
+def test_a_hub_model_whose_weights_changed_is_exported_again_by_the_cache_not_refused(
+    tmp_path, tiny_folder, monkeypatch, caplog
+):
+    """A new revision of the weights: the cache's bundle is replaced, with a warning (a local folder's is, too);
+    `export --out` still refuses (test_adding_a_precision_from_a_changed_model_is_refused)."""
+    snapshot = _hub(monkeypatch, tmp_path, tiny_folder)
+    ensure_bundle("user/new-revision", "fp32")
+    weights = snapshot / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
+    with caplog.at_level("WARNING"):
+        again = Bundle(ensure_bundle("user/new-revision", "fp16"))
+    assert "user/new-revision changed since its cached bundle was exported; exporting it again" in caplog.text
+    assert again.precisions == ("fp16",)
+
+
+def test_the_stamp_covers_the_files_an_export_reads(tmp_path, tiny_folder):
+    from sdturbo.export.models import model_files, model_stamp
+
+    model = shutil.copytree(tiny_folder, tmp_path / "model")
+    names = {p.relative_to(model).as_posix() for p in model_files(model)}
+    assert {
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    } <= names
+    assert any(n.startswith("tokenizer/") for n in names)
+    before = model_stamp(model)
+    (model / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not read")
+    (model / "notes.txt").write_text("not read")
+    assert model_stamp(model) == before
+    config = model / "unet" / "config.json"
+    config.write_text(config.read_text() + " ")
+    assert model_stamp(model) != before
+    # a folder with the fp16 variant alone: those are the weights read
+    (model / "vae" / "diffusion_pytorch_model.safetensors").rename(
+        model / "vae" / "diffusion_pytorch_model.fp16.safetensors"
+    )
+    assert "vae/diffusion_pytorch_model.fp16.safetensors" in {
+        p.relative_to(model).as_posix() for p in model_files(model)
+    }
+
+
+def test_a_bundle_stamped_before_keeps_matching_its_unchanged_model(tmp_path, tiny_folder, monkeypatch):
+    """Bundles exported before the stamp covered only the files read recorded every file's: an unchanged model
+    still matches them (the cache does not export it again), a changed one does not."""
+    from sdturbo.engine.cache import folder_stamp
+    from sdturbo.export import models
+
+    model = shutil.copytree(tiny_folder, tmp_path / "model")
+    root = ensure_bundle(str(model), "fp32")
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["model"]["source_stamp"] = folder_stamp(model)  # as earlier versions wrote it
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    exports = []
+    monkeypatch.setattr(bundle_writer, "load_model", lambda *a, **k: exports.append(a))
+    assert ensure_bundle(str(model), "fp32") == root and exports == []
+    assert models.unchanged_since(manifest["model"]["source_stamp"], model)
+    (model / "notes.txt").write_text("any file counted then")
+    assert not models.unchanged_since(manifest["model"]["source_stamp"], model)
