@@ -67,9 +67,10 @@ def cuda_provider_hint() -> str:
     """How to get onnxruntime's CUDA provider here: the words for the end of an error."""
     found = ort_distributions()
     if len(found) > 1:
+        together = f"{' and '.join(found)} are both" if len(found) == 2 else f"{', '.join(found)} are all"
         return (
-            f"{' and '.join(found)} are both installed: they install the same module, and the one here is not "
-            f"onnxruntime-gpu's; uninstalling one alone breaks it, so: {_reinstall_gpu(found)}"
+            f"{together} installed: they install the same module, and the one here is not onnxruntime-gpu's; "
+            f"uninstalling one alone breaks it, so: {_reinstall_gpu(found)}"
         )
     if found == ["onnxruntime-gpu"]:  # its record, another build's files (a copy earlier on the path)
         import onnxruntime
