@@ -163,6 +163,8 @@ def check_model_folder(folder: Path) -> None:
     for sub, files in required.items():
         if (folder / sub).is_dir():
             missing += [f"{sub}/{f}" for f in files if not (folder / sub / f).is_file()]
+            if sub.startswith("tokenizer") and not _has_vocabulary(folder / sub):
+                missing.append(f"{sub}/vocab.json and {sub}/merges.txt (or {sub}/tokenizer.json)")
             if sub in WEIGHTS:
                 _, files = component_weights(folder / sub, WEIGHTS[sub])
                 missing += [f"{sub}/{f.name}" for f in files if not f.is_file()]
@@ -233,7 +235,7 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
     try:  # transformers' and diffusers' words for a damaged config or file become one line naming the model
         with torch.device("meta"):  # configs as the modules hold them, and parameter counts: no weights
             skeletons = {name: _skeleton(cls, folder / name) for name, (cls, _) in modules.items()}
-        return LoadedModel(
+        lm = LoadedModel(
             model_id=model,
             folder=folder,
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
@@ -245,6 +247,22 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
         )
     except (OSError, ValueError) as e:
         raise _load_error(model, folder, e) from e
+    pairs = [(lm.tokenizer, "tokenizer", "text_encoder"), (lm.tokenizer_2, "tokenizer_2", "text_encoder_2")]
+    for tok, sub, encoder in pairs:
+        if tok is not None:
+            _check_vocabulary(model, folder / sub, len(tok), int(lm.config(encoder).vocab_size))
+    return lm
+
+
+def _check_vocabulary(model: str, folder: Path, size: int, embeddings: int) -> None:
+    """A tokenizer whose vocabulary is far smaller than its text encoder's, or larger, maps prompts to the wrong
+    tokens (transformers makes a 2-token CLIP tokenizer from a folder without its vocabulary files: every image
+    then ignores its prompt, silently). SD-Turbo's are equal (49408); random:tiny's 747 of 1000."""
+    if size > embeddings or size < embeddings // 2:
+        raise InputError(
+            f"model {model}: the tokenizer in {folder} has {size} tokens for a text encoder of {embeddings}: its "
+            f"vocabulary files are incomplete or of another model; download or save the model again"
+        )
 
 
 def _skeleton(cls, folder: Path):
@@ -256,6 +274,12 @@ def _skeleton(cls, folder: Path):
 
 def _load_error(model: str, folder: Path, e: Exception) -> InputError:
     return InputError(f"cannot load the model {model} from {folder}: {first_line(e)}; download or save the model again")
+
+
+def _has_vocabulary(folder: Path) -> bool:
+    """A CLIP tokenizer's folder holds its vocabulary: tokenizer.json, or vocab.json and merges.txt (transformers
+    loads a folder with neither, as a tokenizer of 2 tokens)."""
+    return (folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt"))
 
 
 def model_files(folder: Path) -> list[Path]:

@@ -385,3 +385,31 @@ def test_configs_and_sizes_known_before_loading_are_the_loaded_modules(tiny_fold
     )
     lm.release(*names)
     assert lm.loaded == {} and lm.module("text_encoder_2" if lm.family == "sdxl-turbo" else "unet") is not None
+
+
+@pytest.mark.parametrize("xl", [False, True])
+def test_a_tokenizer_without_its_vocabulary_is_refused_not_exported(tiny_folder, xl_folder, tmp_path, xl):
+    """A Hub snapshot whose tokenizer files were lost (an interrupted download) exported without a word: transformers
+    makes a 2-token CLIP tokenizer from such a folder, and every image ignored its prompt (a helper's audit:
+    "a cat" -> ids [0, 2, 2, 2, ...])."""
+    model = shutil.copytree(xl_folder if xl else tiny_folder, tmp_path / "m")
+    sub = "tokenizer_2" if xl else "tokenizer"
+    (model / sub / "tokenizer.json").unlink()
+    with pytest.raises(
+        InputError, match=rf"lacks {sub}/vocab\.json and {sub}/merges\.txt \(or {sub}/tokenizer\.json\)"
+    ):
+        load_model(str(model))
+
+
+def test_a_tokenizer_far_smaller_than_its_text_encoder_is_refused(tiny_folder, tmp_path):
+    """Vocabulary files there but of almost nothing (or another model's): the tokenizer's size against the text
+    encoder's embeddings (SD-Turbo's are equal; random:tiny's tokenizer has 747 of 1000)."""
+    import json
+
+    model = shutil.copytree(tiny_folder, tmp_path / "m")
+    (model / "tokenizer" / "tokenizer.json").unlink()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "c": 3}
+    (model / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
+    (model / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(InputError, match=r"the tokenizer in .*tokenizer has \d tokens for a text encoder of 1000"):
+        load_model(str(model))
