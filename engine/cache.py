@@ -79,6 +79,18 @@ def local_model_folder(model: str) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def check_model_name(model) -> None:
+    """An empty model name is refused: ``--model "$UNSET"`` took the default model (a download of gigabytes), or
+    the current folder."""
+    if not isinstance(model, str) or not model.strip():
+        from .errors import InputError
+
+        raise InputError(
+            f"model {model!r} is empty; give a Hub id like 'stabilityai/sd-turbo', a diffusers folder, or "
+            f"random:sd-turbo / random:tiny"
+        )
+
+
 def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
     """The cached bundle of ``model`` holding ``precision`` (and with ``tiny_vae``, a tiny autoencoder: the
     model's own TAESD, added when missing); exported once (needs the export extra).
@@ -88,6 +100,7 @@ def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
     from .bundle import MANIFEST, Bundle
     from .errors import BundleError
 
+    check_model_name(model)
     path = bundle_dir_for(model)
     force = False
     if (path / MANIFEST).is_file():

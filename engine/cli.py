@@ -80,7 +80,7 @@ def cmd_generate(args) -> None:
     from .request import DEFAULT_SIDE, check_settings, size_refused
     from .runtime import check_gpu_backend, choose_backend, default_precision, open_pipeline
 
-    if args.bundle and args.model:
+    if args.bundle and args.model is not None:
         raise InputError("give --model or --bundle, not both")
     prompts = args.prompt
     if args.batch is not None:
@@ -120,7 +120,8 @@ def cmd_generate(args) -> None:
         check_bundle_precision(bundle, precision, backend)
     start = time.perf_counter()
     if bundle is None:
-        bundle = ensure_bundle(args.model or DEFAULT_MODEL, precision, tiny_vae=args.vae == "tiny")
+        model = DEFAULT_MODEL if args.model is None else args.model
+        bundle = ensure_bundle(model, precision, tiny_vae=args.vae == "tiny")
     with open_pipeline(
         bundle,
         backend,

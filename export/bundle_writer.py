@@ -29,7 +29,7 @@ from ..engine.bundle import (
     Bundle,
     is_bundle,
 )
-from ..engine.cache import cache_root
+from ..engine.cache import cache_root, check_model_name
 from ..engine.errors import BundleError, InputError, ModelChanged
 from ..engine.files import (
     atomic_write,
@@ -94,6 +94,7 @@ def export_bundle(
     model again; ``"auto"``: the model's own TAESD); a bundle that has one exports it into precisions added
     later too. ``max_batch``, ``min_size``, ``max_size``: the limits of a new bundle (None: ``DEFAULT_LIMITS``); an
     existing bundle keeps its own, and one given that differs from them is refused (``force`` exports anew)."""
+    check_model_name(model)
     out = Path(out)
     asked = {"max_batch": max_batch, "min_size": min_size, "max_size": max_size}
     precisions = _check_args(precisions, asked)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.bundle import is_bundle, make_shareable
-from ..engine.cache import cache_folder, folder_stamp, random_model_folder
+from ..engine.cache import cache_folder, check_model_name, folder_stamp, random_model_folder
 from ..engine.errors import InputError, first_line
 from ..engine.files import locked, remove_leftovers, replace_dir, temp_prefix
 from .random_models import ALL_RANDOM, build_random
@@ -132,6 +132,7 @@ class LoadedModel:
 
 def resolve_model_folder(model: str) -> Path:
     """The local diffusers folder for ``model``, building or downloading it if needed."""
+    check_model_name(model)
     if model.startswith("random:"):
         name = model.removeprefix("random:")
         if name not in ALL_RANDOM:
@@ -145,6 +146,16 @@ def resolve_model_folder(model: str) -> Path:
         return path
     if model.count("/") != 1 or model.startswith((".", "/")):
         raise InputError(f"model {model!r} is neither an existing folder nor a hub id like 'stabilityai/sd-turbo'")
+    try:  # before a download, whose failure would read as the network's
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(model)
+    except ImportError:
+        pass
+    except ValueError as e:
+        raise InputError(
+            f"model {model!r} is neither an existing folder nor a valid hub id ({first_line(e)})"
+        ) from None
     return _download(model)
 
 

@@ -38,6 +38,10 @@ def test_folder_missing_a_component(tiny_folder, tmp_path, remove):
     [
         ("random:huge", "unknown random model"),
         ("./no/such/folder", "neither an existing folder"),
+        ("", "is empty"),  # the current folder, before
+        (" ", "is empty"),
+        ("org/na me", r"neither an existing folder nor a valid hub id \(Repo id must"),  # blamed on the network, before
+        ("org/-name", "valid hub id"),
     ],
 )
 def test_bad_model_names(name, match):
@@ -413,3 +417,24 @@ def test_a_tokenizer_far_smaller_than_its_text_encoder_is_refused(tiny_folder, t
     (model / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(InputError, match=r"the tokenizer in .*tokenizer has \d tokens for a text encoder of 1000"):
         load_model(str(model))
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "export"])
+def test_an_empty_model_name_is_refused_not_taken_for_the_default_or_this_folder(command, capsys, tmp_path):
+    """`--model "$UNSET"`: generate took the default model (a download of gigabytes), export and serve the current
+    folder."""
+    from sdturbo.engine.cli import main
+
+    argv = {
+        "generate": ["generate", "a cat", "--model", "", "--out", str(tmp_path / "a.png")],
+        "serve": ["serve", "--model", ""],
+        "export": ["export", "", "--out", str(tmp_path / "b")],
+    }[command]
+    if command == "serve":
+        pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install 'sdturbo[serve]')")
+        from sdturbo.benchmarks.serve_load import free_port
+
+        ports = [str(free_port()) for _ in range(3)]
+        argv += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--host", "127.0.0.1"]
+    assert main(argv) == 2
+    assert "model '' is empty" in capsys.readouterr().err
