@@ -48,8 +48,10 @@ def bundle_dir_for(model: str) -> Path:
 
 def folder_stamp(folder: Path, files: list[Path] | None = None) -> str:
     """A fingerprint of a folder's files (names, sizes, mtimes): cheap enough for every run, and different after
-    any of them is replaced or rewritten. ``files``: those (in this order; one missing counts as such), else every
-    file in the folder, hidden ones left out."""
+    any of them is replaced or rewritten. ``files``: those (in this order; one missing counts as such; a Hugging
+    Face cache blob by its content's name in place of its mtime), else every file in the folder, hidden ones left
+    out."""
+    named = files is not None
     if files is None:
         files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
         files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)]
@@ -61,8 +63,20 @@ def folder_stamp(folder: Path, files: list[Path] | None = None) -> str:
         except FileNotFoundError:
             entries.append(f"{rel}\0missing")
             continue
-        entries.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
+        blob = _hub_blob(path) if named else None
+        entries.append(f"{rel}\0{st.st_size}\0{blob or st.st_mtime_ns}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
+def _hub_blob(path: Path) -> str | None:
+    """The name of the Hugging Face cache blob ``path`` links to (``models--org--name/blobs/<hash of its content>``,
+    as a Hub snapshot's files do), or None: a copy or restore that changes its mtime does not change it."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    if target.parent.name == "blobs" and target.parent.parent.name.startswith("models--"):
+        return f"blob:{target.name}"
+    return None
 
 
 def random_model_folder(name: str) -> Path:
@@ -109,7 +123,7 @@ def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
             bundle.check_files()  # (export completes only a whole bundle)
             folder = local_model_folder(model)
             if folder is not None and not _unchanged_since(bundle.manifest["model"].get("source_stamp"), folder):
-                log.warning("%s changed since its cached bundle was exported; exporting it again", model)
+                _say_changed(model, bundle.precisions, precision)
                 force = True
             elif precision in bundle.precisions and (bundle.tiny_vae is not None or not tiny_vae):
                 for name in bundle.component_names:
@@ -137,8 +151,15 @@ def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
     except ModelChanged:  # a hub id's files changed (a new revision) since the bundle's other precisions
         if force:
             raise
-        log.warning("%s changed since its cached bundle was exported; exporting it again", model)
+        _say_changed(model, Bundle(path).precisions, precision)
         return export_bundle(model, path, precisions=(precision,), force=True, tiny_vae=tiny)
+
+
+def _say_changed(model: str, had: tuple[str, ...], precision: str) -> None:
+    """The warning of a cached bundle exported again: in ``precision``; those it also had, when next asked for."""
+    others = [p for p in had if p != precision]
+    later = f" (its {', '.join(others)} graphs are exported again when next asked for)" if others else ""
+    log.warning("%s changed since its cached bundle was exported; exporting it again in %s%s", model, precision, later)
 
 
 def _unchanged_since(recorded: str | None, folder: Path) -> bool:

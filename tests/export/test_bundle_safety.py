@@ -432,7 +432,10 @@ def test_a_hub_model_whose_weights_changed_is_exported_again_by_the_cache_not_re
     save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights)
     with caplog.at_level("WARNING"):
         again = Bundle(ensure_bundle("user/new-revision", "fp16"))
-    assert "user/new-revision changed since its cached bundle was exported; exporting it again" in caplog.text
+    assert (
+        "user/new-revision changed since its cached bundle was exported; exporting it again in fp16 (its fp32 graphs "
+        "are exported again when next asked for)" in caplog.text
+    )
     assert again.precisions == ("fp16",)
 
 
@@ -483,3 +486,41 @@ def test_a_bundle_stamped_before_keeps_matching_its_unchanged_model(tmp_path, ti
     assert models.unchanged_since(manifest["model"]["source_stamp"], model)
     (model / "notes.txt").write_text("any file counted then")
     assert not models.unchanged_since(manifest["model"]["source_stamp"], model)
+
+
+def test_a_hub_snapshot_s_stamp_follows_its_blobs_content_names_not_their_mtimes(tmp_path, tiny_folder):
+    """A Hugging Face cache copied or restored (new mtimes, the same blobs) exported the bundle again and dropped
+    its other precision (a helper's audit). A snapshot's files link to blobs named after their content: those
+    names count, not the mtimes. A link elsewhere (a local folder's) still counts its target's mtime."""
+    import hashlib
+
+    from sdturbo.export.models import model_stamp
+
+    repo = tmp_path / "hub" / "models--org--name"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    for src in sorted(p for p in tiny_folder.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(src.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, blob)
+        link = snapshot / src.relative_to(tiny_folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    before = model_stamp(snapshot)
+    for blob in (repo / "blobs").iterdir():
+        os.utime(blob, ns=(7_000_000_000, 7_000_000_000))
+    assert model_stamp(snapshot) == before
+    weights = snapshot / "unet" / "diffusion_pytorch_model.safetensors"
+    target = weights.resolve()
+    new_blob = target.with_name("f" * 64)  # a new revision's weights: another blob
+    shutil.copyfile(target, new_blob)
+    weights.unlink()
+    weights.symlink_to(new_blob)
+    assert model_stamp(snapshot) != before
+
+    local = shutil.copytree(tiny_folder, tmp_path / "local")
+    kept = tmp_path / "kept.safetensors"
+    (local / "unet" / "diffusion_pytorch_model.safetensors").rename(kept)
+    (local / "unet" / "diffusion_pytorch_model.safetensors").symlink_to(kept)
+    before = model_stamp(local)
+    os.utime(kept, ns=(7_000_000_000, 7_000_000_000))  # rewritten where it lives
+    assert model_stamp(local) != before
