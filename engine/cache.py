@@ -63,12 +63,12 @@ def folder_stamp(folder: Path, files: list[Path] | None = None) -> str:
         except FileNotFoundError:
             entries.append(f"{rel}\0missing")
             continue
-        blob = _hub_blob(path) if named else None
+        blob = hub_blob(path) if named else None
         entries.append(f"{rel}\0{st.st_size}\0{blob or st.st_mtime_ns}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
-def _hub_blob(path: Path) -> str | None:
+def hub_blob(path: Path) -> str | None:
     """The name of the Hugging Face cache blob ``path`` links to (``models--org--name/blobs/<hash of its content>``,
     as a Hub snapshot's files do), or None: a copy or restore that changes its mtime does not change it."""
     if not path.is_symlink():

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.bundle import is_bundle, make_shareable
-from ..engine.cache import cache_folder, check_model_name, folder_stamp, random_model_folder
+from ..engine.cache import cache_folder, check_model_name, folder_stamp, hub_blob, random_model_folder
 from ..engine.errors import InputError, first_line
 from ..engine.files import locked, remove_leftovers, replace_dir, temp_prefix
 from .random_models import ALL_RANDOM, build_random
@@ -377,13 +377,22 @@ def check_safetensors(path: Path) -> None:
         end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise InputError(
-            f"model weights {path} are not a readable safetensors file ({e}); the file is truncated or corrupt"
+            f"model weights {path} are not a readable safetensors file ({e}); the file is truncated or corrupt; "
+            f"{_refetch(path)}"
         ) from e
     if 8 + n + end != size:
         raise InputError(
             f"model weights {path} are {size} bytes but their header describes {8 + n + end}: the file is "
-            f"truncated or corrupt; download or save the model again"
+            f"truncated or corrupt; {_refetch(path)}"
         )
+
+
+def _refetch(path: Path) -> str:
+    """How to get a damaged weights file again. A Hub snapshot's is a Hugging Face cache blob, which a download
+    keeps while it is there: deleting it makes the next run (online) fetch it anew."""
+    if hub_blob(path) is not None:
+        return f"it is the Hugging Face cache's blob {path.resolve()}: delete it, and the next run online downloads it"
+    return "download or save the model again"
 
 
 def random_folder(name: str, build=build_random, marker: str = "model_index.json") -> Path:

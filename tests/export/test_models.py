@@ -438,3 +438,22 @@ def test_an_empty_model_name_is_refused_not_taken_for_the_default_or_this_folder
         argv += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--host", "127.0.0.1"]
     assert main(argv) == 2
     assert "model '' is empty" in capsys.readouterr().err
+
+
+def test_a_damaged_hub_blob_says_to_delete_it_not_to_download_again(tmp_path):
+    """A download keeps a Hugging Face cache blob that is there, truncated or not: "download the model again" did
+    nothing (a helper's audit). A Hub snapshot's damaged weights name their blob and what to do."""
+    from sdturbo.export.models import check_safetensors
+
+    blob = tmp_path / "hub" / "models--org--name" / "blobs" / ("a" * 64)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes((64).to_bytes(8, "little") + b"{")  # cut short inside its header
+    link = tmp_path / "hub" / "models--org--name" / "snapshots" / ("0" * 40) / "unet" / "w.safetensors"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    with pytest.raises(InputError, match=rf"Hugging Face cache's blob {blob}: delete it, and the next run online"):
+        check_safetensors(link)
+    plain = tmp_path / "w.safetensors"
+    plain.write_bytes(blob.read_bytes())
+    with pytest.raises(InputError, match=r"truncated or corrupt; download or save the model again$"):
+        check_safetensors(plain)
