@@ -7,10 +7,11 @@ layouts, so the cache is keyed like an engine: ONNX sha256, onnxruntime version,
     ort/<onnxruntime version>-<cpu key>/<precision>/<component>.onnx (+ .onnx.data, + .json record)
 
 The record is written last: without a matching record the cached files are ignored and rewritten. It
-also holds the size and mtime of the bundle's ONNX files, so a replaced file is noticed without hashing
-gigabytes on every load, and the sha256 of the cached files: a cached graph that does not match it (damaged
-in place, even at the same size) is rebuilt with a warning, never used (hashed once per change, see
-engine/integrity.py). One process writes a component's cache at a time; the others wait and load it.
+names the ONNX the graph was made from by its sha256, which the bundle checks its ONNX against before any load
+(Bundle.component), so a bundle copied elsewhere (new mtimes, the same bytes) keeps its cache; and it holds
+the sha256 of the cached files: a cached graph that does not match it (damaged in place, even at the same
+size) is rebuilt with a warning, never used (hashed once per change, see engine/integrity.py). One process
+writes a component's cache at a time; the others wait and load it.
 """
 
 from __future__ import annotations
@@ -47,12 +48,6 @@ def cpu_key() -> str:
     return f"{platform.machine()}-{hashlib.sha256(flags.encode()).hexdigest()[:8]}"
 
 
-def source_stat(comp: ComponentFile) -> list[list[int]]:
-    """(size, mtime) of the bundle's ONNX files: a file replaced since the cache was written misses it."""
-    files = [comp.onnx] + ([comp.data] if comp.data else [])
-    return [[f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
 def cache_paths(bundle: Bundle, ort_version: str, precision: str, name: str) -> tuple[Path, Path]:
     folder = bundle.root / "ort" / f"{ort_version}-{cpu_key()}" / precision
     return folder / f"{name}.onnx", folder / f"{name}.json"
@@ -65,7 +60,7 @@ def cached_model(bundle: Bundle, comp: ComponentFile, ort_version: str, precisio
         rec = json.loads(record.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if rec.get("onnx_sha256") != comp.sha256 or rec.get("source") != source_stat(comp) or "sha256" not in rec:
+    if rec.get("onnx_sha256") != comp.sha256 or "sha256" not in rec:  # (comp: checked against the manifest)
         return None
     try:
         verify(graph_files(model, rec), rec["sha256"], f"the cached optimized {comp.spec.name} graph")
@@ -86,7 +81,7 @@ def list_cached(bundle: Bundle) -> list[dict]:
             comp = bundle.components.get(precision, {}).get(name)
             if comp is None:
                 state = f"STALE: this bundle has no {precision} {name}"
-            elif rec.get("onnx_sha256") != comp.sha256 or rec.get("source") != source_stat(comp):
+            elif rec.get("onnx_sha256") != comp.sha256:
                 state = "STALE: the bundle's ONNX changed since"
             else:
                 verify(graph_files(record.with_suffix(".onnx"), rec), rec["sha256"], f"the cached {name} graph")
@@ -167,7 +162,7 @@ def create_and_cache(
             session = ort.InferenceSession(str(comp.onnx), options, providers=providers)
             _not_cached(comp.spec.name, model.parent, first_line(e).rsplit(" FAIL : ", 1)[-1])  # (its own words)
             return session
-        rec = {"onnx_sha256": comp.sha256, "source": source_stat(comp), "onnxruntime": ort_version, "cpu": cpu_key()}
+        rec = {"onnx_sha256": comp.sha256, "onnxruntime": ort_version, "cpu": cpu_key()}
         try:
             publish_graph(tmp, model, record, rec)
         except OSError as e:  # the session is made; only its cache is lost (without a record, never used)

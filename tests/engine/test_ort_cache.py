@@ -155,3 +155,29 @@ def test_a_cache_that_cannot_be_written_costs_only_the_cache(tiny_bundle, tmp_pa
     monkeypatch.setattr(onnxruntime, "InferenceSession", refused)
     with pytest.raises(BundleError, match=r"INVALID_GRAPH.*corrupt"):
         OnnxRuntimeBackend().session(Bundle(path), "unet")
+
+
+def test_a_bundle_copied_without_its_mtimes_keeps_its_cache(tiny_bundle, tmp_path, monkeypatch, caplog):
+    """A bundle copied to where it is deployed (``cp -r``, an image build: new mtimes, the same bytes) loads its
+    cached graphs: the record names the ONNX by sha256, which the bundle checks before any load. It was made
+    again at the first load (a minute for a full-size UNet), and on a read-only copy at every load."""
+    src = shutil.copytree(tiny_bundle, tmp_path / "src")
+    shutil.rmtree(src / "ort", ignore_errors=True)
+    want = Pipeline(src, OnnxRuntimeBackend())(["a cat"], height=64, width=64)  # writes the cache
+    path = shutil.copytree(src, tmp_path / "copy", copy_function=shutil.copyfile)  # bytes only: new mtimes
+    assert (path / "manifest.json").stat().st_mtime_ns != (src / "manifest.json").stat().st_mtime_ns
+    made, real = [], ort_cache.create_and_cache
+
+    def recording(*args):
+        made.append(args[3].spec.name)
+        return real(*args)
+
+    monkeypatch.setattr(ort_cache, "create_and_cache", recording)
+    b = Bundle(path)
+    backend = OnnxRuntimeBackend()
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        backend.session(b, name)
+    assert made == []
+    monkeypatch.undo()
+    assert [r["state"] for r in ort_cache.list_cached(b)] == ["valid"] * 3
+    np.testing.assert_array_equal(Pipeline(path, OnnxRuntimeBackend())(["a cat"], height=64, width=64), want)
