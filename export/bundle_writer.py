@@ -164,16 +164,15 @@ def export_bundle(
     return out
 
 
-CACHES = ("engines", "ort-optimized")  # what `build` makes in a bundle, keyed by its ONNX's sha256
+CACHES = ("engines", "ort-optimized", "ort")  # what `build` and loads make in a bundle, keyed by its ONNX's sha256
 
 
 def _keep_caches(old: Path, new: Path) -> None:
-    """What `build` made in the bundle ``old`` (TensorRT engines, ONNX Runtime optimized graphs: hours at full
-    size), carried into ``new``, the bundle that replaces it. Each is keyed by the sha256 of the ONNX it was
-    made from, so one that this export changed is found stale where it is used (rebuilt, or refused, as ever).
-    Hard links, so that readers of ``old`` keep them until the swap; moved where the file system has none. The
-    CPU session cache (``ort/``) goes with ``old``: its records hold the ONNX files' mtimes, so any first load
-    would make it again."""
+    """What `build` and loads made in the bundle ``old`` (TensorRT engines, ONNX Runtime optimized graphs: hours
+    at full size; ONNX Runtime's CPU session graphs: a minute), carried into ``new``, the bundle that replaces it.
+    Each is keyed by the sha256 of the ONNX it was made from (an export writes the same bytes from the same
+    model), so one that this export changed is found stale where it is used (rebuilt, or refused, as ever).
+    Hard links, so that readers of ``old`` keep them until the swap; moved where the file system has none."""
     kept = []
     for name in CACHES:
         src, dst = old / name, new / name
@@ -188,14 +187,9 @@ def _keep_caches(old: Path, new: Path) -> None:
     if kept:
         log.info(
             "keeping %s of the bundle it replaces: each is keyed by the sha256 of its ONNX, so any made from a "
-            "graph this export changed is rebuilt by `sdturbo build` (refused until then)",
+            "graph this export changed is made again (engines and fused graphs by `sdturbo build`, refused until "
+            "then; CPU session graphs by the next load)",
             ", ".join(kept),
-        )
-    if (old / "ort").is_dir():
-        log.info(
-            "removing ort (%s) with the bundle it replaces: ONNX Runtime's CPU session graphs, made again by the "
-            "first load",
-            human_size(folder_bytes(old / "ort")),
         )
 
 

@@ -100,8 +100,11 @@ def test_force_replaces_a_bundle_and_readers_always_see_one(tmp_path, tiny_bundl
 
 def test_force_keeps_the_engines_and_optimized_graphs_built_from_the_bundle(tmp_path, tiny_bundle, caplog):
     """`export --force` deleted engines/ and ort-optimized/ with the old bundle, without a word (hours of builds
-    at full size). Each is keyed by the sha256 of the ONNX it was made from, so they are kept: valid where the
-    new ONNX is the same, found stale by their own checks where it is not."""
+    at full size), and ort/ (ONNX Runtime's CPU session graphs: a minute at full size). Each is keyed by the
+    sha256 of the ONNX it was made from, so they are kept: valid where the new ONNX is the same, found stale by
+    their own checks where it is not."""
+    from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
+    from sdturbo.engine.backends.ort_cache import list_cached
     from sdturbo.engine.backends.ort_optimized import list_optimized
     from sdturbo.export.ort_optimize import optimize_bundle
 
@@ -111,18 +114,19 @@ def test_force_keeps_the_engines_and_optimized_graphs_built_from_the_bundle(tmp_
     plan.parent.mkdir(parents=True)
     plan.write_bytes(b"an engine")
     plan.with_suffix(".json").write_text("{}")
-    (out / "ort" / "1.0-x86_64-cpu" / "fp32").mkdir(parents=True)  # the CPU session cache: made again on a load
-    (out / "ort" / "1.0-x86_64-cpu" / "fp32" / "unet.onnx").write_bytes(b"a session graph")
+    shutil.rmtree(out / "ort", ignore_errors=True)
+    OnnxRuntimeBackend().session(Bundle(out), "unet")  # the CPU session cache, as a load writes it
     limits = dict(max_batch=4, min_size=32, max_size=256)
     with caplog.at_level("INFO"):
         export_bundle("random:tiny", out, ("fp32", "fp16"), force=True, **limits)
     assert plan.read_bytes() == b"an engine" and plan.with_suffix(".json").read_text() == "{}"
     assert [r["state"] for r in list_optimized(Bundle(out))] == ["valid"]  # the same ONNX: still in use
-    assert "keeping engines (" in caplog.text and "ort-optimized (" in caplog.text
-    assert not (out / "ort").exists() and "ort (" in caplog.text  # dropped, said so with its size
+    assert [r["state"] for r in list_cached(Bundle(out))] == ["valid"]
+    assert all(f"{c} (" in caplog.text for c in ("keeping engines", "ort-optimized", "ort"))
     export_bundle("random:tiny", out, ("fp32",), force=True, **limits)  # no fp16 ONNX now: stale, refused
     assert plan.is_file()
     assert [r["state"][:6] for r in list_optimized(Bundle(out))] == ["STALE:"]
+    assert [r["state"] for r in list_cached(Bundle(out))] == ["valid"]  # the same fp32 ONNX
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
