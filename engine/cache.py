@@ -137,12 +137,9 @@ def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
     try:
         from ..export.bundle_writer import export_bundle
     except ImportError as e:
-        from .errors import BackendError
+        from .errors import export_extra_missing
 
-        raise BackendError(
-            f"exporting {model!r} needs PyTorch and diffusers ({e.name} is missing): "
-            f"pip install 'sdturbo[export]', or pass --bundle with an exported bundle"
-        ) from e
+        raise export_extra_missing(f"exporting {model!r}", e, "; or pass --bundle with an exported bundle") from e
     from .errors import ModelChanged
 
     tiny = "auto" if tiny_vae else None

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import InputError, NonFiniteOutput, SdTurboError
+from .errors import InputError, NonFiniteOutput, SdTurboError, export_extra_missing
 
 log = logging.getLogger("sdturbo")
 DEFAULT_MODEL = "stabilityai/sd-turbo"
@@ -40,8 +40,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def cmd_export(args) -> None:
-    from ..export.bundle_writer import export_bundle
     from .bundle import Bundle, is_bundle
+
+    try:
+        from ..export.bundle_writer import export_bundle
+    except ImportError as e:
+        raise export_extra_missing(f"exporting {args.model!r}", e) from e
 
     precisions = ("fp32", "fp16") if args.precision in (None, "all") else (args.precision,)
     if args.precision is None and args.tiny_vae and not args.force and is_bundle(Path(args.out)):
@@ -189,7 +193,10 @@ def component_list(text: str | None) -> tuple[str, ...] | None:
 def cmd_build(args) -> None:
     components = component_list(args.components)
     if args.ort_optimize:
-        from ..export.ort_optimize import optimize_bundle
+        try:
+            from ..export.ort_optimize import optimize_bundle
+        except ImportError as e:
+            raise export_extra_missing("optimizing with onnxruntime's transformer optimizer", e) from e
 
         given = [f"--{o.replace('_', '-')}" for o in TRT_BUILD_OPTIONS if getattr(args, o) is not None]
         if given:

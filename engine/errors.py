@@ -35,6 +35,14 @@ class BackendError(SdTurboError):
     """A backend is not installed, cannot run here, or failed."""
 
 
+def export_extra_missing(what: str, e: ImportError, alternative: str = "") -> BackendError:
+    """The one line for ``what`` (exporting, optimizing) run where the export extra is not installed."""
+    return BackendError(
+        f"{what} needs the export extra: PyTorch, diffusers, onnx ({e.name} is missing): pip install "
+        f"'sdturbo[export]' (after the torch build for this machine: README, first lines){alternative}"
+    )
+
+
 class CaptureRefused(BackendError):
     """onnxruntime will not create a session for CUDA graphs: some of the graph runs off the CUDA provider
     through host copies (Memcpy nodes), which a captured graph would replay with stale values."""

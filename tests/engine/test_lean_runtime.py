@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -82,3 +83,34 @@ def test_latents_file_reproduces_the_api(tiny_bundle, tmp_path):
     )
     want = Pipeline(tiny_bundle, OnnxRuntimeBackend())(["a cat"], height=64, width=64, latents=lat)[0]
     np.testing.assert_array_equal(np.asarray(Image.open(out)), want)
+
+
+WITHOUT_EXPORT = """
+import sys
+for name in ("onnx", "torch", "diffusers", "transformers"):  # as where the export extra is not installed
+    sys.modules[name] = None
+from sdturbo.engine.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_exporting_without_the_export_extra_is_one_line_naming_it(tiny_bundle, tiny_folder, tmp_path):
+    """`sdturbo export` and `build --ort-optimize` on a runtime-only install printed a traceback ending in
+    "No module named 'onnx'" (a helper's check on Python 3.13); `generate --model` gave one line. Now each does."""
+    for args in (
+        ["export", "random:tiny", "--out", str(tmp_path / "b")],
+        ["build", str(tiny_bundle), "--ort-optimize", "--ort-provider", "cpu"],
+        [
+            "generate",
+            "a cat",
+            "--model",
+            str(shutil.copytree(tiny_folder, tmp_path / "m")),
+            "--out",
+            str(tmp_path / "x.png"),
+        ],
+    ):
+        r = subprocess.run([sys.executable, "-c", WITHOUT_EXPORT, *args], capture_output=True, text=True, timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (args, r.stderr)
+        assert lines[0].startswith("sdturbo: error: ") and "is missing): pip install 'sdturbo[export]'" in lines[0]
+    assert not (tmp_path / "b").exists()
