@@ -104,9 +104,16 @@ class Request:
         for i, p in enumerate(self.prompts):
             check_utf8(i, p)
         check_steps(self.steps)
-        for side, v in (("height", self.height), ("width", self.width)):
-            if not isinstance(v, (int, np.integer)) or v <= 0 or v % scale:
-                raise InputError(f"{side} {v!r} is not allowed; use a positive multiple of {scale}")
+        bad = [
+            f"{side} {v!r}"
+            for side, v in (("width", self.width), ("height", self.height))  # (as --size WIDTHxHEIGHT names them)
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % scale
+        ]
+        if bad:
+            each = " for each" if len(bad) > 1 else ""
+            raise InputError(
+                f"{' and '.join(bad)} {'are' if each else 'is'} not allowed; use a positive multiple of {scale}{each}"
+            )
         seeds = self.seed if isinstance(self.seed, tuple) else (self.seed,)
         if isinstance(self.seed, tuple) and len(seeds) != self.batch:
             raise InputError(f"{len(seeds)} seeds for {self.batch} prompts; give one seed, or one per prompt")

@@ -572,6 +572,7 @@ def test_a_tiny_vae_scaling_factor_that_is_not_a_number_is_named(tiny_vae_bundle
     [
         (["--steps", "5"], "steps=5 is not allowed"),
         (["--size", "100x64"], "width 100 is not allowed"),
+        (["--size", "100x100"], "width 100 and height 100 are not allowed; use a positive multiple of 8 for each"),
         (["--seed", "9223372036854775807", "--batch", "2"], "seed 9223372036854775807 is not allowed for a batch of 2"),
         (["--image", "{image}", "--strength", "0.1"], "at 4 steps, strength must be at least 0.25"),
         (["--image", "{image}", "--strength", "0.2", "--steps", "2"], "at least 0.5, or more steps (up to 4)"),
