@@ -312,12 +312,23 @@ def cmd_serve(args) -> int:
     return serve(pipe, cfg, verbose=args.verbose)
 
 
+def _version() -> str:
+    """This package's installed version (its metadata: pyproject's), or "unknown" where it is run uninstalled."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdturbo")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..export.random_models import ALL_RANDOM  # names only: no torch
     from .runtime import BACKENDS
 
     p = argparse.ArgumentParser(prog="sdturbo", description="Fast SD-Turbo: export, build, generate.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     verbose = argparse.ArgumentParser(add_help=False)  # -v after the command too (not set there: the top's stays)
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")

@@ -114,3 +114,14 @@ def test_exporting_without_the_export_extra_is_one_line_naming_it(tiny_bundle, t
         assert r.returncode == 2 and len(lines) == 1, (args, r.stderr)
         assert lines[0].startswith("sdturbo: error: ") and "is missing): pip install 'sdturbo[export]'" in lines[0]
     assert not (tmp_path / "b").exists()
+
+
+def test_version_is_the_installed_package_s(capsys):
+    from importlib.metadata import version
+
+    import pytest
+    from sdturbo.engine.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"sdturbo {version('sdturbo')}\n"
