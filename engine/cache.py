@@ -122,7 +122,7 @@ def ensure_bundle(model: str, precision: str, tiny_vae: bool = False) -> Path:
             bundle = Bundle(path)
             bundle.check_files()  # (export completes only a whole bundle)
             folder = local_model_folder(model)
-            if folder is not None and not _unchanged_since(bundle.manifest["model"].get("source_stamp"), folder):
+            if folder is not None and not _unchanged_since(bundle.manifest["model"], folder):
                 _say_changed(model, bundle.precisions, precision)
                 force = True
             elif precision in bundle.precisions and (bundle.tiny_vae is not None or not tiny_vae):
@@ -159,8 +159,9 @@ def _say_changed(model: str, had: tuple[str, ...], precision: str) -> None:
     log.warning("%s changed since its cached bundle was exported; exporting it again in %s%s", model, precision, later)
 
 
-def _unchanged_since(recorded: str | None, folder: Path) -> bool:
-    """Whether the model folder is as it was when ``recorded`` (a bundle's source_stamp) was taken."""
-    from ..export.models import unchanged_since  # (torch-free: the folder's file names only)
+def _unchanged_since(model: dict, folder: Path) -> bool:
+    """Whether the model folder is as it was when a bundle's manifest ``model`` entry was written (its
+    source_stamp, or the files' source_sha256 where the stamp differs)."""
+    from ..export.models import unchanged_since  # (torch-free: file names, stat, hashes)
 
-    return unchanged_since(recorded, folder)
+    return unchanged_since(model.get("source_stamp"), folder, model.get("source_sha256"))

@@ -295,7 +295,9 @@ def _check_same_model(existing: Bundle, lm: LoadedModel, out: Path) -> None:
             f"use another --out or --force to replace it"
         )
     recorded = existing.manifest["model"].get("source_stamp")
-    if recorded is not None and not unchanged_since(recorded, lm.folder):
+    if recorded is not None and not unchanged_since(
+        recorded, lm.folder, existing.manifest["model"].get("source_sha256")
+    ):
         raise ModelChanged(
             f"bundle {out} was exported from {existing.model_id} before its files changed; a precision added now "
             f"would not match the others: use --force to export it again, or another --out"
@@ -491,6 +493,7 @@ def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_si
             "config_hash": lm.config_hash(),
             "family": lm.family,
             "source_stamp": lm.source_stamp(),
+            "source_sha256": lm.source_sha256(),
         },
         "scheduler": {k: v for k, v in lm.scheduler_config.items() if k == "_class_name" or not k.startswith("_")},
         "vae": {

@@ -25,6 +25,7 @@ from ..engine.bundle import is_bundle, make_shareable
 from ..engine.cache import cache_folder, check_model_name, folder_stamp, hub_blob, random_model_folder
 from ..engine.errors import InputError, first_line
 from ..engine.files import locked, remove_leftovers, replace_dir, temp_prefix
+from ..engine.integrity import file_sha256, same_content, stamp
 from .random_models import ALL_RANDOM, build_random
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,16 @@ class LoadedModel:
 
     def source_stamp(self) -> str:
         """The fingerprint of the model's files an export reads (``model_stamp``): a cached bundle is exported
-        again when it changes."""
+        again when it changes, unless their content is the same (``source_sha256``)."""
         return model_stamp(self.folder)
+
+    def source_sha256(self) -> str:
+        """The sha256 of the model's files an export reads, one after the other (stamped: integrity.py). Where
+        the stamp differs (the folder copied or restored: new mtimes), the same content still matches."""
+        files = model_files(self.folder)
+        sha = file_sha256(*files)
+        stamp(files, sha)
+        return sha
 
     def config_hash(self) -> str:
         """sha256 over the component configs: the same architecture and settings give the same hash."""
@@ -322,11 +331,15 @@ def model_stamp(folder: Path) -> str:
     return STAMP_PREFIX + folder_stamp(folder, model_files(folder))
 
 
-def unchanged_since(recorded: str | None, folder: Path) -> bool:
+def unchanged_since(recorded: str | None, folder: Path, sha256: str | None = None) -> bool:
     """Whether the model in ``folder`` is as it was when a bundle recorded ``recorded``: its ``model_stamp``, or
-    for a bundle exported before it, the stamp of every file in the folder."""
+    where that differs and the bundle recorded ``sha256`` (``source_sha256``), the files' content (hashed once
+    per change; with SDTURBO_VERIFY=size the stamp alone decides). For a bundle exported before the model stamp,
+    the stamp of every file in the folder."""
     if recorded is not None and recorded.startswith(STAMP_PREFIX):
-        return recorded == model_stamp(folder)
+        if recorded == model_stamp(folder):
+            return True
+        return sha256 is not None and same_content(model_files(folder), sha256, f"the model files in {folder}")
     return recorded == folder_stamp(folder)
 
 

@@ -473,6 +473,47 @@ def test_the_stamp_covers_the_files_an_export_reads(tmp_path, tiny_folder):
     }
 
 
+def test_a_model_folder_copied_or_restored_keeps_its_cached_bundle(tmp_path, tiny_folder, monkeypatch, caplog):
+    """A local model folder (or a whole cache, random models and all) copied or restored with ``cp -r`` has new
+    mtimes and the same bytes: its cached bundle was exported again, a warning said the model changed, and where
+    the export extra is not installed (a runtime-only deployment) the run failed. The bundle records the files'
+    sha256 too: where the stamp differs, the content decides (hashed once). With SDTURBO_VERIFY=size nothing is
+    hashed, and the stamp alone decides, as before."""
+    model = shutil.copytree(tiny_folder, tmp_path / "model")
+    root = ensure_bundle(str(model), "fp32")
+    manifest = (root / MANIFEST).read_text()
+    assert len(json.loads(manifest)["model"]["source_sha256"]) == 64
+    for f in (p for p in model.rglob("*") if p.is_file()):  # as `cp -r` leaves them: the same bytes, new mtimes
+        data = f.read_bytes()
+        f.unlink()
+        f.write_bytes(data)
+        os.utime(f, ns=(7_000_000_000, 7_000_000_000))
+    exports = []
+    monkeypatch.setattr(bundle_writer, "load_model", lambda *a, **k: exports.append(a))
+    with caplog.at_level("WARNING"):
+        assert ensure_bundle(str(model), "fp32") == root
+    assert exports == [] and "changed since" not in caplog.text and (root / MANIFEST).read_text() == manifest
+    monkeypatch.undo()
+    assert Bundle(export_bundle(str(model), root, ("fp16",))).precisions == ("fp32", "fp16")  # a precision added
+
+    manifest = json.loads((root / MANIFEST).read_text())
+    os.utime(model / "model_index.json", ns=(8_000_000_000, 8_000_000_000))
+    monkeypatch.setenv("SDTURBO_VERIFY", "size")
+    assert not models_unchanged(manifest, model)
+    monkeypatch.delenv("SDTURBO_VERIFY")
+    assert models_unchanged(manifest, model)
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v * 1.01 for k, v in tensors.items()}, weights)  # changed at the same size: exported again
+    assert not models_unchanged(manifest, model)
+
+
+def models_unchanged(manifest: dict, model: Path) -> bool:
+    from sdturbo.export.models import unchanged_since
+
+    return unchanged_since(manifest["model"]["source_stamp"], model, manifest["model"]["source_sha256"])
+
+
 def test_a_bundle_stamped_before_keeps_matching_its_unchanged_model(tmp_path, tiny_folder, monkeypatch):
     """Bundles exported before the stamp covered only the files read recorded every file's: an unchanged model
     still matches them (the cache does not export it again), a changed one does not."""
