@@ -12,6 +12,7 @@ its fp16 variant (``save_pretrained(variant="fp16")``, the form the model cards 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -246,7 +247,8 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
 
         def load():
             try:
-                return cls.from_pretrained(folder / name, **kw(name, **extra)).eval()
+                with transformers_bars_quiet():
+                    return cls.from_pretrained(folder / name, **kw(name, **extra)).eval()
             except (OSError, ValueError) as e:
                 raise _load_error(model, folder, e) from e
 
@@ -272,6 +274,24 @@ def load_model(model: str, half: bool = False) -> LoadedModel:
         if tok is not None:
             _check_vocabulary(model, folder / sub, len(tok), int(lm.config(encoder).vocab_size))
     return lm
+
+
+@contextlib.contextmanager
+def transformers_bars_quiet():
+    """transformers draws a progress bar for every model it loads or saves ("Loading weights", "Writing model
+    shards"), seconds at most, between our own lines. While we load or save one they show with -v only. Its
+    switch is the Hub's too: turned back on after, and left alone where the user turned bars off (no download
+    runs meanwhile: the model's files are here by then)."""
+    from transformers.utils import logging as tf_logging
+
+    if log.isEnabledFor(logging.DEBUG) or not tf_logging.is_progress_bar_enabled():
+        yield
+        return
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tf_logging.enable_progress_bar()
 
 
 def _check_vocabulary(model: str, folder: Path, size: int, embeddings: int) -> None:
@@ -423,7 +443,8 @@ def random_folder(name: str, build=build_random, marker: str = "model_index.json
         tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(f".random-{name}-"), dir=folder.parent))
         make_shareable(tmp)
         try:
-            build(name).save_pretrained(tmp, safe_serialization=True)
+            with transformers_bars_quiet():
+                build(name).save_pretrained(tmp, safe_serialization=True)
             replace_dir(tmp, folder)  # a folder there without the marker is a broken earlier build
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

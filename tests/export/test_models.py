@@ -457,3 +457,17 @@ def test_a_damaged_hub_blob_says_to_delete_it_not_to_download_again(tmp_path):
     plain.write_bytes(blob.read_bytes())
     with pytest.raises(InputError, match=r"truncated or corrupt; download or save the model again$"):
         check_safetensors(plain)
+
+
+def test_transformers_progress_bars_show_with_verbose_only(tiny_folder, capfd, caplog):
+    """transformers' "Loading weights" bar, drawn between our log lines at every load, shows with -v only; the
+    switch it shares with the Hub's download bars is as it was after (on here)."""
+    from transformers.utils import logging as tf_logging
+
+    assert tf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    load_model(str(tiny_folder)).text_encoder  # noqa: B018 (loads the module)
+    assert "Loading weights" not in capfd.readouterr().err and tf_logging.is_progress_bar_enabled()
+    with caplog.at_level(logging.DEBUG, logger="sdturbo"):
+        load_model(str(tiny_folder)).text_encoder  # noqa: B018
+    assert "Loading weights" in capfd.readouterr().err and tf_logging.is_progress_bar_enabled()
