@@ -3,6 +3,7 @@ while Triton starts."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import pickle
@@ -20,6 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sdturbo.engine.errors import InputError
 from sdturbo.engine.serve_triton import ServeConfig, check_ports, use_own_libpython
+
+# Those that run our code against pytriton's own (its model config, its proxy files): where it is not installed (Python
+# 3.13: [dev] leaves [serve] out there), they skip; the others need none of it.
+needs_pytriton = pytest.mark.skipif(
+    importlib.util.find_spec("pytriton") is None,
+    reason="nvidia-pytriton is not installed (pip install 'sdturbo[serve]')",
+)
 
 
 def test_ports_must_differ_and_be_ports():
@@ -67,6 +75,7 @@ def test_this_pythons_libpython_comes_first_once(monkeypatch):
     assert os.environ["LD_LIBRARY_PATH"] == libdir
 
 
+@needs_pytriton
 def test_serve_warms_up_on_the_thread_that_serves(tiny_bundle, monkeypatch):
     """What a pipeline keeps per thread (onnxruntime's own CUDA graphs) must be made on the batcher's worker,
     which runs every served batch: `serve` warms up there (Triton itself is not started here)."""
@@ -122,6 +131,7 @@ def stand_in_pytriton(monkeypatch, triton_class) -> None:
         monkeypatch.setattr(serve_triton, name, lambda *args: None)
 
 
+@needs_pytriton
 def test_a_stop_while_triton_starts_stops_it_now(tiny_bundle, monkeypatch, caplog):
     """Ctrl-C during start-up: the start is broken off and what had started is stopped, instead of waiting
     out pytriton's readiness timeout and starting Triton again for each attempt left."""
@@ -165,6 +175,7 @@ class FlakyTriton:
         self.stopped = True
 
 
+@needs_pytriton
 @pytest.mark.parametrize(("fails", "started"), [(2, True), (3, False)])
 def test_a_model_that_fails_to_load_is_started_again_up_to_three_times(tiny_bundle, monkeypatch, fails, started):
     """Each failed start is stopped and tried again, three starts in all; a third failure is an error (never
@@ -185,6 +196,7 @@ def test_a_model_that_fails_to_load_is_started_again_up_to_three_times(tiny_bund
     assert len(FlakyTriton.made) == 3 and all(t.stopped for t in FlakyTriton.made)
 
 
+@needs_pytriton
 def test_triton_may_take_the_drain_and_then_the_unloading_to_stop(tiny_bundle, monkeypatch):
     """tritonserver's one exit timeout covers the requests in flight, then the unloading of its model instances,
     one after another (1.4 s each, measured). Given the drain alone, an idle server at --max-batch 16 (32
@@ -278,6 +290,7 @@ def pytriton_proxy(name: str) -> str:
     return (pathlib.Path(pytriton.__file__).parent / "proxy" / name).read_text()
 
 
+@needs_pytriton
 def test_each_failure_is_answered_with_its_status_code_and_message_alone():
     """What a failed request is answered (HTTP 400, 503 or 500; gRPC INVALID_ARGUMENT, UNAVAILABLE, INTERNAL),
     and how pytriton's proxy, given the text of the callable's error, answers it: each request with the code and
@@ -345,6 +358,7 @@ def test_each_failure_is_answered_with_its_status_code_and_message_alone():
     assert patched("model.py", changed) is None and patched("model.py", "") is None
 
 
+@needs_pytriton
 def test_our_model_s_proxy_files_are_changed_and_pytriton_logs_no_answer(tmp_path, monkeypatch, caplog):
     """While pytriton writes our model into its repository, its proxy files are changed there (no other model's;
     a file that is not the one we know, or is missing, is left as it is, with a warning), and pytriton's
@@ -406,6 +420,7 @@ def _handshake_client(source: str):
     return module.get_config_from_handshake_server
 
 
+@needs_pytriton
 @pytest.mark.parametrize("late", ["appears late", "listens late"])
 def test_model_instances_wait_for_the_first_one_s_handshake(tmp_path, late):
     """pytriton's model instances ask the first one for their settings through its handshake socket. pytriton's
@@ -450,6 +465,7 @@ def test_model_instances_wait_for_the_first_one_s_handshake(tmp_path, late):
     assert results["pytriton"] == ("TimeoutError" if late == "appears late" else "ConnectionRefusedError")
 
 
+@needs_pytriton
 def test_a_zero_size_tensor_is_copied_into_shared_memory_as_nothing(monkeypatch):
     """pytriton's proxy copies each input into shared memory through ``memoryview.cast``, which raises on a zero
     in the shape: a request with a 0x0 image failed in the proxy (HTTP 500, tracebacks) before our checks could
