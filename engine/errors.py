@@ -36,9 +36,17 @@ class BackendError(SdTurboError):
 
 
 def export_extra_missing(what: str, e: ImportError, alternative: str = "") -> BackendError:
-    """The one line for ``what`` (exporting, optimizing) run where the export extra is not installed."""
+    """The one line for ``what`` (exporting, optimizing) run where the export extra is not installed, or one of
+    its packages is there but does not import (another version than ours needs)."""
+    from importlib.util import find_spec
+
+    try:
+        there = e.name is not None and find_spec(e.name.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        there = False
+    why = f"{e.name} is installed but does not import: {first_line(e)}" if there else f"{e.name} is missing"
     return BackendError(
-        f"{what} needs the export extra: PyTorch, diffusers, onnx ({e.name} is missing): pip install "
+        f"{what} needs the export extra: PyTorch, diffusers, onnx ({why}): pip install "
         f"'sdturbo[export]' (after the torch build for this machine: README, first lines){alternative}"
     )
 

@@ -113,18 +113,6 @@ def verify(paths: list[Path], sha256: str, what: str, *, rehash: bool = False) -
     return True
 
 
-def same_content(paths: list[Path], sha256: str, what: str) -> bool:
-    """Whether ``paths`` still hold the bytes that hashed to ``sha256`` (hashed once per change of the files, as
-    ``verify``). False where one is missing or, with ``SDTURBO_VERIFY=size``, where they were not hashed."""
-    if not hashing_on():
-        return False
-    try:
-        verify(paths, sha256, what)
-    except (IntegrityError, OSError):
-        return False
-    return True
-
-
 def write_checked(path: Path, data: bytes) -> None:
     """Write a cache file with its sha256 beside it (``<name>.sha256``), for ``read_checked``."""
     atomic_write(path, data)

@@ -46,7 +46,7 @@ from ..engine.files import (
 )
 from ..engine.integrity import file_sha256, stamp
 from ..engine.spec import component_specs, component_specs_xl
-from .models import LoadedModel, load_model, unchanged_since
+from .models import LoadedModel, load_model, model_stamp, unchanged_since
 from .onnx_export import export_record
 from .tiny_vae import (
     AUTO,
@@ -125,6 +125,7 @@ def export_bundle(
             _check_same_id(existing, model, out)  # only a tiny VAE to add: no model loads
         tiny = load_tiny_vae(tiny_source) if tiny_todo else None  # before the model: a failed download takes seconds
         lm = load_model(model, half="fp32" not in todo) if todo else None
+        source = lm.source() if lm is not None and existing is None else None  # before the weights are read
         if lm is not None:
             _check_disk(lm, out, todo)  # before minutes of export that a full disk would end
             if existing is not None:
@@ -145,7 +146,7 @@ def export_bundle(
                     for p, comps in write_tiny_onnx(tiny, tmp, tiny_todo, channels, scale).items():
                         components.setdefault(p, {}).update(comps)
                 if existing is None:
-                    manifest = _manifest(lm, tmp, max_batch, min_size, max_size)
+                    manifest = _manifest(lm, source, tmp, max_batch, min_size, max_size)
                     manifest["components"] = components
                     if tiny is not None:
                         manifest["tiny_vae"] = tiny.manifest_entry()
@@ -471,7 +472,12 @@ def _write_onnx(lm: LoadedModel, root: Path, precisions: list[str]) -> dict:
     return components
 
 
-def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_size: int) -> dict:
+def _manifest(lm: LoadedModel, source: dict, root: Path, max_batch: int, min_size: int, max_size: int) -> dict:
+    if model_stamp(lm.folder) != source["source_stamp"]:  # the ONNX would not be what the manifest names
+        raise InputError(
+            f"the files of model {lm.model_id} in {lm.folder} changed during the export; export it again once "
+            f"they are written"
+        )
     tok = lm.tokenizer
     tok.backend_tokenizer.save(str(root / "tokenizer.json"))
     te, vae = lm.config("text_encoder"), lm.config("vae")
@@ -492,8 +498,7 @@ def _manifest(lm: LoadedModel, root: Path, max_batch: int, min_size: int, max_si
             "id": lm.model_id,
             "config_hash": lm.config_hash(),
             "family": lm.family,
-            "source_stamp": lm.source_stamp(),
-            "source_sha256": lm.source_sha256(),
+            **source,
         },
         "scheduler": {k: v for k, v in lm.scheduler_config.items() if k == "_class_name" or not k.startswith("_")},
         "vae": {

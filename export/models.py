@@ -26,7 +26,7 @@ from ..engine.bundle import is_bundle, make_shareable
 from ..engine.cache import cache_folder, check_model_name, folder_stamp, hub_blob, random_model_folder
 from ..engine.errors import InputError, first_line
 from ..engine.files import locked, remove_leftovers, replace_dir, temp_prefix
-from ..engine.integrity import file_sha256, same_content, stamp
+from ..engine.integrity import hashing_on, is_stamped, stamp, stat_stamp
 from .random_models import ALL_RANDOM, build_random
 
 log = logging.getLogger(__name__)
@@ -109,18 +109,24 @@ class LoadedModel:
     unet = property(lambda self: self.module("unet"))
     vae = property(lambda self: self.module("vae"))
 
-    def source_stamp(self) -> str:
-        """The fingerprint of the model's files an export reads (``model_stamp``): a cached bundle is exported
-        again when it changes, unless their content is the same (``source_sha256``)."""
-        return model_stamp(self.folder)
-
-    def source_sha256(self) -> str:
-        """The sha256 of the model's files an export reads, one after the other (stamped: integrity.py). Where
-        the stamp differs (the folder copied or restored: new mtimes), the same content still matches."""
+    def source(self) -> dict:
+        """What identifies the model's files an export reads, taken before it reads any weights (the manifest's
+        model entry; ``unchanged_since`` compares it later): ``source_stamp`` (``model_stamp``: names, sizes,
+        mtimes) and, where files are hashed (not SDTURBO_VERIFY=size), ``source_sha256`` (``content_sha256``),
+        stamped (integrity.py): a copy with new mtimes and the same names, sizes and bytes still matches."""
         files = model_files(self.folder)
-        sha = file_sha256(*files)
-        stamp(files, sha)
-        return sha
+        recorded = model_stamp(self.folder)
+        if not hashing_on():
+            return {"source_stamp": recorded}
+        before = stat_stamp(files)
+        sha = content_sha256(self.folder, files)
+        if stat_stamp(files) != before:
+            raise InputError(
+                f"the files of model {self.model_id} in {self.folder} changed while they were read; export it "
+                f"again once they are written"
+            )
+        stamp(files, sha, before)
+        return {"source_stamp": recorded, "source_sha256": sha}
 
     def config_hash(self) -> str:
         """sha256 over the component configs: the same architecture and settings give the same hash."""
@@ -359,8 +365,39 @@ def unchanged_since(recorded: str | None, folder: Path, sha256: str | None = Non
     if recorded is not None and recorded.startswith(STAMP_PREFIX):
         if recorded == model_stamp(folder):
             return True
-        return sha256 is not None and same_content(model_files(folder), sha256, f"the model files in {folder}")
+        return sha256 is not None and _same_content(folder, sha256)
     return recorded == folder_stamp(folder)
+
+
+def content_sha256(folder: Path, files: list[Path]) -> str:
+    """sha256 over each file's name (relative to ``folder``), size and bytes, in order: a file renamed or added
+    (even empty), or bytes moved from one file to another, change it, as any changed byte does."""
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _same_content(folder: Path, sha256: str) -> bool:
+    """Whether the files an export of ``folder`` reads hash to ``sha256`` (``content_sha256``): hashed once per
+    change of them (a stamp, taken only where they did not change while being read); never with
+    SDTURBO_VERIFY=size, where the stamp alone decides."""
+    if not hashing_on():
+        return False
+    files = model_files(folder)
+    try:
+        if is_stamped(files, sha256):
+            return True
+        before = stat_stamp(files)
+        if content_sha256(folder, files) != sha256 or stat_stamp(files) != before:
+            return False
+    except OSError:  # a file missing: changed
+        return False
+    stamp(files, sha256, before)
+    return True
 
 
 def component_weights(folder: Path, name: str) -> tuple[str | None, list[Path]]:

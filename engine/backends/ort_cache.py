@@ -16,6 +16,7 @@ writes a component's cache at a time; the others wait and load it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -141,6 +142,9 @@ def create_and_cache(
 ):
     """Create a session from the bundle's ONNX, having onnxruntime write its optimized graph to the cache."""
     model, record = cache_paths(bundle, ort_version, precision, comp.spec.name)
+    for old in (record, model, model.with_name(model.name + ".data")):  # stale or broken (not valid: we are here):
+        with contextlib.suppress(OSError):  # gone first, so that its replacement never needs the disk twice
+            old.unlink(missing_ok=True)
     try:
         model.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(model.parent, f".{comp.spec.name}.tmp-*")  # the caller holds this component's lock

@@ -125,3 +125,13 @@ def test_version_is_the_installed_package_s(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"sdturbo {version('sdturbo')}\n"
+
+
+def test_an_export_package_that_does_not_import_is_not_called_missing():
+    """Installed at a version that does not fit ("cannot import name ..."): it said the package was missing."""
+    from sdturbo.engine.errors import export_extra_missing
+
+    e = ImportError("cannot import name 'X' from 'numpy' (/site/numpy/__init__.py)", name="numpy")
+    assert "(numpy is installed but does not import: cannot import name 'X'" in str(export_extra_missing("export", e))
+    e = ModuleNotFoundError("No module named 'onnx_not_here'", name="onnx_not_here")
+    assert "(onnx_not_here is missing)" in str(export_extra_missing("export", e))

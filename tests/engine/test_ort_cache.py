@@ -181,3 +181,25 @@ def test_a_bundle_copied_without_its_mtimes_keeps_its_cache(tiny_bundle, tmp_pat
     monkeypatch.undo()
     assert [r["state"] for r in ort_cache.list_cached(b)] == ["valid"] * 3
     np.testing.assert_array_equal(Pipeline(path, OnnxRuntimeBackend())(["a cat"], height=64, width=64), want)
+
+
+def test_a_stale_cached_graph_is_removed_before_its_replacement_is_written(tiny_bundle, tmp_path, monkeypatch):
+    """A stale graph (another ONNX's, kept by `export --force` or left by an old export) went on taking its disk
+    while the new one was written beside it: twice the space at full size (13 GB more for SDXL-Turbo fp32), and on a
+    tight disk no cache at all (a helper's review). It goes first."""
+    path = shutil.copytree(tiny_bundle, tmp_path / "b")
+    Pipeline(path, OnnxRuntimeBackend()).load()
+    b = Bundle(path)
+    model, record = cache_paths(b, onnxruntime.__version__, "fp32", "unet")
+    rec = json.loads(record.read_text())
+    record.write_text(json.dumps({**rec, "onnx_sha256": "0" * 64}))  # made from other ONNX
+    seen, real = [], ort_cache.publish_graph
+
+    def publishing(tmp, model_, record_, rec_):
+        seen.append((model_.exists(), record_.exists()))
+        return real(tmp, model_, record_, rec_)
+
+    monkeypatch.setattr(ort_cache, "publish_graph", publishing)
+    OnnxRuntimeBackend().session(b, "unet")
+    assert seen == [(False, False)]
+    assert cached_model(b, b.component("fp32", "unet"), onnxruntime.__version__, "fp32") == model

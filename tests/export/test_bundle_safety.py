@@ -502,10 +502,50 @@ def test_a_model_folder_copied_or_restored_keeps_its_cached_bundle(tmp_path, tin
     assert not models_unchanged(manifest, model)
     monkeypatch.delenv("SDTURBO_VERIFY")
     assert models_unchanged(manifest, model)
+    config = model / "tokenizer" / "tokenizer_config.json"  # the content hash counts names and sizes too: a file
+    config.rename(config.with_name(config.name + ".orig"))  # renamed where it sorts (the pad token changes), an
+    assert not models_unchanged(manifest, model)  # empty file added, bytes moved between files (a helper's review)
+    config.with_name(config.name + ".orig").rename(config)
+    assert models_unchanged(manifest, model)
+    (model / "tokenizer" / "added.txt").write_bytes(b"")
+    assert not models_unchanged(manifest, model)
+    (model / "tokenizer" / "added.txt").unlink()
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(weights)
     save_file({k: v * 1.01 for k, v in tensors.items()}, weights)  # changed at the same size: exported again
     assert not models_unchanged(manifest, model)
+
+
+def test_a_model_changed_while_its_export_reads_it_is_refused(tmp_path, tiny_folder, monkeypatch):
+    """Files replaced while they are hashed, or during the export that follows: the manifest would name files the
+    ONNX was not made from (and a stamp taken after the hash would vouch for the new ones). Refused, nothing kept."""
+    from sdturbo.engine.errors import InputError
+    from sdturbo.export import models
+
+    model = shutil.copytree(tiny_folder, tmp_path / "model")
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    real = models.content_sha256
+
+    def replaced_after_reading(folder, paths):
+        sha = real(folder, paths)
+        weights.write_bytes(weights.read_bytes())  # a new file at the same size, read by nobody
+        return sha
+
+    monkeypatch.setattr(models, "content_sha256", replaced_after_reading)
+    with pytest.raises(InputError, match="changed while they were read"):
+        export_bundle(str(model), tmp_path / "b", ("fp32",))
+    monkeypatch.undo()
+    real_write = bundle_writer._write_onnx
+
+    def replaced_during_export(*args):
+        out = real_write(*args)
+        os.utime(weights, ns=(9_000_000_000, 9_000_000_000))
+        return out
+
+    monkeypatch.setattr(bundle_writer, "_write_onnx", replaced_during_export)
+    with pytest.raises(InputError, match="changed during the export"):
+        export_bundle(str(model), tmp_path / "b", ("fp32",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def models_unchanged(manifest: dict, model: Path) -> bool:
