@@ -12,6 +12,7 @@ RSS; writes results.json and results.md. It reports; the tests assert.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import re
@@ -72,10 +73,14 @@ class Level:
     wall_s: float = 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now on 127.0.0.1: each socket is held until all are picked (one closed first may be
+    handed out again: a test once got the same port for HTTP and metrics)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -86,7 +91,7 @@ class Server:
     """`sdturbo serve` in a child process on 127.0.0.1, its log in a file."""
 
     def __init__(self, cfg: LoadConfig, bundle: str, precision: str, log_path: Path):
-        self.http, self.grpc, self.metrics = free_port(), free_port(), free_port()
+        self.http, self.grpc, self.metrics = free_ports(3)
         cmd = [sys.executable, "-m", "sdturbo.engine.cli", "serve", "--bundle", bundle, "--backend", cfg.backend]
         cmd += ["--precision", precision, "--max-batch", str(cfg.max_batch), "--host", "127.0.0.1"]
         cmd += ["--max-queue-delay-ms", str(cfg.max_queue_delay_ms), "--http-port", str(self.http)]

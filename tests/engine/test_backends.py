@@ -75,9 +75,9 @@ def test_a_gpu_backend_without_a_gpu_fails_before_any_export(command, backend, t
     argv = {"generate": ["generate", "a cat", "--out", str(tmp_path / "a.png")], "serve": ["serve"]}[command]
     if command == "serve":
         pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install 'sdturbo[serve]')")
-        from sdturbo.benchmarks.serve_load import free_port
+        from sdturbo.benchmarks.serve_load import free_ports
 
-        ports = [str(free_port()) for _ in range(3)]
+        ports = [str(p) for p in free_ports(3)]
         argv += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--host", "127.0.0.1"]
     assert cli.main([*argv, "--model", "random:tiny", "--backend", backend]) == 2
     err = capsys.readouterr().err

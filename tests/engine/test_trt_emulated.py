@@ -182,7 +182,7 @@ def test_sdturbo_serve_on_tensorrt_builds_engines_for_batch_1_to_its_max_batch(t
     may run (1 to --max-batch), and its warm-up runs batch 1 and the max batch (the server itself is not
     started here: tests/serve/test_triton.py serves for real on the CPU)."""
     pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install 'sdturbo[serve]')")
-    from sdturbo.benchmarks.serve_load import free_port
+    from sdturbo.benchmarks.serve_load import free_ports
     from sdturbo.engine import cli, cuda, serve_triton, trt_pipeline
 
     path = tmp_path / "b"
@@ -197,7 +197,7 @@ def test_sdturbo_serve_on_tensorrt_builds_engines_for_batch_1_to_its_max_batch(t
         return 0
 
     monkeypatch.setattr(serve_triton, "_serve", _serve)
-    ports = [str(free_port()) for _ in range(3)]
+    ports = [str(p) for p in free_ports(3)]
     argv = ["serve", "--bundle", str(path), "--backend", "tensorrt", "--max-batch", "2", "--host", "127.0.0.1"]
     argv += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
     assert cli.main(argv) == 0

@@ -432,9 +432,9 @@ def test_an_empty_model_name_is_refused_not_taken_for_the_default_or_this_folder
     }[command]
     if command == "serve":
         pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed (pip install 'sdturbo[serve]')")
-        from sdturbo.benchmarks.serve_load import free_port
+        from sdturbo.benchmarks.serve_load import free_ports
 
-        ports = [str(free_port()) for _ in range(3)]
+        ports = [str(p) for p in free_ports(3)]
         argv += ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--host", "127.0.0.1"]
     assert main(argv) == 2
     assert "model '' is empty" in capsys.readouterr().err

@@ -79,14 +79,14 @@ def test_this_pythons_libpython_comes_first_once(monkeypatch):
 def test_serve_warms_up_on_the_thread_that_serves(tiny_bundle, monkeypatch):
     """What a pipeline keeps per thread (onnxruntime's own CUDA graphs) must be made on the batcher's worker,
     which runs every served batch: `serve` warms up there (Triton itself is not started here)."""
-    from sdturbo.benchmarks.serve_load import free_port
+    from sdturbo.benchmarks.serve_load import free_ports
     from sdturbo.engine import serve_triton
     from sdturbo.engine.runtime import open_pipeline
 
     threads = []
     monkeypatch.setattr(serve_triton, "warm_up", lambda *args: threads.append(threading.current_thread().name))
     monkeypatch.setattr(serve_triton, "_serve", lambda *args: 0)
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     cfg = ServeConfig(host="127.0.0.1", http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2])
     assert serve_triton.serve(open_pipeline(tiny_bundle, "onnxruntime", "fp32"), cfg) == 0
     assert threads == ["sdturbo-batcher"]

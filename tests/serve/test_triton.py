@@ -23,7 +23,7 @@ http = pytest.importorskip("tritonclient.http", reason="tritonclient is not inst
 grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'sdturbo[serve]')")
 
 from PIL import Image  # noqa: E402
-from sdturbo.benchmarks.serve_load import LoadConfig, free_port, log_tail, ready  # noqa: E402
+from sdturbo.benchmarks.serve_load import LoadConfig, free_ports, log_tail, ready  # noqa: E402
 from sdturbo.benchmarks.serve_load import run as load_test  # noqa: E402
 from sdturbo.engine.runtime import open_pipeline  # noqa: E402
 
@@ -44,7 +44,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     log = tmp_path_factory.mktemp("serve") / "server.log"
     cmd = [sys.executable, "-m", "sdturbo.engine.cli", "serve", "--bundle", str(tiny_bundle), "--backend"]
     cmd += ["onnxruntime", "--precision", "fp32", "--max-batch", str(MAX_BATCH), "--host", "127.0.0.1"]
