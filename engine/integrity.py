@@ -89,9 +89,10 @@ def hashing_on() -> bool:
     return mode == "sha256"
 
 
-def verify(paths: list[Path], sha256: str, what: str, *, rehash: bool = False) -> bool:
-    """Raise IntegrityError unless the bytes of ``paths`` hash to ``sha256``. Hashes only files changed since
-    they last verified (unless ``rehash``). Returns True when it hashed."""
+def verify(paths: list[Path], sha256: str, what: str, *, rehash: bool = False, digest=None) -> bool:
+    """Raise IntegrityError unless the bytes of ``paths`` hash to ``sha256`` (by ``digest(*paths)``, default
+    ``file_sha256``). Hashes only files changed since they last verified (unless ``rehash``). Returns True when it
+    hashed."""
     paths = [Path(p) for p in paths]
     if not rehash and not hashing_on():
         return False
@@ -99,7 +100,7 @@ def verify(paths: list[Path], sha256: str, what: str, *, rehash: bool = False) -
         return False
     before = stat_stamp(paths)
     start = time.perf_counter()
-    got = file_sha256(*paths)
+    got = (digest or file_sha256)(*paths)
     if got != sha256:
         raise IntegrityError(
             f"{what} ({paths[0]}) does not match its recorded sha256 (it hashes to {got[:16]}..., the record says "

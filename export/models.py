@@ -13,6 +13,7 @@ its fp16 variant (``save_pretrained(variant="fp16")``, the form the model cards 
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import json
@@ -24,9 +25,9 @@ from pathlib import Path
 
 from ..engine.bundle import is_bundle, make_shareable
 from ..engine.cache import cache_folder, check_model_name, folder_stamp, hub_blob, random_model_folder
-from ..engine.errors import InputError, first_line
+from ..engine.errors import InputError, IntegrityError, first_line
 from ..engine.files import locked, remove_leftovers, replace_dir, temp_prefix
-from ..engine.integrity import hashing_on, is_stamped, stamp, stat_stamp
+from ..engine.integrity import file_sha256, hashing_on, stamp, stat_stamp, verify
 from .random_models import ALL_RANDOM, build_random
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class LoadedModel:
         if not hashing_on():
             return {"source_stamp": recorded}
         before = stat_stamp(files)
-        sha = content_sha256(self.folder, files)
+        sha = content_sha256(self.folder, *files)
         if stat_stamp(files) != before:
             raise InputError(
                 f"the files of model {self.model_id} in {self.folder} changed while they were read; export it "
@@ -369,34 +370,25 @@ def unchanged_since(recorded: str | None, folder: Path, sha256: str | None = Non
     return recorded == folder_stamp(folder)
 
 
-def content_sha256(folder: Path, files: list[Path]) -> str:
-    """sha256 over each file's name (relative to ``folder``), size and bytes, in order: a file renamed or added
+def content_sha256(folder: Path, *files: Path) -> str:
+    """sha256 over each file's name (relative to ``folder``), size and sha256, in order: a file renamed or added
     (even empty), or bytes moved from one file to another, change it, as any changed byte does."""
     h = hashlib.sha256()
     for path in files:
-        h.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
+        h.update(f"{path.relative_to(folder).as_posix()}\0{path.stat().st_size}\0{file_sha256(path)}\n".encode())
     return h.hexdigest()
 
 
 def _same_content(folder: Path, sha256: str) -> bool:
-    """Whether the files an export of ``folder`` reads hash to ``sha256`` (``content_sha256``): hashed once per
-    change of them (a stamp, taken only where they did not change while being read); never with
-    SDTURBO_VERIFY=size, where the stamp alone decides."""
+    """Whether the files an export of ``folder`` reads hash to ``sha256`` (``content_sha256``), hashed once per
+    change of them (integrity.verify's stamps); never with SDTURBO_VERIFY=size, where the stamp alone decides."""
     if not hashing_on():
         return False
-    files = model_files(folder)
+    digest = functools.partial(content_sha256, folder)
     try:
-        if is_stamped(files, sha256):
-            return True
-        before = stat_stamp(files)
-        if content_sha256(folder, files) != sha256 or stat_stamp(files) != before:
-            return False
-    except OSError:  # a file missing: changed
+        verify(model_files(folder), sha256, f"the files of model {folder}", digest=digest)
+    except (IntegrityError, OSError):  # changed, or a file missing
         return False
-    stamp(files, sha256, before)
     return True
 
 

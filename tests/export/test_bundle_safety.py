@@ -526,8 +526,8 @@ def test_a_model_changed_while_its_export_reads_it_is_refused(tmp_path, tiny_fol
     weights = model / "vae" / "diffusion_pytorch_model.safetensors"
     real = models.content_sha256
 
-    def replaced_after_reading(folder, paths):
-        sha = real(folder, paths)
+    def replaced_after_reading(folder, *paths):
+        sha = real(folder, *paths)
         weights.write_bytes(weights.read_bytes())  # a new file at the same size, read by nobody
         return sha
 
