@@ -25,6 +25,10 @@ CASES = [
     (dict(prompts=["x"], steps=5), r"steps=5 .*1 to 4"),
     (dict(prompts=["x"], steps=1, strength=0.5, image=np.zeros((64, 64, 3), np.uint8)), r"1 \* 0.5 .*at least 1"),
     (dict(prompts=["x"], steps=2, strength=1.5, image=np.zeros((64, 64, 3), np.uint8)), r"strength=1.5"),
+    (  # 0 is out of range, not "runs no step" (no step count would make it run one)
+        dict(prompts=["x"], steps=4, strength=0.0, image=np.zeros((64, 64, 3), np.uint8)),
+        r"^strength=0.0 is not allowed; use a number in \(0, 1\]$",
+    ),
     (dict(prompts=[]), r"prompt list is empty"),
     (dict(prompts=[None]), r"prompts must be strings"),
     (

@@ -253,6 +253,20 @@ def test_exif_orientation_is_applied(tmp_path):
     assert got[:16, :, 0].mean() > 200 and got[-16:, :, 0].mean() < 50  # red on top after the turn
 
 
+def test_resize_is_diffusers_resize_width_then_height(tmp_path):
+    """``--size WxH`` on img2img's image: (width, height), resized as diffusers' ``VaeImageProcessor.resize``
+    (Lanczos), from a source of another shape; not square, so swapped sides would show."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    pixels = np.random.default_rng(3).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    path = save_png(tmp_path / "photo.png", pixels)
+    got = load_image(path, (64, 32))
+    assert got.shape == (32, 64, 3)
+    want = np.asarray(VaeImageProcessor().resize(Image.fromarray(pixels), height=32, width=64))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(load_image(path, (40, 24)), pixels)  # its own size: untouched
+
+
 @pytest.mark.parametrize("limit,kind", [(1000, "error"), (3000, "warning")])
 def test_decompression_bomb_is_one_line(capsys, tiny_bundle, tmp_path, monkeypatch, no_generation, limit, kind):
     """Pillow refuses (over twice its limit) or warns (over it); both are refused. The limit is lowered so a

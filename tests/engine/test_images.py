@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sdturbo.engine.images import to_uint8
 
 
 def diffusers_uint8(image: np.ndarray) -> np.ndarray:
-    """diffusers' postprocess, op by op in the image's dtype: (x / 2 + 0.5).clamp(0, 1), then * 255 in fp32, rounded."""
-    x = np.clip(image / np.asarray(2, image.dtype) + np.asarray(0.5, image.dtype), 0, 1)
-    return np.round(x.transpose(0, 2, 3, 1).astype(np.float32) * 255).astype(np.uint8)
+    """diffusers itself: ``VaeImageProcessor.postprocess`` to PIL, as its pipelines end (``(x * 0.5 + 0.5).clamp(0,
+    1)`` in torch in the image's dtype, then ``(x * 255).round()`` in fp32 numpy). Its own arithmetic, not a copy of
+    ours: a copy in numpy would share numpy's type promotion (under numpy 1, a 0-d fp32 array leaves fp16 fp16)."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NaN and inf to uint8, as on our side
+        pils = VaeImageProcessor().postprocess(torch.from_numpy(image.copy()), output_type="pil")
+    return np.stack([np.asarray(p) for p in pils])
 
 
 def test_every_fp16_value_converts_as_diffusers_does():

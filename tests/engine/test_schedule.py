@@ -49,16 +49,21 @@ def test_schedule_matches_diffusers_step_for_step(steps, strength, dtype):
     else:  # txt2img start
         x_ref = torch.from_numpy(noise) * ref.init_noise_sigma
         x = ours.noise_latents(noise)
-    eps_rel = 2e-3 if dtype == np.float16 else 2e-6  # a few units in the last place of the dtype
+    # A few units in the last place of the dtype: diffusers' own noise. torch multiplies an fp16 tensor by a 0-d
+    # fp32 sigma with the sigma rounded to fp16 or not depending on operand order and device (CPU rounds it as the
+    # left operand, CUDA never does): one fp16 ulp in up to a quarter of the elements, between diffusers and itself.
+    eps_rel = 2e-3 if dtype == np.float16 else 2e-6
 
     def tol(*operands):
         # An Euler step cancels large terms (x ~ 15 -> x0 ~ 0.1): rounding scales with the operands.
         return dict(rtol=eps_rel, atol=eps_rel * max(float(np.abs(o).max()) for o in operands))
 
+    assert x.dtype == dtype  # each result in the latents' dtype (numpy 2 would promote an fp16 array by an fp32 scalar)
     np.testing.assert_allclose(x, x_ref.numpy(), **tol(x))
     x_ref = torch.from_numpy(x.copy())  # compare each step from the same state
     for i, t in enumerate(ref.timesteps[start:]):
         scaled = ref.scale_model_input(x_ref, t)
+        assert ours.scale_input(i, x).dtype == dtype
         np.testing.assert_allclose(ours.scale_input(i, x), scaled.numpy(), **tol(scaled))
         eps = rng.standard_normal(shape).astype(dtype)
         x_ref = ref.step(torch.from_numpy(eps).to(tdt), t, x_ref).prev_sample
@@ -86,6 +91,17 @@ def test_one_step_values():
     assert s.timesteps.tolist() == [999.0]
     assert s.sigmas[-1] == 0 and abs(s.sigmas[0] - 14.6146) < 1e-3
     assert s.init_noise_sigma == pytest.approx(float(s.sigmas[0]))
+
+
+def test_a_memoized_schedule_cannot_be_changed_by_one_request():
+    """make_schedule returns the same arrays to every request with those settings: they are read-only, so a
+    caller that writes to them gets an error instead of changing every later request's schedule."""
+    config = SchedulerConfig.from_dict(SCHEDULER)
+    first = make_schedule(config, 2, 1.0)
+    assert make_schedule(config, 2, 1.0) is first
+    for values in (first.timesteps, first.sigmas):
+        with pytest.raises(ValueError, match="read-only"):
+            values[0] = 0
 
 
 @pytest.mark.parametrize("steps", [0, 5, -1, 2.5, True])

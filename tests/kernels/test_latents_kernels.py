@@ -281,3 +281,48 @@ def test_compiling_leaves_python_s_shared_bytes_alone():
     is CPython's one shared b" ", and every b" " of the process became b"\\x00" (this module's import compiles)."""
     compile_ptx("float16", 90)
     assert all(bytes([i])[0] == i for i in range(256))  # (b" " == bytes([32]) would hold: the same object)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_no_thread_writes_past_its_count(host_kernels, dtype):
+    """A count that is not a whole number of blocks: the last block's spare threads write nothing. Each output
+    buffer has a block's worth of room past the count, filled with 0xA5, which must come back untouched (on a
+    GPU a write there would land in another buffer, silently)."""
+    from sdturbo.kernels import BLOCK
+
+    k, cuda = host_kernels[dtype], HostCuda()
+    s, size = cuda.Stream(), np.dtype(dtype).itemsize
+    height, width = 3, 29  # uint8: 1 * 3 * 29 * 3 = 261 bytes, a block and 5
+    n = BLOCK + 5
+
+    def buffer(count: int, itemsize: int, spare_byte: int = 0xFF):
+        """``count`` zeros (finite inputs), then a block of ``spare_byte``: 0xFF (NaN) past an input; past an
+        output 0xA5, which no kernel writes (NaN from a NaN is 0xFF... or 0x7E00 / 0x7FC00000)."""
+        buf = cuda.DeviceBuffer((count + BLOCK) * itemsize)
+        ctypes.memset(buf.ptr, 0, count * itemsize)
+        ctypes.memset(buf.ptr + count * itemsize, spare_byte, BLOCK * itemsize)
+        return buf
+
+    def spare(buf, count: int, itemsize: int) -> np.ndarray:
+        tail = np.empty(BLOCK * itemsize, np.uint8)
+        ctypes.memmove(tail.ctypes.data, buf.ptr + count * itemsize, tail.nbytes)
+        return tail
+
+    a, b, flags = buffer(n, size), buffer(n, size), buffer(1, 1)
+    floats = buffer(n, 4)  # from_float32's input
+    runs = {
+        "init_latents": (lambda out: k.init_latents(a.ptr, out.ptr, 14.6, n, s.ptr), n, size),
+        "add_noise": (lambda out: k.add_noise(a.ptr, b.ptr, out.ptr, 14.6, n, s.ptr), n, size),
+        "scale_input": (lambda out: k.scale_input(a.ptr, out.ptr, 14.6, n, s.ptr), n, size),
+        "euler_step": (lambda out: k.euler_step(out.ptr, a.ptr, 14.6, 0.0, n, s.ptr), n, size),
+        "ancestral_step": (lambda out: k.ancestral_step(out.ptr, a.ptr, b.ptr, 14.6, 1.0, 2.0, n, s.ptr), n, size),
+        "to_float32": (lambda out: k.to_float32(a.ptr, out.ptr, n, s.ptr), n, 4),
+        "from_float32": (lambda out: k.from_float32(floats.ptr, out.ptr, n, s.ptr), n, size),
+        "to_uint8": (lambda out: k.to_uint8(a.ptr, out.ptr, flags.ptr, 1, height, width, s.ptr), 3 * height * width, 1),
+    }
+    assert set(runs) == set(k.NAMES), "a kernel left out of this test"
+    for name, (launch, count, itemsize) in runs.items():
+        assert count % BLOCK, "a whole number of blocks has no spare threads to test"
+        out = buffer(count, itemsize, 0xA5)
+        launch(out)
+        assert (spare(out, count, itemsize) == 0xA5).all(), f"{name} wrote past element {count}"
