@@ -15,7 +15,14 @@ def cache_root() -> Path:
     env = os.environ.get("SDTURBO_CACHE")
     if env:
         return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError as e:  # no $HOME, and a user id without a passwd entry (a container's --user)
+            from .errors import InputError
+
+            raise InputError(f"cannot find a cache folder ({e}); set SDTURBO_CACHE to a writable folder") from e
     return Path(base) / "sdturbo"
 
 

@@ -42,6 +42,7 @@ CASES = [
     (dict(prompts=["x"], image=np.zeros((32, 32, 3), np.uint8)), r"image has shape \(1, 32, 32, 3\).*\(1, 64, 64, 3\)"),
     (dict(prompts=["x"], seed=-1), r"seed -1"),
     (dict(prompts=["x"], strength=0.3), r"strength=0.3 is for img2img; give an image too"),  # txt2img ignored it
+    (dict(prompts=["x"], image_noise=np.zeros((1, 4, 8, 8), np.float32)), r"^image_noise is only used with an image"),
     (dict(prompts=["x"], seed=True), r"seed True is not allowed"),  # (a bool is an int to Python)
     (dict(prompts=["x", "y"], seed=[1, False]), r"seed False is not allowed"),
     (dict(prompts=b"a cat"), r"prompts must be strings; got bytes b'a cat': decode them first"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 
 import numpy as np
@@ -13,8 +15,8 @@ import pytest
 from sdturbo.engine import integrity
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.backends.ort_cache import cache_paths, cached_model
-from sdturbo.engine.bundle import MANIFEST, Bundle
-from sdturbo.engine.cli import main
+from sdturbo.engine.bundle import DEFAULT_LIMITS, MANIFEST, Bundle
+from sdturbo.engine.cli import build_parser, main
 from sdturbo.engine.errors import BundleError, InputError, IntegrityError
 from sdturbo.engine.info import describe
 from sdturbo.engine.pipeline import Pipeline
@@ -67,6 +69,32 @@ def test_a_component_changed_in_place_is_refused(bundle_copy, tmp_path, capsys):
     assert "export it again: `sdturbo export random:tiny " in err, err
     report = describe(bundle_copy)
     assert "fp32  unet" in report and "BROKEN" in report.split("fp32  unet")[1].splitlines()[0]
+
+
+@pytest.mark.parametrize("precisions", [("fp32", "fp16"), ("fp32",), ("fp16",)], ids="+".join)
+def test_export_hint_is_the_command_that_exports_the_bundle_as_it_was(bundle_copy, precisions):
+    """ "export it again" gives the command that makes this bundle again: its model, precisions and limits (batch
+    <= 4, sides 32-256, not the defaults). A two-precision bundle's names no --precision: one naming fp32, followed
+    with --force, would lose fp16."""
+    manifest = json.loads((bundle_copy / MANIFEST).read_text())
+    manifest["components"] = {p: manifest["components"][p] for p in precisions}
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    bundle = Bundle(bundle_copy)
+    assert bundle.precisions == precisions
+    command = re.fullmatch(r"export it again: `sdturbo (.*)`", bundle.export_hint).group(1)
+    args = build_parser().parse_args(shlex.split(command))
+    assert (args.func.__name__, args.model, args.out, args.force) == (
+        "cmd_export",
+        "random:tiny",
+        str(bundle_copy),
+        True,
+    )
+    assert (("fp32", "fp16") if args.precision in (None, "all") else (args.precision,)) == precisions
+    limits = {
+        name: default if getattr(args, name) is None else getattr(args, name)
+        for name, default in DEFAULT_LIMITS.items()
+    }
+    assert limits == {"max_batch": 4, "min_size": 32, "max_size": 256} == {n: getattr(bundle.limits, n) for n in limits}
 
 
 def test_a_changed_recorded_sha256_is_refused(bundle_copy):
@@ -199,6 +227,30 @@ def test_a_damaged_ort_cache_is_rebuilt_never_used(bundle_copy, caplog):
     out = Pipeline(bundle_copy, OnnxRuntimeBackend())(["a cat"], height=64, width=64)  # rebuilds the cache
     np.testing.assert_array_equal(out, fresh)
     assert cached_model(b, comp, onnxruntime.__version__, "fp32") == model
+
+
+def test_without_a_home_a_bundle_is_hashed_and_runs_and_the_cache_names_sdturbo_cache(bundle_copy, monkeypatch):
+    """No cache root to be found (no $HOME, and a user id without a passwd entry, as a container's --user gives):
+    a bundle given by path still loads, hashed each time since no stamp can be kept; what needs the cache says
+    to set SDTURBO_CACHE, in one line, not a traceback."""
+    from pathlib import Path
+
+    from sdturbo.engine.cache import cache_root
+
+    for name in ("SDTURBO_CACHE", "XDG_CACHE_HOME", "HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(InputError, match=r"^cannot find a cache folder \(Could not .*\); set SDTURBO_CACHE to a"):
+        cache_root()
+    hashed = count_hashes(monkeypatch)
+    assert generate(bundle_copy).shape == (1, 64, 64, 3)
+    first = list(hashed)
+    assert generate(bundle_copy).shape == (1, 64, 64, 3)
+    assert first and hashed[len(first) :] == first  # hashed again on the next load: nothing was stamped
 
 
 def test_checked_cache_files(tmp_path, caplog):

@@ -687,6 +687,29 @@ def test_a_session_onnxruntime_refuses_for_cuda_graphs_runs_without(tiny_bundle,
     assert pipe.graphs_used["unet"] == "plain"  # the refused one's graph is reported too
 
 
+@pytest.mark.parametrize("cuda_graph", [True, "sessions"])
+def test_every_session_refused_turns_graphs_off(tiny_bundle, monkeypatch, caplog, cuda_graph):
+    """onnxruntime refuses CUDA graphs for every component: no graph is left, neither the chain's nor a
+    session's, and ``graph_status`` says off (not "sessions"); the images are the host pipeline's."""
+    from sdturbo.engine.errors import CaptureRefused
+
+    session = OnnxRuntimeBackend.session
+
+    def refuse_all(self, bundle, component):
+        if self.provider_options.get("CUDAExecutionProvider", {}).get("enable_cuda_graph") == "1":
+            raise CaptureRefused(f"onnxruntime will not run {component} under a CUDA graph: ... not partitioned")
+        return session(self, bundle, component)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "session", refuse_all)
+    with caplog.at_level("WARNING"):
+        pipe = emulated_ort_pipeline(tiny_bundle, shape=SHAPE, cuda_graph=cuda_graph)
+    assert pipe.graph_status.startswith("off: onnxruntime refuses CUDA graphs for "), pipe.graph_status
+    assert pipe.graph_kind is None and all(e.graph_options is None for e in pipe.engines.values())
+    want = Pipeline(tiny_bundle, OnnxRuntimeBackend("fp16"))(PROMPTS, height=64, width=64, seed=2)
+    np.testing.assert_array_equal(pipe(PROMPTS, height=64, width=64, seed=2), want)
+    assert set(pipe.graphs_used.values()) == {"plain"}
+
+
 def test_a_refused_text_encoder_of_an_older_bundle_says_how_to_renew_it(xl_bundle, monkeypatch, caplog):
     """SDXL bundles exported before the pooled-token ArgMax was made float keep an integer one, which
     onnxruntime's CUDA provider runs on the CPU (so it refuses CUDA graphs for that session): the warning says

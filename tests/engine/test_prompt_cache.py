@@ -29,6 +29,20 @@ def test_lru_order_hits_misses_and_evictions():
     assert cache.stats() == {"capacity": 2, "size": 2, "hits": 2, "misses": 3, "evictions": 1}
 
 
+def test_slots_are_reused_and_a_restore_is_recent():
+    """Slots index the device cache's rows: an evicted entry's slot goes to the new one (slot 0 here, where a
+    count of entries would say 2, a row another entry holds), and storing a key again refreshes it (value and
+    recency) in its own slot, so the least recent one is evicted next."""
+    cache = PromptCache(3)
+    k1, k2, k3, k4, k5 = (PromptCache.keys("enc", ids(r))[0] for r in range(1, 6))
+    assert [cache.store(k, k) for k in (k1, k2, k3)] == [0, 1, 2]
+    assert cache.store(k4, k4) == 0 and cache.lookup([k1]) is None  # k1 was the least recent
+    assert cache.store(k2, "new") == 1  # again: same slot, now the most recent
+    assert cache.store(k5, k5) == 2 and cache.lookup([k3]) is None  # k3, not k2, was the least recent
+    assert [e.value for e in cache.lookup([k2, k4, k5])] == ["new", k4, k5]
+    assert sorted(e.slot for e in cache.lookup([k2, k4, k5])) == [0, 1, 2]
+
+
 def test_keys_tell_encoders_batches_and_tokens_apart():
     both = PromptCache.keys("enc", ids(1, 2))
     assert both[0] != PromptCache.keys("enc", ids(1))[0]  # the batch size is part of the key

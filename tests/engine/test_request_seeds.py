@@ -7,7 +7,7 @@ import pytest
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.bundle import Bundle
 from sdturbo.engine.errors import InputError
-from sdturbo.engine.pipeline import Pipeline
+from sdturbo.engine.pipeline import CPU_PART_PIXELS, Pipeline
 from sdturbo.engine.request import build_request, draw_noise
 from sdturbo.engine.runtime import open_pipeline
 from sdturbo.engine.schedule import make_schedule
@@ -56,6 +56,7 @@ def _flat(noises):
         ((1, 2), r"2 seeds for 3 prompts; give one seed, or one per prompt"),
         ((1, -2, 3), r"seed -2 is not allowed"),
         ([1, 2, "3"], r"seed '3' is not allowed"),
+        ((1, 2, 2**63), r"^seed 9223372036854775808 is not allowed; use an integer from 0 to 2\*\*63 - 1$"),
     ],
 )
 def test_bad_seeds_name_the_value(tiny_bundle, seed, message):
@@ -71,6 +72,7 @@ def test_a_cpu_batch_run_in_parts_makes_the_whole_batchs_images(tiny_bundle, xl_
     posterior noise, SDXL's ancestral step noise) cut to its images."""
     bundle = tiny_bundle if family == "sd-turbo" else xl_bundle
     whole, parted = (Pipeline(bundle, OnnxRuntimeBackend("fp32"), prompt_cache=0) for _ in range(2))
+    assert whole.part_pixels == CPU_PART_PIXELS  # the CPU's default: a batch of 1024x1024 images runs one by one
     whole.part_pixels, parted.part_pixels = None, 3 * 64 * 64  # three images a part: parts of 3 and 1
     rng = np.random.default_rng(5)
     kw = dict(height=64, width=64, steps=2, seed=11)

@@ -35,29 +35,31 @@ def test_force_never_deletes_a_folder_that_is_not_a_bundle(tmp_path, tiny_folder
 
 
 @pytest.mark.parametrize(
-    "manifest",
+    "manifest,inner",
     [
-        '{"name": "My PWA", "start_url": "/"}',
-        "[1, 2]",
-        "not json",
-        '{"schema_version": 1, "model": {"config_hash": "x"}}',
-        '{"schema_version": 1, "model": {}, "components": {}}',
+        ('{"name": "My PWA", "start_url": "/"}', "src"),
+        ("[1, 2]", "src"),
+        ("not json", "src"),
+        ('{"schema_version": 1, "model": {"config_hash": "x"}}', "src"),
+        ('{"schema_version": 1, "model": {}, "components": {}}', "src"),
+        ('{"name": "model zoo"}', "onnx/models"),  # an onnx/ folder, but not of a bundle's precisions
     ],
-    ids=["web-app", "json-list", "not-json", "no-components", "no-model-hash"],
+    ids=["web-app", "json-list", "not-json", "no-components", "no-model-hash", "onnx-not-precisions"],
 )
-def test_force_never_deletes_a_folder_whose_manifest_is_not_a_bundle_s(tmp_path, tiny_folder, capsys, manifest):
+def test_force_never_deletes_a_folder_whose_manifest_is_not_a_bundle_s(tmp_path, tiny_folder, capsys, manifest, inner):
     """A web app's or an extension's folder has a manifest.json too: with or without --force it is refused as
     not a bundle, and every file in it is kept."""
     out = tmp_path / "webapp"
-    (out / "src").mkdir(parents=True)
+    (out / inner).mkdir(parents=True)
     (out / MANIFEST).write_text(manifest)
-    (out / "src" / "app.js").write_text("code")
+    (out / inner / "app.js").write_text("code")
+    before = sorted(out.rglob("*"))
     for force in ([], ["--force"]):
         code = main(["export", "random:tiny", "--out", str(out), "--precision", "fp32", *force])
         err = capsys.readouterr().err
         assert code == 2 and "is a folder that is not a bundle" in err and "left as it is" in err, err
-    assert (out / MANIFEST).read_text() == manifest and (out / "src" / "app.js").read_text() == "code"
-    assert sorted(p.name for p in out.rglob("*")) == ["app.js", MANIFEST, "src"]
+    assert (out / MANIFEST).read_text() == manifest and (out / inner / "app.js").read_text() == "code"
+    assert sorted(out.rglob("*")) == before  # nothing added, nothing taken
 
 
 def test_force_replaces_a_bundle_of_another_schema_version(tmp_path, tiny_bundle):

@@ -203,17 +203,20 @@ def said_to_run(message: str) -> list[str]:
 def test_export_onto_a_damaged_bundle_names_the_file_and_the_command_that_repairs_it(bundle_copy, capsys):
     """info said "missing .../vae_encoder.onnx; export it again", but `sdturbo export` answered "already has fp32,
     fp16" and exit 0, restoring nothing. Export checks that the files the manifest lists are there at their
-    sizes, and refuses a damaged bundle naming them and the command that repairs it, which does."""
+    sizes (the tokenizer too), and refuses a damaged bundle naming them and the command that repairs it, which does."""
     limits = Bundle(bundle_copy).limits
     (bundle_copy / "onnx" / "fp16" / "vae_encoder.onnx").unlink()
     unet = bundle_copy / "onnx" / "fp32" / "unet.onnx"
     unet.write_bytes(unet.read_bytes()[:1000])
+    tokenizer = Bundle(bundle_copy).tokenizer_file
+    tokenizer.unlink()
     assert main(["info", str(bundle_copy)]) == 1
     repair = said_to_run(capsys.readouterr().out)
     assert "--force" in repair
     assert main(["export", "random:tiny", "--out", str(bundle_copy)]) == 2
     err = capsys.readouterr().err
     assert "onnx/fp16/vae_encoder.onnx is missing" in err and "onnx/fp32/unet.onnx is 1000 bytes" in err, err
+    assert f"{tokenizer.relative_to(bundle_copy)} is missing" in err, err
     assert said_to_run(err) == repair
     assert main(repair) == 0
     assert main(["info", str(bundle_copy)]) == 0
