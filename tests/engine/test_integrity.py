@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -16,10 +15,13 @@ from sdturbo.engine import integrity
 from sdturbo.engine.backends.onnxruntime import OnnxRuntimeBackend
 from sdturbo.engine.backends.ort_cache import cache_paths, cached_model
 from sdturbo.engine.bundle import DEFAULT_LIMITS, MANIFEST, Bundle
+from sdturbo.engine.cache import cache_root
 from sdturbo.engine.cli import build_parser, main
 from sdturbo.engine.errors import BundleError, InputError, IntegrityError
 from sdturbo.engine.info import describe
 from sdturbo.engine.pipeline import Pipeline
+
+from tests.export.test_bundle_writer import said_to_run  # the `sdturbo ...` command a message gives
 
 
 @pytest.fixture
@@ -81,8 +83,7 @@ def test_export_hint_is_the_command_that_exports_the_bundle_as_it_was(bundle_cop
     (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
     bundle = Bundle(bundle_copy)
     assert bundle.precisions == precisions
-    command = re.fullmatch(r"export it again: `sdturbo (.*)`", bundle.export_hint).group(1)
-    args = build_parser().parse_args(shlex.split(command))
+    args = build_parser().parse_args(said_to_run(bundle.export_hint))  # (its wording: test_a_component_changed...)
     assert (args.func.__name__, args.model, args.out, args.force) == (
         "cmd_export",
         "random:tiny",
@@ -233,10 +234,6 @@ def test_without_a_home_a_bundle_is_hashed_and_runs_and_the_cache_names_sdturbo_
     """No cache root to be found (no $HOME, and a user id without a passwd entry, as a container's --user gives):
     a bundle given by path still loads, hashed each time since no stamp can be kept; what needs the cache says
     to set SDTURBO_CACHE, in one line, not a traceback."""
-    from pathlib import Path
-
-    from sdturbo.engine.cache import cache_root
-
     for name in ("SDTURBO_CACHE", "XDG_CACHE_HOME", "HOME"):
         monkeypatch.delenv(name, raising=False)
 

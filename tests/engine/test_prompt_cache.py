@@ -39,8 +39,9 @@ def test_slots_are_reused_and_a_restore_is_recent():
     assert cache.store(k4, k4) == 0 and cache.lookup([k1]) is None  # k1 was the least recent
     assert cache.store(k2, "new") == 1  # again: same slot, now the most recent
     assert cache.store(k5, k5) == 2 and cache.lookup([k3]) is None  # k3, not k2, was the least recent
-    assert [e.value for e in cache.lookup([k2, k4, k5])] == ["new", k4, k5]
-    assert sorted(e.slot for e in cache.lookup([k2, k4, k5])) == [0, 1, 2]
+    entries = cache.lookup([k2, k4, k5])
+    assert [e.value for e in entries] == ["new", k4, k5]
+    assert sorted(e.slot for e in entries) == [0, 1, 2]
 
 
 def test_keys_tell_encoders_batches_and_tokens_apart():

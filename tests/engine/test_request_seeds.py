@@ -64,14 +64,20 @@ def test_bad_seeds_name_the_value(tiny_bundle, seed, message):
         build_request(Bundle(tiny_bundle), ["a", "b", "c"], seed=seed, height=32, width=32)
 
 
+def part_batches(pipe: Pipeline) -> list[int]:
+    """The batch of each part ``pipe`` runs from now on, in order (a list it appends to)."""
+    calls = []
+    run = pipe._run_float
+    pipe._run_float = lambda req: calls.append(req.batch) or run(req)
+    return calls
+
+
 def test_an_image_larger_than_a_part_runs_alone(tiny_bundle):
     """A bundle may allow sides up to 4096: an image of more pixels than part_pixels (1024x1024 on the CPU) is a
     part of its own, not a part of no images."""
     whole, parted = (Pipeline(tiny_bundle, OnnxRuntimeBackend("fp32"), prompt_cache=0) for _ in range(2))
     whole.part_pixels, parted.part_pixels = None, 64 * 64 - 1
-    calls = []
-    run = parted._run_float
-    parted._run_float = lambda req: calls.append(req.batch) or run(req)
+    calls = part_batches(parted)
     kw = dict(height=64, width=64, seed=3)
     np.testing.assert_array_equal(parted(["a", "b"], **kw), whole(["a", "b"], **kw))
     assert calls == [1, 1]
@@ -97,9 +103,7 @@ def test_a_cpu_batch_run_in_parts_makes_the_whole_batchs_images(tiny_bundle, xl_
     if family == "sdxl-turbo":
         kw["step_noise"] = rng.standard_normal((2, 4, 4, 8, 8), dtype=np.float32)
     prompts = [f"prompt {i}" for i in range(4)]
-    calls = []
-    run = parted._run_float
-    parted._run_float = lambda req: calls.append(req.batch) or run(req)
+    calls = part_batches(parted)
     np.testing.assert_array_equal(
         parted.run_float(parted.request(prompts, **kw)), whole.run_float(whole.request(prompts, **kw))
     )

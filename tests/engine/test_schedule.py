@@ -62,9 +62,9 @@ def test_schedule_matches_diffusers_step_for_step(steps, strength, dtype):
     np.testing.assert_allclose(x, x_ref.numpy(), **tol(x))
     x_ref = torch.from_numpy(x.copy())  # compare each step from the same state
     for i, t in enumerate(ref.timesteps[start:]):
-        scaled = ref.scale_model_input(x_ref, t)
-        assert ours.scale_input(i, x).dtype == dtype
-        np.testing.assert_allclose(ours.scale_input(i, x), scaled.numpy(), **tol(scaled))
+        scaled, scaled_ours = ref.scale_model_input(x_ref, t), ours.scale_input(i, x)
+        assert scaled_ours.dtype == dtype
+        np.testing.assert_allclose(scaled_ours, scaled.numpy(), **tol(scaled))
         eps = rng.standard_normal(shape).astype(dtype)
         x_ref = ref.step(torch.from_numpy(eps).to(tdt), t, x_ref).prev_sample
         x_prev, x = x, ours.step(i, eps, x)
